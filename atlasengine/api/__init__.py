@@ -1,0 +1,6 @@
+"""The user-facing API: the ``Atlas`` composes store, model, training, continual learning,
+label transfer and drift tracking."""
+
+from atlasengine.api.atlas import Atlas, IngestResult
+
+__all__ = ["Atlas", "IngestResult"]

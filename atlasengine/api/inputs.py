@@ -1,0 +1,188 @@
+"""Checking and preparing a user's AnnData before anything is written.
+
+Every problem raises :class:`~atlasengine.errors.InputError` naming what is wrong, before the
+atlas is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from atlasengine.errors import InputError
+
+
+@dataclass
+class PreparedInput:
+    """Counts aligned to the atlas genes plus the cells' atlas metadata."""
+
+    counts: sp.csr_matrix
+    obs: pd.DataFrame  # columns: obs_id, dataset, batch, label
+    batches: list[str]
+    genes_matched: int
+    genes_padded: int
+    genes_dropped: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_cells(self) -> int:
+        return self.counts.shape[0]
+
+
+def _examples(values: Collection, n: int = 5) -> str:
+    vals = list(values)
+    shown = ", ".join(repr(v) for v in vals[:n])
+    return shown + (f" (and {len(vals) - n} more)" if len(vals) > n else "")
+
+
+def _column(adata: ad.AnnData, key: str, role: str) -> pd.Series:
+    if not isinstance(key, str) or not key:
+        raise InputError(f"{role} must be the name of an obs column, got {key!r}")
+    if key not in adata.obs.columns:
+        raise InputError(
+            f"{role} column {key!r} is not in adata.obs (columns: {_examples(adata.obs.columns, 12)})"
+        )
+    return adata.obs[key]
+
+
+def _as_names(values: pd.Series, role: str, allow_missing: bool) -> list[str | None]:
+    """String values of an obs column; missing values are refused or become None."""
+    out: list[str | None] = []
+    missing = 0
+    for v in values.tolist():
+        if v is None or (isinstance(v, float) and not np.isfinite(v)) or v is pd.NA or (isinstance(v, str) and not v.strip()):
+            missing += 1
+            out.append(None)
+        else:
+            out.append(str(v))
+    if missing and not allow_missing:
+        raise InputError(f"{role} has {missing} missing or empty value(s); every cell needs one")
+    return out
+
+
+def count_matrix(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix:
+    """The raw counts (``X`` or ``layers[layer]``) as float32 CSR, checked to be counts."""
+    if layer is None:
+        X = adata.X
+        where = "adata.X"
+    else:
+        if layer not in adata.layers:
+            raise InputError(f"layer {layer!r} is not in adata.layers (layers: {_examples(adata.layers.keys())})")
+        X = adata.layers[layer]
+        where = f"adata.layers[{layer!r}]"
+    if X is None:
+        raise InputError(f"{where} is empty (None); raw counts are needed")
+    try:
+        m = sp.csr_matrix(X)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{where} cannot be read as a numeric matrix: {exc}") from exc
+    if not (np.issubdtype(m.dtype, np.number) or m.dtype == bool):
+        raise InputError(f"{where} has dtype {m.dtype}; raw counts must be numeric")
+    data = m.data.astype(np.float64, copy=False)
+    if data.size:
+        if not np.all(np.isfinite(data)):
+            raise InputError(f"{where} contains {int((~np.isfinite(data)).sum())} NaN or infinite value(s); raw counts are needed")
+        if (data < 0).any():
+            raise InputError(f"{where} contains {int((data < 0).sum())} negative value(s); raw counts are needed")
+        frac = data != np.round(data)
+        if frac.any():
+            raise InputError(
+                f"{where} contains {int(frac.sum())} non-integer value(s) (e.g. {data[frac][0]:.4g}): it looks normalised "
+                "or log-transformed; pass raw counts (or the layer that holds them with layer=)"
+            )
+        if data.max() > 2**24:
+            raise InputError(f"{where} holds counts above 2^24 ({data.max():.0f}), which float32 cannot hold exactly")
+    m = sp.csr_matrix(m, dtype=np.float32)
+    m.sum_duplicates()
+    m.eliminate_zeros()
+    return m
+
+
+def check_names(adata: ad.AnnData) -> tuple[list[str], list[str]]:
+    """Cell and gene names as strings, refusing empty data and empty or duplicated names."""
+    if not isinstance(adata, ad.AnnData):
+        raise InputError(f"expected an AnnData, got {type(adata).__name__}")
+    if adata.n_obs == 0:
+        raise InputError("the AnnData has no cells (0 observations)")
+    if adata.n_vars == 0:
+        raise InputError("the AnnData has no genes (0 variables)")
+    cells = [str(c) for c in adata.obs_names]
+    genes = [str(g) for g in adata.var_names]
+    for what, names in (("cell", cells), ("gene", genes)):
+        empty = sum(1 for n in names if not n.strip())
+        if empty:
+            raise InputError(f"{empty} {what} name(s) are empty")
+        dup = pd.Index(names)[pd.Index(names).duplicated()].unique()
+        if len(dup):
+            raise InputError(f"duplicate {what} names: {_examples(dup)}; make them unique (e.g. obs_names_make_unique())")
+    return cells, genes
+
+
+def align_genes(
+    counts: sp.csr_matrix, genes: Sequence[str], atlas_genes: Sequence[str], min_overlap: float
+) -> tuple[sp.csr_matrix, int, int, int]:
+    """Reorder columns to the atlas genes, padding absent genes with zeros.
+
+    Refuses when fewer than ``min_overlap`` of the atlas genes are present.
+    """
+    pos = pd.Index(genes).get_indexer(list(atlas_genes))
+    present = pos >= 0
+    share = present.mean() if len(atlas_genes) else 0.0
+    if share < min_overlap:
+        missing = [g for g, p in zip(atlas_genes, present) if not p]
+        raise InputError(
+            f"only {present.sum()} of the atlas's {len(atlas_genes)} genes ({share:.0%}) are in the data, "
+            f"below the required {min_overlap:.0%}; missing e.g. {_examples(missing)}. Are the gene names "
+            "of the same kind (symbols vs Ensembl ids)?"
+        )
+    cols = np.flatnonzero(present)
+    select = sp.csr_matrix(
+        (np.ones(len(cols), dtype=np.float32), (pos[present], cols)), shape=(counts.shape[1], len(atlas_genes))
+    )
+    aligned = sp.csr_matrix(counts @ select, dtype=np.float32)
+    return aligned, int(present.sum()), int((~present).sum()), len(genes) - int(present.sum())
+
+
+def prepare_input(
+    adata: ad.AnnData,
+    *,
+    batch_key: str,
+    label_key: str | None,
+    layer: str | None,
+    dataset: str,
+    atlas_genes: Sequence[str] | None,
+    min_gene_overlap: float,
+    existing_batches: Collection[str] = (),
+    new_batches_only: bool = True,
+) -> PreparedInput:
+    """Validate ``adata`` and return what the store and the model need."""
+    cells, genes = check_names(adata)
+    batch = _as_names(_column(adata, batch_key, "batch_key"), f"batch column {batch_key!r}", allow_missing=False)
+    labels: list[str | None] = [None] * len(cells)
+    if label_key is not None:
+        labels = _as_names(_column(adata, label_key, "label_key"), f"label column {label_key!r}", allow_missing=True)
+        if all(v is None for v in labels):
+            raise InputError(f"label column {label_key!r} holds no labels at all")
+    long = [b for b in set(batch) if len(b) > 1000]
+    if long:
+        raise InputError(f"batch names longer than 1000 characters are not accepted: {_examples([b[:40] + '...' for b in long])}")
+    counts = count_matrix(adata, layer)
+    if atlas_genes is None:
+        aligned, matched, padded, dropped = counts, len(genes), 0, 0
+    else:
+        aligned, matched, padded, dropped = align_genes(counts, genes, atlas_genes, min_gene_overlap)
+    batches = list(dict.fromkeys(batch))
+    if new_batches_only:
+        clash = [b for b in batches if b in set(existing_batches)]
+        if clash:
+            raise InputError(
+                f"batch name(s) already in the atlas: {_examples(clash)}; a folded-in dataset brings new batches "
+                "(rename them, e.g. prefix with the dataset name)"
+            )
+    obs = pd.DataFrame({"obs_id": cells, "dataset": dataset, "batch": batch, "label": labels})
+    return PreparedInput(aligned, obs, batches, matched, padded, dropped)

@@ -1,0 +1,92 @@
+"""Configuration as pydantic models. Every default works on the shared data sets.
+
+Example:
+    >>> from atlasengine.config import AtlasConfig
+    >>> cfg = AtlasConfig(model={"n_latent": 8})
+    >>> cfg.model.n_hidden
+    128
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Architecture of the conditional VAE (scVI with scArches settings)."""
+
+    n_hidden: int = Field(128, ge=1)
+    n_layers: int = Field(2, ge=1)
+    n_latent: int = Field(10, ge=1)
+    dropout_rate: float = Field(0.2, ge=0.0, lt=1.0)
+    likelihood: Literal["nb", "zinb"] = "nb"
+
+
+class TrainingConfig(_Strict):
+    """Optimisation settings for one training run (reference or fold-in)."""
+
+    max_epochs: int = Field(200, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    kl_warmup_epochs: int = Field(20, ge=0)
+    validation_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    early_stopping: bool = True
+    early_stopping_patience: int = Field(15, ge=1)
+    accelerator: str = "auto"
+    devices: int | str = 1
+    progress_bar: bool = True
+    seed: int = 0
+
+
+class ContinualConfig(_Strict):
+    """How a query is folded in: penalty strength, replay and Fisher estimation."""
+
+    ewc_lambda: float = Field(10.0, ge=0)
+    replay_fraction: float = Field(0.5, ge=0.0, lt=1.0)
+    replay_max_cells: int = Field(10_000, ge=0)
+    fisher_max_cells: int = Field(2_000, ge=1)
+    fisher_chunk_size: int = Field(64, ge=1)
+    fisher_gamma: float = Field(1.0, ge=0.0)
+    min_gene_overlap: float = Field(0.8, gt=0.0, le=1.0)
+
+
+class TransferConfig(_Strict):
+    """Weighted kNN label transfer (scArches) and the Unknown cut-off."""
+
+    k: int = Field(50, ge=1)
+    kernel: Literal["scarches", "gaussian"] = "scarches"
+    uncertainty_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    index: Literal["auto", "exact", "hnsw", "ivf"] = "auto"
+    approximate_above: int = Field(200_000, ge=1)
+    hnsw_m: int = Field(32, ge=4)
+    hnsw_ef_search: int = Field(128, ge=1)
+    ivf_nlist: int = Field(1024, ge=1)
+    ivf_nprobe: int = Field(32, ge=1)
+
+
+class DriftConfig(_Strict):
+    """Neighbourhood size and flag thresholds of drift tracking."""
+
+    k: int = Field(15, ge=1)
+    max_cells: int = Field(50_000, ge=100)
+    flag_mean_displacement_aligned: float = Field(0.5, ge=0)
+    flag_knn_preservation_min: float = Field(0.5, ge=0, le=1)
+    flag_label_accuracy_drop: float = Field(0.05, ge=0, le=1)
+
+
+class AtlasConfig(_Strict):
+    """Everything an atlas needs; stored in its manifest."""
+
+    model: ModelConfig = ModelConfig()
+    reference_training: TrainingConfig = TrainingConfig(max_epochs=200, kl_warmup_epochs=20)
+    query_training: TrainingConfig = TrainingConfig(max_epochs=200, kl_warmup_epochs=0)
+    continual: ContinualConfig = ContinualConfig()
+    transfer: TransferConfig = TransferConfig()
+    drift: DriftConfig = DriftConfig()

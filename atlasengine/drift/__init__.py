@@ -1,0 +1,41 @@
+"""Drift tracking: how far reference cells move between model versions, stored in DuckDB,
+summarised in an HTML audit report. Depends only on numpy/pandas/faiss/duckdb/matplotlib and
+``atlasengine.config`` / ``atlasengine.errors``."""
+
+from atlasengine.drift.db import VERSIONED_TABLES, DriftStore, migrations, migrations_dir
+from atlasengine.drift.measures import (
+    SCOPES,
+    DriftTables,
+    batch_mixing,
+    compute_initial_drift,
+    compute_version_drift,
+    displacement,
+    flags,
+    knn_indices,
+    knn_preservation,
+    loo_knn_correct,
+    missing_labels,
+    procrustes_align,
+)
+from atlasengine.drift.report import render_report, umap_coordinates
+
+__all__ = [
+    "SCOPES",
+    "VERSIONED_TABLES",
+    "DriftStore",
+    "DriftTables",
+    "batch_mixing",
+    "compute_initial_drift",
+    "compute_version_drift",
+    "displacement",
+    "flags",
+    "knn_indices",
+    "knn_preservation",
+    "loo_knn_correct",
+    "migrations",
+    "migrations_dir",
+    "missing_labels",
+    "procrustes_align",
+    "render_report",
+    "umap_coordinates",
+]

@@ -1,0 +1,429 @@
+"""Drift measures: how far reference cells move in latent space between model versions.
+
+All functions take numpy arrays of shape (n_cells, n_latent) whose rows are the same cells
+in the same order. Neighbour searches use an exact faiss ``IndexFlatL2``; nothing loops over
+cells in Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from atlasengine.config import DriftConfig
+from atlasengine.errors import InputError
+
+SCOPES = ("vs_previous", "vs_first")
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise InputError(f"{name} must be a 2-d array (cells x dims), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise InputError(f"{name} contains NaN or infinite values")
+    return x
+
+
+def _same_shape(a: np.ndarray, b: np.ndarray, names: str) -> None:
+    if a.shape != b.shape:
+        raise InputError(f"{names} must have the same shape, got {a.shape} and {b.shape}")
+
+
+def knn_indices(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices (n, k') of each row's k nearest other rows (exact L2, self excluded).
+
+    k' = min(k, n - 1). Self is removed wherever it appears in the k+1 results; when ties push
+    it out of them the farthest hit is dropped instead.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[0]
+    k = min(int(k), n - 1)
+    if k < 1:
+        return np.empty((n, 0), dtype=np.int64)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    _, found = index.search(x, k + 1)
+    drop = found == np.arange(n)[:, None]
+    drop[~drop.any(axis=1), -1] = True
+    drop &= np.cumsum(drop, axis=1) == 1  # keep exactly one dropped entry per row
+    return found[~drop].reshape(n, k).astype(np.int64)
+
+
+def procrustes_align(moved: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Rotate/reflect ``moved`` onto ``target`` (orthogonal Procrustes, no scaling).
+
+    Both are centred, the best orthogonal map is applied to ``moved`` and ``target``'s mean is
+    added back, so a rigid rotation or translation of the whole embedding is not drift.
+    """
+    moved = _as_matrix(moved, "moved")
+    target = _as_matrix(target, "target")
+    _same_shape(moved, target, "moved and target")
+    mc = moved - moved.mean(axis=0)
+    tmean = target.mean(axis=0)
+    u, _, vt = np.linalg.svd(mc.T @ (target - tmean), full_matrices=False)
+    return mc @ (u @ vt) + tmean
+
+
+def displacement(before: np.ndarray, after: np.ndarray, aligned: bool) -> np.ndarray:
+    """Per-cell Euclidean distance between two embeddings (after Procrustes when aligned)."""
+    before = _as_matrix(before, "before")
+    after = _as_matrix(after, "after")
+    _same_shape(before, after, "before and after")
+    if aligned:
+        after = procrustes_align(after, before)
+    return np.linalg.norm(after - before, axis=1)
+
+
+def _overlap_share(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row share of ``a``'s entries also in ``b`` (rows hold distinct indices)."""
+    if a.shape[1] == 0:
+        return np.full(a.shape[0], np.nan)
+    both = np.sort(np.concatenate([a, b], axis=1), axis=1)
+    return (both[:, 1:] == both[:, :-1]).sum(axis=1) / a.shape[1]
+
+
+def knn_preservation(before: np.ndarray, after: np.ndarray, k: int) -> np.ndarray:
+    """Per-cell share of its k nearest neighbours (self excluded) under ``before`` kept under ``after``."""
+    before = _as_matrix(before, "before")
+    after = _as_matrix(after, "after")
+    _same_shape(before, after, "before and after")
+    return _overlap_share(knn_indices(before, k), knn_indices(after, k))
+
+
+def missing_labels(labels: np.ndarray | pd.Series) -> np.ndarray:
+    """Boolean mask of missing labels (None, NaN or empty string)."""
+    s = pd.Series(np.asarray(labels, dtype=object))
+    return (s.isna() | (s.astype(str).str.strip() == "")).to_numpy()
+
+
+def _vote_correct(neighbours: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Whether the majority label of each row's neighbours equals its own (nearest wins ties)."""
+    n, k = neighbours.shape
+    if k == 0:
+        return np.zeros(n, dtype=bool)
+    n_classes = int(codes.max()) + 1
+    weights = 1.0 + 1e-6 * np.arange(k, 0, -1)  # tie-break towards nearer neighbours
+    votes = np.zeros((n, n_classes))
+    np.add.at(votes, (np.repeat(np.arange(n), k), codes[neighbours].ravel()), np.tile(weights, n))
+    return votes.argmax(axis=1) == codes
+
+
+def loo_knn_correct(embedding: np.ndarray, labels: np.ndarray | pd.Series, k: int) -> np.ndarray:
+    """Leave-one-out kNN label check per cell: 1.0 correct, 0.0 wrong, NaN for unlabelled cells.
+
+    Unlabelled cells neither vote nor are scored; the majority is over the k nearest labelled
+    cells, the cell itself excluded. Use ``np.nanmean`` for the accuracy.
+    """
+    embedding = _as_matrix(embedding, "embedding")
+    labels = np.asarray(labels, dtype=object)
+    if len(labels) != embedding.shape[0]:
+        raise InputError("labels must have one entry per embedding row")
+    out = np.full(embedding.shape[0], np.nan)
+    keep = ~missing_labels(labels)
+    if keep.sum() < 2:
+        return out
+    codes, _ = pd.factorize(pd.Series(labels[keep]).astype(str))
+    out[keep] = _vote_correct(knn_indices(embedding[keep], k), codes)
+    return out
+
+
+def _ilisi(neighbours: np.ndarray, codes: np.ndarray, n_batches: int) -> tuple[np.ndarray, np.ndarray]:
+    n, k = neighbours.shape
+    if k == 0:
+        nan = np.full(n, np.nan)
+        return nan, nan
+    counts = np.zeros((n, n_batches))
+    np.add.at(counts, (np.repeat(np.arange(n), k), codes[neighbours].ravel()), 1.0)
+    ilisi = 1.0 / ((counts / k) ** 2).sum(axis=1)
+    norm = (ilisi - 1.0) / (n_batches - 1) if n_batches > 1 else np.full(n, np.nan)
+    return ilisi, norm
+
+
+def batch_mixing(
+    embedding: np.ndarray, batches: np.ndarray | pd.Series, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell iLISI-style batch mixing and its normalised form.
+
+    Returns ``(ilisi, normalised)``: ilisi is the inverse Simpson index of the batch mix among
+    the k nearest neighbours (self excluded), 1 = a single batch, up to n_batches; normalised is
+    (ilisi - 1) / (n_batches - 1), NaN when there is only one batch.
+    """
+    embedding = _as_matrix(embedding, "embedding")
+    batches = np.asarray(batches, dtype=object)
+    if len(batches) != embedding.shape[0]:
+        raise InputError("batches must have one entry per embedding row")
+    codes, uniques = pd.factorize(pd.Series(batches).astype(str))
+    return _ilisi(knn_indices(embedding, k), codes, len(uniques))
+
+
+# --------------------------------------------------------------------------- tables
+
+
+@dataclass
+class DriftTables:
+    """The drift tables of one or more versions (see ``atlasengine.drift.db`` for columns)."""
+
+    version_drift: pd.DataFrame
+    celltype_drift: pd.DataFrame
+    batch_drift: pd.DataFrame
+    cell_drift: pd.DataFrame
+
+    def as_dict(self) -> dict[str, pd.DataFrame]:
+        """Table name -> DataFrame."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @staticmethod
+    def concat(parts: list[DriftTables]) -> DriftTables:
+        """Stack the tables of several versions."""
+        return DriftTables(
+            **{
+                f.name: pd.concat([getattr(p, f.name) for p in parts], ignore_index=True)
+                for f in fields(DriftTables)
+            }
+        )
+
+
+def _subsample(n: int, max_cells: int, seed: int) -> np.ndarray:
+    if n <= max_cells:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_cells, replace=False))
+
+
+@dataclass
+class _Knn:
+    """kNN-based per-cell figures of one embedding on the subsample."""
+
+    neighbours: np.ndarray
+    label_correct: np.ndarray
+
+
+def _knn_figures(x: np.ndarray, codes: np.ndarray, labelled: np.ndarray, k: int) -> _Knn:
+    neighbours = knn_indices(x, k)
+    correct = np.full(x.shape[0], np.nan)
+    if labelled.all() and len(codes) > 1:
+        correct[:] = _vote_correct(neighbours, codes)
+    elif labelled.sum() > 1:
+        correct[labelled] = _vote_correct(knn_indices(x[labelled], k), codes[labelled])
+    return _Knn(neighbours, correct)
+
+
+def _obs_columns(obs: pd.DataFrame, n: int) -> tuple[np.ndarray, np.ndarray, pd.Index]:
+    if len(obs) != n:
+        raise InputError(f"obs has {len(obs)} rows but the embeddings have {n}")
+    if "batch" not in obs.columns:
+        raise InputError("obs needs a 'batch' column")
+    labels = obs["label"].to_numpy(dtype=object) if "label" in obs.columns else np.full(n, None)
+    return obs["batch"].astype(str).to_numpy(dtype=object), labels, obs.index.astype(str)
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = np.asarray(x, dtype=float)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
+def _group_mean(values: np.ndarray, groups: np.ndarray) -> pd.Series:
+    return pd.Series(np.asarray(values, dtype=float)).groupby(groups, sort=True).mean()
+
+
+def _tables(
+    version: int,
+    current: np.ndarray,
+    compared: dict[str, np.ndarray],
+    obs: pd.DataFrame,
+    config: DriftConfig,
+    seed: int,
+) -> DriftTables:
+    """Shared body of :func:`compute_version_drift` and :func:`compute_initial_drift`."""
+    n = current.shape[0]
+    batches, labels, cells = _obs_columns(obs, n)
+    missing = missing_labels(labels)
+    label_str = np.where(missing, None, pd.Series(labels).astype(str).to_numpy(dtype=object))
+
+    sub = _subsample(n, config.max_cells, seed)
+    codes, _ = pd.factorize(pd.Series(label_str[sub]).fillna(""))
+    labelled = ~missing[sub]
+    cur = _knn_figures(current[sub], codes, labelled, config.k)
+    bcodes, buniq = pd.factorize(pd.Series(batches[sub]))
+    ilisi, ilisi_norm = _ilisi(cur.neighbours, bcodes, len(buniq))
+
+    vrows, crows = [], []
+    disp_aligned: dict[str, np.ndarray] = {}
+    types = pd.Series(label_str[~missing]).unique()
+    for scope, other in compared.items():
+        raw = np.linalg.norm(current - other, axis=1)
+        moved = procrustes_align(current, other)
+        aligned = np.linalg.norm(moved - other, axis=1)
+        disp_aligned[scope] = aligned
+        cmp = cur if other is current else _knn_figures(other[sub], codes, labelled, config.k)
+        pres = _overlap_share(cmp.neighbours, cur.neighbours)
+        vrows.append(
+            dict(
+                version=version, scope=scope, n_cells=n, n_cells_knn=len(sub),
+                n_labelled_knn=int(labelled.sum()),
+                displacement_mean_raw=float(raw.mean()), displacement_median_raw=float(np.median(raw)),
+                displacement_mean_aligned=float(aligned.mean()),
+                displacement_median_aligned=float(np.median(aligned)),
+                knn_preservation_mean=_nanmean(pres),
+                label_accuracy_current=_nanmean(cur.label_correct),
+                label_accuracy_compared=_nanmean(cmp.label_correct),
+                ilisi_mean=_nanmean(ilisi), ilisi_norm_mean=_nanmean(ilisi_norm),
+            )
+        )
+        sub_types = label_str[sub]
+        for ct in types:
+            m = label_str == ct
+            ms = sub_types == ct
+            crows.append(
+                dict(
+                    version=version, scope=scope, cell_type=str(ct), n_cells=int(m.sum()),
+                    n_cells_knn=int(ms.sum()),
+                    centroid_shift_raw=float(np.linalg.norm(current[m].mean(0) - other[m].mean(0))),
+                    centroid_shift_aligned=float(np.linalg.norm(moved[m].mean(0) - other[m].mean(0))),
+                    displacement_mean_aligned=float(aligned[m].mean()),
+                    knn_preservation_mean=_nanmean(pres[ms]) if ms.any() else float("nan"),
+                    label_accuracy_current=_nanmean(cur.label_correct[ms]) if ms.any() else float("nan"),
+                    label_accuracy_compared=_nanmean(cmp.label_correct[ms]) if ms.any() else float("nan"),
+                )
+            )
+
+    nan = np.full(n, np.nan)
+    prev = disp_aligned.get("vs_previous", nan)
+    first = disp_aligned.get("vs_first", nan)
+    sub_batches = batches[sub]
+    batch = pd.DataFrame(
+        {
+            "n_cells": pd.Series(batches).value_counts().sort_index(),
+            "n_cells_knn": pd.Series(sub_batches).value_counts().sort_index(),
+            "ilisi_mean": _group_mean(ilisi, sub_batches),
+            "ilisi_norm_mean": _group_mean(ilisi_norm, sub_batches),
+            "displacement_aligned_vs_previous_mean": _group_mean(prev, batches),
+            "displacement_aligned_vs_first_mean": _group_mean(first, batches),
+        }
+    )
+    batch = batch.rename_axis("batch").reset_index()
+    batch.insert(0, "version", version)
+    batch[["n_cells", "n_cells_knn"]] = batch[["n_cells", "n_cells_knn"]].fillna(0).astype("int64")
+
+    cell = pd.DataFrame(
+        {
+            "version": version,
+            "cell": np.asarray(cells, dtype=object),
+            "displacement_aligned_vs_previous": prev,
+            "displacement_aligned_vs_first": first,
+        }
+    )
+    celltype = pd.DataFrame(crows, columns=list(_CELLTYPE_COLUMNS))
+    return DriftTables(pd.DataFrame(vrows, columns=list(_VERSION_COLUMNS)), celltype, batch, cell)
+
+
+_VERSION_COLUMNS = (
+    "version", "scope", "n_cells", "n_cells_knn", "n_labelled_knn",
+    "displacement_mean_raw", "displacement_median_raw",
+    "displacement_mean_aligned", "displacement_median_aligned",
+    "knn_preservation_mean", "label_accuracy_current", "label_accuracy_compared",
+    "ilisi_mean", "ilisi_norm_mean",
+)
+_CELLTYPE_COLUMNS = (
+    "version", "scope", "cell_type", "n_cells", "n_cells_knn",
+    "centroid_shift_raw", "centroid_shift_aligned", "displacement_mean_aligned",
+    "knn_preservation_mean", "label_accuracy_current", "label_accuracy_compared",
+)
+
+
+def compute_version_drift(
+    version: int,
+    previous: np.ndarray,
+    first: np.ndarray,
+    current: np.ndarray,
+    obs: pd.DataFrame,
+    config: DriftConfig,
+    seed: int = 0,
+) -> DriftTables:
+    """Drift of the cells already in the atlas when ``version`` was made.
+
+    ``previous``, ``first`` and ``current`` embed the same cells (rows aligned with ``obs``:
+    columns ``batch``, optional ``label``; index = cell names) under the previous version,
+    version 1 and ``version``. Displacements use every cell; kNN-based measures (preservation,
+    leave-one-out label accuracy, iLISI) use at most ``config.max_cells`` cells sampled with
+    ``seed``.
+    """
+    current = _as_matrix(current, "current")
+    previous = _as_matrix(previous, "previous")
+    first = _as_matrix(first, "first")
+    _same_shape(current, previous, "current and previous")
+    _same_shape(current, first, "current and first")
+    if current.shape[0] < 2:
+        raise InputError("drift needs at least 2 cells")
+    return _tables(int(version), current, {"vs_previous": previous, "vs_first": first}, obs, config, seed)
+
+
+def compute_initial_drift(
+    version: int, current: np.ndarray, obs: pd.DataFrame, config: DriftConfig, seed: int = 0
+) -> DriftTables:
+    """Baseline of the first version: one ``vs_first`` row with displacement 0, preservation 1,
+    and the leave-one-out label accuracy and iLISI of ``current``."""
+    current = _as_matrix(current, "current")
+    if current.shape[0] < 2:
+        raise InputError("drift needs at least 2 cells")
+    tables = _tables(int(version), current, {"vs_first": current}, obs, config, seed)
+    zero = {
+        "version_drift": [c for c in _VERSION_COLUMNS if c.startswith("displacement")],
+        "celltype_drift": ["centroid_shift_raw", "centroid_shift_aligned", "displacement_mean_aligned"],
+        "batch_drift": ["displacement_aligned_vs_first_mean"],
+        "cell_drift": ["displacement_aligned_vs_first"],
+    }
+    for name, columns in zero.items():  # exactly 0, not Procrustes round-off
+        getattr(tables, name).loc[:, columns] = 0.0
+    return tables
+
+
+# --------------------------------------------------------------------------- flags
+
+FLAG_COLUMNS = ("version", "scope", "cell_type", "measure", "value", "threshold")
+
+
+def _flag_rows(df: pd.DataFrame, config: DriftConfig, per_type: bool) -> list[dict]:
+    if df is None or df.empty:
+        return []
+    df = df.reset_index(drop=True)
+    drop = df["label_accuracy_compared"] - df["label_accuracy_current"]
+    checks = [
+        ("displacement_mean_aligned", df["displacement_mean_aligned"],
+         config.flag_mean_displacement_aligned,
+         (df["scope"] == "vs_first") & (df["displacement_mean_aligned"] > config.flag_mean_displacement_aligned)),
+        ("knn_preservation_mean", df["knn_preservation_mean"], config.flag_knn_preservation_min,
+         df["knn_preservation_mean"] < config.flag_knn_preservation_min),
+        ("label_accuracy_drop", drop, config.flag_label_accuracy_drop, drop > config.flag_label_accuracy_drop),
+    ]
+    rows = []
+    for measure, values, threshold, hit in checks:
+        for i in np.flatnonzero(hit.fillna(False).to_numpy()):
+            rows.append(
+                dict(
+                    version=int(df.at[i, "version"]), scope=str(df.at[i, "scope"]),
+                    cell_type=str(df.at[i, "cell_type"]) if per_type else None,
+                    measure=measure, value=float(values.iloc[i]), threshold=float(threshold),
+                )
+            )
+    return rows
+
+
+def flags(tables: DriftTables, config: DriftConfig) -> pd.DataFrame:
+    """Thresholds crossed, one row each: version, scope, cell_type (None = whole version),
+    measure, value, threshold.
+
+    Measures: ``displacement_mean_aligned`` (vs_first only) above
+    ``flag_mean_displacement_aligned``; ``knn_preservation_mean`` below
+    ``flag_knn_preservation_min``; ``label_accuracy_drop`` (accuracy under the compared embedding
+    minus under the current one) above ``flag_label_accuracy_drop``.
+    """
+    rows = _flag_rows(tables.version_drift, config, False) + _flag_rows(tables.celltype_drift, config, True)
+    out = pd.DataFrame(rows, columns=list(FLAG_COLUMNS))
+    return out.astype({"version": "int64", "value": "float64", "threshold": "float64"})

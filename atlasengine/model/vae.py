@@ -1,0 +1,163 @@
+"""Conditional VAE in plain torch (scVI with scArches settings).
+
+Counts ``x`` are log1p-transformed at the encoder input, the batch is a categorical input to
+every layer of encoder and decoder ("encode covariates"), hidden layers use layer norm
+without affine parameters and no batch norm, the likelihood is negative binomial (or ZINB)
+with a per-gene dispersion and the observed library size.
+
+The one-hot batch input is stored as a separate weight matrix per layer
+(``batch_weight``, shape ``(n_batches, n_out)``), which is exactly a linear layer over the
+concatenated one-hot input. Adding batches appends rows and keeps every existing weight.
+
+Example:
+    >>> import torch
+    >>> from atlasengine.model import CVAE
+    >>> m = CVAE(n_genes=50, n_batches=2)
+    >>> x = torch.poisson(torch.full((4, 50), 2.0)); b = torch.tensor([0, 1, 0, 1])
+    >>> m.loss(x, b).loss.shape
+    torch.Size([])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from atlasengine.config import ModelConfig
+from atlasengine.model.likelihood import log_nb, log_zinb
+
+
+class CovariateLinear(nn.Module):
+    """Linear layer over ``[x, onehot(batch)]``, with the batch columns held apart."""
+
+    def __init__(self, n_in: int, n_out: int, n_batches: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_in, n_out)
+        bound = 1.0 / (n_in + n_batches) ** 0.5
+        self.batch_weight = nn.Parameter(torch.empty(n_batches, n_out).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        # batch index -1 means "no batch column set" (the scArches way to embed an unseen batch)
+        known = (batch >= 0).unsqueeze(-1).to(x.dtype)
+        return self.linear(x) + self.batch_weight[batch.clamp(min=0)] * known
+
+    def add_batches(self, n_new: int, generator: torch.Generator | None = None) -> None:
+        """Append ``n_new`` batch rows; existing rows are kept bit for bit."""
+        old = self.batch_weight.data
+        bound = 1.0 / (self.linear.in_features + old.shape[0] + n_new) ** 0.5
+        new = torch.empty(n_new, old.shape[1], dtype=old.dtype).uniform_(-bound, bound, generator=generator)
+        self.batch_weight = nn.Parameter(torch.cat([old, new], dim=0))
+
+
+class CovariateMLP(nn.Module):
+    """Stack of covariate-injected layers: linear -> layer norm -> ReLU -> dropout."""
+
+    def __init__(self, n_in: int, n_hidden: int, n_layers: int, n_batches: int, dropout: float) -> None:
+        super().__init__()
+        dims = [n_in] + [n_hidden] * n_layers
+        self.layers = nn.ModuleList(CovariateLinear(a, b, n_batches) for a, b in zip(dims[:-1], dims[1:]))
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, batch)
+            x = F.layer_norm(x, x.shape[-1:])
+            x = F.relu(x)
+            if self.dropout > 0:
+                x = F.dropout(x, self.dropout, self.training)
+        return x
+
+
+@dataclass
+class LossOutput:
+    """Per-minibatch ELBO pieces; ``per_cell`` is the negative ELBO of each cell."""
+
+    loss: torch.Tensor
+    reconstruction: torch.Tensor
+    kl: torch.Tensor
+    per_cell: torch.Tensor
+
+
+class CVAE(nn.Module):
+    """scVI-style conditional VAE with growable batch input."""
+
+    def __init__(self, n_genes: int, n_batches: int, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        cfg = config or ModelConfig()
+        self.config = cfg
+        self.n_genes = n_genes
+        self.encoder = CovariateMLP(n_genes, cfg.n_hidden, cfg.n_layers, n_batches, cfg.dropout_rate)
+        self.z_mean = nn.Linear(cfg.n_hidden, cfg.n_latent)
+        self.z_var = nn.Linear(cfg.n_hidden, cfg.n_latent)
+        self.decoder = CovariateMLP(cfg.n_latent, cfg.n_hidden, cfg.n_layers, n_batches, 0.0)
+        self.px_scale = nn.Linear(cfg.n_hidden, n_genes)
+        self.px_r = nn.Parameter(torch.randn(n_genes))
+        if cfg.likelihood == "zinb":
+            self.px_dropout = nn.Linear(cfg.n_hidden, n_genes)
+
+    @property
+    def n_batches(self) -> int:
+        return self.encoder.layers[0].batch_weight.shape[0]
+
+    def batch_parameter_names(self) -> list[str]:
+        """Names of the parameters that hold batch (covariate) columns."""
+        return [n for n, _ in self.named_parameters() if n.endswith("batch_weight")]
+
+    def add_batches(self, n_new: int, seed: int = 0) -> None:
+        """Append input columns for ``n_new`` batches to every covariate layer."""
+        if n_new <= 0:
+            return
+        gen = torch.Generator().manual_seed(seed)
+        for mod in self.modules():
+            if isinstance(mod, CovariateLinear):
+                mod.add_batches(n_new, gen)
+
+    def encode(self, x: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and variance of z for counts ``x``."""
+        h = self.encoder(torch.log1p(x), batch)
+        return self.z_mean(h), torch.exp(self.z_var(h)) + 1e-4
+
+    def decode(self, z: torch.Tensor, batch: torch.Tensor, library: torch.Tensor):
+        h = self.decoder(z, batch)
+        scale = torch.softmax(self.px_scale(h), dim=-1)
+        rate = library * scale
+        dropout = self.px_dropout(h) if self.config.likelihood == "zinb" else None
+        return rate, torch.exp(self.px_r), dropout
+
+    def loss(
+        self,
+        x: torch.Tensor,
+        batch: torch.Tensor,
+        kl_weight: float = 1.0,
+        eps: torch.Tensor | None = None,
+    ) -> LossOutput:
+        """Negative ELBO averaged over cells. ``eps`` fixes the reparameterisation noise."""
+        mean, var = self.encode(x, batch)
+        if eps is None:
+            eps = torch.randn_like(mean)
+        z = mean + var.sqrt() * eps
+        library = x.sum(-1, keepdim=True)
+        rate, theta, dropout = self.decode(z, batch, library)
+        if dropout is None:
+            rec = -log_nb(x, rate, theta).sum(-1)
+        else:
+            rec = -log_zinb(x, rate, theta, dropout).sum(-1)
+        kl = 0.5 * (var + mean.pow(2) - 1.0 - torch.log(var)).sum(-1)
+        per_cell = rec + kl_weight * kl
+        return LossOutput(per_cell.mean(), rec.mean(), kl.mean(), per_cell)
+
+    def forward(self, x: torch.Tensor, batch: torch.Tensor, kl_weight: float = 1.0, eps: torch.Tensor | None = None) -> LossOutput:
+        """Same as :meth:`loss` (so ``torch.func.functional_call`` can drive the model)."""
+        return self.loss(x, batch, kl_weight, eps)
+
+    @torch.no_grad()
+    def latent(self, x: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """Posterior means (the embedding); dropout off."""
+        was = self.training
+        self.eval()
+        mean, _ = self.encode(x, batch)
+        self.train(was)
+        return mean

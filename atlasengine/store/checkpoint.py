@@ -1,0 +1,44 @@
+"""Model checkpoints in safetensors: weights, accumulated Fisher and anchor weights.
+
+No pickle is involved anywhere: safetensors holds raw tensors and a string header.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from atlasengine.errors import AtlasIntegrityError
+
+_GROUPS = ("weights", "fisher", "anchor")
+
+
+def save_checkpoint(
+    path: Path,
+    weights: dict[str, torch.Tensor],
+    fisher: dict[str, torch.Tensor],
+    anchor: dict[str, torch.Tensor],
+) -> None:
+    """Write the three tensor groups to one safetensors file (keys ``group/name``)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for group, d in zip(_GROUPS, (weights, fisher, anchor)):
+        for name, t in d.items():
+            tensors[f"{group}/{name}"] = t.detach().cpu().clone().contiguous()
+    save_file(tensors, str(path), metadata={"format": "atlasengine-checkpoint-1"})
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Read ``(weights, fisher, anchor)`` back."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AtlasIntegrityError(f"checkpoint {path} cannot be read: {exc}") from exc
+    out: dict[str, dict[str, torch.Tensor]] = {g: {} for g in _GROUPS}
+    for key, t in tensors.items():
+        group, _, name = key.partition("/")
+        if group in out:
+            out[group][name] = t
+    return out["weights"], out["fisher"], out["anchor"]

@@ -1,0 +1,145 @@
+"""The atlas manifest: the single source of truth for which versions are committed.
+
+A version exists exactly when the manifest lists it; the manifest is replaced atomically
+(write to a temporary file, fsync, rename), so a crash leaves the previous manifest intact.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from atlasengine.config import AtlasConfig
+from atlasengine.errors import AtlasFormatError
+from atlasengine.store.files import atomic_write_text
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+Strategy = Literal["reference", "surgery", "finetune", "ewc"]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileRecord(_Record):
+    """A file of a version, relative to the atlas root, with its checksum."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+class DatasetRecord(_Record):
+    """One AnnData folded into the atlas: its cells occupy ``[joinid_start, joinid_stop)``."""
+
+    name: str
+    version: int
+    joinid_start: int
+    joinid_stop: int
+    batch_key: str
+    label_key: str | None = None
+    batches: list[str]
+    genes_matched: int
+    genes_padded: int
+
+    @property
+    def n_cells(self) -> int:
+        return self.joinid_stop - self.joinid_start
+
+
+class VersionInfo(_Record):
+    """A committed model version: what produced it and the files that hold it."""
+
+    number: int
+    created_at: datetime = Field(default_factory=_now)
+    strategy: Strategy
+    parent: int | None = None
+    datasets: list[str]
+    n_cells: int
+    n_new_cells: int
+    batches: list[str]
+    labels: list[str]
+    files: dict[str, FileRecord] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    fisher: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(_Record):
+    """Top-level description of an atlas (format ``FORMAT_VERSION``)."""
+
+    format_version: int = FORMAT_VERSION
+    engine_version: str = "0.1.0"
+    created_at: datetime = Field(default_factory=_now)
+    n_genes: int
+    label_key: str
+    config: AtlasConfig
+    datasets: list[DatasetRecord] = Field(default_factory=list)
+    versions: list[VersionInfo] = Field(default_factory=list)
+
+    @property
+    def current(self) -> int:
+        return self.versions[-1].number
+
+    def version(self, number: int) -> VersionInfo:
+        for v in self.versions:
+            if v.number == number:
+                return v
+        known = [v.number for v in self.versions]
+        raise AtlasFormatError(f"version {number} does not exist in this atlas (versions: {known})")
+
+    def datasets_until(self, number: int) -> list[DatasetRecord]:
+        """Datasets whose cells belong to the atlas at version ``number``, in joinid order."""
+        return [d for d in self.datasets if d.version <= number]
+
+    def truncated(self, number: int) -> "Manifest":
+        """This manifest as it was when ``number`` was the newest version."""
+        return self.model_copy(
+            update={
+                "datasets": self.datasets_until(number),
+                "versions": [v for v in self.versions if v.number <= number],
+            }
+        )
+
+
+def read_manifest(root: Path) -> Manifest:
+    """Read and validate ``root/manifest.json``; refuse unknown (newer) formats."""
+    path = root / MANIFEST_NAME
+    if not root.exists():
+        raise AtlasFormatError(f"{root} does not exist")
+    if not path.exists():
+        raise AtlasFormatError(f"{root} is not an atlas: it has no {MANIFEST_NAME}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AtlasFormatError(f"{path} is not a readable atlas manifest: {exc}") from exc
+    fmt = raw.get("format_version") if isinstance(raw, dict) else None
+    if not isinstance(fmt, int):
+        raise AtlasFormatError(f"{path} has no integer format_version: not an atlas manifest")
+    if fmt > FORMAT_VERSION:
+        raise AtlasFormatError(
+            f"atlas {root} was written in format {fmt}, newer than this atlasengine supports "
+            f"({FORMAT_VERSION}); upgrade atlasengine to open it"
+        )
+    if fmt < FORMAT_VERSION:
+        from atlasengine.store.upgrade import upgrade_manifest
+
+        raw = upgrade_manifest(raw)
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise AtlasFormatError(f"{path} is corrupt: {exc}") from exc
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    """Atomically replace the manifest: the commit point of every change."""
+    atomic_write_text(root / MANIFEST_NAME, manifest.model_dump_json(indent=2))

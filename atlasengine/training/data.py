@@ -1,0 +1,117 @@
+"""Minibatches of count rows for Lightning: whole batches are sliced at once (no per-cell collate).
+
+``MixedBatchSampler`` builds every training batch from query cells plus a configurable share of
+replayed reference cells, so an EWC fold-in keeps seeing the reference it must not forget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+@dataclass
+class CellData:
+    """Counts (CSR, cells x genes) with each cell's batch index in the model."""
+
+    counts: sp.csr_matrix
+    batch: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.counts = sp.csr_matrix(self.counts, dtype=np.float32)
+        self.batch = np.asarray(self.batch, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.counts.shape[0]
+
+    def subset(self, idx: np.ndarray) -> "CellData":
+        return CellData(self.counts[idx], self.batch[idx])
+
+    @staticmethod
+    def concat(parts: list["CellData"]) -> "CellData":
+        return CellData(sp.vstack([p.counts for p in parts]).tocsr(), np.concatenate([p.batch for p in parts]))
+
+
+class RowBatches(Dataset):
+    """Dataset whose items are whole minibatches: ``dataset[indices] -> (x, batch)``."""
+
+    def __init__(self, data: CellData) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(idx)
+        x = torch.from_numpy(self.data.counts[idx].toarray())
+        return x, torch.from_numpy(self.data.batch[idx])
+
+
+class MixedBatchSampler(Sampler[np.ndarray]):
+    """Index batches over ``[query cells | replay cells]``.
+
+    One epoch is one pass over the query cells; each batch holds ``replay_fraction`` of
+    replayed cells, drawn without replacement from the replay pool (reshuffled when used up).
+    """
+
+    def __init__(self, n_query: int, n_replay: int, batch_size: int, replay_fraction: float, seed: int) -> None:
+        self.n_query, self.n_replay = n_query, n_replay
+        r = replay_fraction if n_replay > 0 else 0.0
+        self.n_rep_per = int(round(batch_size * r))
+        self.n_q_per = max(1, batch_size - self.n_rep_per)
+        self.rng = np.random.default_rng(seed)
+        self._pool = np.zeros(0, dtype=np.int64)
+
+    def _replay(self, n: int) -> np.ndarray:
+        while len(self._pool) < n:
+            self._pool = np.concatenate([self._pool, self.n_query + self.rng.permutation(self.n_replay)])
+        out, self._pool = self._pool[:n], self._pool[n:]
+        return out
+
+    def __len__(self) -> int:
+        return -(-self.n_query // self.n_q_per)
+
+    def __iter__(self):
+        order = self.rng.permutation(self.n_query)
+        for s in range(0, self.n_query, self.n_q_per):
+            q = order[s : s + self.n_q_per]
+            if len(q) < 2 and self.n_query >= 2:  # a 1-cell batch gives a noisy step; fold it in
+                continue
+            yield np.concatenate([q, self._replay(self.n_rep_per)]) if self.n_rep_per else q
+
+
+def train_val_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random held-out split; no validation set when it would hold fewer than 2 cells."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    n_val = int(n * fraction)
+    if n_val < 2 or n - n_val < 2:
+        return perm, np.zeros(0, dtype=np.int64)
+    return perm[n_val:], perm[:n_val]
+
+
+def make_loaders(
+    query: CellData,
+    replay: CellData | None,
+    batch_size: int,
+    replay_fraction: float,
+    validation_fraction: float,
+    seed: int,
+) -> tuple[DataLoader, DataLoader | None]:
+    """Training loader (query + replay mixed) and validation loader (held-out query cells)."""
+    train_idx, val_idx = train_val_split(len(query), validation_fraction, seed)
+    train_q = query.subset(train_idx)
+    n_rep = len(replay) if replay is not None else 0
+    data = CellData.concat([train_q, replay]) if n_rep else train_q
+    sampler = MixedBatchSampler(len(train_q), n_rep, batch_size, replay_fraction, seed)
+    train = DataLoader(RowBatches(data), sampler=sampler, batch_size=None)
+    if len(val_idx) == 0:
+        return train, None
+    val_data = query.subset(val_idx)
+    chunks = [np.arange(s, min(s + batch_size, len(val_data))) for s in range(0, len(val_data), batch_size)]
+    val = DataLoader(RowBatches(val_data), sampler=chunks, batch_size=None)
+    return train, val

@@ -1,0 +1,74 @@
+"""The Lightning training plan: negative ELBO with KL warm-up plus an optional penalty.
+
+The plan knows nothing of storage or of EWC: a continual-learning penalty arrives as a
+callable ``penalty(module) -> scalar tensor``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import nn
+
+from atlasengine.config import TrainingConfig
+from atlasengine.errors import TrainingError
+
+Penalty = Callable[[nn.Module], torch.Tensor]
+
+
+class TrainingPlan(L.LightningModule):
+    """Optimises ``module.loss`` (+ ``penalty``) with Adam over the trainable parameters."""
+
+    def __init__(self, module: nn.Module, config: TrainingConfig, penalty: Penalty | None = None) -> None:
+        super().__init__()
+        self.module = module
+        self.config = config
+        self.penalty = penalty
+        self.history: list[dict[str, float]] = []
+        self._epoch_sums: dict[str, float] = {}
+
+    @property
+    def kl_weight(self) -> float:
+        warm = self.config.kl_warmup_epochs
+        return 1.0 if warm == 0 else min(1.0, self.current_epoch / warm)
+
+    def training_step(self, batch, batch_idx):
+        x, b = batch
+        out = self.module.loss(x, b, kl_weight=self.kl_weight)
+        loss = out.loss
+        pen = self.penalty(self.module) if self.penalty is not None else None
+        if pen is not None:
+            loss = loss + pen
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"training diverged: loss is {loss.item()} at epoch {self.current_epoch}, step {batch_idx}; "
+                "nothing was committed (try a lower learning rate or check the input counts)"
+            )
+        n = x.shape[0]
+        self._accumulate("train_loss", out.loss.detach().item(), n)
+        if pen is not None:
+            self._accumulate("penalty", pen.detach().item(), n)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, b = batch
+        out = self.module.loss(x, b, kl_weight=1.0)
+        self.log("val_loss", out.loss, prog_bar=True, batch_size=x.shape[0], on_epoch=True)
+        self._accumulate("val_loss", out.loss.item(), x.shape[0])
+
+    def _accumulate(self, key: str, value: float, n: int) -> None:
+        s, c = self._epoch_sums.get(key, (0.0, 0))
+        self._epoch_sums[key] = (s + value * n, c + n)
+
+    def on_train_epoch_end(self) -> None:
+        row = {"epoch": float(self.current_epoch)}
+        row.update({k: s / max(c, 1) for k, (s, c) in self._epoch_sums.items()})
+        self.history.append(row)
+        self._epoch_sums = {}
+        self.log("train_loss", row.get("train_loss", float("nan")), prog_bar=True)
+
+    def configure_optimizers(self):
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay, eps=0.01)

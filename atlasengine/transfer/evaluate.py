@@ -1,0 +1,72 @@
+"""Scores of a label transfer against the query's true labels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from atlasengine.errors import InputError
+
+_REQUIRED = ("label", "predicted_label", "uncertainty", "is_unknown")
+
+
+def aligned_truth(predictions: pd.DataFrame, true_labels: Iterable[str] | pd.Series) -> np.ndarray:
+    """True labels as a str array in the row order of ``predictions``.
+
+    A Series is aligned on the predictions' index; anything else is taken in row order.
+    """
+    missing = [c for c in _REQUIRED if c not in predictions.columns]
+    if missing:
+        raise InputError(f"predictions lack columns {missing}; pass the output of transfer_labels")
+    if isinstance(true_labels, pd.Series) and not true_labels.index.equals(predictions.index):
+        if not predictions.index.isin(true_labels.index).all():
+            raise InputError("true_labels (a Series) does not cover every predicted cell")
+        true_labels = true_labels.loc[predictions.index]
+    truth = np.asarray(list(true_labels), dtype=object)
+    if truth.ndim != 1 or len(truth) != len(predictions):
+        raise InputError(f"true_labels has {truth.size} entries for {len(predictions)} predictions")
+    if pd.isna(truth).any():
+        raise InputError("true_labels contain missing values")
+    return truth.astype(str)
+
+
+def evaluate_transfer(
+    predictions: pd.DataFrame, true_labels: Iterable[str] | pd.Series, novel_labels: set[str]
+) -> dict[str, float | int]:
+    """Score Unknown detection and accuracy; ``novel_labels`` are query types absent from the reference.
+
+    - ``auroc_novel``: AUROC of ``uncertainty`` separating novel (positive) from known cells
+      (NaN when either group is empty).
+    - ``novel_unknown_share``: share of novel cells called Unknown.
+    - ``known_accuracy``: share of known cells whose ``predicted_label`` (the best reference
+      label, given even when the cell is called Unknown) equals the truth; Unknown calls are
+      NOT counted as wrong here.
+    - ``known_accuracy_called``: share of known cells whose ``label`` equals the truth, so an
+      Unknown call counts as wrong.
+    - ``known_false_unknown``: share of known cells called Unknown.
+    - ``n_known``, ``n_novel``: cell counts. Shares over an empty group are NaN.
+    """
+    truth = aligned_truth(predictions, true_labels)
+    novel = np.isin(truth, np.asarray(sorted(map(str, novel_labels)), dtype=str))
+    known = ~novel
+    unc = predictions["uncertainty"].to_numpy(dtype=np.float64)
+    unknown = predictions["is_unknown"].to_numpy(dtype=bool)
+    predicted = predictions["predicted_label"].to_numpy().astype(str)
+    called = predictions["label"].to_numpy().astype(str)
+
+    def share(mask: np.ndarray, group: np.ndarray) -> float:
+        return float(mask[group].mean()) if group.any() else float("nan")
+
+    auroc = float(roc_auc_score(novel, unc)) if novel.any() and known.any() else float("nan")
+    return {
+        "auroc_novel": auroc,
+        "novel_unknown_share": share(unknown, novel),
+        "known_accuracy": share(predicted == truth, known),
+        "known_accuracy_called": share(called == truth, known),
+        "known_false_unknown": share(unknown, known),
+        "n_known": int(known.sum()),
+        "n_novel": int(novel.sum()),
+    }

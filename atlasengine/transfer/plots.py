@@ -1,0 +1,124 @@
+"""Figures of a label transfer: uncertainty per query type and the assignment heatmap.
+
+Figures are drawn on Agg canvases directly (no pyplot state, no global backend switch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from atlasengine.config import TransferConfig
+from atlasengine.transfer.evaluate import aligned_truth
+from atlasengine.transfer.knn import UNKNOWN
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    return path
+
+
+def _threshold(predictions: pd.DataFrame, threshold: float | None) -> float:
+    if threshold is not None:
+        return float(threshold)
+    return float(predictions.attrs.get("uncertainty_threshold", TransferConfig().uncertainty_threshold))
+
+
+def plot_uncertainty_violin(
+    predictions: pd.DataFrame,
+    true_labels: Iterable[str] | pd.Series,
+    path: Path,
+    threshold: float | None = None,
+    novel_labels: set[str] | None = None,
+) -> Path:
+    """Violins (with jittered cells) of uncertainty per true query cell type, threshold dashed.
+
+    ``threshold`` defaults to ``predictions.attrs["uncertainty_threshold"]``; types in
+    ``novel_labels`` (absent from the reference) are drawn in orange.
+    """
+    truth = aligned_truth(predictions, true_labels)
+    unc = predictions["uncertainty"].to_numpy(dtype=np.float64)
+    types = sorted(set(truth))
+    novel = set(map(str, novel_labels or ()))
+    fig = Figure(figsize=(max(6.0, 0.7 * len(types) + 2.0), 4.5))
+    ax = fig.add_subplot()
+    rng = np.random.default_rng(0)
+    for i, t in enumerate(types):
+        vals = unc[truth == t]
+        color = "tab:orange" if t in novel else "tab:blue"
+        if np.unique(vals).size > 1:  # a KDE needs spread
+            parts = ax.violinplot([vals], positions=[i], widths=0.8, showextrema=False)
+            for body in parts["bodies"]:
+                body.set_facecolor(color)
+                body.set_alpha(0.35)
+        ax.scatter(i + rng.uniform(-0.15, 0.15, vals.size), vals, s=4, color=color, alpha=0.6, lw=0)
+        ax.hlines(np.median(vals), i - 0.3, i + 0.3, color="black", lw=1.5)
+    thr = _threshold(predictions, threshold)
+    ax.axhline(thr, color="tab:red", ls="--", lw=1, label=f"Unknown threshold ({thr:g})")
+    ax.set_xticks(range(len(types)))
+    ax.set_xticklabels([f"{t}{' *' if t in novel else ''}\n(n={int((truth == t).sum())})" for t in types],
+                       rotation=45, ha="right")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("true query cell type" + (" (* = absent from reference)" if novel else ""))
+    ax.set_ylabel("uncertainty (1 - p_best)")
+    ax.set_title("Label-transfer uncertainty per query cell type")
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_assignment_heatmap(
+    predictions: pd.DataFrame, true_labels: Iterable[str] | pd.Series, path: Path
+) -> Path:
+    """Share of each true query type (columns) assigned to each reference label or Unknown (rows)."""
+    truth = aligned_truth(predictions, true_labels)
+    called = predictions["label"].to_numpy().astype(str)
+    ref = [c[2:] for c in predictions.columns if c.startswith("p_")]
+    rows = ref + [r for r in sorted(set(called)) if r not in ref and r != UNKNOWN] + [UNKNOWN]
+    cols = sorted(set(truth))
+    counts = pd.crosstab(pd.Series(called, name="assigned"), pd.Series(truth, name="true"))
+    counts = counts.reindex(index=rows, columns=cols, fill_value=0)
+    share = (counts / counts.sum(axis=0).replace(0, 1)).to_numpy(dtype=float)
+    fig = Figure(figsize=(max(5.0, 0.65 * len(cols) + 3.0), max(4.0, 0.45 * len(rows) + 2.0)))
+    ax = fig.add_subplot()
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
+    for (r, c), v in np.ndenumerate(share):
+        if v > 0:
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if v > 0.5 else "black")
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([f"{c} (n={int(counts[c].sum())})" for c in cols], rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows)
+    ax.axhline(len(rows) - 1.5, color="grey", lw=0.8)
+    ax.set_xlabel("true query cell type")
+    ax.set_ylabel("assigned reference label")
+    ax.set_title("Label-transfer assignments (share of each query type)")
+    fig.colorbar(im, ax=ax, label="share of query cells")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_transfer(
+    predictions: pd.DataFrame,
+    true_labels: Iterable[str] | pd.Series,
+    outdir: Path,
+    novel_labels: set[str] | None = None,
+) -> dict[str, Path]:
+    """Write both transfer figures as PNGs into ``outdir``; return their paths by name."""
+    outdir = Path(outdir)
+    truth = aligned_truth(predictions, true_labels)  # align once, reuse for both figures
+    return {
+        "uncertainty_violin": plot_uncertainty_violin(
+            predictions, truth, outdir / "transfer_uncertainty.png", novel_labels=novel_labels
+        ),
+        "assignment_heatmap": plot_assignment_heatmap(predictions, truth, outdir / "transfer_assignment.png"),
+    }
