@@ -48,7 +48,7 @@ class TrainingConfig(_Strict):
 class ContinualConfig(_Strict):
     """How a query is folded in: penalty strength, replay and Fisher estimation."""
 
-    ewc_lambda: float = Field(10.0, ge=0)
+    ewc_lambda: float = Field(100.0, ge=0)
     replay_fraction: float = Field(0.5, ge=0.0, lt=1.0)
     replay_max_cells: int = Field(10_000, ge=0)
     fisher_max_cells: int = Field(2_000, ge=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -20,7 +22,7 @@ from atlasengine.drift import (
     migrations,
     migrations_dir,
 )
-from atlasengine.errors import AtlasFormatError, InputError, ReadOnlyError
+from atlasengine.errors import AtlasFormatError, AtlasLockedError, InputError, ReadOnlyError
 
 
 def _tables(version: int) -> tuple[DriftTables, pd.DataFrame]:
@@ -168,3 +170,19 @@ def test_sql_is_read_only_and_version_filtered(tmp_path: Path) -> None:
     with pytest.raises(ReadOnlyError):
         ro.delete_versions_after(0)
     assert len(ro.read("version_drift", max_version=2)) == 3
+
+
+def test_file_held_by_another_process_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "drift.duckdb"
+    DriftStore(path).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(path)!r}); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(AtlasLockedError):
+            DriftStore(path)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -1,7 +1,8 @@
 """DuckDB store of drift tables, with a schema kept up to date by numbered SQL migrations.
 
 Connections are short-lived: each call opens the file, does its work and closes it, so other
-processes can read between writes (DuckDB lets one process write, or many read). ``sql()`` runs
+processes can read between writes (DuckDB lets one process write, or many read); a file held
+by another process raises AtlasLockedError. ``sql()`` runs
 user queries on a separate ``read_only=True`` connection with external file access disabled;
 every versioned table is shadowed there by a TEMP view filtered to ``version <= max_version``.
 The unfiltered table stays reachable by its qualified name (``<db>.main.<table>``): the filter
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from atlasengine.drift.measures import DriftTables
-from atlasengine.errors import AtlasFormatError, InputError, ReadOnlyError
+from atlasengine.errors import AtlasFormatError, AtlasLockedError, InputError, ReadOnlyError
 
 VERSIONED_TABLES = (
     "versions",
@@ -118,7 +119,12 @@ class DriftStore:
             raise AtlasFormatError("the drift store is closed")
         if not read_only and self.read_only:
             raise ReadOnlyError(f"drift database {self.path} was opened read-only")
-        con = duckdb.connect(str(self.path), read_only=read_only)
+        try:
+            con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as e:
+            if "lock" in str(e).lower():
+                raise AtlasLockedError(f"drift database {self.path} is in use by another process: {e}") from e
+            raise
         try:
             yield con
         finally:

@@ -232,6 +232,15 @@ def _group_mean(values: np.ndarray, groups: np.ndarray) -> pd.Series:
     return pd.Series(np.asarray(values, dtype=float)).groupby(groups, sort=True).mean()
 
 
+def _type_mean(values: np.ndarray, codes: np.ndarray, n_types: int) -> np.ndarray:
+    """Per-type mean of ``values`` (1-d, or rows of 2-d), NaN skipped; code -1 is ignored."""
+    values = np.asarray(values, dtype=float)
+    keep = codes >= 0
+    frame = pd.DataFrame(values.reshape(len(codes), -1)[keep])
+    means = frame.groupby(codes[keep]).mean().reindex(range(n_types)).to_numpy()
+    return means[:, 0] if values.ndim == 1 else means
+
+
 def _tables(
     version: int,
     current: np.ndarray,
@@ -253,15 +262,28 @@ def _tables(
     bcodes, buniq = pd.factorize(pd.Series(batches[sub]))
     ilisi, ilisi_norm = _ilisi(cur.neighbours, bcodes, len(buniq))
 
+    done: list[tuple[np.ndarray, _Knn]] = [(current, cur)]
+
+    def figures(other: np.ndarray) -> _Knn:  # version 2 compares to the same embedding twice
+        for seen, result in done:
+            if seen is other or np.array_equal(seen, other):
+                return result
+        done.append((other, _knn_figures(other[sub], codes, labelled, config.k)))
+        return done[-1][1]
+
     vrows, crows = [], []
     disp_aligned: dict[str, np.ndarray] = {}
-    types = pd.Series(label_str[~missing]).unique()
+    type_codes, type_names = pd.factorize(pd.Series(label_str, dtype=object), sort=True)  # -1: unlabelled
+    type_names = np.asarray(type_names, dtype=object)
+    n_types = len(type_names)
+    type_n = np.bincount(type_codes[type_codes >= 0], minlength=n_types)
+    type_n_knn = np.bincount(type_codes[sub][type_codes[sub] >= 0], minlength=n_types)
     for scope, other in compared.items():
         raw = np.linalg.norm(current - other, axis=1)
         moved = procrustes_align(current, other)
         aligned = np.linalg.norm(moved - other, axis=1)
         disp_aligned[scope] = aligned
-        cmp = cur if other is current else _knn_figures(other[sub], codes, labelled, config.k)
+        cmp = figures(other)
         pres = _overlap_share(cmp.neighbours, cur.neighbours)
         vrows.append(
             dict(
@@ -276,22 +298,25 @@ def _tables(
                 ilisi_mean=_nanmean(ilisi), ilisi_norm_mean=_nanmean(ilisi_norm),
             )
         )
-        sub_types = label_str[sub]
-        for ct in types:
-            m = label_str == ct
-            ms = sub_types == ct
-            crows.append(
-                dict(
-                    version=version, scope=scope, cell_type=str(ct), n_cells=int(m.sum()),
-                    n_cells_knn=int(ms.sum()),
-                    centroid_shift_raw=float(np.linalg.norm(current[m].mean(0) - other[m].mean(0))),
-                    centroid_shift_aligned=float(np.linalg.norm(moved[m].mean(0) - other[m].mean(0))),
-                    displacement_mean_aligned=float(aligned[m].mean()),
-                    knn_preservation_mean=_nanmean(pres[ms]) if ms.any() else float("nan"),
-                    label_accuracy_current=_nanmean(cur.label_correct[ms]) if ms.any() else float("nan"),
-                    label_accuracy_compared=_nanmean(cmp.label_correct[ms]) if ms.any() else float("nan"),
-                )
+        crows.append(
+            pd.DataFrame(
+                {
+                    "version": version, "scope": scope, "cell_type": type_names, "n_cells": type_n,
+                    "n_cells_knn": type_n_knn,
+                    "centroid_shift_raw": np.linalg.norm(
+                        _type_mean(current, type_codes, n_types) - _type_mean(other, type_codes, n_types), axis=1
+                    ),
+                    "centroid_shift_aligned": np.linalg.norm(
+                        _type_mean(moved, type_codes, n_types) - _type_mean(other, type_codes, n_types), axis=1
+                    ),
+                    "displacement_mean_aligned": _type_mean(aligned, type_codes, n_types),
+                    "knn_preservation_mean": _type_mean(pres, type_codes[sub], n_types),
+                    "label_accuracy_current": _type_mean(cur.label_correct, type_codes[sub], n_types),
+                    "label_accuracy_compared": _type_mean(cmp.label_correct, type_codes[sub], n_types),
+                },
+                columns=list(_CELLTYPE_COLUMNS),
             )
+        )
 
     nan = np.full(n, np.nan)
     prev = disp_aligned.get("vs_previous", nan)
@@ -319,7 +344,7 @@ def _tables(
             "displacement_aligned_vs_first": first,
         }
     )
-    celltype = pd.DataFrame(crows, columns=list(_CELLTYPE_COLUMNS))
+    celltype = pd.concat(crows, ignore_index=True) if n_types else pd.DataFrame(columns=list(_CELLTYPE_COLUMNS))
     return DriftTables(pd.DataFrame(vrows, columns=list(_VERSION_COLUMNS)), celltype, batch, cell)
 
 

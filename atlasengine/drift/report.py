@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -56,7 +57,9 @@ def umap_coordinates(
             import umap  # type: ignore[import-not-found]
 
             reducer = umap.UMAP(n_components=2, n_neighbors=min(15, x.shape[0] - 1), random_state=seed)
-            coords, method = np.asarray(reducer.fit_transform(x), dtype=np.float64), "UMAP"
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*n_jobs.*", category=UserWarning)
+                coords, method = np.asarray(reducer.fit_transform(x), dtype=np.float64), "UMAP"
         except ImportError:
             coords = None
     if coords is None:
@@ -172,10 +175,10 @@ def _scatter(umap: pd.DataFrame, column: str, method: str) -> bytes:
     else:
         cats = values.astype(object).where(values.notna(), "(missing)").astype(str)
         names = sorted(cats.unique(), key=lambda s: (s == "(missing)", s))
-        cmap = matplotlib.colormaps["tab20"]
+        cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
         for i, name in enumerate(names):
             m = (cats == name).to_numpy()
-            color = "#cccccc" if name == "(missing)" else cmap(i % 20)
+            color = "#cccccc" if name == "(missing)" else cmap(i % cmap.N)
             ax.scatter(umap["x"][m], umap["y"][m], s=point, color=color, label=name, linewidths=0)
         if len(names) <= 20:
             ax.legend(fontsize=7, markerscale=3, loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -213,7 +216,10 @@ def _flag_list(fl: pd.DataFrame | None) -> str:
     if fl is None or fl.empty:
         return '<p class="ok">No version crossed a flag threshold.</p>'
     items = []
-    for r in fl.sort_values(["version", "scope", "measure"]).itertuples(index=False):
+    order = fl.assign(_whole=fl["cell_type"].isna()).sort_values(
+        ["version", "scope", "_whole", "measure", "cell_type"], ascending=[True, True, False, True, True]
+    )
+    for r in order.drop(columns="_whole").itertuples(index=False):
         what, op = _FLAG_TEXT.get(r.measure, (r.measure, "vs"))
         scope = "vs version 1" if r.scope == "vs_first" else "vs previous version"
         where = "all cells" if r.cell_type is None or pd.isna(r.cell_type) else f"cell type {r.cell_type}"
@@ -279,7 +285,8 @@ def render_report(
             raise InputError(f"umap frame lacks column(s) {sorted(missing)}")
         method = umap_method or umap.attrs.get("method", "UMAP")
         columns = [c for c in ("version_added", "batch", "label", "displacement") if c in umap.columns]
-        parts.append(_section(f"Embedding ({method})", _figs([(c, _scatter(umap, c, method)) for c in columns])))
+        images = [(f"{method} coloured by {c}", _scatter(umap, c, method)) for c in columns]
+        parts.append(_section(f"Embedding ({method})", _figs(images)))
     if ts is not None and not ts.empty:
         parts.append(_section("Label transfer summary", _table(ts)))
     if transfer_figures:

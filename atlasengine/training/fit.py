@@ -24,6 +24,7 @@ class TrainResult:
     epochs: int
     seconds: float
     cells_per_second: float
+    device: str = "cpu"
     history: list[dict[str, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, float]:
@@ -32,6 +33,7 @@ class TrainResult:
             "epochs": self.epochs,
             "seconds": round(self.seconds, 3),
             "cells_per_second": round(self.cells_per_second, 1),
+            "device": self.device,
             **{f"final_{k}": round(v, 4) for k, v in last.items() if k != "epoch"},
         }
 
@@ -71,7 +73,7 @@ def fit(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
         try:
             trainer.fit(plan, train_dataloaders=train, val_dataloaders=val)
         except TrainingError:
@@ -79,7 +81,8 @@ def fit(
         except Exception as exc:
             raise TrainingError(f"training failed: {exc}") from exc
     seconds = time.perf_counter() - start
+    device = str(next(module.parameters()).device)
     module.cpu().eval()
     epochs = len(plan.history)
     cells = epochs * len(train.sampler) * (train.sampler.n_q_per + train.sampler.n_rep_per)
-    return TrainResult(epochs, seconds, cells / max(seconds, 1e-9), plan.history)
+    return TrainResult(epochs, seconds, cells / max(seconds, 1e-9), device, plan.history)

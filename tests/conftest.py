@@ -1,0 +1,73 @@
+"""Shared fixtures: real data from ../shared/data (a missing file fails) and a tiny reference atlas."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import anndata as ad
+import pytest
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Tiny settings so the suite stays fast; the benchmarks use real settings.
+TINY = {
+    "model": {"n_hidden": 32, "n_latent": 8},
+    "reference_training": {"max_epochs": 15, "progress_bar": False, "kl_warmup_epochs": 5},
+    "query_training": {"max_epochs": 10, "progress_bar": False, "kl_warmup_epochs": 0},
+    "continual": {"fisher_max_cells": 200, "replay_max_cells": 300},
+}
+
+REF_TECHS = ["celseq", "fluidigmc1", "indrop"]
+
+
+def read_data(name: str) -> ad.AnnData:
+    path = DATA / name
+    if not path.exists():
+        raise FileNotFoundError(f"shared data file {path} is missing: tests need ../shared/data beside the checkout")
+    return ad.read_h5ad(path)
+
+
+@pytest.fixture(scope="session")
+def pancreas() -> ad.AnnData:
+    return read_data("pancreas_panc8_small.h5ad")
+
+
+@pytest.fixture(scope="session")
+def pancreas_ref(pancreas) -> ad.AnnData:
+    return pancreas[pancreas.obs["tech"].isin(REF_TECHS)].copy()
+
+
+@pytest.fixture(scope="session")
+def pancreas_query(pancreas) -> ad.AnnData:
+    return pancreas[pancreas.obs["tech"].isin(["celseq2", "smartseq2"])].copy()
+
+
+@pytest.fixture(scope="session")
+def reference_atlas(tmp_path_factory, pancreas_ref) -> Path:
+    """A version-1 atlas built once per session; tests copy it before writing."""
+    from atlasengine import Atlas
+
+    path = tmp_path_factory.mktemp("ref") / "pancreas.atlas"
+    Atlas.create(path, pancreas_ref, batch_key="tech", label_key="celltype", config=TINY)
+    return path
+
+
+@pytest.fixture
+def atlas_path(reference_atlas, tmp_path) -> Path:
+    """A private copy of the reference atlas."""
+    dst = tmp_path / "pancreas.atlas"
+    shutil.copytree(reference_atlas, dst)
+    return dst
+
+
+def snapshot(path: Path) -> dict[str, bytes | int]:
+    """Every file's bytes except the cell store's internals (compared via cell counts)."""
+    out: dict[str, bytes | int] = {}
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and "cells" not in f.relative_to(path).parts:
+            out[str(f.relative_to(path))] = f.read_bytes()
+    from atlasengine.store.cells import CellStore
+
+    out["cells.high_water"] = CellStore(str(path / "cells")).high_water()
+    return out

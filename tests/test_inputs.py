@@ -1,0 +1,101 @@
+"""Every bad input gets a clear InputError naming the problem, and the atlas stays as it was."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from atlasengine import Atlas, InputError
+from conftest import snapshot
+
+
+def _query(pancreas_query):
+    return pancreas_query[pancreas_query.obs["tech"] == "smartseq2"].copy()
+
+
+def _bad_cases(pancreas_query, pancreas_ref):
+    q = _query(pancreas_query)
+    cases = {}
+
+    a = q.copy(); a.X = a.X.toarray().astype(np.float32) * 0.5 + 0.25
+    cases["non-integer"] = (a, {}, "non-integer")
+
+    a = q.copy(); X = a.X.toarray(); X[0, 0] = -1; a.X = sp.csr_matrix(X)
+    cases["negative"] = (a, {}, "negative")
+
+    a = q.copy(); X = a.X.toarray(); X[1, 3] = np.nan; a.X = X
+    cases["nan"] = (a, {}, "NaN")
+
+    cases["empty cells"] = (q[:0].copy(), {}, "no cells")
+    cases["empty genes"] = (q[:, :0].copy(), {}, "no genes")
+
+    a = q.copy(); names = list(a.obs_names); names[1] = names[0]; a.obs_names = names
+    cases["duplicate cells"] = (a, {}, "duplicate cell names")
+
+    a = q.copy(); a.obs_names = list(pancreas_ref.obs_names[: a.n_obs])
+    cases["cells already in atlas"] = (a, {}, "already in the atlas")
+
+    cases["missing batch column"] = (q.copy(), {"batch_key": "nope"}, "batch_key column 'nope'")
+    cases["missing label column"] = (q.copy(), {"label_key": "nope"}, "label_key column 'nope'")
+
+    a = q.copy(); a.obs["tech"] = "indrop"
+    cases["batch already in atlas"] = (a, {}, "batch name\\(s\\) already in the atlas")
+
+    a = q[:, :1000].copy()
+    cases["too few genes"] = (a, {}, "only 1000 of the atlas's 2000 genes")
+
+    a = q.copy(); a.var_names = [f"ENSG{i:08d}" for i in range(a.n_vars)]
+    cases["other gene ids"] = (a, {}, "genes .* are in the data")
+
+    a = q.copy(); a.obs["tech"] = a.obs["tech"].astype(object); a.obs.iloc[0, a.obs.columns.get_loc("tech")] = None
+    cases["missing batch value"] = (a, {}, "missing or empty")
+
+    cases["missing layer"] = (q.copy(), {"layer": "raw"}, "layer 'raw'")
+    return cases
+
+
+def test_each_bad_input_is_refused_and_atlas_unchanged(atlas_path, pancreas_query, pancreas_ref):
+    before = snapshot(atlas_path)
+    atlas = Atlas.open(atlas_path)
+    for name, (adata, kwargs, message) in _bad_cases(pancreas_query, pancreas_ref).items():
+        kw = {"batch_key": "tech", "strategy": "surgery", **kwargs}
+        with pytest.raises(InputError, match=message):
+            atlas.ingest(adata, **kw)
+        assert snapshot(atlas_path) == before, f"atlas changed after refusing {name}"
+    assert Atlas.open(atlas_path).version == 1
+
+
+def test_genes_are_padded_when_enough_are_present(atlas_path, pancreas_query):
+    q = _query(pancreas_query)
+    keep = q.var_names[:1800]  # 90% of the atlas genes, reordered
+    a = q[:, keep[::-1]].copy()
+    res = Atlas.open(atlas_path).ingest(a, batch_key="tech", strategy="surgery")
+    assert res.genes_padded == 200
+    assert res.version.number == 2
+
+
+def test_dense_integer_input_and_layer(atlas_path, pancreas_query):
+    q = _query(pancreas_query)
+    a = q.copy()
+    a.layers["counts"] = a.X.copy()
+    a.X = np.log1p(a.X.toarray())  # normalised X, raw counts in a layer
+    with pytest.raises(InputError, match="non-integer"):
+        Atlas.open(atlas_path).ingest(a, batch_key="tech", strategy="surgery")
+    a.layers["counts"] = a.layers["counts"].toarray().astype(np.int64)
+    res = Atlas.open(atlas_path).ingest(a, batch_key="tech", strategy="surgery", layer="counts", dataset="smartseq2 run")
+    assert res.version.number == 2
+    atlas = Atlas.open(atlas_path)
+    assert (atlas.obs()["dataset"].iloc[-1]) == "smartseq2 run"
+
+
+def test_create_refuses_existing_path_and_bad_reference(tmp_path, pancreas_ref, reference_atlas):
+    with pytest.raises(InputError, match="already exists"):
+        Atlas.create(reference_atlas, pancreas_ref, batch_key="tech", label_key="celltype")
+    with pytest.raises(InputError, match="label_key column 'cell_type'"):
+        Atlas.create(tmp_path / "x.atlas", pancreas_ref, batch_key="tech", label_key="cell_type")
+    assert not (tmp_path / "x.atlas").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+    with pytest.raises(InputError, match="expected an AnnData"):
+        Atlas.create(tmp_path / "y.atlas", pd.DataFrame(), batch_key="tech", label_key="celltype")
