@@ -1,0 +1,396 @@
+"""Shared pieces of the benchmarks: scenarios, atlas helpers, metrics, output writing.
+
+Scenarios (``../shared/data/README.md``):
+
+- ``pancreas``: reference = celseq, fluidigmc1, indrop without ductal cells; query = celseq2,
+  smartseq2; novel = {ductal}; batch ``tech``, label ``celltype``.
+- ``pbmc``: reference = 3pv1 + 3pv2 without NK and Mono_CD16; query = 5p; novel = {NK,
+  Mono_CD16}; batch ``donor``, label ``cell_type``.
+- ``ifnb``: reference = control without Dendritic; query = stimulated; novel = {Dendritic};
+  batch ``condition``, label ``cell_type``; 2000 highly variable genes of the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+import pandas as pd
+
+BENCH_DIR = Path(__file__).resolve().parent
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEFAULT_OUT = BENCH_DIR / "out"
+FIGURES = BENCH_DIR / "figures"
+STRATEGIES = ("surgery", "finetune", "ewc")
+
+
+# --------------------------------------------------------------------------- scenarios
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    file: str
+    batch_key: str
+    label_key: str
+    ref_batches: tuple[str, ...]
+    query_batches: tuple[str, ...]
+    novel: frozenset[str]
+    n_hvg: int | None = None
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "pancreas": Scenario("pancreas", "pancreas_panc8_small.h5ad", "tech", "celltype",
+                         ("celseq", "fluidigmc1", "indrop"), ("celseq2", "smartseq2"), frozenset({"ductal"})),
+    "pbmc": Scenario("pbmc", "pbmc_3chemistries.h5ad", "donor", "cell_type",
+                     ("3pv1", "3pv2"), ("5p",), frozenset({"NK", "Mono_CD16"})),
+    "ifnb": Scenario("ifnb", "pbmc_ifnb_stim.h5ad", "condition", "cell_type",
+                     ("control",), ("stimulated",), frozenset({"Dendritic"}), n_hvg=2000),
+}
+
+
+def data_file(name: str) -> Path:
+    """Path of a shared data set; raises (never skips) when it is missing."""
+    path = DATA / name
+    if not path.exists():
+        raise FileNotFoundError(f"benchmark data {path} is missing; the benchmarks need ../shared/data beside the checkout")
+    return path
+
+
+def read_data(name: str):
+    import anndata as ad
+
+    return ad.read_h5ad(data_file(name))
+
+
+def highly_variable(adata, n_top: int) -> list[str]:
+    """Top ``n_top`` genes by binned normalised dispersion of log CP10k (Seurat flavour), on ``adata``."""
+    import scipy.sparse as sp
+
+    X = sp.csr_matrix(adata.X, dtype=np.float64)
+    lib = np.asarray(X.sum(1)).ravel()
+    X = sp.diags(1e4 / np.maximum(lib, 1)) @ X
+    X.data = np.log1p(X.data)
+    mean = np.asarray(X.mean(0)).ravel()
+    var = np.asarray(X.multiply(X).mean(0)).ravel() - mean**2
+    disp = np.log(np.maximum(var, 1e-12) / np.maximum(mean, 1e-12))
+    bins = pd.cut(mean, 20, labels=False)
+    df = pd.DataFrame({"disp": disp, "bin": bins})
+    g = df.groupby("bin")["disp"]
+    z = (df["disp"] - g.transform("mean")) / g.transform("std").replace(0, 1).fillna(1)
+    z[mean <= 0] = -np.inf
+    order = np.argsort(-z.to_numpy(), kind="stable")[:n_top]
+    return [str(adata.var_names[i]) for i in sorted(order)]
+
+
+def load_scenario(name: str):
+    """(reference, query) AnnData copies of a scenario (query keeps its novel types)."""
+    sc = SCENARIOS[name]
+    a = read_data(sc.file)
+    batch = a.obs[sc.batch_key].astype(str)
+    label = a.obs[sc.label_key].astype(str)
+    ref_mask = batch.isin(sc.ref_batches) & ~label.isin(sc.novel)
+    if sc.n_hvg and a.n_vars > sc.n_hvg:
+        a = a[:, highly_variable(a[ref_mask.to_numpy()], sc.n_hvg)]
+    ref = a[ref_mask.to_numpy()].copy()
+    query = a[batch.isin(sc.query_batches).to_numpy()].copy()
+    for x in (ref, query):
+        x.obs[sc.batch_key] = x.obs[sc.batch_key].astype(str)
+        x.obs[sc.label_key] = x.obs[sc.label_key].astype(str)
+    return ref, query
+
+
+# ------------------------------------------------------------------------------ engine
+def quiet() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "scvi", "jax", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def atlas_config(ref_epochs: int, query_epochs: int, seed: int, **continual: Any) -> dict:
+    return {
+        "reference_training": {"max_epochs": ref_epochs, "progress_bar": False, "seed": seed},
+        "query_training": {"max_epochs": query_epochs, "progress_bar": False, "seed": seed},
+        "continual": continual,
+    }
+
+
+def create_reference(path: Path, sc: Scenario, ref, seed: int, ref_epochs: int, query_epochs: int = 1,
+                     label_key: str | None = None, **continual: Any):
+    """Train version 1 at ``path``; returns (atlas, wall seconds).
+
+    The global torch RNG is seeded first: ``Atlas.create`` builds the model before ``fit``
+    seeds, so without this the initial weights would not follow ``seed``.
+    """
+    import torch
+
+    from atlasengine import Atlas
+
+    quiet()
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    atlas = Atlas.create(path, ref, batch_key=sc.batch_key, label_key=label_key or sc.label_key,
+                         config=atlas_config(ref_epochs, query_epochs, seed, **continual))
+    return atlas, time.perf_counter() - t0
+
+
+def fold_in(ref_path: Path, dest: Path, query, sc: Scenario, strategy: str, continual: dict | None = None,
+            training: dict | None = None, dataset: str | None = None):
+    """Copy the atlas at ``ref_path`` to ``dest`` and ingest ``query`` blind; (atlas, result, seconds)."""
+    from atlasengine import Atlas
+
+    quiet()
+    dest = Path(dest)
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(ref_path, dest)
+    atlas = Atlas.open(dest)
+    t0 = time.perf_counter()
+    res = atlas.ingest(query, batch_key=sc.batch_key, strategy=strategy, continual=continual, training=training,
+                       dataset=dataset)
+    return atlas, res, time.perf_counter() - t0
+
+
+def cells_of_version(atlas, version_added: int = 1) -> tuple[pd.Index, np.ndarray, np.ndarray]:
+    """(cell names, latent, stored labels) of the atlas cells added in ``version_added``."""
+    obs = atlas.obs()
+    z = atlas.latent()
+    m = (obs["version_added"] == version_added).to_numpy()
+    return obs.index[m], z[m], obs["label"].to_numpy()[m]
+
+
+# ----------------------------------------------------------------------------- metrics
+def knn_indices(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, indices) of the k nearest other cells (self excluded), exact."""
+    import faiss
+
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    index = faiss.IndexFlatL2(z.shape[1])
+    index.add(z)
+    d, i = index.search(z, min(k + 1, len(z)))
+    # drop self (normally column 0; with duplicates it may sit elsewhere)
+    keep = i != np.arange(len(z))[:, None]
+    out_i = np.array([row[m][:k] for row, m in zip(i, keep)])
+    out_d = np.array([row[m][:k] for row, m in zip(d, keep)])
+    return np.sqrt(np.maximum(out_d, 0)), out_i
+
+
+def loo_knn_accuracy(z: np.ndarray, labels: np.ndarray, k: int = 15) -> float:
+    """Leave-one-out majority-vote kNN label accuracy (k = 15, ties: first seen nearest)."""
+    labels = np.asarray(labels).astype(str)
+    _, idx = knn_indices(z, k)
+    cats, codes = np.unique(labels, return_inverse=True)
+    votes = np.zeros((len(z), len(cats)))
+    np.add.at(votes, (np.repeat(np.arange(len(z)), idx.shape[1]), codes[idx].ravel()), 1.0)
+    return float((votes.argmax(1) == codes).mean())
+
+
+def displacement(z_before: np.ndarray, z_after: np.ndarray) -> float:
+    """Mean Euclidean distance between a cell's embeddings in two versions."""
+    return float(np.linalg.norm(z_after - z_before, axis=1).mean())
+
+
+def procrustes_displacement(z_before: np.ndarray, z_after: np.ndarray) -> float:
+    """Mean distance after centring both and rotating ``z_after`` onto ``z_before``
+    (``scipy.linalg.orthogonal_procrustes``): movement that is not a rigid rotation/shift."""
+    from scipy.linalg import orthogonal_procrustes
+
+    a = z_before - z_before.mean(0)
+    b = z_after - z_after.mean(0)
+    r, _ = orthogonal_procrustes(b, a)
+    return float(np.linalg.norm(b @ r - a, axis=1).mean())
+
+
+def forgetting(z_v1: np.ndarray, z_after: np.ndarray, labels: np.ndarray, k: int = 15) -> dict[str, float]:
+    """Reference forgetting: LOO kNN accuracy of the reference cells before/after, and displacement."""
+    before = loo_knn_accuracy(z_v1, labels, k)
+    after = loo_knn_accuracy(z_after, labels, k)
+    return {
+        "ref_loo_before": before,
+        "ref_loo_after": after,
+        "forgetting": before - after,
+        "displacement": displacement(z_v1, z_after),
+        "displacement_aligned": procrustes_displacement(z_v1, z_after),
+    }
+
+
+_SCIB_NOTE: list[str] = []
+
+
+def scib_available() -> tuple[bool, str]:
+    try:
+        import scib_metrics  # noqa: F401
+    except Exception as exc:  # ImportError, or jax failing to load
+        return False, f"scib-metrics not importable ({type(exc).__name__}: {exc}); scIB metrics skipped"
+    return True, ""
+
+
+def scib_scores(z: np.ndarray, labels: np.ndarray, batches: np.ndarray) -> dict[str, float]:
+    """scIB metrics (scib-metrics) of an embedding with true labels; {} (with a printed note) without it."""
+    ok, why = scib_available()
+    if not ok:
+        if not _SCIB_NOTE:
+            print(f"NOTE: {why}", flush=True)
+            _SCIB_NOTE.append(why)
+        return {}
+    import scib_metrics
+    from scib_metrics.nearest_neighbors import NeighborsResults
+
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    labels = np.asarray(labels).astype(str)
+    batches = np.asarray(batches).astype(str)
+    dist, idx = knn_indices(z, min(90, len(z) - 1))
+    nn = NeighborsResults(indices=idx, distances=dist)
+    out = {
+        "silhouette_label": scib_metrics.silhouette_label(z, labels),
+        "silhouette_batch": scib_metrics.silhouette_batch(z, labels, batches),
+        "bras": scib_metrics.bras(z, labels, batches),
+        "graph_connectivity": scib_metrics.graph_connectivity(nn, labels),
+        "ilisi": scib_metrics.ilisi_knn(nn, batches),
+        "isolated_labels": scib_metrics.isolated_labels(z, labels, batches),
+    }
+    return {k: float(v) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------ output
+def env_info() -> dict[str, Any]:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "executable": sys.executable,
+    }
+    for mod in ("scvi", "scib_metrics", "jax", "faiss", "sklearn"):
+        try:
+            m = __import__(mod)
+            info[mod] = getattr(m, "__version__", "?")
+        except Exception:
+            info[mod] = None
+    return info
+
+
+def parse_args(description: str, default_seeds: int = 3) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="one seed, few epochs (CI smoke run)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out/)")
+    p.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {default_seeds}; quick: 1)")
+    args = p.parse_args()
+    if args.seeds is None:
+        args.seeds = 1 if args.quick else default_seeds
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def command_line() -> str:
+    mod = Path(sys.argv[0]).stem
+    return " ".join(["python -m", f"benchmarks.{mod}", *sys.argv[1:]])
+
+
+def work_dir(out: Path, name: str) -> Path:
+    d = Path(out) / "work" / name
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    return d
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return None if math.isnan(v) or math.isinf(v) else v
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_outputs(out: Path, name: str, payload: dict[str, Any], markdown: str) -> None:
+    """``out/<name>.json`` (payload + env) and ``out/<name>.md``."""
+    out = Path(out)
+    payload = {"benchmark": name, "command": command_line(), "env": env_info(), **payload}
+    (out / f"{name}.json").write_text(json.dumps(_clean(payload), indent=1))
+    (out / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    print(f"wrote {out / (name + '.json')} and {out / (name + '.md')}", flush=True)
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            return "n/a"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def md_table(df: pd.DataFrame, digits: int = 3) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(fmt(row[c], digits) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def mean_sd(df: pd.DataFrame, by: list[str], metrics: list[str], digits: int = 3) -> pd.DataFrame:
+    """One row per group: 'mean ± sd' strings per metric (sd over seeds; '±' omitted for one seed)."""
+    rows = []
+    for key, g in df.groupby(by, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(by, key))
+        row["n"] = len(g)
+        for m in metrics:
+            if m not in g:
+                continue
+            v = pd.to_numeric(g[m], errors="coerce").dropna()
+            if len(v) == 0:
+                row[m] = "n/a"
+            elif len(v) == 1:
+                row[m] = fmt(float(v.iloc[0]), digits)
+            else:
+                row[m] = f"{fmt(float(v.mean()), digits)} ± {fmt(float(v.std(ddof=1)), digits)}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def save_fig(fig, path: Path) -> None:
+    """Small PNG (dpi 80) so that the committed copies stay well under 200 KB."""
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    print(f"wrote {path} ({path.stat().st_size // 1024} KB)", flush=True)
+
+
+def matplotlib_agg():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
