@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from atlasengine.api.audit import record_drift, render_atlas_report, transfer_summary
 from atlasengine.api.inputs import PreparedInput, prepare_input
 from atlasengine.config import AtlasConfig, ContinualConfig, TrainingConfig, TransferConfig
 from atlasengine.continual import (
@@ -40,7 +41,8 @@ from atlasengine.continual import (
     fisher_summary,
     surgery_mode,
 )
-from atlasengine.errors import AtlasError, AtlasFormatError, InputError, ReadOnlyError
+from atlasengine.drift import DriftStore
+from atlasengine.errors import AtlasFormatError, InputError, ReadOnlyError
 from atlasengine.model import CVAE
 from atlasengine.store.atlas_store import AtlasStore
 from atlasengine.store.cells import joinids_of
@@ -229,7 +231,8 @@ class Atlas:
 
     def obs(self) -> pd.DataFrame:
         """Every atlas cell (index: cell name): dataset, batch, label, version_added, and for
-        ingested cells the ``predicted_label`` / ``uncertainty`` of the version that added them."""
+        ingested cells the transferred ``predicted_label``, its ``uncertainty`` and ``is_unknown``
+        (uncertainty above the cut-off) as computed by the version that added them."""
         if "obs" not in self._cache:
             df = self._store.cells.read_obs(self._ranges())
             df = df.reset_index(drop=True).set_index("obs_id")
@@ -239,11 +242,12 @@ class Atlas:
             preds = [p for p in preds if p is not None]
             df["predicted_label"] = None
             df["uncertainty"] = np.nan
+            df["is_unknown"] = None
             if preds:
                 p = pd.concat(preds)
                 common = df.index.intersection(p.index)
-                df.loc[common, "predicted_label"] = p.loc[common, "label"].astype(object)
-                df.loc[common, "uncertainty"] = p.loc[common, "uncertainty"].to_numpy()
+                for col in ("predicted_label", "uncertainty", "is_unknown"):
+                    df.loc[common, col] = p.loc[common, col].to_numpy()
             self._cache["obs"] = df
         return self._cache["obs"].copy()
 
@@ -436,6 +440,35 @@ class Atlas:
 
     def _purge_uncommitted_rows(self, manifest: Manifest) -> None:
         """Drop drift rows of versions the manifest does not list (a failed earlier attempt)."""
+        with DriftStore(self._store.drift_path) as db:
+            db.delete_versions_after(manifest.current)
+
+    # -------------------------------------------------------------------- drift
+    def drift(self, by: str | None = None) -> pd.DataFrame:
+        """Drift measures up to this version.
+
+        ``by=None``: one row per (version, scope); ``"cell_type"``: per reference cell type;
+        ``"batch"``: per batch; ``"flags"``: thresholds crossed; ``"cell"``: per cell.
+        """
+        tables = {None: "version_drift", "cell_type": "celltype_drift", "batch": "batch_drift",
+                  "flags": "drift_flags", "cell": "cell_drift", "versions": "versions"}
+        if by not in tables:
+            raise InputError(f"by must be one of {list(tables)}, got {by!r}")
+        with DriftStore(self._store.drift_path, read_only=True) as db:
+            return db.read(tables[by], self._version)
+
+    def sql(self, query: str) -> pd.DataFrame:
+        """Run a read-only SQL query over the drift tables (as of this version).
+
+        Tables: versions, version_drift, celltype_drift, batch_drift, cell_drift, drift_flags,
+        transfer_summary.
+        """
+        with DriftStore(self._store.drift_path, read_only=True) as db:
+            return db.sql(query, self._version)
+
+    def report(self, path: str | Path) -> Path:
+        """Write the drift audit report (one self-contained HTML file) to ``path``."""
+        return render_atlas_report(self, path)
 
     def _write_version(
         self,
@@ -466,20 +499,22 @@ class Atlas:
         fisher_seconds = time.perf_counter() - t0
         weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
         z = _embed_store(module, store, ranges, manifest.n_genes, batches)
-        obs_labels = store.cells.read_obs(ranges)[["obs_id", "label", "version_added"]]
-        labels = sorted({str(v) for v in obs_labels["label"] if v is not None and v == v})
+        obs = store.cells.read_obs(ranges).reset_index(drop=True).set_index("obs_id")
+        labelled = obs["label"].notna().to_numpy()
+        labels = sorted(set(obs["label"][labelled].astype(str)))
+        new_cells = (obs["version_added"] == number).to_numpy()
         staged = store.stage()
         fault_point("checkpoint")
         save_checkpoint(staged / CHECKPOINT, weights, fisher, weights)
         np.save(staged / LATENT, z.astype(np.float32), allow_pickle=False)
         (staged / CONFIG).write_text(json.dumps({"model": manifest.config.model.model_dump(), **config_used}, indent=2))
-        labelled = obs_labels["label"].notna().to_numpy()
-        index = NeighborIndex.build(z[labelled], obs_labels["label"][labelled].astype(str).to_numpy(), manifest.config.transfer)
+        index = NeighborIndex.build(z[labelled], obs["label"][labelled].astype(str).to_numpy(), manifest.config.transfer)
         index.save(staged / INDEX_DIR)
-        new_cells = (obs_labels["version_added"] == number).to_numpy()
+        summary = None
         if parent is not None:
-            preds = transfer_labels(index, z[new_cells], manifest.config.transfer, obs_names=obs_labels["obs_id"][new_cells].tolist())
+            preds = transfer_labels(index, z[new_cells], manifest.config.transfer, obs_names=obs.index[new_cells].tolist())
             preds.to_parquet(staged / PREDICTIONS)
+            summary = transfer_summary(preds, obs["label"][new_cells], new_dataset.name)
         files = store.publish(staged, number)
         info = VersionInfo(
             number=number, strategy=strategy, parent=parent,
@@ -488,10 +523,31 @@ class Atlas:
             training={**train.summary(), "fisher_seconds": round(fisher_seconds, 3)},
             fisher={**fisher_summary(fisher), "cells": int(len(sample)), "gamma": ccfg.fisher_gamma},
         )
+        fault_point("drift")
+        previous = first = None
+        if parent is not None:
+            previous = self._stored_latent(manifest, parent)
+            first = self._first_latent(manifest, parent)
+        record_drift(
+            store.drift_path, info, config_used, obs[["batch", "label", "dataset", "version_added"]], z,
+            previous, first, manifest.config.drift, summary,
+        )
         final = manifest.model_copy(update={"versions": [*manifest.versions, info]})
         fault_point("before_manifest")
         store.commit(final)
         return info
+
+    def _stored_latent(self, manifest: Manifest, number: int) -> np.ndarray:
+        return np.load(self._store.file(manifest.version(number), LATENT), allow_pickle=False)
+
+    def _first_latent(self, manifest: Manifest, number: int) -> np.ndarray:
+        """Each cell of version ``number`` embedded by the version that added it."""
+        parts = []
+        for version in sorted({d.version for d in manifest.datasets_until(number)}):
+            z = self._stored_latent(manifest, version)
+            before = sum(d.n_cells for d in manifest.datasets_until(version - 1))
+            parts.append(z[before:])
+        return np.concatenate(parts)
 
 
 def _merge(base, override):
