@@ -29,13 +29,23 @@ from atlasengine.transfer import UNKNOWN, plot_transfer
 UNLABELLED = "(unlabelled)"
 
 
+def key_parameters(config_used: dict[str, Any]) -> dict[str, Any]:
+    """The settings a reader of the version history needs (the full config is in config.json)."""
+    training = config_used.get("training", {})
+    out = {k: training.get(k) for k in ("max_epochs", "lr", "batch_size", "seed") if k in training}
+    if config_used.get("strategy") == "ewc":
+        cont = config_used.get("continual", {})
+        out.update({k: cont.get(k) for k in ("ewc_lambda", "replay_fraction", "fisher_gamma")})
+    return out
+
+
 def version_record(info: VersionInfo, parameters: dict[str, Any]) -> dict[str, Any]:
     """The ``versions`` row of a version."""
     return {
         "version": info.number,
         "created_at": info.created_at,
         "strategy": info.strategy,
-        "parameters": parameters,
+        "parameters": key_parameters(parameters),
         "datasets": info.datasets,
         "n_cells": info.n_cells,
         "n_new_cells": info.n_new_cells,

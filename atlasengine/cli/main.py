@@ -1,0 +1,160 @@
+"""The ``atlasengine`` command line.
+
+    atlasengine demo                      build an atlas from real data, fold in two queries
+    atlasengine create PATH -i ref.h5ad --batch-key tech --label-key celltype
+    atlasengine ingest PATH -i query.h5ad --batch-key tech --strategy ewc
+    atlasengine transfer PATH -i query.h5ad --batch-key tech -o predictions.csv
+    atlasengine versions PATH
+    atlasengine report PATH -o audit.html
+    atlasengine unlock PATH [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from atlasengine.errors import AtlasError
+
+
+def _read(path: str):
+    import anndata as ad
+
+    p = Path(path)
+    if not p.exists():
+        raise AtlasError(f"input file {p} does not exist")
+    try:
+        return ad.read_h5ad(p)
+    except Exception as exc:  # h5py/anndata raise many types for a bad file
+        raise AtlasError(f"cannot read {p} as an .h5ad file: {exc}") from exc
+
+
+def _versions_table(atlas) -> str:
+    rows = ["version  strategy   cells  new    epochs  train_s  datasets"]
+    for v in atlas.versions:
+        rows.append(
+            f"{v.number:<8} {v.strategy:<10} {v.n_cells:<6} {v.n_new_cells:<6} {v.training.get('epochs', ''):<7} "
+            f"{v.training.get('seconds', 0):<8.1f} {', '.join(v.datasets)}"
+        )
+    return "\n".join(rows)
+
+
+def cmd_create(args) -> None:
+    from atlasengine import Atlas
+
+    config = {"reference_training": {"max_epochs": args.epochs}} if args.epochs else None
+    atlas = Atlas.create(args.path, _read(args.input), batch_key=args.batch_key, label_key=args.label_key,
+                         dataset=args.dataset, layer=args.layer, config=config)
+    print(f"created {atlas}")
+
+
+def cmd_ingest(args) -> None:
+    from atlasengine import Atlas
+
+    atlas = Atlas.open(args.path)
+    training = {"max_epochs": args.epochs} if args.epochs else None
+    res = atlas.ingest(_read(args.input), batch_key=args.batch_key, strategy=args.strategy, label_key=args.label_key,
+                       dataset=args.dataset, layer=args.layer, training=training)
+    unknown = float(res.predictions["is_unknown"].mean())
+    print(f"version {res.version.number} ({args.strategy}): {res.version.n_new_cells} cells folded in, "
+          f"{unknown:.1%} called Unknown; {res.training['epochs']} epochs in {res.training['seconds']:.1f} s")
+
+
+def cmd_transfer(args) -> None:
+    from atlasengine import Atlas
+
+    atlas = Atlas.open(args.path, version=args.version)
+    pred = atlas.transfer_labels(_read(args.input), batch_key=args.batch_key, layer=args.layer)
+    pred.to_csv(args.output)
+    print(f"wrote {len(pred)} predictions to {args.output} ({pred['is_unknown'].mean():.1%} Unknown)")
+
+
+def cmd_versions(args) -> None:
+    from atlasengine import Atlas
+
+    print(_versions_table(Atlas.open(args.path)))
+
+
+def cmd_report(args) -> None:
+    from atlasengine import Atlas
+
+    path = Atlas.open(args.path, version=args.version).report(args.output)
+    print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
+
+
+def cmd_unlock(args) -> None:
+    from atlasengine import Atlas
+
+    holder = Atlas.lock_holder(args.path)
+    if holder is None:
+        print("the atlas is not locked")
+        return
+    Atlas.break_lock(args.path, force=args.force)
+    print(f"removed the lock of pid {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')})")
+
+
+def cmd_demo(args) -> None:
+    from atlasengine.cli.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="atlasengine", description="A versioned single-cell reference atlas with continual (EWC) fold-in.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="build an atlas from real data and fold in two queries")
+    d.add_argument("--out", default="atlasengine-demo", help="folder for the demo atlas and report")
+    d.add_argument("--quick", action="store_true", help="few epochs (a smoke run)")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("create", help="train a reference and write version 1")
+    c.add_argument("path"); c.add_argument("-i", "--input", required=True)
+    c.add_argument("--batch-key", required=True); c.add_argument("--label-key", required=True)
+    c.add_argument("--dataset", default="reference"); c.add_argument("--layer")
+    c.add_argument("--epochs", type=int)
+    c.set_defaults(func=cmd_create)
+
+    i = sub.add_parser("ingest", help="fold a query into the atlas as a new version")
+    i.add_argument("path"); i.add_argument("-i", "--input", required=True)
+    i.add_argument("--batch-key", required=True); i.add_argument("--label-key")
+    i.add_argument("--strategy", choices=["ewc", "finetune", "surgery"], default="ewc")
+    i.add_argument("--dataset"); i.add_argument("--layer"); i.add_argument("--epochs", type=int)
+    i.set_defaults(func=cmd_ingest)
+
+    t = sub.add_parser("transfer", help="label cells without folding them in")
+    t.add_argument("path"); t.add_argument("-i", "--input", required=True)
+    t.add_argument("--batch-key", required=True); t.add_argument("--layer")
+    t.add_argument("-o", "--output", required=True); t.add_argument("--version", type=int)
+    t.set_defaults(func=cmd_transfer)
+
+    v = sub.add_parser("versions", help="list the committed versions")
+    v.add_argument("path")
+    v.set_defaults(func=cmd_versions)
+
+    r = sub.add_parser("report", help="write the drift audit report (HTML)")
+    r.add_argument("path"); r.add_argument("-o", "--output", required=True); r.add_argument("--version", type=int)
+    r.set_defaults(func=cmd_report)
+
+    u = sub.add_parser("unlock", help="break the write lock of a dead process")
+    u.add_argument("path"); u.add_argument("--force", action="store_true", help="also if the holder looks alive")
+    u.set_defaults(func=cmd_unlock)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        args.func(args)
+    except AtlasError as exc:
+        print(f"atlasengine: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
