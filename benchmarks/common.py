@@ -394,3 +394,77 @@ def matplotlib_agg():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# --------------------------------------------------------------------- generated data
+GENERATOR_NOTE = (
+    "Generated data: counts sampled from a small atlasengine model trained on all 500 pancreas cells "
+    "(5 technologies, 2000 genes, {epochs} epochs): each generated cell takes a random real celseq/celseq2/indrop "
+    "cell's latent mean plus N(0, 0.25^2) noise as its latent code, that cell's label and library size (x lognormal(0, "
+    "0.2)), and negative-binomial counts (Gamma-Poisson) from the decoder. Not real cells."
+)
+GENERATOR_EPOCHS = 40
+
+
+def generator_atlas(out: Path, epochs: int = GENERATOR_EPOCHS):
+    """The pancreas model the generated data are sampled from (trained once, cached under out/work)."""
+    from atlasengine import Atlas
+
+    path = Path(out) / "work" / f"generator_e{epochs}.atlas"
+    if (path / "manifest.json").exists() or (path.exists() and any(path.iterdir())):
+        try:
+            return Atlas.open(path)
+        except Exception:
+            shutil.rmtree(path, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a = read_data(SCENARIOS["pancreas"].file)
+    a.obs["tech"] = a.obs["tech"].astype(str)
+    sc = SCENARIOS["pancreas"]
+    atlas, _ = create_reference(path, sc, a, 0, epochs, 1, fisher_max_cells=100)
+    return atlas
+
+
+def generate_cells(atlas, n: int, seed: int, prefix: str = "gen", chunk: int = 20_000,
+                   techs: tuple[str, ...] = ("celseq", "celseq2", "indrop")):
+    """AnnData of ``n`` generated cells (CSR float32 counts; obs: tech = '<prefix>_<tech>', celltype)."""
+    import anndata as ad
+    import scipy.sparse as sp
+    import torch
+
+    model = atlas.model()
+    obs = atlas.obs()
+    z_all = atlas.latent()
+    pool = np.flatnonzero(obs["batch"].isin(techs).to_numpy())
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    src = rng.choice(pool, size=n)
+    real = read_data(SCENARIOS["pancreas"].file)
+    lib_real = pd.Series(np.asarray(real.X.sum(1)).ravel(), index=real.obs_names.astype(str)).loc[obs.index].to_numpy()
+    batch_idx = pd.Index(atlas.batches).get_indexer(obs["batch"].to_numpy()[src])
+    parts = []
+    with torch.no_grad():
+        for s in range(0, n, chunk):
+            rows = src[s : s + chunk]
+            z = torch.from_numpy(z_all[rows] + rng.normal(0, 0.25, size=(len(rows), z_all.shape[1])).astype(np.float32))
+            lib = torch.from_numpy((lib_real[rows] * rng.lognormal(0, 0.2, size=len(rows))).astype(np.float32))[:, None]
+            rate, theta, _ = model.decode(z, torch.from_numpy(batch_idx[s : s + chunk]), lib)
+            gamma = torch.distributions.Gamma(theta.expand_as(rate), theta / rate.clamp(min=1e-8)).sample()
+            x = torch.poisson(gamma, generator=gen)
+            parts.append(sp.csr_matrix(x.numpy()))
+    X = sp.vstack(parts).tocsr().astype(np.float32)
+    cell_obs = pd.DataFrame(
+        {"tech": [f"{prefix}_{t}" for t in obs["batch"].to_numpy()[src]], "celltype": obs["label"].to_numpy()[src]},
+        index=[f"{prefix}{i}" for i in range(n)],
+    )
+    return ad.AnnData(X=X, obs=cell_obs, var=pd.DataFrame(index=atlas.genes))
+
+
+def tile_cells(adata, copies: int, prefix: str):
+    """``copies`` stacked copies of ``adata`` with new cell names (to reach 1M cells cheaply)."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    X = sp.vstack([adata.X] * copies).tocsr()
+    obs = pd.concat([adata.obs] * copies)
+    obs.index = [f"{prefix}{i}" for i in range(len(obs))]
+    return ad.AnnData(X=X, obs=obs, var=adata.var.copy())

@@ -23,7 +23,7 @@ from benchmarks import scvi_baseline as S
 TRANSFER = ["auroc_novel", "novel_unknown_share", "known_accuracy", "known_accuracy_called", "known_false_unknown"]
 FORGET = ["ref_loo_before", "ref_loo_after", "forgetting", "displacement"]
 SCIB = ["silhouette_label", "silhouette_batch", "bras", "graph_connectivity", "ilisi", "isolated_labels"]
-TIMES = ["epochs", "train_seconds", "seconds_per_epoch", "fold_in_seconds"]
+TIMES = ["reference_epochs", "reference_seconds", "epochs", "train_seconds", "seconds_per_epoch", "fold_in_seconds"]
 METHODS = ["surgery", "finetune", "ewc", "scvi-tools"]
 FULL_REF_EPOCHS, FULL_QUERY_EPOCHS = 100, 60
 
@@ -37,7 +37,7 @@ def ours(sc, ref, query, seed, cfg, work) -> list[dict]:
     from atlasengine import Atlas
     from atlasengine.transfer import evaluate_transfer
 
-    _, ref_secs = C.create_reference(work / "ref.atlas", sc, ref, seed, cfg["ref_epochs"], cfg["query_epochs"],
+    ref_atlas, ref_secs = C.create_reference(work / "ref.atlas", sc, ref, seed, cfg["ref_epochs"], cfg["query_epochs"],
                                      fisher_max_cells=cfg["fisher_max_cells"])
     names_v1, z_v1, labels_v1 = C.cells_of_version(Atlas.open(work / "ref.atlas"), 1)
     rows = []
@@ -47,7 +47,7 @@ def ours(sc, ref, query, seed, cfg, work) -> list[dict]:
         obs, z = atlas.obs(), atlas.latent()
         names, z_ref, _ = C.cells_of_version(atlas, 1)
         assert names.equals(names_v1)
-        row = {"method": strat, "reference_seconds": ref_secs}
+        row = {"method": strat, "reference_seconds": ref_secs, "reference_epochs": ref_atlas.info.training["epochs"]}
         row.update(evaluate_transfer(res.predictions, query.obs[sc.label_key], set(sc.novel)))
         row.update(C.forgetting(z_v1, z_ref, labels_v1))
         row.update(C.scib_scores(z, truth_of(obs, ref, query, sc.label_key), obs["batch"].to_numpy()))
@@ -63,7 +63,7 @@ def baseline(sc, ref, query, seed, cfg) -> dict:
     from atlasengine.config import TransferConfig
     from atlasengine.transfer import NeighborIndex, evaluate_transfer, transfer_labels
 
-    model, ref_secs, _ = S.train_reference(ref, sc.batch_key, seed, cfg["ref_epochs"])
+    model, ref_secs, ref_epochs = S.train_reference(ref, sc.batch_key, seed, cfg["ref_epochs"])
     z_v1 = S.latent(model, ref)
     q_model, wall, epochs = S.fold_in(model, query, seed, cfg["query_epochs"])
     z_ref, z_q = S.latent(q_model, ref), S.latent(q_model, query)
@@ -72,7 +72,7 @@ def baseline(sc, ref, query, seed, cfg) -> dict:
     index = NeighborIndex.build(z_ref, labels, TransferConfig(index="exact"))
     preds = transfer_labels(index, z_q, TransferConfig(), obs_names=[str(c) for c in query.obs_names])
     knn_secs = time.perf_counter() - t0
-    row = {"method": "scvi-tools", "reference_seconds": ref_secs}
+    row = {"method": "scvi-tools", "reference_seconds": ref_secs, "reference_epochs": ref_epochs}
     row.update(evaluate_transfer(preds, query.obs[sc.label_key], set(sc.novel)))
     row.update(C.forgetting(z_v1, z_ref, labels))
     joint = np.concatenate([z_ref, z_q])

@@ -53,6 +53,17 @@ def reference_atlas(tmp_path_factory, pancreas_ref) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def two_version_atlas(tmp_path_factory, reference_atlas, pancreas_query) -> Path:
+    """Version 1 plus a surgery fold-in of celseq2 + smartseq2 (version 2), built once per session."""
+    from atlasengine import Atlas
+
+    path = tmp_path_factory.mktemp("two") / "pancreas.atlas"
+    shutil.copytree(reference_atlas, path)
+    Atlas.open(path).ingest(pancreas_query, batch_key="tech", strategy="surgery", training={"max_epochs": 2})
+    return path
+
+
 @pytest.fixture
 def atlas_path(reference_atlas, tmp_path) -> Path:
     """A private copy of the reference atlas."""

@@ -51,7 +51,7 @@ def test_finetune_drifts_more_than_ewc(reference_atlas, pancreas_query, tmp_path
 
 
 def test_failure_between_cell_write_and_drift_write_leaves_both_at_previous_version(atlas_path, pancreas_query, monkeypatch):
-    from atlasengine.store.faults import InjectedFault
+    from atlasengine.faults import InjectedFault
 
     atlas = Atlas.open(atlas_path)
     for point in ("drift", "before_manifest"):  # before the DuckDB write / after it, before the switch

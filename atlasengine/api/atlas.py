@@ -47,7 +47,7 @@ from atlasengine.model import CVAE
 from atlasengine.store.atlas_store import AtlasStore
 from atlasengine.store.cells import joinids_of
 from atlasengine.store.checkpoint import load_checkpoint, save_checkpoint
-from atlasengine.store.faults import fault_point
+from atlasengine.faults import fault_point
 from atlasengine.store.lock import WriteLock, break_lock, lock_holder
 from atlasengine.store.manifest import DatasetRecord, Manifest, VersionInfo
 from atlasengine.training import CellData, TrainResult, fit
@@ -160,6 +160,7 @@ class Atlas:
         number = current if version is None else int(version)
         manifest.version(number)  # raises for an unknown version
         ro = (number != current) if read_only is None else bool(read_only or number != current)
+        store.verify(manifest.version(number))
         return cls(store, manifest.truncated(number), number, ro)
 
     @staticmethod
@@ -506,6 +507,7 @@ class Atlas:
         staged = store.stage()
         fault_point("checkpoint")
         save_checkpoint(staged / CHECKPOINT, weights, fisher, weights)
+        fault_point("checkpoint_written")
         np.save(staged / LATENT, z.astype(np.float32), allow_pickle=False)
         (staged / CONFIG).write_text(json.dumps({"model": manifest.config.model.model_dump(), **config_used}, indent=2))
         index = NeighborIndex.build(z[labelled], obs["label"][labelled].astype(str).to_numpy(), manifest.config.transfer)

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from atlasengine.drift.measures import DriftTables
+from atlasengine.faults import fault_point
 from atlasengine.errors import AtlasFormatError, AtlasLockedError, InputError, ReadOnlyError
 
 VERSIONED_TABLES = (
@@ -267,6 +268,7 @@ class DriftStore:
             for table in VERSIONED_TABLES:
                 con.execute(f"DELETE FROM {table} WHERE version = ?", [version])
             self._insert(con, "versions", version_row)
+            fault_point("drift_write")
             for name, df in frames.items():
                 self._insert(con, name, df)
 

@@ -40,6 +40,7 @@ class AtlasStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.cells = CellStore(str(self.root / CELLS))
+        self._verified: set[tuple[int, str, str]] = set()
 
     @property
     def drift_path(self) -> Path:
@@ -84,7 +85,7 @@ class AtlasStore:
         path = self.root / rec.path
         if not path.exists():
             raise AtlasIntegrityError(f"file {rec.path} of version {version.number} is missing")
-        if verify:
+        if verify and (version.number, key, rec.sha256) not in self._verified:
             size = path.stat().st_size
             if size != rec.size:
                 raise AtlasIntegrityError(
@@ -92,7 +93,13 @@ class AtlasStore:
                 )
             if sha256_file(path) != rec.sha256:
                 raise AtlasIntegrityError(f"file {rec.path} of version {version.number} does not match its checksum (corrupted)")
+            self._verified.add((version.number, key, rec.sha256))
         return path
+
+    def verify(self, version: VersionInfo) -> None:
+        """Check every file of ``version`` (presence, size, SHA-256); raise naming the first bad one."""
+        for key in version.files:
+            self.file(version, key)
 
     def remove_uncommitted(self, manifest: Manifest) -> list[str]:
         """Delete version directories and staging left by failed attempts; return what was removed."""

@@ -17,6 +17,7 @@ import scipy.sparse as sp
 import tiledbsoma
 
 from atlasengine.errors import AtlasFormatError
+from atlasengine.faults import fault_point
 
 MEASUREMENT = "RNA"
 X_LAYER = "counts"
@@ -120,6 +121,7 @@ class CellStore:
                         }
                     )
                 )
+                fault_point("cells_x")
             exp.obs.write(table)
         return start, start + n
 

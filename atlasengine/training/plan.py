@@ -14,6 +14,7 @@ from torch import nn
 
 from atlasengine.config import TrainingConfig
 from atlasengine.errors import TrainingError
+from atlasengine.faults import fault_point
 
 Penalty = Callable[[nn.Module], torch.Tensor]
 
@@ -63,6 +64,7 @@ class TrainingPlan(L.LightningModule):
         self._epoch_sums[key] = (s + value * n, c + n)
 
     def on_train_epoch_end(self) -> None:
+        fault_point("training_epoch")
         row = {"epoch": float(self.current_epoch)}
         row.update({k: s / max(c, 1) for k, (s, c) in self._epoch_sums.items()})
         self.history.append(row)

@@ -1,14 +1,18 @@
 """Named fault points for crash-safety tests (off unless ``ATLASENGINE_FAULT`` is set).
 
 ``ATLASENGINE_FAULT=<point>:raise`` raises at that point; ``<point>:kill`` sends SIGKILL to the
-process there (a real crash: no cleanup, no ``finally``). Points: ``after_cells``,
-``training``, ``checkpoint``, ``drift``, ``before_manifest``.
+process there (a real crash: no cleanup, no ``finally``); ``<point>:sleep<seconds>`` pauses
+there (to hold the write lock in concurrency tests). Points, in ingest order: ``cells_x``
+(counts written, obs not yet), ``after_cells``, ``training``, ``training_epoch`` (inside the
+Lightning loop), ``checkpoint``, ``checkpoint_written``, ``drift``, ``drift_write`` (inside the
+DuckDB transaction), ``before_manifest``.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 
 class InjectedFault(RuntimeError):
@@ -24,4 +28,7 @@ def fault_point(name: str) -> None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action.startswith("sleep"):
+        time.sleep(float(action[5:] or 5))
+        return
     raise InjectedFault(f"injected fault at {name}")
