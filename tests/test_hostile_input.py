@@ -1,0 +1,129 @@
+"""Property-based hostile input: every AnnData either works or raises the engine's own error
+with a message naming the problem; the atlas is never changed by a refused input."""
+
+from __future__ import annotations
+
+import shutil
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from atlasengine import Atlas, AtlasError, InputError
+from conftest import snapshot
+
+NAMES = st.one_of(
+    st.text(min_size=0, max_size=12),
+    st.sampled_from(["", " ", "é細胞", "\u200b", "x" * 2000, "celseq", "indrop"]),
+)
+
+
+@st.composite
+def hostile_anndata(draw, atlas_genes: list[str], atlas_cells: list[str]):
+    n = draw(st.integers(0, 25))
+    share = draw(st.sampled_from([0.0, 0.3, 0.79, 0.85, 1.0, 1.0, 1.0]))
+    k = int(len(atlas_genes) * share)
+    genes = list(np.random.default_rng(draw(st.integers(0, 99))).permutation(atlas_genes)[:k])
+    genes += [f"foreign{i}" for i in range(draw(st.integers(0, 5)))]
+    if draw(st.integers(0, 3)) == 0 and genes:
+        genes[-1] = genes[0]  # duplicated gene name
+    g = len(genes)
+    rng = np.random.default_rng(draw(st.integers(0, 10_000)))
+    X = rng.poisson(1.0, size=(n, g)).astype(draw(st.sampled_from([np.int32, np.int64, np.float32, np.float64])))
+    poison = draw(st.sampled_from(["none"] * 5 + ["nan", "inf", "negative", "fraction"]))
+    if poison != "none" and X.size:
+        X = X.astype(np.float64)
+        X.flat[0] = {"nan": np.nan, "inf": np.inf, "negative": -3, "fraction": 0.5}[poison]
+    if draw(st.booleans()):
+        X = sp.csr_matrix(X)
+    cell_kind = draw(st.sampled_from(["unique"] * 3 + ["duplicate", "empty", "atlas", "unicode"]))
+    cells = [f"hostile_{i}" for i in range(n)]
+    if n:
+        if cell_kind == "duplicate" and n > 1:
+            cells[1] = cells[0]
+        elif cell_kind == "empty":
+            cells[0] = ""
+        elif cell_kind == "atlas":
+            cells[0] = atlas_cells[0]
+        elif cell_kind == "unicode":
+            cells = [f"細胞-{i}-é" for i in range(n)]
+    batch_kind = draw(st.sampled_from(["string"] * 3 + ["int", "nan", "missing", "existing", "long", "mixed"]))
+    obs = pd.DataFrame(index=pd.Index(cells, dtype=object))
+    if batch_kind == "string":
+        obs["b"] = draw(NAMES.filter(lambda s: s.strip() != "")) or "x"
+    elif batch_kind == "int":
+        obs["b"] = 7
+    elif batch_kind == "nan":
+        obs["b"] = np.nan
+    elif batch_kind == "existing":
+        obs["b"] = "indrop"
+    elif batch_kind == "long":
+        obs["b"] = "y" * 5000
+    elif batch_kind == "mixed":
+        obs["b"] = [i if i % 2 else f"s{i}" for i in range(n)]
+    if draw(st.booleans()):
+        obs["lab"] = draw(st.sampled_from([1.5, "alpha", None]))
+    a = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=object)))
+    return a
+
+
+def _check(fn, adata) -> str:
+    try:
+        fn(adata)
+    except InputError as exc:
+        assert str(exc).strip(), "an error must say what is wrong"
+        return "refused"
+    except AtlasError as exc:
+        assert str(exc).strip()
+        return "refused"
+    return "worked"
+
+
+def test_hostile_inputs_to_transfer_never_crash_deep(reference_atlas):
+    atlas = Atlas.open(reference_atlas)
+    genes, cells = atlas.genes, list(atlas.obs().index)
+    outcomes: list[str] = []
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(hostile_anndata(genes, cells), st.sampled_from(["b", "b", "b", "nope"]))
+    def run(adata, key):
+        def call(a):
+            pred = atlas.transfer_labels(a, batch_key=key)
+            assert len(pred) == a.n_obs and pred["uncertainty"].between(0, 1).all()
+
+        outcomes.append(_check(call, adata))
+
+    run()
+    assert "refused" in outcomes and "worked" in outcomes  # the generator reaches both sides
+
+
+def test_hostile_inputs_to_ingest_leave_the_atlas_unchanged(reference_atlas, tmp_path_factory):
+    base = Atlas.open(reference_atlas)
+    genes, cells = base.genes, list(base.obs().index)
+    outcomes: list[str] = []
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(hostile_anndata(genes, cells), st.sampled_from(["surgery", "ewc"]), st.booleans())
+    def run(adata, strategy, with_labels):
+        path = tmp_path_factory.mktemp("hostile") / "a.atlas"
+        shutil.copytree(reference_atlas, path)
+        before = snapshot(path)
+        atlas = Atlas.open(path)
+
+        def call(a):
+            res = atlas.ingest(a, batch_key="b", strategy=strategy, label_key="lab" if with_labels else None,
+                               training={"max_epochs": 1})
+            assert res.version.number == 2 and len(atlas.obs()) == 300 + a.n_obs
+
+        outcome = _check(call, adata)
+        if outcome == "refused":
+            assert snapshot(path) == before
+            assert Atlas.open(path).version == 1
+        outcomes.append(outcome)
+        shutil.rmtree(path.parent)
+
+    run()
+    assert outcomes.count("refused") >= 1
