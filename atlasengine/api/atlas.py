@@ -31,6 +31,7 @@ import torch
 
 from atlasengine.api.audit import record_drift, render_atlas_report, transfer_summary
 from atlasengine.api.inputs import PreparedInput, prepare_input
+from atlasengine.api.upgrade import upgrade_atlas
 from atlasengine.config import AtlasConfig, ContinualConfig, TrainingConfig, TransferConfig
 from atlasengine.continual import (
     STRATEGIES,
@@ -49,7 +50,7 @@ from atlasengine.store.cells import joinids_of
 from atlasengine.store.checkpoint import load_checkpoint, save_checkpoint
 from atlasengine.faults import fault_point
 from atlasengine.store.lock import WriteLock, break_lock, lock_holder
-from atlasengine.store.manifest import DatasetRecord, Manifest, VersionInfo
+from atlasengine.store.manifest import AtlasNeedsUpgrade, DatasetRecord, Manifest, VersionInfo
 from atlasengine.training import CellData, TrainResult, fit
 from atlasengine.transfer import NeighborIndex, transfer_labels
 
@@ -153,7 +154,11 @@ class Atlas:
     def open(cls, path: str | Path, version: int | None = None, read_only: bool | None = None) -> "Atlas":
         """Open an atlas at its newest version, or read-only at an earlier ``version``."""
         store = AtlasStore(Path(path))
-        manifest = store.read_manifest()
+        try:
+            manifest = store.read_manifest()
+        except AtlasNeedsUpgrade:
+            upgrade_atlas(store.root)
+            manifest = store.read_manifest()
         if not manifest.versions:
             raise AtlasFormatError(f"{path} has no committed version")
         current = manifest.current

@@ -95,6 +95,29 @@ def record_drift(
         db.write_version(version_record(info, parameters), tables, flags(tables, config), summary)
 
 
+def backfill_drift(atlas, db_path: Path) -> None:
+    """Record the drift of every stored version of ``atlas`` into a new database at ``db_path``."""
+    import json
+
+    manifest = atlas._manifest
+    obs_all = atlas.obs()
+    for info in atlas.versions:
+        z = atlas._stored_latent(manifest, info.number)
+        obs = obs_all.iloc[: len(z)][["batch", "label", "dataset", "version_added"]]
+        previous = first = None
+        if info.parent is not None:
+            previous = atlas._stored_latent(manifest, info.parent)
+            first = atlas._first_latent(manifest, info.parent)
+        config = atlas._store.file(info, "config.json")
+        parameters = json.loads(config.read_text(encoding="utf-8"))
+        summary = None
+        preds = atlas._predictions(info)
+        if preds is not None:
+            new = obs_all.index[obs_all["version_added"] == info.number]
+            summary = transfer_summary(preds, obs_all.loc[new, "label"], info.datasets[-1])
+        record_drift(db_path, info, parameters, obs, z, previous, first, manifest.config.drift, summary)
+
+
 def render_atlas_report(atlas, path: str | Path, max_umap_cells: int = 20_000, seed: int = 0) -> Path:
     """Write the drift audit report of ``atlas`` (an :class:`~atlasengine.Atlas`) to ``path``."""
     with DriftStore(atlas._store.drift_path, read_only=True) as db:

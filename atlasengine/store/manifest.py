@@ -17,7 +17,7 @@ from atlasengine.config import AtlasConfig
 from atlasengine.errors import AtlasFormatError
 from atlasengine.store.files import atomic_write_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: no drift database (before 2026-11-27); 2: drift.duckdb
 MANIFEST_NAME = "manifest.json"
 
 Strategy = Literal["reference", "surgery", "finetune", "ewc"]
@@ -111,8 +111,16 @@ class Manifest(_Record):
         )
 
 
-def read_manifest(root: Path) -> Manifest:
-    """Read and validate ``root/manifest.json``; refuse unknown (newer) formats."""
+class AtlasNeedsUpgrade(AtlasFormatError):
+    """The atlas was written in an older format; ``Atlas.open`` upgrades it."""
+
+    def __init__(self, root: Path, found: int) -> None:
+        super().__init__(f"atlas {root} is in format {found}; this atlasengine writes format {FORMAT_VERSION}")
+        self.found = found
+
+
+def read_raw_manifest(root: Path) -> dict[str, Any]:
+    """The manifest as a dict, after checking it is one and not of a newer format."""
     path = root / MANIFEST_NAME
     if not root.exists():
         raise AtlasFormatError(f"{root} does not exist")
@@ -130,14 +138,23 @@ def read_manifest(root: Path) -> Manifest:
             f"atlas {root} was written in format {fmt}, newer than this atlasengine supports "
             f"({FORMAT_VERSION}); upgrade atlasengine to open it"
         )
-    if fmt < FORMAT_VERSION:
-        from atlasengine.store.upgrade import upgrade_manifest
+    return raw
 
-        raw = upgrade_manifest(raw)
+
+def parse_manifest(root: Path, raw: dict[str, Any]) -> Manifest:
+    """Validate a manifest dict (any known format) into the model."""
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise AtlasFormatError(f"{path} is corrupt: {exc}") from exc
+        raise AtlasFormatError(f"{root / MANIFEST_NAME} is corrupt: {exc}") from exc
+
+
+def read_manifest(root: Path) -> Manifest:
+    """Read and validate ``root/manifest.json``; refuse newer formats, flag older ones for upgrade."""
+    raw = read_raw_manifest(root)
+    if raw["format_version"] < FORMAT_VERSION:
+        raise AtlasNeedsUpgrade(root, raw["format_version"])
+    return parse_manifest(root, raw)
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
