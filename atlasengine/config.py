@@ -75,7 +75,7 @@ class DriftConfig(_Strict):
     """Neighbourhood size and flag thresholds of drift tracking."""
 
     k: int = Field(15, ge=1)
-    max_cells: int = Field(50_000, ge=100)
+    max_cells: int = Field(20_000, ge=100)
     flag_mean_displacement_aligned: float = Field(0.5, ge=0)
     flag_knn_preservation_min: float = Field(0.5, ge=0, le=1)
     flag_label_accuracy_drop: float = Field(0.05, ge=0, le=1)

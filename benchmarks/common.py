@@ -292,7 +292,13 @@ def parse_args(description: str, default_seeds: int = 3) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="one seed, few epochs (CI smoke run)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out/)")
     p.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {default_seeds}; quick: 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's own; 1 is much faster when other processes share the cores)")
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.seeds is None:
         args.seeds = 1 if args.quick else default_seeds
     args.out.mkdir(parents=True, exist_ok=True)

@@ -65,8 +65,13 @@ def child(step: str, atlas_path: str, data_path: str, report_path: str) -> dict:
 
 def run_child(step: str, atlas_path: Path, data_path: Path | None, report_path: Path | None = None) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.scale", "--child", step, str(atlas_path), str(data_path or ""), str(report_path or "")]
+    import os
+
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=C.BENCH_DIR.parent)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=C.BENCH_DIR.parent, env=env)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         print(p.stderr[-3000:], flush=True)

@@ -26,9 +26,9 @@ SC = C.Scenario("generated", "", "tech", "celltype", (), (), frozenset())
 def settings(quick: bool) -> dict:
     if quick:
         return {"n_cells": 2000, "ref_epochs": 1, "query_epochs": 1, "fisher_cells": 200, "knn_sizes": [10_000],
-                "generator_epochs": 10}
+                "generator_epochs": 10, "fisher_max_cells": 200}
     return {"n_cells": 10_000, "ref_epochs": 10, "query_epochs": 10, "fisher_cells": 10_000,
-            "knn_sizes": [10_000, 100_000, 1_000_000], "generator_epochs": C.GENERATOR_EPOCHS}
+            "knn_sizes": [10_000, 100_000, 1_000_000], "generator_epochs": C.GENERATOR_EPOCHS, "fisher_max_cells": 2000}
 
 
 def no_stop(epochs: int, seed: int = 0) -> dict:
@@ -46,7 +46,7 @@ def training_speed(cfg: dict, out, have_scvi: bool) -> tuple[list[dict], dict]:
     work = C.work_dir(out, "speed")
     rows = []
     config = {"reference_training": {**no_stop(cfg["ref_epochs"]), "kl_warmup_epochs": 20},
-              "query_training": no_stop(cfg["query_epochs"]), "continual": {"fisher_max_cells": 2000}}
+              "query_training": no_stop(cfg["query_epochs"]), "continual": {"fisher_max_cells": cfg["fisher_max_cells"]}}
     import torch
 
     torch.manual_seed(0)
@@ -95,8 +95,8 @@ def training_speed(cfg: dict, out, have_scvi: bool) -> tuple[list[dict], dict]:
     return rows, fisher
 
 
-def mixture(n: int, d: int, n_clusters: int, rng) -> tuple[np.ndarray, np.ndarray]:
-    centers = rng.normal(0, 3, size=(n_clusters, d)).astype(np.float32)
+def mixture(n: int, centers: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    n_clusters, d = centers.shape
     lab = rng.integers(0, n_clusters, size=n)
     x = centers[lab] + rng.normal(0, 1, size=(n, d)).astype(np.float32)
     return x, np.array([f"type{i:02d}" for i in lab])
@@ -109,10 +109,10 @@ def knn_speed(sizes: list[int], n_query: int = 10_000, d: int = 10) -> list[dict
     from atlasengine.transfer import NeighborIndex, label_probabilities, transfer_labels
 
     rows = []
-    rng = np.random.default_rng(0)
+    centers = np.random.default_rng(0).normal(0, 1.5, size=(20, d)).astype(np.float32)
     for n in sizes:
-        ref, lab = mixture(n, d, 20, rng)
-        q, _ = mixture(n_query, d, 20, np.random.default_rng(1))
+        ref, lab = mixture(n, centers, np.random.default_rng(n))
+        q, _ = mixture(n_query, centers, np.random.default_rng(1))
         res = {}
         for kind in ("exact", "hnsw"):
             tcfg = TransferConfig(index=kind)

@@ -64,6 +64,28 @@ def two_version_atlas(tmp_path_factory, reference_atlas, pancreas_query) -> Path
     return path
 
 
+@pytest.fixture(scope="session")
+def folded(tmp_path_factory, reference_atlas, pancreas_query) -> dict[str, Path]:
+    """The reference with celseq2 + smartseq2 folded in by each strategy (built once; do not write).
+
+    The tiny test reference is far from converged, so replaying it keeps training it: a strong
+    penalty (lambda 1000) is what holds it in place here; benchmarks/lambda_sweep.py has the
+    trade-off at real settings.
+    """
+    from atlasengine import Atlas
+
+    out = {}
+    for strategy in ("surgery", "finetune", "ewc"):
+        path = tmp_path_factory.mktemp(strategy) / "pancreas.atlas"
+        shutil.copytree(reference_atlas, path)
+        Atlas.open(path).ingest(
+            pancreas_query, batch_key="tech", strategy=strategy, training={"max_epochs": 20},
+            continual={"ewc_lambda": 1000.0},
+        )
+        out[strategy] = path
+    return out
+
+
 @pytest.fixture
 def atlas_path(reference_atlas, tmp_path) -> Path:
     """A private copy of the reference atlas."""

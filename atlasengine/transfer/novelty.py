@@ -1,76 +1,394 @@
-"""Per-cell novelty: is a query cell of a type the reference does not hold?
+"""Per-cell novelty: does a query cell belong to a type the reference does not hold?
 
-draft
+The scArches kNN uncertainty only sees cells that fall *between* reference labels; a novel
+type that lands beside one known type (NK beside CD8 T cells) gets a confident label. Three
+signals, each turned into a conformal p-value against reference cells, then combined:
+
+1. ``distance``: mean Euclidean distance to the ``k`` nearest reference cells (15 by default)
+   in the shared embedding. Calibrated by the same statistic of reference cells to the
+   *other* reference cells (leave-one-out): p = (1 + #{ref >= d}) / (1 + n_ref).
+2. ``uncertainty``: the scArches weighted-kNN uncertainty, calibrated by the leave-one-out
+   uncertainty of reference cells (same k, same kernel as the label transfer).
+3. ``elbo_gain``: log(nELBO_old / nELBO_new), how much better the folded-in model explains
+   the cell than the previous version (needs both models; only at fold-in). Every folded-in
+   cell gains from its new batch column, so the gain is made comparable by a robust z-score
+   within its batch (median / MAD; labels never used) and calibrated against the reference
+   cells' within-batch z-scores of their own gain.
+
+``combine`` is Fisher's statistic -2 sum(log p) over the chosen signals (default distance +
+uncertainty). Its threshold is conformal too: the combined statistic of every calibration
+(reference) cell is built from its leave-one-out p-values, and a query cell is called novel
+when (1 + #{ref >= T}) / (1 + n_ref) <= ``target_rate``. On exchangeable data this holds the
+false-Unknown rate at ``target_rate``; batch shift between reference and query moves it
+(measured in ``benchmarks/novelty.py``).
+
+Example:
+    >>> import numpy as np
+    >>> from atlasengine.config import TransferConfig
+    >>> from atlasengine.transfer import NeighborIndex
+    >>> rng = np.random.default_rng(0)
+    >>> ref = rng.normal(size=(400, 5)).astype(np.float32)
+    >>> idx = NeighborIndex.build(ref, np.array(["a", "b"] * 200), TransferConfig(k=20))
+    >>> cal = reference_calibration(idx, ref, k_transfer=20)
+    >>> q = np.vstack([rng.normal(size=(50, 5)), rng.normal(size=(5, 5)) + 6]).astype(np.float32)
+    >>> d, i = idx.search(q, 20)
+    >>> unc = 1 - label_probabilities(d, idx.neighbor_codes(i), 2).max(1)
+    >>> df = novelty_scores(d, unc, cal)
+    >>> bool(df["is_novel"].iloc[-5:].all()), float(df["is_novel"].iloc[:50].mean()) <= 0.1
+    (True, True)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
-from atlasengine.errors import InputError
-from atlasengine.transfer.index import NeighborIndex
+from atlasengine.errors import AtlasFormatError, InputError
+from atlasengine.transfer.index import NeighborIndex, as_float32_matrix
 from atlasengine.transfer.knn import label_probabilities
 
+SIGNALS = ("distance", "uncertainty", "elbo_gain")
+DEFAULT_COMBINATION = ("distance", "uncertainty")
+DEFAULT_K = 15
+DEFAULT_TARGET = 0.05
+CALIBRATION_FILE = "novelty_calibration.npz"
+FORMAT_VERSION = 1
 
+
+# ------------------------------------------------------------------------- conformal
 def conformal_pvalues(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Upper-tail conformal p-values: (1 + #{calibration >= s}) / (1 + n)."""
-    cal = np.sort(np.asarray(calibration, dtype=np.float64))
+    """Upper-tail conformal p-values of ``scores`` (larger = more novel) against ``calibration``.
+
+    p = (1 + #{calibration >= s}) / (1 + n): valid (P(p <= a) <= a) when the scored cell and
+    the calibration cells are exchangeable.
+    """
+    cal = np.sort(np.asarray(calibration, dtype=np.float64).ravel())
     s = np.asarray(scores, dtype=np.float64)
-    n = len(cal)
+    if cal.size == 0:
+        raise InputError("conformal p-values need at least one calibration score")
+    if np.isnan(cal).any() or np.isnan(s).any():
+        raise InputError("scores and calibration scores must not be NaN")
+    n = cal.size
     return (1.0 + n - np.searchsorted(cal, s, side="left")) / (1.0 + n)
 
 
-def leave_one_out_knn(index: NeighborIndex, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """k nearest *other* indexed cells of the indexed cells themselves: (distances, indices)."""
-    d, i = index.search(embeddings, k + 1)
-    own = i == np.arange(len(i))[:, None]
-    # drop the cell itself; where it was not found (duplicates), drop the farthest
-    own[~own.any(axis=1), -1] = True
-    keep = ~own
-    n = len(i)
-    return d[keep].reshape(n, k), i[keep].reshape(n, k)
+def loo_pvalues(calibration: np.ndarray) -> np.ndarray:
+    """Each calibration score's conformal p-value against the *other* calibration scores."""
+    cal = np.asarray(calibration, dtype=np.float64).ravel()
+    n = cal.size
+    if n < 2:
+        raise InputError("leave-one-out p-values need at least two calibration scores")
+    srt = np.sort(cal)
+    at_least = n - np.searchsorted(srt, cal, side="left")  # includes the cell itself
+    return at_least / float(n)  # (1 + #{others >= s}) / (1 + (n - 1))
 
 
-def knn_distance(distances: np.ndarray, k: int) -> np.ndarray:
-    """Mean Euclidean distance to the k nearest reference cells."""
-    d = np.asarray(distances, dtype=np.float64)[:, :k]
-    return d.mean(axis=1)
+def fisher_statistic(pvalues: Sequence[np.ndarray]) -> np.ndarray:
+    """Fisher's combination -2 * sum(log p) (larger = more novel)."""
+    if not len(pvalues):
+        raise InputError("nothing to combine: pass at least one p-value array")
+    p = np.stack([np.asarray(v, dtype=np.float64) for v in pvalues])
+    if (p <= 0).any() or (p > 1).any():
+        raise InputError("p-values must lie in (0, 1]")
+    return -2.0 * np.log(p).sum(axis=0)
+
+
+def calibrated_unknown(
+    scores: np.ndarray, calibration: np.ndarray, target_rate: float = DEFAULT_TARGET
+) -> tuple[np.ndarray, np.ndarray]:
+    """(conformal p-values, is_unknown) for novelty ``scores``: Unknown where p <= ``target_rate``.
+
+    With exchangeable calibration cells the share of known cells called Unknown is at most
+    ``target_rate`` (and within 1/(n+1) of it).
+    """
+    if not 0.0 < target_rate < 1.0:
+        raise InputError(f"target_rate must lie in (0, 1), got {target_rate}")
+    p = conformal_pvalues(calibration, scores)
+    return p, p <= target_rate
+
+
+def robust_z(values: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """(x - median) / (1.4826 * MAD) within each group (e.g. batch); MAD 0 -> scale 1."""
+    x = np.asarray(values, dtype=np.float64)
+    g = np.zeros(len(x), dtype=np.int64) if groups is None else np.asarray(groups)
+    if len(g) != len(x):
+        raise InputError(f"groups has {len(g)} entries for {len(x)} values")
+    out = np.empty_like(x)
+    for v in pd.unique(g):
+        m = g == v
+        med = np.median(x[m])
+        mad = 1.4826 * np.median(np.abs(x[m] - med))
+        out[m] = (x[m] - med) / (mad if mad > 0 else 1.0)
+    return out
+
+
+# --------------------------------------------------------------------------- signals
+def knn_distance(distances: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
+    """Mean Euclidean distance to the ``k`` nearest reference cells (columns nearest first).
+
+    Missing neighbours (inf, approximate indices) are ignored; a cell with none gets inf.
+    """
+    d = np.asarray(distances, dtype=np.float64)
+    if d.ndim != 2 or d.shape[1] < 1:
+        raise InputError(f"distances must be (cells, neighbours), got shape {d.shape}")
+    d = d[:, : min(k, d.shape[1])]
+    ok = np.isfinite(d)
+    cnt = ok.sum(axis=1)
+    tot = np.where(ok, d, 0.0).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(cnt > 0, tot / np.maximum(cnt, 1), np.inf)
+
+
+def leave_one_out_knn(index: NeighborIndex, embeddings: np.ndarray, cells: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest *other* indexed cells of the indexed ``cells`` (rows of ``embeddings``, index order).
+
+    Returns (distances, indices), nearest first; the cell itself is dropped (where an
+    approximate index did not return it, the farthest neighbour is dropped instead).
+    """
+    cells = np.asarray(cells, dtype=np.int64)
+    emb = as_float32_matrix(embeddings, "embeddings", index.d)
+    if len(emb) != index.n:
+        raise InputError(f"embeddings has {len(emb)} rows, the index holds {index.n} cells")
+    k = min(int(k), index.n - 1)
+    if k < 1:
+        raise InputError("leave-one-out neighbours need an index of at least two cells")
+    d, i = index.search(emb[cells], k + 1)
+    own = i == cells[:, None]
+    first = own & (np.cumsum(own, axis=1) == 1)  # drop one copy of self only
+    first[~first.any(axis=1), -1] = True
+    keep = ~first
+    return d[keep].reshape(len(cells), k), i[keep].reshape(len(cells), k)
+
+
+@torch.no_grad()
+def negative_elbo(model, counts, batch_index: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """Per-cell negative ELBO at the posterior mean (eval mode, no sampling noise: deterministic)."""
+    m = sp.csr_matrix(counts, dtype=np.float32)
+    b = np.asarray(batch_index, dtype=np.int64)
+    if len(b) != m.shape[0]:
+        raise InputError(f"batch_index has {len(b)} entries for {m.shape[0]} cells")
+    was = model.training
+    model.eval()
+    out = np.empty(m.shape[0])
+    try:
+        for s in range(0, m.shape[0], chunk):
+            x = torch.from_numpy(m[s : s + chunk].toarray())
+            bt = torch.from_numpy(b[s : s + chunk])
+            mean, _ = model.encode(x, bt)
+            out[s : s + chunk] = model.loss(x, bt, eps=torch.zeros_like(mean)).per_cell.double().numpy()
+    finally:
+        model.train(was)
+    return out
 
 
 def elbo_gain(
     old_model,
     new_model,
     counts,
-    batch_old: np.ndarray | list[np.ndarray],
-    batch_new: np.ndarray,
+    batch_idx_old: np.ndarray | Sequence[np.ndarray],
+    batch_idx_new: np.ndarray,
     chunk: int = 2048,
 ) -> np.ndarray:
-    """log(nELBO_old / nELBO_new) per cell (nELBO at the posterior mean).
+    """log(nELBO_old / nELBO_new) per cell: how much better the new version explains it.
 
-    ``batch_old`` may be a list of candidate batch-index arrays; the smallest old nELBO wins.
+    ``counts``: (cells, atlas genes) raw counts (CSR). ``batch_idx_old``: batch input for the
+    old model, -1 = zero batch input (how the old version embeds an unseen batch); a list of
+    candidate arrays takes the best (smallest) old nELBO per cell. ``batch_idx_new``: the
+    cells' batch indices in the new model. The log ratio is scale-free (per-cell nELBO grows
+    with library size), so gains are comparable across cells.
     """
-    cands = batch_old if isinstance(batch_old, list) else [batch_old]
-    out_old = np.full(counts.shape[0], np.inf)
-    out_new = np.empty(counts.shape[0])
-    with torch.no_grad():
-        for s in range(0, counts.shape[0], chunk):
-            x = torch.from_numpy(np.asarray(counts[s : s + chunk].toarray(), dtype=np.float32))
-            for b in cands:
-                bt = torch.as_tensor(np.asarray(b)[s : s + chunk], dtype=torch.long)
-                out_old[s : s + chunk] = np.minimum(out_old[s : s + chunk], _nelbo(old_model, x, bt))
-            bt = torch.as_tensor(np.asarray(batch_new)[s : s + chunk], dtype=torch.long)
-            out_new[s : s + chunk] = _nelbo(new_model, x, bt)
-    return np.log(out_old / out_new)
+    cands = [batch_idx_old] if isinstance(batch_idx_old, np.ndarray) else list(batch_idx_old)
+    if not cands:
+        raise InputError("batch_idx_old: give at least one batch-index array")
+    old = np.min([negative_elbo(old_model, counts, c, chunk) for c in cands], axis=0)
+    new = negative_elbo(new_model, counts, batch_idx_new, chunk)
+    return np.log(np.maximum(old, 1e-12) / np.maximum(new, 1e-12))
 
 
-def _nelbo(model, x: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    was = model.training
-    model.eval()
-    mean, _ = model.encode(x, b)
-    out = model.loss(x, b, eps=torch.zeros_like(mean)).per_cell
-    model.train(was)
-    return out.double().numpy()
+# ----------------------------------------------------------------------- calibration
+@dataclass
+class NoveltyCalibration:
+    """Leave-one-out scores of reference (calibration) cells, aligned per cell.
+
+    ``distance`` and ``uncertainty`` always; ``elbo_gain_z`` (within-batch robust z of the
+    reference cells' ELBO gain) only where a fold-in computed it. Save with :meth:`save`.
+    """
+
+    k: int
+    k_transfer: int
+    kernel: str
+    cells: np.ndarray  # calibration cells (positions in the index)
+    distance: np.ndarray
+    uncertainty: np.ndarray
+    elbo_gain_z: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(len(self.cells))
+
+    def signals(self) -> tuple[str, ...]:
+        return ("distance", "uncertainty") + (("elbo_gain",) if self.elbo_gain_z is not None else ())
+
+    def scores(self, signal: str) -> np.ndarray:
+        """Calibration scores of one signal (larger = more novel)."""
+        if signal == "distance":
+            return self.distance
+        if signal == "uncertainty":
+            return self.uncertainty
+        if signal == "elbo_gain" and self.elbo_gain_z is not None:
+            return self.elbo_gain_z
+        raise InputError(f"the calibration holds no {signal!r} scores (it has {self.signals()})")
+
+    def combined(self, signals: Sequence[str] = DEFAULT_COMBINATION) -> np.ndarray:
+        """Fisher statistic of every calibration cell from its leave-one-out p-values."""
+        return fisher_statistic([loo_pvalues(self.scores(s)) for s in signals])
+
+    def save(self, path: Path) -> Path:
+        arrays = {"format_version": np.array(FORMAT_VERSION), "k": np.array(self.k), "k_transfer": np.array(self.k_transfer),
+                  "kernel": np.array(self.kernel), "cells": self.cells, "distance": self.distance, "uncertainty": self.uncertainty}
+        if self.elbo_gain_z is not None:
+            arrays["elbo_gain_z"] = self.elbo_gain_z
+        path = Path(path)
+        with open(path, "wb") as fh:
+            np.savez(fh, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> NoveltyCalibration:
+        try:
+            with np.load(Path(path), allow_pickle=False) as z:
+                if int(z["format_version"]) != FORMAT_VERSION:
+                    raise AtlasFormatError(f"unknown novelty calibration format {int(z['format_version'])}")
+                return cls(int(z["k"]), int(z["k_transfer"]), str(z["kernel"]), z["cells"], z["distance"], z["uncertainty"],
+                           z["elbo_gain_z"] if "elbo_gain_z" in z.files else None)
+        except (OSError, KeyError, ValueError) as exc:
+            raise AtlasFormatError(f"cannot read novelty calibration {path}: {exc}") from exc
+
+
+def calibration_cells(n: int, max_cells: int = 5000, seed: int = 0) -> np.ndarray:
+    """Sorted positions of a uniform sample of at most ``max_cells`` of ``n`` indexed cells."""
+    if n < 2:
+        raise InputError("novelty calibration needs at least two reference cells")
+    if n <= max_cells:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_cells, replace=False))
+
+
+def reference_calibration(
+    index: NeighborIndex,
+    embeddings: np.ndarray,
+    *,
+    k: int = DEFAULT_K,
+    k_transfer: int = 50,
+    kernel: str = "scarches",
+    cells: np.ndarray | None = None,
+    max_cells: int = 5000,
+    seed: int = 0,
+    elbo_gain: np.ndarray | None = None,
+    gain_groups: np.ndarray | None = None,
+) -> NoveltyCalibration:
+    """Leave-one-out novelty scores of reference cells, the null every query cell is ranked in.
+
+    ``embeddings``: the indexed (labelled) cells' embeddings in index order. ``k_transfer``
+    and ``kernel`` must match the label transfer (``TransferConfig.k`` / ``.kernel``).
+    ``cells``: which indexed cells calibrate (default: a seeded sample of ``max_cells``).
+    ``elbo_gain`` / ``gain_groups``: the calibration cells' ELBO gain and batch, if any.
+    """
+    cells = calibration_cells(index.n, max_cells, seed) if cells is None else np.asarray(cells, dtype=np.int64)
+    d, i = leave_one_out_knn(index, embeddings, cells, max(k, k_transfer))
+    probs = label_probabilities(d[:, :k_transfer], index.neighbor_codes(i[:, :k_transfer]), len(index.categories), kernel)
+    unc = np.clip(1.0 - probs.max(axis=1), 0.0, None)
+    gz = None
+    if elbo_gain is not None:
+        gain = np.asarray(elbo_gain, dtype=np.float64)
+        if len(gain) != len(cells):
+            raise InputError(f"elbo_gain has {len(gain)} entries for {len(cells)} calibration cells")
+        gz = robust_z(gain, gain_groups)
+    return NoveltyCalibration(k, k_transfer, kernel, cells, knn_distance(d, k), unc, gz)
+
+
+# ------------------------------------------------------------------------ the scores
+def signal_pvalues(
+    calibration: NoveltyCalibration,
+    distances: np.ndarray,
+    uncertainty: np.ndarray,
+    elbo_gain: np.ndarray | None = None,
+    gain_groups: np.ndarray | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{signal: (raw score, conformal p-value)} for query cells."""
+    dist = knn_distance(distances, calibration.k)
+    unc = np.asarray(uncertainty, dtype=np.float64)
+    if len(unc) != len(dist):
+        raise InputError(f"uncertainty has {len(unc)} entries for {len(dist)} cells")
+    out = {
+        "distance": (dist, conformal_pvalues(calibration.distance, dist)),
+        "uncertainty": (unc, conformal_pvalues(calibration.uncertainty, unc)),
+    }
+    if elbo_gain is not None:
+        gain = np.asarray(elbo_gain, dtype=np.float64)
+        if len(gain) != len(dist):
+            raise InputError(f"elbo_gain has {len(gain)} entries for {len(dist)} cells")
+        out["elbo_gain"] = (gain, conformal_pvalues(calibration.scores("elbo_gain"), robust_z(gain, gain_groups)))
+    return out
+
+
+def combine(pvalues: dict[str, np.ndarray], calibration: NoveltyCalibration,
+            signals: Sequence[str] = DEFAULT_COMBINATION) -> tuple[np.ndarray, np.ndarray]:
+    """(Fisher statistic of the query cells, the calibration cells' Fisher statistics)."""
+    missing = [s for s in signals if s not in pvalues]
+    if missing:
+        raise InputError(f"cannot combine {missing}: no query scores for them")
+    return fisher_statistic([pvalues[s] for s in signals]), calibration.combined(signals)
+
+
+def novelty_scores(
+    distances: np.ndarray,
+    uncertainty: np.ndarray,
+    calibration: NoveltyCalibration,
+    *,
+    elbo_gain: np.ndarray | None = None,
+    gain_groups: np.ndarray | None = None,
+    signals: Sequence[str] | None = None,
+    target_rate: float = DEFAULT_TARGET,
+    obs_names: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Novelty of query cells: one column per signal and its p-value, then the combination.
+
+    ``distances``: (cells, >= calibration.k) Euclidean distances to the nearest reference
+    cells, nearest first (``NeighborIndex.search``; the label transfer's k = 50 search can be
+    reused). ``uncertainty``: the transfer's ``uncertainty`` column. ``elbo_gain`` (optional,
+    fold-in only): :func:`elbo_gain` of the cells, ``gain_groups`` their batches.
+    ``signals``: what to combine (default distance + uncertainty).
+
+    Columns: ``distance``, ``distance_pvalue``, ``uncertainty``, ``uncertainty_pvalue``,
+    [``elbo_gain``, ``elbo_gain_pvalue``], ``novelty`` (Fisher statistic, larger = more
+    novel), ``novelty_pvalue`` (conformal against the reference cells) and ``is_novel``
+    (``novelty_pvalue <= target_rate``). ``attrs`` keep the signals, target and threshold.
+    """
+    sig = tuple(signals) if signals is not None else DEFAULT_COMBINATION
+    bad = [s for s in sig if s not in SIGNALS]
+    if bad or not sig:
+        raise InputError(f"signals must be a non-empty subset of {SIGNALS}, got {list(sig)}")
+    per = signal_pvalues(calibration, distances, uncertainty, elbo_gain, gain_groups)
+    stat, cal = combine({k: v[1] for k, v in per.items()}, calibration, sig)
+    p, unknown = calibrated_unknown(stat, cal, target_rate)
+    cols: dict[str, np.ndarray] = {}
+    for name, (raw, pv) in per.items():
+        cols[name] = raw
+        cols[f"{name}_pvalue"] = pv
+    cols.update(novelty=stat, novelty_pvalue=p, is_novel=unknown)
+    if obs_names is not None and len(obs_names) != len(stat):
+        raise InputError(f"obs_names has {len(obs_names)} entries for {len(stat)} cells")
+    df = pd.DataFrame(cols, index=pd.Index(obs_names) if obs_names is not None else None)
+    srt = np.sort(cal)
+    rank = int(np.floor(target_rate * (len(srt) + 1)))  # novel iff fewer than `rank` calibration cells >= T
+    df.attrs.update(signals=list(sig), target_rate=float(target_rate), n_calibration=int(len(cal)),
+                    novelty_threshold=float(srt[len(srt) - rank]) if rank >= 1 else float("inf"))
+    return df
