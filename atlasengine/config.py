@@ -31,7 +31,7 @@ class ModelConfig(_Strict):
 class TrainingConfig(_Strict):
     """Optimisation settings for one training run (reference or fold-in)."""
 
-    max_epochs: int = Field(200, ge=1)
+    max_epochs: int | None = Field(None, ge=1, description="None: scvi-tools' rule min(400, 400 * 20000 / n_cells)")
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -48,7 +48,7 @@ class TrainingConfig(_Strict):
 class ContinualConfig(_Strict):
     """How a query is folded in: penalty strength, replay and Fisher estimation."""
 
-    ewc_lambda: float = Field(100.0, ge=0)
+    ewc_lambda: float = Field(10.0, ge=0)
     replay_fraction: float = Field(0.5, ge=0.0, lt=1.0)
     replay_max_cells: int = Field(10_000, ge=0)
     fisher_max_cells: int = Field(2_000, ge=1)
@@ -85,8 +85,8 @@ class AtlasConfig(_Strict):
     """Everything an atlas needs; stored in its manifest."""
 
     model: ModelConfig = ModelConfig()
-    reference_training: TrainingConfig = TrainingConfig(max_epochs=200, kl_warmup_epochs=20)
-    query_training: TrainingConfig = TrainingConfig(max_epochs=200, kl_warmup_epochs=0)
+    reference_training: TrainingConfig = TrainingConfig(kl_warmup_epochs=20)
+    query_training: TrainingConfig = TrainingConfig(kl_warmup_epochs=0)
     continual: ContinualConfig = ContinualConfig()
     transfer: TransferConfig = TransferConfig()
     drift: DriftConfig = DriftConfig()

@@ -61,8 +61,8 @@ def run_demo(out: Path, quick: bool = False) -> None:
     path = out / "demo.atlas"
     if path.exists():
         shutil.rmtree(path)
-    epochs = (20, 15) if quick else (200, 150)
-    cfg = {"reference_training": {"max_epochs": epochs[0]}, "query_training": {"max_epochs": epochs[1]}}
+    # default settings: epochs by scvi-tools' rule (small data, more passes) with early stopping
+    cfg = {"reference_training": {"max_epochs": 20}, "query_training": {"max_epochs": 15}} if quick else None
     print(f"1. reference: {ref.n_obs} cells x {ref.n_vars} genes, batches {sorted(ref.obs[batch_key].unique())}")
     atlas = Atlas.create(path, ref, batch_key=batch_key, label_key=label_key, config=cfg)
     print(f"   version 1 trained ({atlas.info.training['epochs']} epochs, {atlas.info.training['seconds']:.1f} s)")

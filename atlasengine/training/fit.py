@@ -38,6 +38,11 @@ class TrainResult:
         }
 
 
+def default_epochs(n_cells: int) -> int:
+    """scvi-tools' rule: small data sets get more passes, capped at 400."""
+    return int(min(400, round(20_000 / max(n_cells, 1) * 400)))
+
+
 def fit(
     module: nn.Module,
     query: CellData,
@@ -57,7 +62,7 @@ def fit(
     if config.early_stopping and val is not None:
         callbacks.append(EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience, mode="min"))
     trainer = L.Trainer(
-        max_epochs=config.max_epochs,
+        max_epochs=config.max_epochs or default_epochs(len(query)),
         accelerator=config.accelerator,
         devices=config.devices,
         logger=False,

@@ -4,9 +4,12 @@ The scArches kNN uncertainty only sees cells that fall *between* reference label
 type that lands beside one known type (NK beside CD8 T cells) gets a confident label. Three
 signals, each turned into a conformal p-value against reference cells, then combined:
 
-1. ``distance``: mean Euclidean distance to the ``k`` nearest reference cells (15 by default)
-   in the shared embedding. Calibrated by the same statistic of reference cells to the
-   *other* reference cells (leave-one-out): p = (1 + #{ref >= d}) / (1 + n_ref).
+1. ``distance``: mean Euclidean distance to the ``k`` nearest reference cells in the shared
+   embedding (k = 50, the label transfer's neighbours, so its search is reused). Calibrated
+   by the same statistic of reference cells to the *other* reference cells (leave-one-out):
+   p = (1 + #{ref >= d}) / (1 + n_ref). One global calibration, not one per predicted label:
+   per-label calibration was measured and ranks worse (a novel type beside a diffuse known
+   type is hidden by that type's wide spread).
 2. ``uncertainty``: the scArches weighted-kNN uncertainty, calibrated by the leave-one-out
    uncertainty of reference cells (same k, same kernel as the label transfer).
 3. ``elbo_gain``: log(nELBO_old / nELBO_new), how much better the folded-in model explains
@@ -29,7 +32,7 @@ Example:
     >>> rng = np.random.default_rng(0)
     >>> ref = rng.normal(size=(400, 5)).astype(np.float32)
     >>> idx = NeighborIndex.build(ref, np.array(["a", "b"] * 200), TransferConfig(k=20))
-    >>> cal = reference_calibration(idx, ref, k_transfer=20)
+    >>> cal = reference_calibration(idx, ref, k=20, k_transfer=20)
     >>> q = np.vstack([rng.normal(size=(50, 5)), rng.normal(size=(5, 5)) + 6]).astype(np.float32)
     >>> d, i = idx.search(q, 20)
     >>> unc = 1 - label_probabilities(d, idx.neighbor_codes(i), 2).max(1)
@@ -55,7 +58,7 @@ from atlasengine.transfer.knn import label_probabilities
 
 SIGNALS = ("distance", "uncertainty", "elbo_gain")
 DEFAULT_COMBINATION = ("distance", "uncertainty")
-DEFAULT_K = 15
+DEFAULT_K = 50
 DEFAULT_TARGET = 0.05
 CALIBRATION_FILE = "novelty_calibration.npz"
 FORMAT_VERSION = 1
