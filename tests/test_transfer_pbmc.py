@@ -11,13 +11,14 @@ from conftest import read_data
 NOVEL = {"NK", "Mono_CD16"}
 SETTINGS = {
     "model": {"n_hidden": 64},
-    "reference_training": {"max_epochs": 40, "progress_bar": False},
-    "query_training": {"max_epochs": 20, "progress_bar": False},
+    "reference_training": {"max_epochs": 60, "progress_bar": False},
+    "query_training": {"max_epochs": 40, "progress_bar": False},
     "continual": {"fisher_max_cells": 300, "replay_max_cells": 500},
 }
-# Bars measured on this machine with SETTINGS (see the closing note of the label-transfer issue):
-# known accuracy 0.9x for every strategy; uncertainty AUROC for novel cells above chance.
-KNOWN_ACCURACY_BAR = 0.80
+# Bars measured on this machine with SETTINGS: known accuracy 0.91 (zero-batch projection),
+# 0.90 (ewc fold-in); novel-vs-known AUROC of the uncertainty 0.53 / 0.54 -- barely above chance,
+# as FACTS.md reports for scvi-tools (0.51): label entropy cannot see NK among CD8 T cells.
+KNOWN_ACCURACY_BAR = 0.85
 
 
 @pytest.fixture(scope="module")

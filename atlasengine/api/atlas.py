@@ -327,11 +327,7 @@ class Atlas:
         return transfer_labels(self.neighbor_index(), z, tcfg, obs_names=[str(c) for c in adata.obs_names])
 
     def _transfer_config(self, config: TransferConfig | dict | None) -> TransferConfig:
-        if config is None:
-            return self.config.transfer
-        if isinstance(config, TransferConfig):
-            return config
-        return self.config.transfer.model_copy(update=dict(config))
+        return _merge(self.config.transfer, config)
 
     # ------------------------------------------------------------------ writing
     def ingest(

@@ -373,7 +373,8 @@ def novelty_scores(
     Columns: ``distance``, ``distance_pvalue``, ``uncertainty``, ``uncertainty_pvalue``,
     [``elbo_gain``, ``elbo_gain_pvalue``], ``novelty`` (Fisher statistic, larger = more
     novel), ``novelty_pvalue`` (conformal against the reference cells) and ``is_novel``
-    (``novelty_pvalue <= target_rate``). ``attrs`` keep the signals, target and threshold.
+    (``novelty_pvalue <= target_rate``, the same as ``novelty > attrs["novelty_threshold"]``).
+    ``attrs`` keep the signals, the target, the threshold and the number of calibration cells.
     """
     sig = tuple(signals) if signals is not None else DEFAULT_COMBINATION
     bad = [s for s in sig if s not in SIGNALS]
