@@ -133,6 +133,7 @@ class Atlas:
                 label_key=label_key, batches=prep.batches, genes_matched=prep.genes_matched, genes_padded=0,
             )
             manifest = Manifest(n_genes=len(genes), label_key=label_key, config=cfg, datasets=[record])
+            torch.manual_seed(cfg.reference_training.seed)  # initial weights follow the seed
             module = CVAE(len(genes), len(prep.batches), cfg.model)
             data = CellData(prep.counts, np.arange(len(prep.batches))[pd.Index(prep.batches).get_indexer(prep.obs["batch"])])
             log.info("training the reference model on %d cells", prep.n_cells)
