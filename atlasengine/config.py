@@ -52,7 +52,7 @@ class ContinualConfig(_Strict):
     replay_fraction: float = Field(0.5, ge=0.0, lt=1.0)
     replay_max_cells: int = Field(10_000, ge=0)
     fisher_max_cells: int = Field(2_000, ge=1)
-    fisher_chunk_size: int = Field(64, ge=1)
+    fisher_chunk_size: int = Field(256, ge=1)
     fisher_gamma: float = Field(1.0, ge=0.0)
     min_gene_overlap: float = Field(0.8, gt=0.0, le=1.0)
 

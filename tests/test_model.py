@@ -10,7 +10,7 @@ import torch
 from atlasengine.config import ModelConfig
 from atlasengine.continual import EWCPenalty, accumulate_fisher, diagonal_fisher
 from atlasengine.model import CVAE
-from atlasengine.model.likelihood import log_nb
+from atlasengine.model.likelihood import log_nb, log_nb_per_cell
 from atlasengine.training import CellData
 
 
@@ -21,6 +21,19 @@ def test_nb_log_likelihood_matches_torch_distribution():
     # torch's NegativeBinomial: total_count = theta, probs = mu / (mu + theta)
     ref = torch.distributions.NegativeBinomial(total_count=theta, probs=mu / (mu + theta)).log_prob(x)
     torch.testing.assert_close(log_nb(x, mu, theta), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_per_cell_nb_equals_dense_sum_with_gradients():
+    g = torch.Generator().manual_seed(0)
+    x = torch.poisson(torch.full((6, 40), 0.7), generator=g)  # mostly zeros, like counts
+    mu = torch.rand(6, 40, generator=g) * 3 + 0.1
+    log_r = torch.randn(40, generator=g).requires_grad_(True)
+    dense = log_nb(x, mu, torch.exp(log_r)).sum(-1)
+    (gd,) = torch.autograd.grad(dense.sum(), log_r)
+    sparse = log_nb_per_cell(x, mu, torch.exp(log_r).expand(6, -1))
+    (gs,) = torch.autograd.grad(sparse.sum(), log_r)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gs, gd, rtol=1e-5, atol=1e-4)
 
 
 def test_add_batches_keeps_weights_and_outputs():

@@ -2,7 +2,14 @@
 
 ``F_i = mean over cells c of (d loss_c / d theta_i)^2``: the per-cell squared gradient (not the
 square of a minibatch-mean gradient), averaged so that its scale does not depend on how
-many cells were used. Per-cell gradients come from ``torch.func.vmap(grad(...))``.
+many cells were used.
+
+Per-cell squared gradients are summed without materialising one gradient per cell: for a
+linear layer the gradient of cell c is the outer product ``delta_c a_c^T`` of its output
+gradient and its input, so ``sum_c (delta_c a_c^T)^2 = (delta^2)^T (a^2)``, one matrix product
+per minibatch. Batch rows get ``delta_c^2`` at row ``batch_c``; the gene dispersion gets the
+per-cell gradient of its (broadcast) value. One forward and one backward pass per minibatch,
+exact (the model has no batch norm, so cells do not interact).
 """
 
 from __future__ import annotations
@@ -10,18 +17,69 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
+from atlasengine.model import CVAE, CovariateLinear
 from atlasengine.training.data import CellData
 
 Tensors = dict[str, torch.Tensor]
 
 
+class _SquaredGradients:
+    """Hooks that add each minibatch's per-cell squared gradients into ``self.sums``."""
+
+    def __init__(self, module: CVAE) -> None:
+        self.module = module
+        self.sums = {k: torch.zeros_like(p) for k, p in module.named_parameters()}
+        self.names = {id(m): n for n, m in module.named_modules()}
+        self.handles = []
+        for mod in module.modules():
+            if isinstance(mod, nn.Linear):
+                self.handles.append(mod.register_forward_hook(self._linear))
+            elif isinstance(mod, CovariateLinear):
+                self.handles.append(mod.register_forward_hook(self._covariate))
+
+    def _prefix(self, mod: nn.Module) -> str:
+        name = self.names[id(mod)]
+        return f"{name}." if name else ""
+
+    def _linear(self, mod: nn.Linear, inputs, output: torch.Tensor) -> None:
+        a = inputs[0].detach()
+        prefix = self._prefix(mod)
+
+        def on_grad(delta: torch.Tensor) -> None:
+            d2 = delta.detach().pow(2)
+            self.sums[prefix + "weight"] += d2.T @ a.pow(2)
+            if mod.bias is not None:
+                self.sums[prefix + "bias"] += d2.sum(0)
+
+        output.register_hook(on_grad)
+
+    def _covariate(self, mod: CovariateLinear, inputs, output: torch.Tensor) -> None:
+        batch = inputs[1]
+        known = (batch >= 0).to(output.dtype).unsqueeze(-1)
+        key = self._prefix(mod) + "batch_weight"
+
+        def on_grad(delta: torch.Tensor) -> None:
+            self.sums[key].index_add_(0, batch.clamp(min=0), delta.detach().pow(2) * known)
+
+        output.register_hook(on_grad)
+
+    def add_dispersion(self, theta: torch.Tensor) -> None:
+        def on_grad(g: torch.Tensor) -> None:  # d/d px_r = d/d theta * theta
+            self.sums["px_r"] += (g.detach() * theta.detach()).pow(2).sum(0)
+
+        theta.register_hook(on_grad)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def diagonal_fisher(
-    module: nn.Module,
+    module: CVAE,
     data: CellData,
     max_cells: int = 2000,
-    chunk_size: int = 64,
+    chunk_size: int = 256,
     seed: int = 0,
 ) -> Tensors:
     """Per-cell-mean diagonal Fisher of the negative ELBO over (a sample of) ``data``.
@@ -34,26 +92,25 @@ def diagonal_fisher(
     rng = np.random.default_rng(seed)
     n = len(data)
     idx = np.sort(rng.choice(n, size=min(n, max_cells), replace=False)) if n > max_cells else np.arange(n)
-    params = {k: v.detach() for k, v in module.named_parameters()}
-    n_latent = module.config.n_latent
     gen = torch.Generator().manual_seed(seed)
-
-    def cell_loss(p: Tensors, x: torch.Tensor, b: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        out = functional_call(module, p, (x[None], b[None]), {"eps": eps[None]})
-        return out.per_cell.sum()
-
-    per_cell_grads = vmap(grad(cell_loss), in_dims=(None, 0, 0, 0))
-    fisher = {k: torch.zeros_like(v) for k, v in params.items()}
-    for s in range(0, len(idx), chunk_size):
-        rows = idx[s : s + chunk_size]
-        x = torch.from_numpy(data.counts[rows].toarray())
-        b = torch.from_numpy(data.batch[rows])
-        eps = torch.randn(len(rows), n_latent, generator=gen)
-        g = per_cell_grads(params, x, b, eps)
-        for k in fisher:
-            fisher[k] += g[k].pow(2).sum(0)
-    module.train(was_training)
-    return {k: v / max(len(idx), 1) for k, v in fisher.items()}
+    stats = _SquaredGradients(module)
+    module.capture = {}
+    try:
+        for s in range(0, len(idx), chunk_size):
+            rows = idx[s : s + chunk_size]
+            x = torch.from_numpy(data.counts[rows].toarray())
+            b = torch.from_numpy(data.batch[rows])
+            eps = torch.randn(len(rows), module.config.n_latent, generator=gen)
+            out = module.loss(x, b, eps=eps)
+            stats.add_dispersion(module.capture["theta"])
+            module.zero_grad(set_to_none=True)
+            out.per_cell.sum().backward()
+    finally:
+        stats.remove()
+        module.capture = None
+        module.zero_grad(set_to_none=True)
+        module.train(was_training)
+    return {k: v / max(len(idx), 1) for k, v in stats.sums.items()}
 
 
 def pad_rows(old: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from atlasengine.config import ModelConfig
-from atlasengine.model.likelihood import log_nb, log_zinb
+from atlasengine.model.likelihood import log_nb_per_cell, log_zinb
 
 
 class CovariateLinear(nn.Module):
@@ -97,6 +97,9 @@ class CVAE(nn.Module):
         self.px_r = nn.Parameter(torch.randn(n_genes))
         if cfg.likelihood == "zinb":
             self.px_dropout = nn.Linear(cfg.n_hidden, n_genes)
+        # When a dict, ``decode`` leaves its per-cell dispersion tensor here (for per-cell
+        # gradient statistics such as the diagonal Fisher); None in normal use.
+        self.capture: dict[str, torch.Tensor] | None = None
 
     @property
     def n_batches(self) -> int:
@@ -125,7 +128,10 @@ class CVAE(nn.Module):
         scale = torch.softmax(self.px_scale(h), dim=-1)
         rate = library * scale
         dropout = self.px_dropout(h) if self.config.likelihood == "zinb" else None
-        return rate, torch.exp(self.px_r), dropout
+        theta = torch.exp(self.px_r).expand(z.shape[0], -1)  # a view: per-cell gradients can be read off it
+        if self.capture is not None:
+            self.capture["theta"] = theta
+        return rate, theta, dropout
 
     def loss(
         self,
@@ -142,7 +148,7 @@ class CVAE(nn.Module):
         library = x.sum(-1, keepdim=True)
         rate, theta, dropout = self.decode(z, batch, library)
         if dropout is None:
-            rec = -log_nb(x, rate, theta).sum(-1)
+            rec = -log_nb_per_cell(x, rate, theta)
         else:
             rec = -log_zinb(x, rate, theta, dropout).sum(-1)
         kl = 0.5 * (var + mean.pow(2) - 1.0 - torch.log(var)).sum(-1)
