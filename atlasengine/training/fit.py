@@ -57,6 +57,7 @@ def fit(
     """
     L.seed_everything(config.seed, workers=False, verbose=False)
     train, val = make_loaders(query, replay, config.batch_size, replay_fraction, config.validation_fraction, config.seed)
+    module.train()  # dropout on; Lightning keeps whatever mode the module is in
     plan = TrainingPlan(module, config, penalty)
     callbacks = []
     if config.early_stopping and val is not None:
