@@ -1,0 +1,43 @@
+"""The command line: listing versions, writing a report, clear errors; the demo's fallback data."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from atlasengine.cli.main import main
+
+
+def test_versions_report_and_errors(two_version_atlas, tmp_path, capsys):
+    assert main(["versions", str(two_version_atlas)]) == 0
+    out = capsys.readouterr().out
+    assert "reference" in out and "surgery" in out and out.count("\n") == 3
+    report = tmp_path / "audit.html"
+    assert main(["report", str(two_version_atlas), "-o", str(report), "--version", "1"]) == 0
+    assert report.exists() and report.stat().st_size > 10_000
+    assert main(["versions", str(tmp_path)]) == 2
+    assert "is not an atlas" in capsys.readouterr().err
+    assert main(["ingest", str(two_version_atlas), "-i", str(tmp_path / "missing.h5ad"), "--batch-key", "tech"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_transfer_command_writes_predictions(two_version_atlas, tmp_path, pancreas_query):
+    q = tmp_path / "q.h5ad"
+    pancreas_query.write_h5ad(q)
+    out = tmp_path / "pred.csv"
+    assert main(["transfer", str(two_version_atlas), "-i", str(q), "--batch-key", "tech", "-o", str(out)]) == 0
+    import pandas as pd
+
+    pred = pd.read_csv(out, index_col=0)
+    assert len(pred) == pancreas_query.n_obs and {"label", "uncertainty", "is_unknown"} <= set(pred.columns)
+
+
+def test_demo_fallback_data_is_real_counts():
+    from atlasengine.cli.demo import _scanpy_pbmc
+
+    ref, queries, batch_key, label_key, novel, what = _scanpy_pbmc()
+    assert "scanpy" in what
+    for a in (ref, *queries):
+        x = a.X.data
+        assert a.n_obs > 50 and np.all(x == np.round(x)) and x.min() >= 1
+    assert not set(ref.obs[label_key]) & novel
+    assert all(novel & set(q.obs[label_key]) for q in queries)
