@@ -66,13 +66,19 @@ class ContinualConfig(_Strict):
 
 
 class TransferConfig(_Strict):
-    """Weighted kNN label transfer (scArches) and the Unknown cut-off."""
+    """Weighted kNN label transfer (scArches) and the Unknown cut-off.
+
+    ``index="auto"``: exact search (faiss IndexFlatL2) up to ``approximate_above`` labelled
+    reference cells, an IVF index above. Measured on 100k x 10-d reference, 10k queries, k = 50
+    (loaded 2-core machine): exact 3.5 s, IVF 0.42 s (build 0.7 s) with 100% of labels equal to
+    exact search; HNSW 1.5 s but 7 s to build (9 min at 1M cells), hence IVF.
+    """
 
     k: int = Field(50, ge=1)
     kernel: Literal["scarches", "gaussian"] = "scarches"
     uncertainty_threshold: float = Field(0.3, ge=0.0, le=1.0)
     index: Literal["auto", "exact", "hnsw", "ivf"] = "auto"
-    approximate_above: int = Field(200_000, ge=1)
+    approximate_above: int = Field(50_000, ge=1)
     hnsw_m: int = Field(32, ge=4)
     hnsw_ef_search: int = Field(128, ge=1)
     ivf_nlist: int = Field(1024, ge=1)

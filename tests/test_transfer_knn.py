@@ -102,7 +102,7 @@ def test_ivf_and_auto_kinds(split: Split) -> None:
     assert idx.shape == (len(split.query), K)
     assert NeighborIndex.build(split.ref, split.ref_labels, TransferConfig()).kind == "exact"
     small = TransferConfig(approximate_above=100)
-    assert NeighborIndex.build(split.ref, split.ref_labels, small).kind == "hnsw"
+    assert NeighborIndex.build(split.ref, split.ref_labels, small).kind == "ivf"
 
 
 @pytest.mark.parametrize("kind", ["exact", "hnsw", "ivf"])

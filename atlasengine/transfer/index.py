@@ -89,7 +89,7 @@ class NeighborIndex:
         categories, codes = np.unique(lab.astype(str), return_inverse=True)
         kind = config.index
         if kind == "auto":
-            kind = "exact" if n <= config.approximate_above else "hnsw"
+            kind = "exact" if n <= config.approximate_above else "ivf"
         if kind == "exact":
             index = faiss.IndexFlatL2(d)
         elif kind == "hnsw":
