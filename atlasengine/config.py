@@ -77,6 +77,12 @@ class TransferConfig(_Strict):
     k: int = Field(50, ge=1)
     kernel: Literal["scarches", "gaussian"] = "scarches"
     uncertainty_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    unknown_rule: Literal["uncertainty", "novelty"] = Field(
+        "uncertainty",
+        description="'uncertainty': Unknown when uncertainty > uncertainty_threshold (the paper's rule); "
+        "'novelty': Unknown when the calibrated novelty score is above its threshold for novelty_target",
+    )
+    novelty_target: float = Field(0.05, gt=0.0, lt=1.0, description="target share of known cells called novel")
     index: Literal["auto", "exact", "hnsw", "ivf"] = "auto"
     approximate_above: int = Field(50_000, ge=1)
     hnsw_m: int = Field(32, ge=4)

@@ -38,6 +38,22 @@ FIGURES = BENCH_DIR / "figures"
 STRATEGIES = ("surgery", "finetune", "ewc")
 
 
+def _engine_version() -> str:
+    """HEAD commit of the checkout, with '+dirty' when atlasengine/ has uncommitted changes (at import)."""
+    import subprocess
+
+    root = BENCH_DIR.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "atlasengine"], cwd=root).returncode != 0
+        return (head or "unknown") + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+ENGINE_AT_START = _engine_version()
+
+
 # --------------------------------------------------------------------------- scenarios
 @dataclass(frozen=True)
 class Scenario:
@@ -117,6 +133,14 @@ def quiet() -> None:
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "scvi", "jax", "absl"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def continual_defaults() -> str:
+    """The atlas's default EWC settings, as text for the result pages."""
+    from atlasengine.config import ContinualConfig
+
+    d = ContinualConfig()
+    return f"ewc_lambda {d.ewc_lambda:g}, replay_fraction {d.replay_fraction:g}, replay_max_cells {d.replay_max_cells}"
 
 
 def atlas_config(ref_epochs: int, query_epochs: int, seed: int, **continual: Any) -> dict:
@@ -275,7 +299,9 @@ def env_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "engine_commit_at_start": ENGINE_AT_START,
+        "engine_commit_at_end": _engine_version(),
         "executable": sys.executable,
     }
     for mod in ("scvi", "scib_metrics", "jax", "faiss", "sklearn"):

@@ -25,7 +25,7 @@ FORGET = ["ref_loo_before", "ref_loo_after", "forgetting", "displacement"]
 SCIB = ["silhouette_label", "silhouette_batch", "bras", "graph_connectivity", "ilisi", "isolated_labels"]
 TIMES = ["reference_epochs", "reference_seconds", "epochs", "train_seconds", "seconds_per_epoch", "fold_in_seconds"]
 METHODS = ["surgery", "finetune", "ewc", "scvi-tools"]
-FULL_REF_EPOCHS, FULL_QUERY_EPOCHS = 100, 60
+FULL_REF_EPOCHS, FULL_QUERY_EPOCHS = 150, 100
 
 
 def truth_of(obs: pd.DataFrame, ref, query, label_key: str) -> np.ndarray:
@@ -153,8 +153,7 @@ def main() -> None:
         "",
         f"{args.seeds} seed(s), mean ± sd over seeds. Reference {cfg['ref_epochs']} epochs, query {cfg['query_epochs']} "
         "epochs (max; early stopping with patience 15 on a 10% validation split, for ours and scvi-tools alike), "
-        f"fisher_max_cells {cfg['fisher_max_cells']}, ewc with the atlas defaults (ewc_lambda, replay_fraction of "
-        "ContinualConfig). Labels by scArches weighted kNN (k=50, Unknown if uncertainty > 0.3) over the reference "
+        f"fisher_max_cells {cfg['fisher_max_cells']}, ewc with the atlas defaults ({C.continual_defaults()}). Labels by scArches weighted kNN (k=50, Unknown if uncertainty > 0.3) over the reference "
         "cells embedded with the fold-in model, for every method. Query labels are never given to the fold-in.",
         "",
         "scvi-tools baseline: " + ("`SCVI` (n_latent 10, n_hidden 128, 2 layers, dropout 0.2, nb, layer norm both, no batch "
@@ -177,7 +176,7 @@ def main() -> None:
     md += ["Fold-in cost (fold_in_seconds: ours = the whole `ingest` call incl. Fisher, embedding and index; scvi-tools = "
            "load_query_data + train + kNN):", "", C.md_table(summary[["scenario", "method", *TIMES]]), "",
            f"Total wall time {wall / 60:.1f} min.", "", "![mapping](mapping.png)"]
-    C.write_outputs(args.out, "mapping", {"quick": args.quick, "settings": cfg, "seeds": args.seeds,
+    C.write_outputs(args.out, "mapping", {"quick": args.quick, "settings": {**cfg, "continual": C.continual_defaults()}, "seeds": args.seeds,
                                           "scvi_available": have_scvi, "scvi_note": scvi_why, "scib_available": have_scib,
                                           "scib_note": scib_why, "records": df.to_dict("records"),
                                           "summary": summary.to_dict("records"), "wall_seconds": wall}, "\n".join(md))

@@ -19,19 +19,54 @@ from pathlib import Path
 
 from benchmarks import common as C
 
-ORDER = ("mapping", "lambda_sweep", "sequential", "speed", "scale")
+ORDER = ("mapping", "lambda_sweep", "sequential", "speed", "scale", "novelty")
 TITLES = {"mapping": "Reference mapping", "lambda_sweep": "EWC lambda sweep", "sequential": "Sequential fold-ins",
-          "speed": "Speed", "scale": "Scale"}
+          "speed": "Speed", "scale": "Scale", "novelty": "Novelty"}
 MAX_PNG = 200 * 1024
 
 # Why a target is missed, written after reading the measurements (keyed by target id).
 WHY = {
-    "throughput": "",
-    "ewc_epoch": "",
+    "throughput": (
+        "Both models do the same work per cell (2000-gene NB likelihood, 128-wide 2-layer encoder/decoder, batch 128); "
+        "the engine's sparse NB likelihood (commit 871deee4) removed most of the gap but per-step Lightning overhead "
+        "and the dense 2000-wide decoder softmax remain. All timings were taken with 1 torch thread on a machine "
+        "shared with other jobs (load average 6-8 on 2 cores), so absolute cells/s are 2-4x below a quiet machine; "
+        "the ratio is measured back to back under the same load."
+    ),
+    "ewc_epoch": (
+        "By construction: an epoch is one pass over the query cells, and with replay_fraction 0.5 every minibatch is "
+        "half replayed reference cells, so an ewc epoch processes twice the cells of a surgery epoch, and all weights "
+        "get gradients (surgery only the new batch rows). Per processed cell ewc is close to surgery (see "
+        "cells_per_second). Meeting 1.3x needs replay_fraction <= ~0.2 or counting replayed cells in the epoch."
+    ),
     "fisher": "",
-    "knn": "",
+    "knn": (
+        "The exact index (faiss IndexFlatL2) is brute force, 10k x 100k x 10 multiply-adds plus a k=50 selection "
+        "per query, about as fast as sklearn's tree; only an approximate index can be 10x faster. The engine's IVF index "
+        "(TransferConfig index='ivf', nlist 1024, nprobe 32) is 10x faster than sklearn measured in the same run with "
+        ">= 99.7% equal labels, but only 2x faster than the 6.8 s quoted (measured on a quiet machine): every timing "
+        "here ran at load average 5-8 on 2 cores. HNSW (the engine's 'auto' choice above 200k cells) searches fast but "
+        "its build is slow (32 s at 100k, 554 s at 1M under this load)."
+    ),
     "memory": "",
 }
+
+
+# Observations written after reading the measurements (shown under the targets).
+NOTES = [
+    "Machine load: the lead's test suites and benchmarks ran on the same 2 cores during most runs (load average 5-8). "
+    "Under that oversubscription torch with 2 threads was 2-5x SLOWER than with 1 thread (OpenMP spin-waits), so the "
+    "quality benchmarks ran with `--threads 1`; their wall times are upper bounds. Rows of one table were measured back "
+    "to back, so ratios within a table are fairer than absolute numbers.",
+    "The engine changed while the benchmarks ran (the lead's commits: seeded initial weights, fast per-cell Fisher and "
+    "sparse NB likelihood, IVF as the automatic index above 50k cells, default ewc_lambda 10 -> 100 -> 1000). Each "
+    "section names the engine commit it started on and the ewc settings it used.",
+    "Scale: Atlas.create of the 1M-cell atlas peaked at 12.3 GB RSS (10.4 GB above the loaded AnnData): the counts are "
+    "copied several times (validation, CSR conversions, the SOMA write). Ingest of 10k cells into it peaked at 3.7 GB "
+    "(under the 4 GB target, with little headroom); latent() of 1M cells takes 0.2 s.",
+    "The scvi-tools baseline's 'frozen' reference moved slightly on ifnb (mean displacement 0.05, LOO accuracy -0.002); "
+    "ours (surgery) keeps the reference bit-identical.",
+]
 
 
 def load(out: Path) -> dict[str, tuple[dict, str]]:
@@ -94,9 +129,12 @@ def targets(found: dict) -> list[str]:
                        key=lambda k: k["speedup_vs_sklearn"], default=None)
             txt = "; ".join(f"{m}: {k['total_seconds']:.2f} s, {k['labels_equal_exact']:.2%} equal" for m, k in by.items())
             sp = _v(best["speedup_vs_sklearn"]) if best else float("nan")
+            quoted = 6.8 / best["total_seconds"] if best else float("nan")
             rows.append(("knn", "transfer_labels 10k x 100k >= 10x faster than sklearn NearestNeighbors, >= 99% labels "
-                         "equal to exact", txt + f"; best >= 99%-equal speed-up {sp:.1f}x (6.8 s quoted for sklearn in the issue: "
-                         f"{6.8 / best['total_seconds']:.1f}x)" if best else txt, verdict(sp, 10.0, True, "x")))
+                         "equal to exact", txt + (f"; best >= 99%-equal: {best['method']}, {sp:.1f}x sklearn of the same run, "
+                         f"{quoted:.1f}x the 6.8 s quoted for sklearn in the issue" if best else ""),
+                         f"vs sklearn in the same run: {verdict(sp, 10.0, True, 'x')}; vs the quoted 6.8 s: "
+                         f"{verdict(quoted, 10.0, True, 'x')}"))
         else:
             rows.append(("knn", "transfer_labels 10k x 100k >= 10x faster than sklearn", "100k not run (quick mode)", "not measured"))
     if "scale" in found:
@@ -110,7 +148,7 @@ def targets(found: dict) -> list[str]:
                          verdict(gb, 4.0, False, " GB") + ("" if big["n_cells"] >= 1_000_000 else " (1M not run)")))
     lines = ["| target | measured | verdict | why |", "|---|---|---|---|"]
     for key, target, measured, v in rows:
-        lines.append(f"| {target} | {measured} | {v} | {WHY.get(key, '') if v != 'met' else ''} |")
+        lines.append(f"| {target} | {measured} | {v} | {WHY.get(key, '') if 'MISSED' in v else ''} |")
     return lines
 
 
@@ -136,16 +174,16 @@ def main() -> None:
     for name, (js, _) in found.items():
         e = js["env"]
         lines.append(f"- {name}: scvi-tools {e.get('scvi') or 'not installed'}, scib-metrics {e.get('scib_metrics') or 'not installed'}, "
-                     f"load average at start {e.get('load_average_at_start')}")
+                     f"engine commit {e.get('engine_commit_at_start') or 'not recorded'} (at end {e.get('engine_commit_at_end') or 'not recorded'}), "
+                     f"torch threads {e.get('torch_threads')}, load average at end {e.get('load_average_at_end', e.get('load_average_at_start'))}")
     lines += ["", "## Commands", "", "| benchmark | command | mode | wall time |", "|---|---|---|---|"]
     for name, (js, _) in found.items():
         lines.append(f"| {name} | `{js['command']}` (venv `{Path(js['env']['executable']).parents[1].name}`) | "
                      f"{'QUICK' if js.get('quick') else 'full'} | {js.get('wall_seconds', float('nan')) / 60:.1f} min |")
-    lines += ["", "## Targets", "", *targets(found), ""]
+    lines += ["", "## Targets", "", *targets(found), "", "## Notes", "", *[f"- {n}" for n in NOTES], ""]
     for name, (js, md) in found.items():
-        md = re.sub(r"^# (.*)$", rf"## {TITLES[name]}: \1", md, count=1, flags=re.M)
-        md = re.sub(r"^# ", "### ", md, flags=re.M)
-        md = re.sub(r"^## (?!" + re.escape(TITLES[name]) + ")", "### ", md, flags=re.M)
+        md = re.sub(r"^## ", "### ", md, flags=re.M)
+        md = re.sub(r"^# ", "## ", md, flags=re.M)
         md = re.sub(r"\]\(([\w.-]+\.png)\)", r"](figures/\1)", md)
         lines += [md.rstrip(), ""]
     (C.BENCH_DIR / "RESULTS.md").write_text("\n".join(lines))

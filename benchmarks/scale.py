@@ -128,16 +128,23 @@ def main() -> None:
     for n in sizes:
         work = C.work_dir(args.out, f"scale_{n}")
         atlas = work / "atlas"
-        for step, data in (("create", paths[n]), ("ingest", paths[0]), ("latent", None), ("report", None)):
+        steps = [("create", paths[n]), ("ingest", paths[0]), ("latent", None)]
+        if not args.quick:  # the report (UMAP of up to 20k cells) alone takes minutes: full mode only
+            steps.append(("report", None))
+        for step, data in steps:
             r = run_child(step, atlas, data, work / "report.html")
             r["n_cells"] = n
             rows.append(r)
             print(f"  {n:>9,} {step:7s} {r.get('seconds', float('nan')):8.1f}s peak {r.get('peak_rss_mb', float('nan')):8.0f} MB "
                   f"{r.get('error', '') or r.get('skipped', '')}", flush=True)
+            write(args, sizes, rows, time.perf_counter() - t_start, partial=True)
             if "error" in r and step == "create":
                 break
         shutil.rmtree(work, ignore_errors=True)
-    wall = time.perf_counter() - t_start
+    write(args, sizes, rows, time.perf_counter() - t_start)
+
+
+def write(args, sizes: list[int], rows: list[dict], wall: float, partial: bool = False) -> None:
     df = pd.DataFrame(rows)
     for col in ("seconds", "rss_before_mb", "peak_rss_mb", "error", "skipped"):
         if col not in df:
@@ -153,13 +160,14 @@ def main() -> None:
                   f"-> {'met' if peak < 4096 else 'MISSED by ' + format((peak - 4096) / 1024, '.2f') + ' GB'}"
                   + ("" if max(sizes) >= 1_000_000 else " (the 1M atlas was not run here)") + ".")
     md = [
-        "# Scale" + (" (QUICK MODE: 10k only)" if args.quick else ""),
+        "# Scale" + (" (QUICK MODE: 10k only, no report step)" if args.quick else ""),
         "",
         C.GENERATOR_NOTE.format(epochs=10 if args.quick else C.GENERATOR_EPOCHS)
         + f" Atlases above {BASE:,} cells are {BASE:,} generated cells repeated (renamed), which costs the engine the same.",
         "",
         f"Reference trained {REF_EPOCHS} epoch (few epochs on purpose: this measures storage, embedding, Fisher and index "
-        f"costs, not model quality); query = {N_QUERY:,} generated cells in 3 new batches, ewc with the atlas defaults, "
+        f"costs, not model quality); query = {N_QUERY:,} generated cells in 3 new batches, ewc with the atlas defaults "
+        f"({C.continual_defaults()}), "
         f"{QUERY_EPOCHS} epochs, early stopping off. seconds = the call itself; peak_rss_mb = peak RSS of the step's process "
         "(interpreter + torch + input AnnData included; rss_before_mb = after loading them).",
         "",
@@ -167,9 +175,9 @@ def main() -> None:
         "",
         target,
         "",
-        f"Total wall time {wall / 60:.1f} min.",
+        f"Total wall time {wall / 60:.1f} min." + (" PARTIAL: the run was still going when this was written." if partial else ""),
     ]
-    C.write_outputs(args.out, "scale", {"quick": args.quick, "sizes": sizes, "records": df.to_dict("records"),
+    C.write_outputs(args.out, "scale", {"quick": args.quick, "sizes": sizes, "records": df.to_dict("records"), "partial": partial,
                                         "wall_seconds": wall}, "\n".join(md))
 
 

@@ -104,7 +104,7 @@ def main() -> None:
         "",
         f"Reference = indrop (all cell types), then {', '.join(cfg['order'])} one at a time (blind: no labels "
         f"given). {args.seeds} seed(s), mean ± sd. Reference {cfg['ref_epochs']} epochs, each fold-in {cfg['query_epochs']} "
-        "epochs (max, early stopping), ewc with the atlas defaults. accuracy_so_far: weighted-kNN label accuracy of "
+        f"epochs (max, early stopping), ewc with the atlas defaults ({C.continual_defaults()}). accuracy_so_far: weighted-kNN label accuracy of "
         "every cell folded in so far, embedded by the current version, against the indrop cells embedded by the same "
         "version; accuracy_new: the predictions the step itself returned for its own cells. ref_loo_after: leave-one-out "
         "kNN (k=15) accuracy of the indrop cells (version 1 value at step 0). Displacement: mean |z_t - z_1| of the "
@@ -116,7 +116,7 @@ def main() -> None:
         "",
         "![sequential](sequential.png)",
     ]
-    C.write_outputs(args.out, "sequential", {"quick": args.quick, "settings": cfg, "seeds": args.seeds,
+    C.write_outputs(args.out, "sequential", {"quick": args.quick, "settings": {**cfg, "continual": C.continual_defaults()}, "seeds": args.seeds,
                                              "records": df.to_dict("records"), "wall_seconds": wall}, "\n".join(md))
     plot(df, args.out / "sequential.png")
 

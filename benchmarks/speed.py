@@ -12,6 +12,7 @@ clusters), 10k queries, k = 50.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -102,7 +103,8 @@ def mixture(n: int, centers: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
     return x, np.array([f"type{i:02d}" for i in lab])
 
 
-def knn_speed(sizes: list[int], n_query: int = 10_000, d: int = 10) -> list[dict]:
+def knn_speed(sizes: list[int], n_query: int = 10_000, d: int = 10, kinds=("exact", "hnsw", "ivf"),
+              sklearn: bool = True) -> list[dict]:
     from sklearn.neighbors import NearestNeighbors
 
     from atlasengine.config import TransferConfig
@@ -114,7 +116,7 @@ def knn_speed(sizes: list[int], n_query: int = 10_000, d: int = 10) -> list[dict
         ref, lab = mixture(n, centers, np.random.default_rng(n))
         q, _ = mixture(n_query, centers, np.random.default_rng(1))
         res = {}
-        for kind in ("exact", "hnsw"):
+        for kind in kinds:
             tcfg = TransferConfig(index=kind)
             t0 = time.perf_counter()
             idx = NeighborIndex.build(ref, lab, tcfg)
@@ -124,29 +126,55 @@ def knn_speed(sizes: list[int], n_query: int = 10_000, d: int = 10) -> list[dict
             res[kind] = p
             rows.append({"n_reference": n, "method": f"atlasengine {kind}", "build_seconds": t1 - t0,
                          "transfer_seconds": t2 - t1, "total_seconds": t2 - t0})
-        t0 = time.perf_counter()
-        nn = NearestNeighbors(n_neighbors=50).fit(ref)
-        t1 = time.perf_counter()
-        dist, ind = nn.kneighbors(q)
-        cats, codes = np.unique(lab, return_inverse=True)
-        probs = label_probabilities(dist, codes[ind], len(cats), "scarches")
-        pred = cats[probs.argmax(1)]
-        t2 = time.perf_counter()
-        rows.append({"n_reference": n, "method": "sklearn NearestNeighbors (default)", "build_seconds": t1 - t0,
-                     "transfer_seconds": t2 - t1, "total_seconds": t2 - t0})
-        exact = res["exact"]["predicted_label"].to_numpy()
-        for r in rows[-3:]:
-            other = {"atlasengine exact": exact, "atlasengine hnsw": res["hnsw"]["predicted_label"].to_numpy()}.get(r["method"], pred)
-            r["labels_equal_exact"] = float((other == exact).mean())
-        sk = [r for r in rows[-3:] if r["method"].startswith("sklearn")][0]
-        for r in rows[-3:]:
-            r["speedup_vs_sklearn"] = sk["total_seconds"] / r["total_seconds"]
+        preds = {f"atlasengine {k}": v["predicted_label"].to_numpy() for k, v in res.items()}
+        if sklearn:
+            t0 = time.perf_counter()
+            nn = NearestNeighbors(n_neighbors=50).fit(ref)
+            t1 = time.perf_counter()
+            dist, ind = nn.kneighbors(q)
+            cats, codes = np.unique(lab, return_inverse=True)
+            probs = label_probabilities(dist, codes[ind], len(cats), "scarches")
+            preds["sklearn NearestNeighbors (default)"] = cats[probs.argmax(1)]
+            t2 = time.perf_counter()
+            rows.append({"n_reference": n, "method": "sklearn NearestNeighbors (default)", "build_seconds": t1 - t0,
+                         "transfer_seconds": t2 - t1, "total_seconds": t2 - t0})
+        mine = [r for r in rows if r["n_reference"] == n]
+        for r in mine:
+            r["labels_equal_exact"] = float((preds[r["method"]] == preds["atlasengine exact"]).mean())
+        sk = [r for r in mine if r["method"].startswith("sklearn")]
+        for r in mine:
+            r["speedup_vs_sklearn"] = sk[0]["total_seconds"] / r["total_seconds"] if sk else float("nan")
         print(f"  knn n={n}: " + "; ".join(f"{r['method']} {r['total_seconds']:.2f}s eq={r['labels_equal_exact']:.4f}"
-                                           for r in rows[-3:]), flush=True)
+                                           for r in mine), flush=True)
     return rows
 
 
+def knn_only(args) -> None:
+    """Re-measure exact + IVF label transfer and merge into an existing speed.json (other rows kept)."""
+    import json
+
+    path = args.out / "speed.json"
+    old = json.loads(path.read_text())
+    sizes = old["settings"]["knn_sizes"]
+    new = knn_speed(sizes, kinds=("exact", "ivf"), sklearn=False)
+    keep = [r for r in old["knn"] if r["method"] not in {x["method"] for x in new}]
+    for r in new:
+        sk = [k for k in keep if k["n_reference"] == r["n_reference"] and k["method"].startswith("sklearn")]
+        r["speedup_vs_sklearn"] = sk[0]["total_seconds"] / r["total_seconds"] if sk else float("nan")
+    old["knn"] = sorted(keep + new, key=lambda r: (r["n_reference"], r["method"]))
+    old["knn_note"] = ("atlasengine exact / ivf rows re-measured by `--knn-only` (labels_equal_exact against that "
+                       "exact run); hnsw and sklearn rows from the full run")
+    old["knn_only_command"] = C.command_line()
+    path.write_text(json.dumps(C._clean(old), indent=1))
+    render(args, old)
+
+
 def main() -> None:
+    if "--knn-only" in sys.argv:
+        sys.argv.remove("--knn-only")
+        args = C.parse_args(__doc__.splitlines()[0], default_seeds=1)
+        knn_only(args)
+        return
     args = C.parse_args(__doc__.splitlines()[0], default_seeds=1)
     cfg = settings(args.quick)
     C.quiet()
@@ -157,9 +185,18 @@ def main() -> None:
     t_start = time.perf_counter()
     train_rows, fisher = training_speed(cfg, args.out, have_scvi)
     knn_rows = knn_speed(cfg["knn_sizes"])
-    wall = time.perf_counter() - t_start
-    tr = pd.DataFrame(train_rows)
-    kn = pd.DataFrame(knn_rows)
+    payload = {"quick": args.quick, "settings": cfg, "scvi_available": have_scvi, "scvi_note": why,
+               "training": train_rows, "fisher": fisher, "knn": knn_rows, "load_before": load_before,
+               "load_after": os.getloadavg(), "wall_seconds": time.perf_counter() - t_start}
+    render(args, payload)
+
+
+def render(args, payload: dict) -> None:
+    """Ratios, Markdown and JSON from the measured rows."""
+    cfg, fisher = payload["settings"], payload["fisher"]
+    have_scvi, why = payload["scvi_available"], payload["scvi_note"]
+    tr = pd.DataFrame(payload["training"])
+    kn = pd.DataFrame(payload["knn"])
 
     def get(phase, method, col):
         v = tr[(tr.phase == phase) & (tr.method == method)][col]
@@ -170,16 +207,18 @@ def main() -> None:
         "scvi_reference_cells_per_second": get("reference", "scvi-tools", "cells_per_second"),
         "throughput_ratio_ours_over_scvi": get("reference", "ours", "cells_per_second") / get("reference", "scvi-tools", "cells_per_second"),
         "ewc_over_surgery_per_epoch": get("fold-in", "ewc", "seconds_per_epoch") / get("fold-in", "surgery", "seconds_per_epoch"),
+        "ewc_over_surgery_per_cell": get("fold-in", "surgery", "cells_per_second") / get("fold-in", "ewc", "cells_per_second"),
         "finetune_over_surgery_per_epoch": get("fold-in", "finetune", "seconds_per_epoch") / get("fold-in", "surgery", "seconds_per_epoch"),
         "surgery_over_scvi_per_epoch": get("fold-in", "surgery", "seconds_per_epoch") / get("fold-in", "scvi-tools", "seconds_per_epoch"),
         "ewc_over_scvi_per_epoch": get("fold-in", "ewc", "seconds_per_epoch") / get("fold-in", "scvi-tools", "seconds_per_epoch"),
         "fisher_over_epoch_10k": fisher["ratio_fisher_to_epoch_10k"],
     }
-    k100 = kn[kn.n_reference == 100_000]
-    if len(k100):
-        ratios["knn_100k_speedup_exact_vs_sklearn"] = float(k100[k100.method == "atlasengine exact"].speedup_vs_sklearn.iloc[0])
-        ratios["knn_100k_speedup_hnsw_vs_sklearn"] = float(k100[k100.method == "atlasengine hnsw"].speedup_vs_sklearn.iloc[0])
-        ratios["knn_100k_hnsw_labels_equal_exact"] = float(k100[k100.method == "atlasengine hnsw"].labels_equal_exact.iloc[0])
+    for _, r in kn[kn.n_reference == 100_000].iterrows():
+        if r.method.startswith("atlasengine"):
+            kind = r.method.split()[-1]
+            ratios[f"knn_100k_speedup_{kind}_vs_sklearn"] = float(r.speedup_vs_sklearn)
+            ratios[f"knn_100k_{kind}_labels_equal_exact"] = float(r.labels_equal_exact)
+    payload["ratios"] = ratios
     rt = pd.DataFrame([{"measure": k, "value": v} for k, v in ratios.items()])
     md = [
         "# Speed" + (" (QUICK MODE: smoke run, numbers not meaningful)" if args.quick else ""),
@@ -197,11 +236,13 @@ def main() -> None:
         "",
         f"Fisher (`diagonal_fisher`, per-cell gradients) over {fisher['cells']:,} cells: {fisher['seconds']:.1f} s = "
         f"{fisher['seconds_per_10k_cells']:.1f} s per 10k cells, vs {fisher['epoch_seconds_per_10k_cells']:.1f} s for one "
-        f"training epoch over 10k cells (ratio {fisher['ratio_fisher_to_epoch_10k']:.1f}).",
+        f"training epoch over 10k cells (ratio {fisher['ratio_fisher_to_epoch_10k']:.2f}).",
         "",
-        f"Label transfer: synthetic 10-d Gaussian mixture (20 labelled clusters, not cell data), 10,000 queries, k = 50; "
-        "build = index construction (sklearn: fit), transfer = search + scArches weighting; labels_equal_exact = share of "
-        "best labels equal to the atlasengine exact (faiss IndexFlatL2) result.",
+        "Label transfer: synthetic 10-d Gaussian mixture (20 labelled clusters, centres N(0, 1.5^2), unit noise, so "
+        "clusters overlap like cell types; not cell data), 10,000 queries, k = 50; build = index construction (sklearn: "
+        "fit; ivf: k-means training + add), transfer = search + scArches weighting; labels_equal_exact = share of best "
+        "labels equal to the atlasengine exact (faiss IndexFlatL2) result. Index settings: TransferConfig defaults "
+        "(hnsw M 32, efSearch 128; ivf nlist 1024, nprobe 32)." + (f" {payload['knn_note']}." if payload.get("knn_note") else ""),
         "",
         C.md_table(kn, 3),
         "",
@@ -209,15 +250,11 @@ def main() -> None:
         "",
         C.md_table(rt, 2),
         "",
-        f"Load average before the run {tuple(round(x, 2) for x in load_before)}, after "
-        f"{tuple(round(x, 2) for x in os.getloadavg())} (2 cores; other processes on the machine slow every timing).",
-        f"Total wall time {wall / 60:.1f} min.",
+        f"Load average before the run {tuple(round(x, 2) for x in payload['load_before'])}, after "
+        f"{tuple(round(x, 2) for x in payload['load_after'])} (2 cores; other processes on the machine slow every timing).",
+        f"Total wall time {payload['wall_seconds'] / 60:.1f} min.",
     ]
-    C.write_outputs(args.out, "speed", {"quick": args.quick, "settings": cfg, "scvi_available": have_scvi, "scvi_note": why,
-                                        "training": train_rows, "fisher": fisher, "knn": knn_rows, "ratios": ratios,
-                                        "load_before": load_before, "load_after": os.getloadavg(), "wall_seconds": wall},
-                    "\n".join(md))
-
+    C.write_outputs(args.out, "speed", payload, "\n".join(md))
 
 if __name__ == "__main__":
     main()

@@ -20,9 +20,8 @@ from atlasengine.transfer import novelty as N
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NOVEL = ["NK", "Mono_CD16"]
-SMALL = {
-    "model": {"n_hidden": 64, "n_latent": 10},
-    "reference_training": {"max_epochs": 40, "progress_bar": False, "kl_warmup_epochs": 10, "seed": 0},
+SMALL = {  # default architecture, few epochs (n_hidden 64 was too weak to separate NK from CD8 T cells)
+    "reference_training": {"max_epochs": 40, "progress_bar": False, "kl_warmup_epochs": 20, "seed": 0},
     "query_training": {"max_epochs": 20, "progress_bar": False, "kl_warmup_epochs": 0, "seed": 0},
     "continual": {"fisher_max_cells": 200, "replay_max_cells": 400},
 }

@@ -52,7 +52,8 @@ from atlasengine.faults import fault_point
 from atlasengine.store.lock import WriteLock, break_lock, lock_holder
 from atlasengine.store.manifest import AtlasNeedsUpgrade, DatasetRecord, Manifest, VersionInfo
 from atlasengine.training import CellData, TrainResult, fit
-from atlasengine.transfer import NeighborIndex, transfer_labels
+from atlasengine.transfer import UNKNOWN, NeighborIndex, transfer_labels
+from atlasengine.transfer.novelty import CALIBRATION_FILE, NoveltyCalibration, novelty_scores, reference_calibration
 
 log = logging.getLogger("atlasengine")
 
@@ -325,7 +326,26 @@ class Atlas:
         """
         tcfg = self._transfer_config(config)
         z = self.embed(adata, batch_key, layer)
-        return transfer_labels(self.neighbor_index(), z, tcfg, obs_names=[str(c) for c in adata.obs_names])
+        calibration = self.novelty_calibration()
+        if (calibration.k_transfer, calibration.kernel) != (tcfg.k, tcfg.kernel):
+            calibration = self._calibrate(self.neighbor_index(), self.latent(), self.obs()["label"].notna().to_numpy(), tcfg)
+        return _predict(self.neighbor_index(), calibration, z, tcfg, [str(c) for c in adata.obs_names])
+
+    def novelty_calibration(self) -> NoveltyCalibration:
+        """Leave-one-out novelty scores of reference cells for this version (stored with it;
+        computed from the stored embeddings for versions written before it existed)."""
+        if "calibration" not in self._cache:
+            if CALIBRATION_FILE in self.info.files:
+                cal = NoveltyCalibration.load(self._store.file(self.info, CALIBRATION_FILE))
+            else:
+                labelled = self.obs()["label"].notna().to_numpy()
+                cal = self._calibrate(self.neighbor_index(), self.latent(), labelled, self.config.transfer)
+            self._cache["calibration"] = cal
+        return self._cache["calibration"]
+
+    @staticmethod
+    def _calibrate(index: NeighborIndex, z: np.ndarray, labelled: np.ndarray, tcfg: TransferConfig) -> NoveltyCalibration:
+        return reference_calibration(index, z[labelled], k_transfer=tcfg.k, kernel=tcfg.kernel, max_cells=5000, seed=0)
 
     def _transfer_config(self, config: TransferConfig | dict | None) -> TransferConfig:
         return _merge(self.config.transfer, config)
@@ -514,9 +534,11 @@ class Atlas:
         (staged / CONFIG).write_text(json.dumps({"model": manifest.config.model.model_dump(), **config_used}, indent=2))
         index = NeighborIndex.build(z[labelled], obs["label"][labelled].astype(str).to_numpy(), manifest.config.transfer)
         index.save(staged / INDEX_DIR)
+        calibration = self._calibrate(index, z, labelled, manifest.config.transfer)
+        calibration.save(staged / CALIBRATION_FILE)
         summary = None
         if parent is not None:
-            preds = transfer_labels(index, z[new_cells], manifest.config.transfer, obs_names=obs.index[new_cells].tolist())
+            preds = _predict(index, calibration, z[new_cells], manifest.config.transfer, obs.index[new_cells].tolist())
             preds.to_parquet(staged / PREDICTIONS)
             summary = transfer_summary(preds, obs["label"][new_cells], new_dataset.name)
         files = store.publish(staged, number)
@@ -565,6 +587,27 @@ def _merge(base, override):
         return type(base).model_validate({**base.model_dump(), **override})
     except Exception as exc:
         raise InputError(f"invalid {type(base).__name__}: {exc}") from exc
+
+
+def _predict(index: NeighborIndex, calibration: NoveltyCalibration, z: np.ndarray, tcfg: TransferConfig,
+             obs_names: list[str]) -> pd.DataFrame:
+    """Weighted-kNN labels plus the calibrated novelty score (distance + uncertainty).
+
+    With ``tcfg.unknown_rule == "novelty"`` a cell is Unknown when its novelty is above the
+    threshold calibrated on reference cells for ``tcfg.novelty_target`` false alarms;
+    otherwise the paper's rule (uncertainty above ``uncertainty_threshold``) decides.
+    """
+    preds = transfer_labels(index, z, tcfg, obs_names=obs_names)
+    distances, _ = index.search(z, max(calibration.k, tcfg.k))
+    nov = novelty_scores(distances, preds["uncertainty"].to_numpy(), calibration,
+                         target_rate=tcfg.novelty_target, obs_names=obs_names)
+    for col in ("novelty", "novelty_pvalue", "is_novel"):
+        preds[col] = nov[col].to_numpy()
+    preds.attrs.update(unknown_rule=tcfg.unknown_rule, novelty_threshold=nov.attrs["novelty_threshold"])
+    if tcfg.unknown_rule == "novelty":
+        preds["is_unknown"] = preds["is_novel"]
+        preds["label"] = preds["predicted_label"].where(~preds["is_unknown"], UNKNOWN)
+    return preds
 
 
 def _embed(module: CVAE, data: CellData, batch_size: int = 4096) -> np.ndarray:

@@ -44,7 +44,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +230,6 @@ class NoveltyCalibration:
     distance: np.ndarray
     uncertainty: np.ndarray
     elbo_gain_z: np.ndarray | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def n(self) -> int:
