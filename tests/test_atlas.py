@@ -116,7 +116,6 @@ def test_fisher_accumulates_over_two_ingests(atlas_path, pancreas_query):
 
 def test_failure_mid_ingest_leaves_previous_version_and_retry_succeeds(atlas_path, pancreas_query, monkeypatch):
     from atlasengine.faults import InjectedFault
-    from conftest import snapshot
 
     atlas = Atlas.open(atlas_path)
     z1 = atlas.latent()
