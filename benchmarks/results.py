@@ -45,7 +45,7 @@ WHY = {
         "per query, about as fast as sklearn's tree; only an approximate index can be 10x faster. The engine's IVF index "
         "(TransferConfig index='ivf', nlist 1024, nprobe 32) is 10x faster than sklearn measured in the same run with "
         ">= 99.7% equal labels, but only 2x faster than the 6.8 s quoted (measured on a quiet machine): every timing "
-        "here ran at load average 5-8 on 2 cores. HNSW (the engine's 'auto' choice above 200k cells) searches fast but "
+        "here ran at load average 5-8 on 2 cores. HNSW searches fast but "
         "its build is slow (32 s at 100k, 554 s at 1M under this load)."
     ),
     "memory": "",
