@@ -86,6 +86,38 @@ def folded(tmp_path_factory, reference_atlas, pancreas_query) -> dict[str, Path]
     return out
 
 
+PBMC_NOVEL = {"NK", "Mono_CD16"}
+# default architecture, few epochs (n_hidden 64 was too weak to separate NK from CD8 T cells)
+PBMC_SMALL = {
+    "reference_training": {"max_epochs": 40, "progress_bar": False, "kl_warmup_epochs": 20, "seed": 0},
+    "query_training": {"max_epochs": 20, "progress_bar": False, "kl_warmup_epochs": 0, "seed": 0},
+    "continual": {"fisher_max_cells": 200, "replay_max_cells": 400},
+}
+
+
+@pytest.fixture(scope="session")
+def pbmc_fold_in(tmp_path_factory):
+    """pbmc reference (3pv1 + 3pv2 without NK and Mono_CD16) and its ewc fold-in of 5p, built once.
+
+    Returns (atlas at version 2, atlas at version 1, reference AnnData, query AnnData, predictions).
+    """
+    import torch
+
+    from atlasengine import Atlas
+
+    pbmc = read_data("pbmc_3chemistries.h5ad")
+    donor = pbmc.obs["donor"].astype(str)
+    label = pbmc.obs["cell_type"].astype(str)
+    ref = pbmc[(donor.isin(["3pv1", "3pv2"]) & ~label.isin(PBMC_NOVEL)).to_numpy()].copy()
+    query = pbmc[(donor == "5p").to_numpy()].copy()
+    path = tmp_path_factory.mktemp("pbmc") / "pbmc.atlas"
+    torch.manual_seed(0)
+    Atlas.create(path, ref, batch_key="donor", label_key="cell_type", config=PBMC_SMALL)
+    atlas = Atlas.open(path)
+    res = atlas.ingest(query, batch_key="donor", strategy="ewc")
+    return atlas, Atlas.open(path, version=1), ref, query, res.predictions
+
+
 @pytest.fixture
 def atlas_path(reference_atlas, tmp_path) -> Path:
     """A private copy of the reference atlas."""

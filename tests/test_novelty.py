@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
@@ -20,11 +19,6 @@ from atlasengine.transfer import novelty as N
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NOVEL = ["NK", "Mono_CD16"]
-SMALL = {  # default architecture, few epochs (n_hidden 64 was too weak to separate NK from CD8 T cells)
-    "reference_training": {"max_epochs": 40, "progress_bar": False, "kl_warmup_epochs": 20, "seed": 0},
-    "query_training": {"max_epochs": 20, "progress_bar": False, "kl_warmup_epochs": 0, "seed": 0},
-    "continual": {"fisher_max_cells": 200, "replay_max_cells": 400},
-}
 
 
 @pytest.fixture(scope="module")
@@ -121,19 +115,7 @@ def test_calibrated_threshold_hits_target_on_reference_cells(pbmc, embedding):
 
 
 # ------------------------------------------------------------------ pbmc with a small model
-@pytest.fixture(scope="module")
-def pbmc_fold_in(pbmc, tmp_path_factory):
-    from atlasengine import Atlas
-
-    donor = pbmc.obs["donor"].astype(str)
-    label = pbmc.obs["cell_type"].astype(str)
-    ref = pbmc[(donor.isin(["3pv1", "3pv2"]) & ~label.isin(NOVEL)).to_numpy()].copy()
-    query = pbmc[(donor == "5p").to_numpy()].copy()
-    path = tmp_path_factory.mktemp("novelty") / "pbmc.atlas"
-    torch.manual_seed(0)
-    atlas = Atlas.create(path, ref, batch_key="donor", label_key="cell_type", config=SMALL)
-    res = atlas.ingest(query, batch_key="donor", strategy="ewc")
-    return atlas, Atlas.open(path, version=1), ref, query, res.predictions
+# (the pbmc_fold_in fixture lives in conftest.py, shared with the label-transfer test)
 
 
 def test_pbmc_combined_score_beats_uncertainty(pbmc_fold_in, tmp_path):
