@@ -52,7 +52,8 @@ from atlasengine.faults import fault_point
 from atlasengine.store.lock import WriteLock, break_lock, lock_holder
 from atlasengine.store.manifest import AtlasNeedsUpgrade, DatasetRecord, Manifest, VersionInfo
 from atlasengine.training import CellData, TrainResult, fit
-from atlasengine.transfer import UNKNOWN, NeighborIndex, transfer_labels
+from atlasengine.transfer import UNKNOWN, NeighborIndex, label_probabilities
+from atlasengine.transfer.knn import prediction_table
 from atlasengine.transfer.novelty import CALIBRATION_FILE, NoveltyCalibration, novelty_scores, reference_calibration
 
 log = logging.getLogger("atlasengine")
@@ -597,8 +598,11 @@ def _predict(index: NeighborIndex, calibration: NoveltyCalibration, z: np.ndarra
     threshold calibrated on reference cells for ``tcfg.novelty_target`` false alarms;
     otherwise the paper's rule (uncertainty above ``uncertainty_threshold``) decides.
     """
-    preds = transfer_labels(index, z, tcfg, obs_names=obs_names)
-    distances, _ = index.search(z, max(calibration.k, tcfg.k))
+    distances, neighbors = index.search(z, max(calibration.k, tcfg.k))  # one search serves both
+    probs = label_probabilities(
+        distances[:, : tcfg.k], index.neighbor_codes(neighbors[:, : tcfg.k]), len(index.categories), tcfg.kernel
+    )
+    preds = prediction_table(probs, index.categories, tcfg, obs_names)
     nov = novelty_scores(distances, preds["uncertainty"].to_numpy(), calibration,
                          target_rate=tcfg.novelty_target, obs_names=obs_names)
     for col in ("novelty", "novelty_pvalue", "is_novel"):

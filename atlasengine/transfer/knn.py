@@ -115,9 +115,17 @@ def transfer_labels(
         probs[start : start + SEARCH_CHUNK] = label_probabilities(
             dist, index.neighbor_codes(idx), n_labels, config.kernel
         )
-    categories = np.asarray(index.categories, dtype=object)
+    return prediction_table(probs, index.categories, config, obs_names)
+
+
+def prediction_table(
+    probs: np.ndarray, categories: Sequence[str], config: TransferConfig, obs_names: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """The transfer's table from label probabilities (rows: query cells, columns: ``categories``)."""
+    n_labels = len(categories)
+    cats = np.asarray(categories, dtype=object)
     best = probs.argmax(axis=1) if n_labels else np.zeros(0, dtype=int)
-    predicted = categories[best]
+    predicted = cats[best]
     uncertainty = np.clip(1.0 - probs[np.arange(len(best)), best], 0.0, None)
     is_unknown = uncertainty > config.uncertainty_threshold
     df = pd.DataFrame(
@@ -129,7 +137,7 @@ def transfer_labels(
         },
         index=pd.Index(obs_names) if obs_names is not None else None,
     )
-    p = pd.DataFrame(probs, columns=[f"p_{c}" for c in index.categories], index=df.index)
+    p = pd.DataFrame(probs, columns=[f"p_{c}" for c in categories], index=df.index)
     df = pd.concat([df, p], axis=1)
     df.attrs["uncertainty_threshold"] = float(config.uncertainty_threshold)
     return df
