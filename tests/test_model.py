@@ -105,3 +105,20 @@ def test_ewc_penalty_value_and_new_rows_are_free():
         m.px_r[0] += 0.5
     # lambda/2 * F * d^2 = 5 * 2 * 0.25
     assert float(pen(m)) == pytest.approx(2.5, rel=1e-5)
+
+
+def test_ewc_penalty_gradient_equals_autograd_of_its_formula():
+    torch.manual_seed(0)
+    m = CVAE(10, 2, ModelConfig(n_hidden=4, n_latent=2))
+    fisher = {k: torch.rand_like(v) for k, v in m.named_parameters()}
+    anchor = {k: v.detach() + 0.1 * torch.randn_like(v) for k, v in m.named_parameters()}
+    pen = EWCPenalty(m, fisher, anchor, ewc_lambda=7.0)
+    value = pen(m)
+    value.backward()
+    fast = {k: v.grad.clone() for k, v in m.named_parameters()}
+    m.zero_grad()
+    naive = 3.5 * sum((fisher[k] * (v - anchor[k]) ** 2).sum() for k, v in m.named_parameters())
+    naive.backward()
+    assert float(value) == pytest.approx(float(naive), rel=1e-5)
+    for k, v in m.named_parameters():
+        torch.testing.assert_close(fast[k], v.grad)
