@@ -126,12 +126,14 @@ def targets(found: dict) -> list[str]:
             by = {k["method"]: k for k in knn}
             best = max((k for k in knn if k["method"].startswith("atlasengine") and k["labels_equal_exact"] >= 0.99),
                        key=lambda k: k["speedup_vs_sklearn"], default=None)
-            txt = "; ".join(f"{m}: {k['total_seconds']:.2f} s, {k['labels_equal_exact']:.2%} equal" for m, k in by.items())
+            txt = "; ".join(f"{m}: {k['transfer_seconds']:.2f} s per call (build {k['build_seconds']:.2f} s), "
+                            f"{k['labels_equal_exact']:.2%} equal" for m, k in by.items())
             sp = _v(best["speedup_vs_sklearn"]) if best else float("nan")
-            quoted = 6.8 / best["total_seconds"] if best else float("nan")
+            quoted = 6.8 / best["transfer_seconds"] if best else float("nan")
             rows.append(("knn", "transfer_labels 10k x 100k >= 10x faster than sklearn NearestNeighbors, >= 99% labels "
-                         "equal to exact", txt + (f"; best >= 99%-equal: {best['method']}, {sp:.1f}x sklearn of the same run, "
-                         f"{quoted:.1f}x the 6.8 s quoted for sklearn in the issue" if best else ""),
+                         "equal to exact", txt + (f"; best >= 99%-equal: {best['method']}, {sp:.1f}x sklearn (fit + query) "
+                         f"of the same run per call ({_v(best.get('speedup_incl_build')):.1f}x counting the one-off index "
+                         f"build), {quoted:.1f}x the 6.8 s quoted for sklearn in the issue" if best else ""),
                          f"vs sklearn in the same run: {verdict(sp, 10.0, True, 'x')}; vs the quoted 6.8 s: "
                          f"{verdict(quoted, 10.0, True, 'x')}"))
         else:
