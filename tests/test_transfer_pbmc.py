@@ -5,13 +5,14 @@ from __future__ import annotations
 from atlasengine.transfer import evaluate_transfer
 from conftest import PBMC_NOVEL
 
-# Bars measured on this machine with conftest.PBMC_SMALL (see the closing note). The novel-vs-known
-# AUROC of the plain label uncertainty is near chance on pbmc (FACTS.md: scvi-tools 0.51; it swung
-# between 0.40 and 0.82 across engine revisions here): label entropy cannot see NK among CD8 T
-# cells, so it is reported by benchmarks/mapping.py (3 seeds) rather than asserted; the calibrated
-# novelty score is asserted in tests/test_novelty.py.
+# Bars measured on this machine with conftest.PBMC_SETTINGS, seeds 0 / 1 / 2 (the fixture uses 0):
+# known accuracy 0.918 / 0.894 / 0.907 projected through version 1 and 0.897 / 0.887 / 0.918 after
+# the ewc fold-in; novel-vs-known AUROC of the label uncertainty 0.371 / 0.435 / 0.456 projected
+# (the frozen reference cannot see NK among CD8 T cells) and 0.659 / 0.691 / 0.608 after the ewc
+# fold-in, which learned the query's variation.
 PROJECTION_ACCURACY_BAR = 0.85
-FOLD_IN_ACCURACY_BAR = 0.60
+FOLD_IN_ACCURACY_BAR = 0.85
+AUROC_FLOOR = 0.5
 
 
 def test_transfer_without_fold_in_and_with_ewc(pbmc_fold_in):
@@ -24,6 +25,10 @@ def test_transfer_without_fold_in_and_with_ewc(pbmc_fold_in):
     print("pbmc transfer, ewc fold-in:", ev)
     assert ev0["known_accuracy"] > PROJECTION_ACCURACY_BAR
     assert ev["known_accuracy"] > FOLD_IN_ACCURACY_BAR
+    # novel cells are more uncertain than known ones once the query is folded in, and more so
+    # than through the frozen reference (the paper's claim for continual learning)
+    assert ev["auroc_novel"] > AUROC_FLOOR
+    assert ev["auroc_novel"] > ev0["auroc_novel"]
     for e in (ev0, ev):
         assert 0.0 <= e["auroc_novel"] <= 1.0 and e["n_novel"] == 42 and e["n_known"] == 388
     # predictions are stored with the version and carried by obs()
