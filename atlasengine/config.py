@@ -88,6 +88,12 @@ class TransferConfig(_Strict):
         "'novelty': Unknown when the calibrated novelty score is above its threshold for novelty_target",
     )
     novelty_target: float = Field(0.05, gt=0.0, lt=1.0, description="target share of known cells called novel")
+    novelty_calibration: Literal["reference", "query"] = Field(
+        "reference",
+        description="'reference': novelty p-values against reference cells (exact when known query cells resemble "
+        "reference cells); 'query': the statistic re-centred on the query's median first, for queries shifted as a "
+        "whole (stimulation, chemistry); assumes novel cells are a minority of the query (>= 50 cells)",
+    )
     index: Literal["auto", "exact", "hnsw", "ivf"] = "auto"
     approximate_above: int = Field(50_000, ge=1)
     hnsw_m: int = Field(32, ge=4)

@@ -4,7 +4,8 @@ Pancreas as in the paper: reference = celseq, fluidigmc1, indrop (all cell types
 celseq2 + smartseq2. Engine defaults (epochs by scvi-tools' rule, early stopping); per seed the
 reference is trained once and each strategy folds the query into its own copy. Displacement =
 mean Euclidean distance between a reference cell's embedding at version 1 and at version 2,
-raw and after orthogonal Procrustes alignment.
+raw and after orthogonal Procrustes alignment. Rows "ewc lambda=X" repeat ewc at other
+penalty strengths (full mode only).
 
     python -m benchmarks.displacement [--quick] [--seeds N] [--out DIR]
 """
@@ -35,6 +36,7 @@ SCENARIO = Scenario(
     name="pancreas_all_types", file="pancreas_panc8_small.h5ad", batch_key="tech", label_key="celltype",
     ref_batches=("celseq", "fluidigmc1", "indrop"), query_batches=("celseq2", "smartseq2"), novel=frozenset(),
 )
+EXTRA_LAMBDAS = (10.0, 100.0, 1000.0)  # besides the default (row "ewc"), to show the trade-off
 
 
 def main() -> None:
@@ -49,10 +51,13 @@ def main() -> None:
     for seed in range(args.seeds):
         atlas, _ = create_reference(work / f"ref{seed}", SCENARIO, ref, seed, epochs[0], epochs[1])
         z1 = atlas.latent()
-        for strategy in STRATEGIES:
-            folded, res, secs = fold_in(work / f"ref{seed}", work / f"{strategy}{seed}", query, SCENARIO, strategy)
+        runs = [(s, s, None) for s in STRATEGIES]
+        runs += [] if args.quick else [(f"ewc lambda={lam:g}", "ewc", {"ewc_lambda": lam}) for lam in EXTRA_LAMBDAS]
+        for name, strategy, continual in runs:
+            folded, res, secs = fold_in(work / f"ref{seed}", work / f"run{seed}", query, SCENARIO, strategy,
+                                        continual=continual)
             z2 = folded.latent()[: len(z1)]
-            rows.append({"strategy": strategy, "seed": seed, "displacement": displacement(z1, z2),
+            rows.append({"strategy": name, "seed": seed, "displacement": displacement(z1, z2),
                          "displacement_aligned": procrustes_displacement(z1, z2), "epochs": res.training["epochs"],
                          "fold_in_seconds": secs})
             print(rows[-1], flush=True)

@@ -26,3 +26,10 @@ def test_predictions_carry_calibrated_novelty_and_the_rule_is_selectable(two_ver
     # same embedding, same ranking: the two rules differ only in the cut
     np.testing.assert_allclose(paper["novelty"], calibrated["novelty"])
     assert len(obs) == 500
+    # the query-centred threshold: same scores, a threshold moved by the query's median shift
+    centred = atlas.transfer_labels(pancreas_query, batch_key="tech",
+                                    config={"unknown_rule": "novelty", "novelty_calibration": "query"})
+    np.testing.assert_allclose(centred["novelty"], calibrated["novelty"])
+    assert (centred["is_unknown"] == centred["is_novel"]).all()
+    np.testing.assert_array_equal(centred["is_novel"].to_numpy(),
+                                  centred["novelty"].to_numpy() > centred.attrs["novelty_threshold"])

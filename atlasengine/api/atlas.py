@@ -595,16 +595,16 @@ def _predict(index: NeighborIndex, calibration: NoveltyCalibration, z: np.ndarra
     """Weighted-kNN labels plus the calibrated novelty score (distance + uncertainty).
 
     With ``tcfg.unknown_rule == "novelty"`` a cell is Unknown when its novelty is above the
-    threshold calibrated on reference cells for ``tcfg.novelty_target`` false alarms;
-    otherwise the paper's rule (uncertainty above ``uncertainty_threshold``) decides.
+    threshold calibrated on reference cells for ``tcfg.novelty_target`` false alarms (re-centred
+    on the query with ``tcfg.novelty_calibration == "query"``); otherwise the paper's rule (uncertainty above ``uncertainty_threshold``) decides.
     """
     distances, neighbors = index.search(z, max(calibration.k, tcfg.k))  # one search serves both
     probs = label_probabilities(
         distances[:, : tcfg.k], index.neighbor_codes(neighbors[:, : tcfg.k]), len(index.categories), tcfg.kernel
     )
     preds = prediction_table(probs, index.categories, tcfg, obs_names)
-    nov = novelty_scores(distances, preds["uncertainty"].to_numpy(), calibration,
-                         target_rate=tcfg.novelty_target, obs_names=obs_names)
+    nov = novelty_scores(distances, preds["uncertainty"].to_numpy(), calibration, target_rate=tcfg.novelty_target,
+                         obs_names=obs_names, centre_on_query=tcfg.novelty_calibration == "query")
     for col in ("novelty", "novelty_pvalue", "is_novel"):
         preds[col] = nov[col].to_numpy()
     preds.attrs.update(unknown_rule=tcfg.unknown_rule, novelty_threshold=nov.attrs["novelty_threshold"])
