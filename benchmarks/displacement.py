@@ -66,7 +66,8 @@ def main() -> None:
     md = (f"# Reference displacement per strategy\n\n{__doc__.split(chr(10) + chr(10))[1]}\n\n"
           f"{args.seeds} seed(s); epochs {'30/20 (quick)' if args.quick else 'engine defaults'}; "
           f"total {time.perf_counter() - t0:.0f} s.\n\n" + md_table(summary))
-    write_outputs(args.out, "displacement", {"rows": rows}, md)
+    write_outputs(args.out, "displacement", {"quick": args.quick, "rows": rows,
+                                             "wall_seconds": time.perf_counter() - t0}, md)
 
 
 if __name__ == "__main__":
