@@ -21,17 +21,18 @@ def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tens
 
 
 def log_nb_per_cell(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """``log_nb(x, mu, theta).sum(-1)``, with the gamma-function terms evaluated only where x > 0.
+    """``log_nb(x, mu, theta).sum(-1)``, with the terms that vanish at x == 0 evaluated only where x > 0.
 
-    ``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)`` is exactly 0 where ``x == 0``, and
+    ``x * log(mu / (theta + mu))`` and ``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)`` are 0 where ``x == 0``, and
     count matrices are mostly zeros, so this skips most of the costliest work (lgamma forward,
     digamma backward). ``theta`` must have the shape of ``x``.
     """
     log_theta_mu = torch.log(theta + mu + _EPS)
-    dense = (theta * (torch.log(theta + _EPS) - log_theta_mu) + x * (torch.log(mu + _EPS) - log_theta_mu)).sum(-1)
+    dense = (theta * (torch.log(theta + _EPS) - log_theta_mu)).sum(-1)
     rows, cols = torch.nonzero(x, as_tuple=True)
     xv, tv = x[rows, cols], theta[rows, cols]
-    return dense.index_add(0, rows, torch.lgamma(xv + tv) - torch.lgamma(tv) - torch.lgamma(xv + 1))
+    sparse = xv * (torch.log(mu[rows, cols] + _EPS) - log_theta_mu[rows, cols])  # the x * log(...) term is 0 where x == 0
+    return dense.index_add(0, rows, sparse + torch.lgamma(xv + tv) - torch.lgamma(tv) - torch.lgamma(xv + 1))
 
 
 def log_zinb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor) -> torch.Tensor:
