@@ -52,14 +52,14 @@ class ContinualConfig(_Strict):
     benchmarks.lambda_sweep --seeds 3`` (pancreas + pbmc, 150/100 epochs; benchmarks/RESULTS.md):
     of the lambdas under which ewc moves the reference less than finetune in both scenarios
     (1 to 10,000), lambda 1 has the best novel AUROC + known accuracy + reference accuracy
-    (AUROC 0.81, known accuracy 0.88; lambda 1000: 0.72 / 0.87, with pancreas query cells left
-    unintegrated on one seed in three). There it moves the pancreas reference 1.52 +- 0.45
-    against 1.67 +- 0.19 under finetune (pbmc 0.59 vs 0.75); with the engine's own epoch rule
-    (``python -m benchmarks.displacement``) it moves it about as much as finetune (1.52 +- 0.28 vs
-    1.38 +- 0.23; lambda 100: 1.29, lambda 1000: 0.65). Pass ``continual={"ewc_lambda": 1000}``
-    when the reference embedding must stay put, at some cost in mapping.
-    Replay 0.25 matched 0.5 on AUROC (pancreas 0.96 vs 0.97, pbmc 0.65 vs 0.63) at about half
-    the fold-in time (an epoch holds n_query / (1 - replay_fraction) cells).
+    (AUROC 0.80, known accuracy 0.88; lambda 1000: 0.74 / 0.87, pbmc AUROC 0.52 against 0.64).
+    There it moves the pancreas reference 1.58 +- 0.44 against 1.68 +- 0.19 under finetune
+    (pbmc 0.59 vs 0.71); with the engine's own epoch rule (``python -m benchmarks.displacement``)
+    it moves it about as much as finetune (1.61 +- 0.07 vs 1.49 +- 0.23; lambda 100: 1.42,
+    lambda 1000: 0.59). Pass ``continual={"ewc_lambda": 1000}`` when the reference embedding must
+    stay put, at some cost in mapping. Replay 0.25 against 0 / 0.5 at lambda 1: novel AUROC
+    pancreas 0.96 / 0.97 / 0.97, pbmc 0.64 / 0.58 / 0.65, at 1.33x instead of 2x the cells per
+    epoch (an epoch holds n_query / (1 - replay_fraction) cells).
     """
 
     ewc_lambda: float = Field(1.0, ge=0)
