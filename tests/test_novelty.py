@@ -179,7 +179,7 @@ def test_query_centred_threshold_on_exchangeable_and_on_shifted_queries(pbmc, em
     """Held-out reference cells keep the target rate when centred on themselves; a query whose
     cells all sit 20% farther from the reference (a stimulated condition) floods the
     reference-calibrated call, and centring takes back part of that excess (on the real ifnb
-    shift, 10.2% -> 5.6%: benchmarks/novelty.py) without changing the ranking."""
+    shift, 10.0% -> 5.7%: benchmarks/novelty.py) without changing the ranking."""
     is_ref = pbmc.obs["donor"].isin(["3pv1", "3pv2"]).to_numpy()
     emb = embedding[is_ref]
     labels = pbmc.obs["cell_type"].astype(str).to_numpy()[is_ref]

@@ -127,7 +127,7 @@ def query_centred(scores: np.ndarray, calibration: np.ndarray) -> tuple[np.ndarr
     reference-calibrated p-values call too many (or too few) cells; moving Fisher's statistic
     by the median difference takes most of that back while keeping the ranking, so the AUROC
     does not change. Measured (benchmarks/novelty.py, 3 seeds, 5% target): ifnb (stimulated
-    query) 10.2% -> 5.6% of known cells called novel, pbmc 4.9% -> 4.8%, pancreas 3.4% -> 3.0%.
+    query) 10.0% -> 5.7% of known cells called novel, pbmc 5.2% -> 5.2%, pancreas 2.4% -> 2.4%.
     It assumes novel cells are a minority of the query: a query made mostly of one new type
     would be centred on that type, so reference calibration stays the default.
     """
