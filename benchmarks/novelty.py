@@ -147,6 +147,7 @@ def evaluate(scores: pd.DataFrame, predictions: pd.DataFrame, truth: np.ndarray,
     both, cal_both = N.combine(pv, cal, ("distance", "uncertainty", "elbo_gain"))
     p_both = N.conformal_pvalues(cal_both, both)
     dist = scores["distance"].to_numpy()
+    cal_default = cal.combined()
     return [
         row("uncertainty", unc, pv["uncertainty"], fa_at_cutoff=float((unc > thr)[known].mean()),
             novel_at_cutoff=float((unc > thr)[novel].mean())),
@@ -156,7 +157,7 @@ def evaluate(scores: pd.DataFrame, predictions: pd.DataFrame, truth: np.ndarray,
         row("elbo_gain", scores["elbo_gain"].to_numpy(), pv["elbo_gain"]),
         row("novelty", scores["novelty"].to_numpy(), scores["novelty_pvalue"].to_numpy()),
         row("novelty_query_centred", scores["novelty"].to_numpy(),
-            N.conformal_pvalues(cal.combined(), N.query_centred(scores["novelty"].to_numpy(), cal.combined())[0])),
+            N.conformal_pvalues(cal_default, N.query_centred(scores["novelty"].to_numpy(), cal_default)[0])),
         row("novelty+gain", both, p_both),
         row("novelty_query_adaptive", *adaptive),
     ]

@@ -80,27 +80,34 @@ def test_conformal_edge_cases():
 
 
 # ---------------------------------------------------------- calibrated threshold (no model)
+def split_reference(pbmc, embedding, seed: int, cfg: TransferConfig):
+    """Halve the pbmc reference cells at random: (calibration of one half, neighbour distances
+    and kNN uncertainty of the other half, held-out count, fitted half size)."""
+    is_ref = pbmc.obs["donor"].isin(["3pv1", "3pv2"]).to_numpy()
+    emb = embedding[is_ref]
+    labels = pbmc.obs["cell_type"].astype(str).to_numpy()[is_ref]
+    perm = np.random.default_rng(seed).permutation(len(emb))
+    fit, held = perm[: len(perm) // 2], perm[len(perm) // 2 :]
+    index = NeighborIndex.build(emb[fit], labels[fit], cfg)
+    cal = N.reference_calibration(index, emb[fit], k=50, k_transfer=cfg.k, kernel=cfg.kernel)
+    d, i = index.search(emb[held], cfg.k)
+    unc = 1.0 - label_probabilities(d, index.neighbor_codes(i), len(index.categories), cfg.kernel).max(axis=1)
+    return cal, d, unc, len(held), len(fit)
+
+
 def test_calibrated_threshold_hits_target_on_reference_cells(pbmc, embedding):
     """Held-out reference cells are called novel at the target rate (marginal over random splits).
 
     The guarantee is marginal: one split of a reference with rare, far-off types (DC, MK, HSC)
     can miss by several points, so the rate is averaged over 12 random halvings.
     """
-    is_ref = pbmc.obs["donor"].isin(["3pv1", "3pv2"]).to_numpy()
-    emb = embedding[is_ref]
-    labels = pbmc.obs["cell_type"].astype(str).to_numpy()[is_ref]
     cfg = TransferConfig(k=50)
     rates: dict[tuple[str, float], list[float]] = {}
     n_held = 0
     for seed in range(12):
-        perm = np.random.default_rng(seed).permutation(len(emb))
-        fit, held = perm[: len(perm) // 2], perm[len(perm) // 2 :]
-        index = NeighborIndex.build(emb[fit], labels[fit], cfg)
-        cal = N.reference_calibration(index, emb[fit], k=50, k_transfer=cfg.k, kernel=cfg.kernel)
-        assert cal.n == len(fit) and cal.signals() == ("distance", "uncertainty")
-        d, i = index.search(emb[held], cfg.k)
-        unc = 1.0 - label_probabilities(d, index.neighbor_codes(i), len(index.categories), cfg.kernel).max(axis=1)
-        n_held += len(held)
+        cal, d, unc, held, fitted = split_reference(pbmc, embedding, seed, cfg)
+        assert cal.n == fitted and cal.signals() == ("distance", "uncertainty")
+        n_held += held
         for target in (0.05, 0.1):
             df = N.novelty_scores(d, unc, cal, target_rate=target)
             rates.setdefault(("novelty", target), []).append(df["is_novel"].mean())
@@ -180,18 +187,9 @@ def test_query_centred_threshold_on_exchangeable_and_on_shifted_queries(pbmc, em
     cells all sit 20% farther from the reference (a stimulated condition) floods the
     reference-calibrated call, and centring takes back part of that excess (on the real ifnb
     shift, 10.0% -> 5.7%: benchmarks/novelty.py) without changing the ranking."""
-    is_ref = pbmc.obs["donor"].isin(["3pv1", "3pv2"]).to_numpy()
-    emb = embedding[is_ref]
-    labels = pbmc.obs["cell_type"].astype(str).to_numpy()[is_ref]
-    cfg = TransferConfig(k=50)
-    perm = np.random.default_rng(0).permutation(len(emb))
-    fit, held = perm[: len(perm) // 2], perm[len(perm) // 2 :]
-    index = NeighborIndex.build(emb[fit], labels[fit], cfg)
-    cal = N.reference_calibration(index, emb[fit], k=50, k_transfer=cfg.k, kernel=cfg.kernel)
-    d, i = index.search(emb[held], cfg.k)
-    unc = 1.0 - label_probabilities(d, index.neighbor_codes(i), len(index.categories), cfg.kernel).max(axis=1)
+    cal, d, unc, held, _ = split_reference(pbmc, embedding, 0, TransferConfig(k=50))
     same = N.novelty_scores(d, unc, cal, centre_on_query=True)
-    assert abs(same["is_novel"].mean() - 0.05) < binomial_tolerance(0.05, len(held))
+    assert abs(same["is_novel"].mean() - 0.05) < binomial_tolerance(0.05, held)
     plain = N.novelty_scores(1.2 * d, unc, cal)
     centred = N.novelty_scores(1.2 * d, unc, cal, centre_on_query=True)
     assert plain["is_novel"].mean() > 0.12  # the shift alone makes many known cells look novel
