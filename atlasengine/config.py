@@ -90,6 +90,11 @@ class TransferConfig(_Strict):
         "'novelty': Unknown when the calibrated novelty score is above its threshold for novelty_target",
     )
     novelty_target: float = Field(0.05, gt=0.0, lt=1.0, description="target share of known cells called novel")
+    novelty_k: int = Field(
+        10, ge=1,
+        description="the novelty score's distance signal: mean distance to this many nearest reference cells "
+        "(10: measured against 20 and 50 in benchmarks/novelty.py; see atlasengine.transfer.novelty.DEFAULT_K)",
+    )
     novelty_calibration: Literal["reference", "query"] = Field(
         "reference",
         description="'reference': novelty p-values against reference cells (exact when known query cells resemble "

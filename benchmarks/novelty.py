@@ -9,7 +9,7 @@ query: novel-vs-known AUROC, the share of KNOWN query cells called Unknown at th
 Calibration uses reference cells only (leave-one-out); query labels are used for scoring only.
 
 Signals: ``uncertainty`` (the anchor: scArches weighted-kNN uncertainty, also shown at its own
-0.3 cut-off), ``distance`` (mean distance to the 50 nearest reference cells, the transfer's neighbours), ``distance_label``
+0.3 cut-off), ``distance`` (mean distance to the 10 nearest reference cells, from the transfer's search), ``distance_label``
 (the same, calibrated within the predicted label: a measured alternative), ``elbo_gain``
 (log nELBO_old / nELBO_new), ``novelty`` (default combination: Fisher of distance +
 uncertainty p-values) and ``novelty+gain`` (Fisher of all three).
@@ -29,13 +29,13 @@ from benchmarks import common as C
 
 TARGET = 0.05
 SIGNAL_ORDER = ["uncertainty", "distance", "distance_label", "elbo_gain", "novelty", "novelty_query_centred",
-                "novelty+gain", "novelty_query_adaptive"]
+                "novelty+gain", "novelty_query_adaptive", "novelty_k20", "novelty_k50"]
 METRICS = ["auroc", "fa@5%", "novel@5%"]
 
 
 # ------------------------------------------------------------------------------- wiring
-def atlas_novelty(atlas, query, ref, batch_key: str, predictions: pd.DataFrame, k: int = 50, max_cells: int = 5000,
-                  seed: int = 0) -> tuple[pd.DataFrame, object]:
+def atlas_novelty(atlas, query, ref, batch_key: str, predictions: pd.DataFrame, k: int | None = None,
+                  max_cells: int = 5000, seed: int = 0) -> tuple[pd.DataFrame, object]:
     """Novelty of the ``query`` just folded into ``atlas`` (its newest version): (scores, calibration).
 
     ``ref``: the reference AnnData (raw counts; the atlas would read these cells from its store).
@@ -51,6 +51,7 @@ def atlas_novelty(atlas, query, ref, batch_key: str, predictions: pd.DataFrame, 
 
     prev = Atlas.open(atlas.path, version=atlas.info.parent)
     tcfg = atlas.config.transfer
+    k = tcfg.novelty_k if k is None else k
     obs, z = atlas.obs(), atlas.latent()
     labelled = obs["label"].notna().to_numpy()
     index = atlas.neighbor_index()
@@ -127,8 +128,20 @@ def query_adaptive(cal, pred_r: np.ndarray, scores: pd.DataFrame, predicted: np.
     return stat, N.conformal_pvalues(ref, stat)
 
 
+def novelty_at_k(atlas, names: list[str], uncertainty: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The default combination with the distance signal over ``k`` neighbours: (statistic, p-value)."""
+    from atlasengine.transfer import novelty as N
+
+    obs, z, tcfg = atlas.obs(), atlas.latent(), atlas.config.transfer
+    index = atlas.neighbor_index()
+    cal = N.reference_calibration(index, z[obs["label"].notna().to_numpy()], k=k, k_transfer=tcfg.k, kernel=tcfg.kernel)
+    dist, _ = index.search(z[obs.index.get_indexer(names)], max(k, tcfg.k))
+    s = N.novelty_scores(dist, uncertainty, cal, target_rate=TARGET)
+    return s["novelty"].to_numpy(), s["novelty_pvalue"].to_numpy()
+
+
 def evaluate(scores: pd.DataFrame, predictions: pd.DataFrame, truth: np.ndarray, novel_labels, p_label, adaptive,
-             cal) -> list[dict]:
+             cal, other_k: dict[int, tuple[np.ndarray, np.ndarray]]) -> list[dict]:
     from sklearn.metrics import roc_auc_score
 
     from atlasengine.transfer import novelty as N
@@ -160,6 +173,7 @@ def evaluate(scores: pd.DataFrame, predictions: pd.DataFrame, truth: np.ndarray,
             N.conformal_pvalues(cal_default, N.query_centred(scores["novelty"].to_numpy(), cal_default)[0])),
         row("novelty+gain", both, p_both),
         row("novelty_query_adaptive", *adaptive),
+        *[row(f"novelty_k{k}", *v) for k, v in sorted(other_k.items())],
     ]
 
 
@@ -178,7 +192,9 @@ def run_one(sc, ref, query, seed: int, cfg: dict, work) -> tuple[list[dict], dic
     pred_r = loo_predicted(atlas, cal)
     p_label = per_label_distance(cal, pred_r, scores["distance"].to_numpy(), pred)
     adaptive = query_adaptive(cal, pred_r, scores, pred)
-    rows = evaluate(scores, res.predictions, truth, sc.novel, p_label, adaptive, cal)
+    unc = res.predictions.loc[scores.index, "uncertainty"].to_numpy()
+    other_k = {k: novelty_at_k(atlas, list(scores.index), unc, k) for k in (20, 50) if k != cal.k}
+    rows = evaluate(scores, res.predictions, truth, sc.novel, p_label, adaptive, cal, other_k)
     ev = evaluate_transfer(res.predictions, query.obs[sc.label_key], set(sc.novel))
     for r in rows:
         r.update(novelty_seconds=secs, fold_in_seconds=wall, known_accuracy=ev["known_accuracy"],
@@ -194,7 +210,7 @@ def plot(fig_data: dict, name: str, path) -> None:
 
     plt = C.matplotlib_agg()
     s, novel, cal = fig_data["scores"], fig_data["novel"], fig_data["cal"]
-    panels = [("uncertainty", s["uncertainty"], cal.uncertainty), ("distance (k=50)", s["distance"], cal.distance),
+    panels = [("uncertainty", s["uncertainty"], cal.uncertainty), (f"distance (k={cal.k})", s["distance"], cal.distance),
               ("ELBO gain (log ratio)", s["elbo_gain"], None),
               ("novelty (Fisher: dist+unc)", s["novelty"], cal.combined(N.DEFAULT_COMBINATION))]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.2))
@@ -269,7 +285,8 @@ def main() -> None:
         + ", ".join(f"{s}: {df[(df.scenario == s) & (df.signal == 'uncertainty')].fa_at_cutoff.mean():.1%} of known / "
                     f"{df[(df.scenario == s) & (df.signal == 'uncertainty')].novel_at_cutoff.mean():.1%} of novel"
                     for s in C.SCENARIOS) + " cells Unknown.",
-        "- `distance`: mean Euclidean distance to the 50 nearest reference cells (new version's latent), "
+        "- `distance`: mean Euclidean distance to the 10 nearest reference cells (new version's latent; "
+        "`TransferConfig.novelty_k`, 10 / 20 / 50 compared in `atlasengine.transfer.novelty.DEFAULT_K`), "
         "calibrated by reference cells' leave-one-out distances.",
         "- `distance_label`: the same distance calibrated within the predicted label (reference cells grouped by "
         "their leave-one-out predicted label; < 10 cells -> all).",
@@ -280,6 +297,8 @@ def main() -> None:
         "- `novelty_query_centred` (`TransferConfig(novelty_calibration='query')`): the same score, its threshold "
         "after shifting the query's statistics so their median equals the reference cells' (same ranking, so the same "
         "AUROC); assumes novel cells are a minority of the query.",
+        "- `novelty_k20`, `novelty_k50`: the default combination with the distance over 20 / 50 neighbours "
+        "(measured alternatives to `novelty_k` 10).",
         "- `novelty_query_adaptive` (measured alternative, not the default): log distance as a robust z-score within "
         "the predicted label on the query's own cells (reference: within the leave-one-out predicted label), then "
         "Fisher with the uncertainty; adapts the threshold to batch shift, assumes novel cells are a minority of "

@@ -328,7 +328,7 @@ class Atlas:
         tcfg = self._transfer_config(config)
         z = self.embed(adata, batch_key, layer)
         calibration = self.novelty_calibration()
-        if (calibration.k_transfer, calibration.kernel) != (tcfg.k, tcfg.kernel):
+        if (calibration.k_transfer, calibration.kernel, calibration.k) != (tcfg.k, tcfg.kernel, tcfg.novelty_k):
             calibration = self._calibrate(self.neighbor_index(), self.latent(), self.obs()["label"].notna().to_numpy(), tcfg)
         return _predict(self.neighbor_index(), calibration, z, tcfg, [str(c) for c in adata.obs_names])
 
@@ -346,7 +346,8 @@ class Atlas:
 
     @staticmethod
     def _calibrate(index: NeighborIndex, z: np.ndarray, labelled: np.ndarray, tcfg: TransferConfig) -> NoveltyCalibration:
-        return reference_calibration(index, z[labelled], k_transfer=tcfg.k, kernel=tcfg.kernel, max_cells=5000, seed=0)
+        return reference_calibration(index, z[labelled], k=tcfg.novelty_k, k_transfer=tcfg.k, kernel=tcfg.kernel,
+                                     max_cells=5000, seed=0)
 
     def _transfer_config(self, config: TransferConfig | dict | None) -> TransferConfig:
         return _merge(self.config.transfer, config)
