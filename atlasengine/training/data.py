@@ -73,13 +73,14 @@ class MixedBatchSampler(Sampler[np.ndarray]):
         return out
 
     def __len__(self) -> int:
-        return -(-self.n_query // self.n_q_per)
+        full, rest = divmod(self.n_query, self.n_q_per)
+        return full + int(rest >= 2 or (rest == 1 and self.n_query < 2))  # as __iter__: a 1-cell tail is dropped
 
     def __iter__(self):
         order = self.rng.permutation(self.n_query)
         for s in range(0, self.n_query, self.n_q_per):
             q = order[s : s + self.n_q_per]
-            if len(q) < 2 and self.n_query >= 2:  # a 1-cell batch gives a noisy step; fold it in
+            if len(q) == 1 < self.n_q_per and self.n_query >= 2:  # a 1-cell tail gives a noisy step: skip it
                 continue
             yield np.concatenate([q, self._replay(self.n_rep_per)]) if self.n_rep_per else q
 

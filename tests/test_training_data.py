@@ -1,0 +1,29 @@
+"""The fold-in minibatches: every batch mixes query and replayed cells, and the sampler's length
+(what Lightning's progress bar and epoch bookkeeping read) equals the batches it yields."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from atlasengine.training.data import MixedBatchSampler
+
+
+@pytest.mark.parametrize(
+    ("n_query", "n_replay", "batch_size", "replay_fraction"),
+    [(1, 0, 128, 0.0), (2, 0, 128, 0.0), (129, 0, 128, 0.0), (130, 0, 128, 0.0), (97, 500, 128, 0.25),
+     (96 * 3 + 1, 50, 128, 0.25), (1000, 10, 64, 0.5), (5, 5, 4, 0.75)],
+)
+def test_batches_mix_query_and_replay_and_the_length_is_exact(n_query, n_replay, batch_size, replay_fraction):
+    sampler = MixedBatchSampler(n_query, n_replay, batch_size, replay_fraction, seed=0)
+    for _ in range(2):  # two epochs: the replay pool carries over between them
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        query = np.concatenate([b[b < n_query] for b in batches])
+        assert len(np.unique(query)) == len(query)  # each query cell at most once per epoch
+        assert len(query) >= n_query - 1  # only a 1-cell tail may be skipped
+        for b in batches:
+            replay = b[b >= n_query]
+            assert len(replay) == sampler.n_rep_per and (replay < n_query + n_replay).all()
+            if n_replay:
+                assert 0 < len(b) - len(replay)  # never a batch of replayed cells only
