@@ -197,6 +197,9 @@ def test_query_centred_threshold_on_exchangeable_and_on_shifted_queries(pbmc, em
     np.testing.assert_array_equal(plain["novelty"], centred["novelty"])  # same score, same ranking
     assert (centred["is_novel"] == (centred["novelty"] > centred.attrs["novelty_threshold"])).all()
     assert centred.attrs["query_shift"] > 0 and plain.attrs["query_shift"] == 0
+    # the shifted query is told what it can do; the exchangeable and the centred ones are not
+    assert "novelty_calibration='query'" in N.calibration_note(plain)
+    assert N.calibration_note(centred) is None and N.calibration_note(N.novelty_scores(d, unc, cal)) is None
     with pytest.raises(InputError, match="at least 50 query cells"):
         N.novelty_scores(d[:20], unc[:20], cal, centre_on_query=True)
 

@@ -54,7 +54,13 @@ from atlasengine.store.manifest import AtlasNeedsUpgrade, DatasetRecord, Manifes
 from atlasengine.training import CellData, TrainResult, fit
 from atlasengine.transfer import UNKNOWN, NeighborIndex, label_probabilities
 from atlasengine.transfer.knn import prediction_table
-from atlasengine.transfer.novelty import CALIBRATION_FILE, NoveltyCalibration, novelty_scores, reference_calibration
+from atlasengine.transfer.novelty import (
+    CALIBRATION_FILE,
+    NoveltyCalibration,
+    calibration_note,
+    novelty_scores,
+    reference_calibration,
+)
 
 log = logging.getLogger("atlasengine")
 
@@ -610,6 +616,10 @@ def _predict(index: NeighborIndex, calibration: NoveltyCalibration, z: np.ndarra
         preds[col] = nov[col].to_numpy()
     preds.attrs.update(unknown_rule=tcfg.unknown_rule, novelty_threshold=nov.attrs["novelty_threshold"])
     if tcfg.unknown_rule == "novelty":
+        note = calibration_note(nov)
+        if note:
+            log.warning(note)
+            preds.attrs["novelty_note"] = note
         preds["is_unknown"] = preds["is_novel"]
         preds["label"] = preds["predicted_label"].where(~preds["is_unknown"], UNKNOWN)
     return preds

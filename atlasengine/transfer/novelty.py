@@ -432,5 +432,23 @@ def novelty_scores(
     srt = np.sort(cal)
     rank = int(np.floor(target_rate * (len(srt) + 1)))  # novel iff fewer than `rank` calibration cells >= T
     df.attrs.update(signals=list(sig), target_rate=float(target_rate), n_calibration=int(len(cal)), query_shift=shift,
+                    calibration="query" if centre_on_query else "reference",
                     novelty_threshold=float(srt[len(srt) - rank]) + shift if rank >= 1 else float("inf"))
     return df
+
+
+def calibration_note(scores: pd.DataFrame) -> str | None:
+    """What to tell a user whose reference-calibrated query has more than twice the target called novel.
+
+    ``scores``: a :func:`novelty_scores` table. Either many cells are types the reference lacks
+    (keep the reference calibration) or the whole query is shifted from it (centre on the
+    query); the scores cannot tell which, a person who knows the sample can. None when the
+    rate is within twice the target, the query is centred already, or has under 50 cells.
+    """
+    target = float(scores.attrs["target_rate"])
+    rate = float(scores["is_novel"].mean()) if len(scores) else 0.0
+    if len(scores) < MIN_QUERY_CELLS or scores.attrs.get("calibration") == "query" or rate <= 2 * target:
+        return None
+    return (f"{rate:.0%} of the query's cells are novel at a {target:.0%} false-alarm target: either that many are "
+            "types the reference lacks, or the whole query is shifted from the reference (a stimulation, another "
+            "chemistry); for a shifted query, novelty_calibration='query' re-centres the threshold on the query")
