@@ -95,11 +95,14 @@ class TransferConfig(_Strict):
         description="the novelty score's distance signal: mean distance to this many nearest reference cells "
         "(10: measured against 20 and 50 in benchmarks/novelty.py; see atlasengine.transfer.novelty.DEFAULT_K)",
     )
-    novelty_calibration: Literal["reference", "query"] = Field(
-        "reference",
-        description="'reference': novelty p-values against reference cells (exact when known query cells resemble "
-        "reference cells); 'query': the statistic re-centred on the query's median first, for queries shifted as a "
-        "whole (stimulation, chemistry); assumes novel cells are a minority of the query (>= 50 cells)",
+    novelty_calibration: Literal["query", "reference"] = Field(
+        "query",
+        description="'query': the novelty statistic moved by the query's shift from the reference (the median over "
+        "predicted labels of the per-label median difference) before the conformal threshold, so a query shifted as "
+        "a whole (another chemistry, a stimulation) keeps the target; novel cells filling fewer than half of the "
+        "labels do not move it; falls back to 'reference' when fewer than 3 labels hold 10 query cells. "
+        "'reference': p-values against reference cells only (exact when known query cells are exchangeable with "
+        "them)",
     )
     index: Literal["auto", "exact", "hnsw", "ivf"] = "auto"
     approximate_above: int = Field(50_000, ge=1)

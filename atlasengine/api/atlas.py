@@ -340,11 +340,13 @@ class Atlas:
 
     def novelty_calibration(self) -> NoveltyCalibration:
         """Leave-one-out novelty scores of reference cells for this version (stored with it;
-        computed from the stored embeddings for versions written before it existed)."""
+        computed from the stored embeddings for versions written before it, or before it kept
+        each calibration cell's predicted label)."""
         if "calibration" not in self._cache:
+            cal = None
             if CALIBRATION_FILE in self.info.files:
                 cal = NoveltyCalibration.load(self._store.file(self.info, CALIBRATION_FILE))
-            else:
+            if cal is None or cal.predicted is None:  # none stored, or stored before it kept predicted labels
                 labelled = self.obs()["label"].notna().to_numpy()
                 cal = self._calibrate(self.neighbor_index(), self.latent(), labelled, self.config.transfer)
             self._cache["calibration"] = cal
@@ -602,8 +604,9 @@ def _predict(index: NeighborIndex, calibration: NoveltyCalibration, z: np.ndarra
     """Weighted-kNN labels plus the calibrated novelty score (distance + uncertainty).
 
     With ``tcfg.unknown_rule == "novelty"`` a cell is Unknown when its novelty is above the
-    threshold calibrated on reference cells for ``tcfg.novelty_target`` false alarms (re-centred
-    on the query with ``tcfg.novelty_calibration == "query"``); otherwise the paper's rule (uncertainty above ``uncertainty_threshold``) decides.
+    threshold calibrated on reference cells for ``tcfg.novelty_target`` false alarms, after the
+    query's shift is taken off (``tcfg.novelty_calibration == "query"``, the default); otherwise
+    the paper's rule (uncertainty above ``uncertainty_threshold``) decides.
     """
     distances, neighbors = index.search(z, max(calibration.k, tcfg.k))  # one search serves both
     probs = label_probabilities(
@@ -611,10 +614,12 @@ def _predict(index: NeighborIndex, calibration: NoveltyCalibration, z: np.ndarra
     )
     preds = prediction_table(probs, index.categories, tcfg, obs_names)
     nov = novelty_scores(distances, preds["uncertainty"].to_numpy(), calibration, target_rate=tcfg.novelty_target,
-                         obs_names=obs_names, centre_on_query=tcfg.novelty_calibration == "query")
+                         obs_names=obs_names, centre_on_query=tcfg.novelty_calibration == "query",
+                         predicted=preds["predicted_label"].astype(str).to_numpy())
     for col in ("novelty", "novelty_pvalue", "is_novel"):
         preds[col] = nov[col].to_numpy()
-    preds.attrs.update(unknown_rule=tcfg.unknown_rule, novelty_threshold=nov.attrs["novelty_threshold"])
+    preds.attrs.update(unknown_rule=tcfg.unknown_rule, novelty_threshold=nov.attrs["novelty_threshold"],
+                       novelty_calibration=nov.attrs["calibration"], novelty_query_shift=nov.attrs["query_shift"])
     if tcfg.unknown_rule == "novelty":
         note = calibration_note(nov)
         if note:
