@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from atlasengine import Atlas
-from atlasengine.transfer.novelty import CALIBRATION_FILE
+from atlasengine.transfer.novelty import CALIBRATION_FILE, NoveltyCalibration
 
 
 def test_predictions_carry_calibrated_novelty_and_the_rule_is_selectable(two_version_atlas, pancreas_query):
@@ -26,10 +26,31 @@ def test_predictions_carry_calibrated_novelty_and_the_rule_is_selectable(two_ver
     # same embedding, same ranking: the two rules differ only in the cut
     np.testing.assert_allclose(paper["novelty"], calibrated["novelty"])
     assert len(obs) == 500
-    # the query-centred threshold: same scores, a threshold moved by the query's median shift
-    centred = atlas.transfer_labels(pancreas_query, batch_key="tech",
-                                    config={"unknown_rule": "novelty", "novelty_calibration": "query"})
-    np.testing.assert_allclose(centred["novelty"], calibrated["novelty"])
-    assert (centred["is_unknown"] == centred["is_novel"]).all()
-    np.testing.assert_array_equal(centred["is_novel"].to_numpy(),
-                                  centred["novelty"].to_numpy() > centred.attrs["novelty_threshold"])
+    # the default takes the query's shift off; the reference threshold is one setting away
+    assert calibrated.attrs["novelty_calibration"] in ("query", "reference")  # reference: too few cells per label
+    plain = atlas.transfer_labels(pancreas_query, batch_key="tech",
+                                  config={"unknown_rule": "novelty", "novelty_calibration": "reference"})
+    np.testing.assert_allclose(plain["novelty"], calibrated["novelty"])
+    assert plain.attrs["novelty_calibration"] == "reference" and plain.attrs["novelty_query_shift"] == 0
+    assert (plain["is_unknown"] == plain["is_novel"]).all()
+    np.testing.assert_array_equal(plain["is_novel"].to_numpy(),
+                                  plain["novelty"].to_numpy() > plain.attrs["novelty_threshold"])
+
+
+def test_a_stored_calibration_without_predicted_labels_is_recomputed(two_version_atlas, monkeypatch):
+    """Versions written before the calibration kept each cell's predicted label still centre on
+    the query: the calibration is recomputed from the stored embeddings."""
+    atlas = Atlas.open(two_version_atlas)
+    fresh = atlas.novelty_calibration()
+    load = NoveltyCalibration.load
+
+    def old_style(path):
+        cal = load(path)
+        cal.predicted = None
+        return cal
+
+    monkeypatch.setattr(NoveltyCalibration, "load", staticmethod(old_style))
+    again = Atlas.open(two_version_atlas).novelty_calibration()
+    assert again.predicted is not None
+    np.testing.assert_array_equal(again.predicted, fresh.predicted)
+    np.testing.assert_allclose(again.distance, fresh.distance)
