@@ -97,10 +97,11 @@ class TransferConfig(_Strict):
     )
     novelty_calibration: Literal["query", "reference"] = Field(
         "query",
-        description="'query': the novelty statistic moved by the query's shift from the reference (the median over "
-        "predicted labels of the per-label median difference) before the conformal threshold, so a query shifted as "
-        "a whole (another chemistry, a stimulation) keeps the target; novel cells filling fewer than half of the "
-        "labels do not move it; falls back to 'reference' when fewer than 3 labels hold 10 query cells. "
+        description="'query': the novelty statistic moved by the query's shift from the reference (the median "
+        "difference over all query cells, capped by the upper quartile of the per-label differences) before the "
+        "conformal threshold, so a query shifted as a whole (another chemistry, a stimulation) keeps the target while "
+        "a new type landing in a few labels does not move it; falls back to 'reference' when fewer than 3 predicted "
+        "labels hold 10 query cells. "
         "'reference': p-values against reference cells only (exact when known query cells are exchangeable with "
         "them)",
     )
