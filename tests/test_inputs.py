@@ -99,3 +99,24 @@ def test_create_refuses_existing_path_and_bad_reference(tmp_path, pancreas_ref, 
     assert [p.name for p in tmp_path.iterdir()] == []
     with pytest.raises(InputError, match="expected an AnnData"):
         Atlas.create(tmp_path / "y.atlas", pd.DataFrame(), batch_key="tech", label_key="celltype")
+
+
+def test_the_callers_matrix_is_never_changed_and_large_inputs_are_checked_in_parts(monkeypatch):
+    """Explicit zeros and duplicate entries are cleaned on a copy, never in the caller's arrays;
+    the count checks run in parts and still count every offending value."""
+    import anndata as ad
+
+    from atlasengine.api import inputs
+
+    X = sp.csr_matrix((np.array([0, 2, 1, 1, 3], dtype=np.float32), np.array([0, 2, 1, 1, 0]), np.array([0, 2, 4, 5])),
+                      shape=(3, 3))  # an explicit zero in row 0, a duplicate (1, 1) in row 1
+    adata = ad.AnnData(X)
+    arrays = [a.copy() for a in (adata.X.data, adata.X.indices, adata.X.indptr)]
+    m = inputs.count_matrix(adata, None)
+    assert m.toarray().tolist() == [[0, 0, 2], [0, 2, 0], [3, 0, 0]] and m.nnz == 3
+    for before, after in zip(arrays, (adata.X.data, adata.X.indices, adata.X.indptr)):
+        np.testing.assert_array_equal(before, after)
+    monkeypatch.setattr(inputs, "CHECK_CHUNK", 2)
+    bad = sp.csr_matrix(np.array([[0.5, 1, 1.5], [2, 2.5, 0]], dtype=np.float32))
+    with pytest.raises(InputError, match="3 non-integer value"):
+        inputs.count_matrix(ad.AnnData(bad), None)

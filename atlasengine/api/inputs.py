@@ -83,24 +83,45 @@ def count_matrix(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix:
         raise InputError(f"{where} cannot be read as a numeric matrix: {exc}") from exc
     if not (np.issubdtype(m.dtype, np.number) or m.dtype == bool):
         raise InputError(f"{where} has dtype {m.dtype}; raw counts must be numeric")
-    data = m.data.astype(np.float64, copy=False)
-    if data.size:
-        if not np.all(np.isfinite(data)):
-            raise InputError(f"{where} contains {int((~np.isfinite(data)).sum())} NaN or infinite value(s); raw counts are needed")
-        if (data < 0).any():
-            raise InputError(f"{where} contains {int((data < 0).sum())} negative value(s); raw counts are needed")
-        frac = data != np.round(data)
-        if frac.any():
-            raise InputError(
-                f"{where} contains {int(frac.sum())} non-integer value(s) (e.g. {data[frac][0]:.4g}): it looks normalised "
-                "or log-transformed; pass raw counts (or the layer that holds them with layer=)"
-            )
-        if data.max() > 2**24:
-            raise InputError(f"{where} holds counts above 2^24 ({data.max():.0f}), which float32 cannot hold exactly")
-    m = sp.csr_matrix(m, dtype=np.float32)
-    m.sum_duplicates()
-    m.eliminate_zeros()
+    _check_counts(m.data, where)
+    m = m.astype(np.float32, copy=False)
+    if not m.has_canonical_format or not m.data.all():
+        m = m.copy()  # m may share its arrays with the caller's matrix, which is never changed
+        m.sum_duplicates()
+        m.eliminate_zeros()
     return m
+
+
+CHECK_CHUNK = 1 << 22
+
+
+def _check_counts(values: np.ndarray, where: str) -> None:
+    """Refuse non-finite, negative, non-integer or too large values (in parts: bounded memory)."""
+    bad = {"nonfinite": 0, "negative": 0, "fraction": 0}
+    example, top = None, 0.0
+    for s in range(0, values.size, CHECK_CHUNK):
+        part = values[s : s + CHECK_CHUNK].astype(np.float64, copy=False)
+        finite = np.isfinite(part)
+        bad["nonfinite"] += int((~finite).sum())
+        part = part[finite]
+        bad["negative"] += int((part < 0).sum())
+        frac = part != np.round(part)
+        bad["fraction"] += int(frac.sum())
+        if example is None and frac.any():
+            example = float(part[frac][0])
+        if part.size:
+            top = max(top, float(part.max()))
+    if bad["nonfinite"]:
+        raise InputError(f"{where} contains {bad['nonfinite']} NaN or infinite value(s); raw counts are needed")
+    if bad["negative"]:
+        raise InputError(f"{where} contains {bad['negative']} negative value(s); raw counts are needed")
+    if bad["fraction"]:
+        raise InputError(
+            f"{where} contains {bad['fraction']} non-integer value(s) (e.g. {example:.4g}): it looks normalised "
+            "or log-transformed; pass raw counts (or the layer that holds them with layer=)"
+        )
+    if top > 2**24:
+        raise InputError(f"{where} holds counts above 2^24 ({top:.0f}), which float32 cannot hold exactly")
 
 
 def check_names(adata: ad.AnnData) -> tuple[list[str], list[str]]:
