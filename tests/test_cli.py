@@ -29,6 +29,15 @@ def test_transfer_command_writes_predictions(two_version_atlas, tmp_path, pancre
 
     pred = pd.read_csv(out, index_col=0)
     assert len(pred) == pancreas_query.n_obs and {"label", "uncertainty", "is_unknown"} <= set(pred.columns)
+    assert (pred["is_unknown"] == (pred["uncertainty"] > 0.3)).all()
+    # the calibrated rule from the command line: Unknown exactly where the novelty score says so
+    assert main(["transfer", str(two_version_atlas), "-i", str(q), "--batch-key", "tech", "-o", str(out),
+                 "--unknown-rule", "novelty", "--novelty-target", "0.1"]) == 0
+    novelty = pd.read_csv(out, index_col=0)
+    assert (novelty["is_unknown"] == novelty["is_novel"]).all()
+    assert (novelty.loc[novelty["is_unknown"], "label"] == "Unknown").all()
+    assert main(["transfer", str(two_version_atlas), "-i", str(q), "--batch-key", "tech", "-o", str(out),
+                 "--novelty-target", "1.5"]) != 0  # refused with a clear message, not a traceback
 
 
 def test_demo_fallback_data_is_real_counts():

@@ -3,7 +3,7 @@
     atlasengine demo                      build an atlas from real data, fold in two queries
     atlasengine create PATH -i ref.h5ad --batch-key tech --label-key celltype
     atlasengine ingest PATH -i query.h5ad --batch-key tech --strategy ewc
-    atlasengine transfer PATH -i query.h5ad --batch-key tech -o predictions.csv
+    atlasengine transfer PATH -i query.h5ad --batch-key tech -o predictions.csv [--unknown-rule novelty]
     atlasengine versions PATH
     atlasengine report PATH -o audit.html
     atlasengine unlock PATH [--force]
@@ -66,9 +66,15 @@ def cmd_transfer(args) -> None:
     from atlasengine import Atlas
 
     atlas = Atlas.open(args.path, version=args.version)
-    pred = atlas.transfer_labels(_read(args.input), batch_key=args.batch_key, layer=args.layer)
+    rule = {"unknown_rule": args.unknown_rule, "novelty_target": args.novelty_target,
+            "novelty_calibration": args.novelty_calibration}
+    pred = atlas.transfer_labels(_read(args.input), batch_key=args.batch_key, layer=args.layer,
+                                 config={k: v for k, v in rule.items() if v is not None})
     pred.to_csv(args.output)
-    print(f"wrote {len(pred)} predictions to {args.output} ({pred['is_unknown'].mean():.1%} Unknown)")
+    print(f"wrote {len(pred)} predictions to {args.output} ({pred['is_unknown'].mean():.1%} Unknown, "
+          f"rule: {pred.attrs.get('unknown_rule', 'uncertainty')})")
+    if pred.attrs.get("novelty_note"):
+        print(f"note: {pred.attrs['novelty_note']}")
 
 
 def cmd_versions(args) -> None:
@@ -129,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("path"); t.add_argument("-i", "--input", required=True)
     t.add_argument("--batch-key", required=True); t.add_argument("--layer")
     t.add_argument("-o", "--output", required=True); t.add_argument("--version", type=int)
+    t.add_argument("--unknown-rule", choices=["uncertainty", "novelty"],
+                   help="Unknown when uncertainty > 0.3 (the paper's rule, the atlas default) or when the calibrated "
+                   "novelty score is above its threshold for --novelty-target false alarms")
+    t.add_argument("--novelty-target", type=float, help="share of known cells allowed to be called Unknown (0.05)")
+    t.add_argument("--novelty-calibration", choices=["query", "reference"],
+                   help="take the query's shift from the reference off first (query, the default) or not")
     t.set_defaults(func=cmd_transfer)
 
     v = sub.add_parser("versions", help="list the committed versions")
