@@ -59,6 +59,9 @@ def test_plot_transfer_writes_pngs(tmp_path: Path) -> None:
     pred, truth = _predictions()
     paths = plot_transfer(pred, truth, tmp_path / "figs", novel_labels={"N"})
     assert set(paths) == {"uncertainty_violin", "assignment_heatmap"}
+    pred["novelty_pvalue"] = [0.5, 0.01, 0.3, 0.8, 0.002, 0.2]
+    paths = plot_transfer(pred, truth, tmp_path / "figs", novel_labels={"N"})
+    assert set(paths) == {"uncertainty_violin", "novelty_violin", "assignment_heatmap"}
     for path in paths.values():
         assert path.is_file() and path.stat().st_size > 1000
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -152,7 +152,8 @@ def render_atlas_report(atlas, path: str | Path, max_umap_cells: int = 20_000, s
             if preds is None or preds.empty:
                 continue
             truth = obs["label"].reindex(preds.index).fillna(UNLABELLED).astype(str)
-            paths = plot_transfer(preds, truth, Path(tmp) / f"v{info.number}")
+            paths = plot_transfer(preds, truth, Path(tmp) / f"v{info.number}",
+                                  novelty_target=atlas.config.transfer.novelty_target)
             for name, p in paths.items():
                 figures[f"version {info.number} ({', '.join(info.datasets[-1:])}): {name}"] = Path(p).read_bytes()
     title = f"Drift audit of {atlas.path.name} (version {atlas.version})"

@@ -6,7 +6,12 @@ Pure functions over numpy arrays; depends only on ``atlasengine.config`` and ``a
 from atlasengine.transfer.evaluate import evaluate_transfer
 from atlasengine.transfer.index import NeighborIndex
 from atlasengine.transfer.knn import UNKNOWN, brute_force_knn, label_probabilities, transfer_labels
-from atlasengine.transfer.plots import plot_assignment_heatmap, plot_transfer, plot_uncertainty_violin
+from atlasengine.transfer.plots import (
+    plot_assignment_heatmap,
+    plot_novelty_violin,
+    plot_transfer,
+    plot_uncertainty_violin,
+)
 
 __all__ = [
     "UNKNOWN",
@@ -15,6 +20,7 @@ __all__ = [
     "evaluate_transfer",
     "label_probabilities",
     "plot_assignment_heatmap",
+    "plot_novelty_violin",
     "plot_transfer",
     "plot_uncertainty_violin",
     "transfer_labels",

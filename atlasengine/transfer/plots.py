@@ -1,4 +1,4 @@
-"""Figures of a label transfer: uncertainty per query type and the assignment heatmap.
+"""Figures of a label transfer: uncertainty and calibrated novelty per query type, the assignment heatmap.
 
 Figures are drawn on Agg canvases directly (no pyplot state, no global backend switch).
 """
@@ -32,6 +32,37 @@ def _threshold(predictions: pd.DataFrame, threshold: float | None) -> float:
     return float(predictions.attrs.get("uncertainty_threshold", TransferConfig().uncertainty_threshold))
 
 
+def _violins(values: np.ndarray, truth: np.ndarray, novel: set[str], line: float, line_label: str,
+             ylabel: str, title: str, ylim: tuple[float, float] | None = None) -> Figure:
+    """Violins (with jittered cells) of ``values`` per true query type, one dashed line."""
+    types = sorted(set(truth))
+    fig = Figure(figsize=(max(6.0, 0.7 * len(types) + 2.0), 4.5))
+    ax = fig.add_subplot()
+    rng = np.random.default_rng(0)
+    for i, t in enumerate(types):
+        vals = values[truth == t]
+        color = "tab:orange" if t in novel else "tab:blue"
+        if np.unique(vals).size > 1:  # a KDE needs spread
+            parts = ax.violinplot([vals], positions=[i], widths=0.8, showextrema=False)
+            for body in parts["bodies"]:
+                body.set_facecolor(color)
+                body.set_alpha(0.35)
+        ax.scatter(i + rng.uniform(-0.15, 0.15, vals.size), vals, s=4, color=color, alpha=0.6, lw=0)
+        ax.hlines(np.median(vals), i - 0.3, i + 0.3, color="black", lw=1.5)
+    ax.axhline(line, color="tab:red", ls="--", lw=1, label=line_label)
+    ax.set_xticks(range(len(types)))
+    ax.set_xticklabels([f"{t}{' *' if t in novel else ''}\n(n={int((truth == t).sum())})" for t in types],
+                       rotation=45, ha="right")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel("true query cell type" + (" (* = absent from reference)" if novel else ""))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
 def plot_uncertainty_violin(
     predictions: pd.DataFrame,
     true_labels: Iterable[str] | pd.Series,
@@ -45,33 +76,27 @@ def plot_uncertainty_violin(
     ``novel_labels`` (absent from the reference) are drawn in orange.
     """
     truth = aligned_truth(predictions, true_labels)
-    unc = predictions["uncertainty"].to_numpy(dtype=np.float64)
-    types = sorted(set(truth))
-    novel = set(map(str, novel_labels or ()))
-    fig = Figure(figsize=(max(6.0, 0.7 * len(types) + 2.0), 4.5))
-    ax = fig.add_subplot()
-    rng = np.random.default_rng(0)
-    for i, t in enumerate(types):
-        vals = unc[truth == t]
-        color = "tab:orange" if t in novel else "tab:blue"
-        if np.unique(vals).size > 1:  # a KDE needs spread
-            parts = ax.violinplot([vals], positions=[i], widths=0.8, showextrema=False)
-            for body in parts["bodies"]:
-                body.set_facecolor(color)
-                body.set_alpha(0.35)
-        ax.scatter(i + rng.uniform(-0.15, 0.15, vals.size), vals, s=4, color=color, alpha=0.6, lw=0)
-        ax.hlines(np.median(vals), i - 0.3, i + 0.3, color="black", lw=1.5)
     thr = _threshold(predictions, threshold)
-    ax.axhline(thr, color="tab:red", ls="--", lw=1, label=f"Unknown threshold ({thr:g})")
-    ax.set_xticks(range(len(types)))
-    ax.set_xticklabels([f"{t}{' *' if t in novel else ''}\n(n={int((truth == t).sum())})" for t in types],
-                       rotation=45, ha="right")
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel("true query cell type" + (" (* = absent from reference)" if novel else ""))
-    ax.set_ylabel("uncertainty (1 - p_best)")
-    ax.set_title("Label-transfer uncertainty per query cell type")
-    ax.legend(loc="upper left", fontsize="small")
-    fig.tight_layout()
+    fig = _violins(predictions["uncertainty"].to_numpy(dtype=np.float64), truth, set(map(str, novel_labels or ())),
+                   thr, f"Unknown threshold ({thr:g})", "uncertainty (1 - p_best)",
+                   "Label-transfer uncertainty per query cell type", ylim=(-0.03, 1.03))
+    return _save(fig, path)
+
+
+def plot_novelty_violin(
+    predictions: pd.DataFrame,
+    true_labels: Iterable[str] | pd.Series,
+    path: Path,
+    target: float = 0.05,
+    novel_labels: set[str] | None = None,
+) -> Path:
+    """Violins of the calibrated novelty (-log10 of ``novelty_pvalue``) per true query cell type,
+    with the line above which cells are novel at the ``target`` false-alarm rate."""
+    truth = aligned_truth(predictions, true_labels)
+    score = -np.log10(predictions["novelty_pvalue"].to_numpy(dtype=np.float64))
+    fig = _violins(score, truth, set(map(str, novel_labels or ())), -np.log10(target),
+                   f"novel at a {target:.0%} false-alarm target", "novelty, -log10 p",
+                   "Calibrated novelty per query cell type")
     return _save(fig, path)
 
 
@@ -112,13 +137,19 @@ def plot_transfer(
     true_labels: Iterable[str] | pd.Series,
     outdir: Path,
     novel_labels: set[str] | None = None,
+    novelty_target: float = 0.05,
 ) -> dict[str, Path]:
-    """Write both transfer figures as PNGs into ``outdir``; return their paths by name."""
+    """Write the transfer figures as PNGs into ``outdir`` (the novelty one where the predictions
+    carry ``novelty_pvalue``, read at ``novelty_target``); return their paths by name."""
     outdir = Path(outdir)
-    truth = aligned_truth(predictions, true_labels)  # align once, reuse for both figures
-    return {
+    truth = aligned_truth(predictions, true_labels)  # align once, reuse for every figure
+    paths = {
         "uncertainty_violin": plot_uncertainty_violin(
             predictions, truth, outdir / "transfer_uncertainty.png", novel_labels=novel_labels
         ),
-        "assignment_heatmap": plot_assignment_heatmap(predictions, truth, outdir / "transfer_assignment.png"),
     }
+    if "novelty_pvalue" in predictions.columns:
+        paths["novelty_violin"] = plot_novelty_violin(predictions, truth, outdir / "transfer_novelty.png",
+                                                      novelty_target, novel_labels)
+    paths["assignment_heatmap"] = plot_assignment_heatmap(predictions, truth, outdir / "transfer_assignment.png")
+    return paths
