@@ -79,6 +79,23 @@ def test_conformal_edge_cases():
     assert np.allclose(z[:3], z[3:])  # scale-free within each group
 
 
+def test_query_shift_follows_the_labels_not_the_label_mix():
+    """A query made mostly of a tight type (low scores) has a low overall median even when every
+    label sits a little farther from the reference: the quartiles of the per-label differences
+    keep the shift near that small rise instead of a large negative value that would call many
+    known cells novel; and a label the query fills with new cells cannot pull it up."""
+    rng = np.random.default_rng(0)
+    ref_labels = np.array(["A"] * 100 + ["B"] * 450 + ["C"] * 450)
+    ref = np.where(ref_labels == "A", 1.0, 5.0) + rng.normal(0, 0.3, len(ref_labels))
+    q_labels = np.array(["A"] * 900 + ["B"] * 50 + ["C"] * 50)
+    query = np.where(q_labels == "A", 1.0, 5.0) + 0.3 + rng.normal(0, 0.3, len(q_labels))
+    assert np.median(query) - np.median(ref) < -3  # the label mix alone
+    shift = N.query_shift(query, q_labels, ref, ref_labels)
+    assert 0.2 < shift < 0.4
+    assert N.query_shift(np.where(q_labels == "B", query + 10, query), q_labels, ref, ref_labels) < 0.4
+    assert N.query_shift(query[:25], q_labels[:25], ref, ref_labels) is None  # one label: too few to tell
+
+
 # ---------------------------------------------------------- calibrated threshold (no model)
 def split_reference(pbmc, embedding, seed: int, cfg: TransferConfig):
     """Halve the pbmc reference cells at random: (calibration of one half, neighbour distances

@@ -143,8 +143,10 @@ class CellStore:
         counts = sp.csr_matrix(counts)
         with tiledbsoma.Experiment.open(self.uri, "w") as exp:
             # X first, obs second: a cell is only listed once its counts are on disk.
-            for a, b in row_chunks(counts.indptr, WRITE_CHUNK_NNZ) if counts.nnz else ():
+            for a, b in row_chunks(counts.indptr, WRITE_CHUNK_NNZ):
                 coo = counts[a:b].tocoo()
+                if not coo.nnz:  # rows without counts: nothing to write
+                    continue
                 exp.ms[MEASUREMENT].X[X_LAYER].write(
                     pa.table(
                         {
