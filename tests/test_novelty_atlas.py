@@ -54,3 +54,24 @@ def test_a_stored_calibration_without_predicted_labels_is_recomputed(two_version
     assert again.predicted is not None
     np.testing.assert_array_equal(again.predicted, fresh.predicted)
     np.testing.assert_allclose(again.distance, fresh.distance)
+
+
+def test_a_labelled_fold_in_scores_its_cells_without_themselves(atlas_path, pancreas_query):
+    """Cells folded in with their labels join the index; their stored predictions (and the
+    transfer summary built from them) come from the other cells, not from a distance-0 match."""
+    from atlasengine.transfer import label_probabilities
+    from atlasengine.transfer.novelty import leave_one_out_knn
+
+    query = pancreas_query[pancreas_query.obs["tech"] == "smartseq2"].copy()
+    res = Atlas.open(atlas_path).ingest(query, batch_key="tech", label_key="celltype", strategy="surgery",
+                                        training={"max_epochs": 2})
+    atlas = Atlas.open(atlas_path)
+    obs, z, index = atlas.obs(), atlas.latent(), atlas.neighbor_index()
+    labelled = obs["label"].notna().to_numpy()
+    rows = obs.index.get_indexer([str(c) for c in query.obs_names])
+    k = atlas.config.transfer.k
+    d, i = leave_one_out_knn(index, z[labelled], (np.cumsum(labelled) - 1)[rows], k)
+    expected = 1.0 - label_probabilities(d, index.neighbor_codes(i), len(index.categories)).max(axis=1)
+    np.testing.assert_allclose(res.predictions.loc[obs.index[rows], "uncertainty"], expected, atol=1e-6)
+    d_self, _ = index.search(z[rows], k)
+    assert (d_self[:, 0] < 1e-5).all()  # searched with themselves, each would find itself first
