@@ -98,7 +98,7 @@ class TransferConfig(_Strict):
     novelty_calibration: Literal["query", "reference"] = Field(
         "query",
         description="'query': the novelty statistic moved by the query's shift from the reference (the median "
-        "difference over all query cells, capped by the upper quartile of the per-label differences) before the "
+        "difference over all query cells, kept within the quartiles of the per-label differences) before the "
         "conformal threshold, so a query shifted as a whole (another chemistry, a stimulation) keeps the target while "
         "a new type landing in a few labels does not move it; falls back to 'reference' when fewer than 3 predicted "
         "labels hold 10 query cells. "

@@ -293,7 +293,7 @@ def main() -> None:
         "- `novelty` (the default): Fisher's -2 sum log p of distance + uncertainty. Threshold: conformal against "
         "the reference cells' Fisher statistics from leave-one-out p-values, applied to the query's statistics minus "
         "the query's shift (`novelty_calibration='query'`: the median difference between query and reference cells, "
-        "capped by the upper quartile of the per-label median differences; `atlasengine.transfer.novelty.query_shift`).",
+        "kept within the quartiles of the per-label median differences; `atlasengine.transfer.novelty.query_shift`).",
         "- `novelty_reference` (`novelty_calibration='reference'`): the same score and threshold without the shift "
         "(exact when known query cells are exchangeable with reference cells). Same ranking, so the same AUROC.",
         "- `novelty_global_centred` (measured alternative): the shift without the cap; a new type that is a large "
