@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from atlasengine import Atlas
 from atlasengine.transfer.novelty import CALIBRATION_FILE, NoveltyCalibration
@@ -75,3 +76,23 @@ def test_a_labelled_fold_in_scores_its_cells_without_themselves(atlas_path, panc
     np.testing.assert_allclose(res.predictions.loc[obs.index[rows], "uncertainty"], expected, atol=1e-6)
     d_self, _ = index.search(z[rows], k)
     assert (d_self[:, 0] < 1e-5).all()  # searched with themselves, each would find itself first
+
+
+def test_a_transfer_config_with_other_neighbours_gets_its_own_calibration_once(two_version_atlas, pancreas_query,
+                                                                               monkeypatch):
+    atlas = Atlas.open(two_version_atlas)
+    atlas.novelty_calibration()  # the stored one
+    calls = []
+    calibrate = Atlas._calibrate
+
+    def counted(*args):
+        calls.append(args[-1].novelty_k)
+        return calibrate(*args)
+
+    monkeypatch.setattr(Atlas, "_calibrate", staticmethod(counted))
+    first = atlas.transfer_labels(pancreas_query, batch_key="tech", config={"novelty_k": 20})
+    again = atlas.transfer_labels(pancreas_query, batch_key="tech", config={"novelty_k": 20})
+    default = atlas.transfer_labels(pancreas_query, batch_key="tech")
+    assert calls == [20]  # computed once for k 20, never for the stored default
+    pd.testing.assert_frame_equal(first, again)
+    assert not np.allclose(first["novelty"], default["novelty"])

@@ -330,13 +330,19 @@ class Atlas:
         """Weighted-kNN labels for cells not folded in (embedded with this version's model).
 
         Columns: ``label`` (or "Unknown"), ``predicted_label``, ``uncertainty``, ``is_unknown``,
-        one ``p_<label>`` per reference label.
+        ``novelty``, ``novelty_pvalue``, ``is_novel``, one ``p_<label>`` per reference label.
+        A ``config`` that changes ``k``, ``kernel`` or ``novelty_k`` gets its own calibration,
+        computed once per opened version.
         """
         tcfg = self._transfer_config(config)
         z = self.embed(adata, batch_key, layer)
         calibration = self.novelty_calibration()
-        if (calibration.k_transfer, calibration.kernel, calibration.k) != (tcfg.k, tcfg.kernel, tcfg.novelty_k):
-            calibration = self._calibrate(self.neighbor_index(), self.latent(), self.obs()["label"].notna().to_numpy(), tcfg)
+        key = ("calibration", tcfg.k, tcfg.kernel, tcfg.novelty_k)
+        if (calibration.k_transfer, calibration.kernel, calibration.k) != key[1:]:
+            if key not in self._cache:
+                labelled = self.obs()["label"].notna().to_numpy()
+                self._cache[key] = self._calibrate(self.neighbor_index(), self.latent(), labelled, tcfg)
+            calibration = self._cache[key]
         return _predict(self.neighbor_index(), calibration, z, tcfg, [str(c) for c in adata.obs_names])
 
     def novelty_calibration(self) -> NoveltyCalibration:
