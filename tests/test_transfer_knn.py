@@ -192,3 +192,20 @@ def test_k_clipped_and_bad_input(split: Split) -> None:
     bad[0, 0] = np.nan
     with pytest.raises(InputError):
         NeighborIndex.build(bad, split.ref_labels, TransferConfig())
+
+
+def test_search_can_leave_indexed_query_cells_out():
+    """Rows that are indexed cells are answered without themselves, the others as usual, also
+    on an index smaller than k (missing neighbours pad, no real one is lost)."""
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(40, 3)).astype(np.float32)
+    for n, k in ((40, 5), (6, 10)):
+        idx = NeighborIndex.build(ref[:n], np.array(["a", "b"] * (n // 2)), TransferConfig(index="exact"))
+        query = np.vstack([ref[2], rng.normal(size=3).astype(np.float32)])
+        d, i = idx.search(query, k, exclude=np.array([2, -1]))
+        plain_d, plain_i = idx.search(query, k)
+        assert 2 not in i[0] and (d[0, np.isfinite(d[0])] > 0).all()
+        np.testing.assert_array_equal(i[1], plain_i[1])  # not an indexed cell: unchanged
+        m = plain_i.shape[1] - 1  # plain search finds the cell itself first
+        np.testing.assert_array_equal(i[0, :m], plain_i[0, 1:])
+        assert i.shape == plain_i.shape

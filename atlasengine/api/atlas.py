@@ -58,7 +58,6 @@ from atlasengine.transfer.novelty import (
     CALIBRATION_FILE,
     NoveltyCalibration,
     calibration_note,
-    leave_one_out_knn,
     novelty_scores,
     reference_calibration,
 )
@@ -558,7 +557,7 @@ class Atlas:
             # new cells that came with labels are in the index: each is scored without itself
             index_position = np.where(labelled, np.cumsum(labelled) - 1, -1)[new_cells]
             preds = _predict(index, calibration, z[new_cells], manifest.config.transfer, obs.index[new_cells].tolist(),
-                             indexed=(z[labelled], index_position))
+                             exclude=index_position)
             preds.to_parquet(staged / PREDICTIONS)
             summary = transfer_summary(preds, obs["label"][new_cells], new_dataset.name)
         files = store.publish(staged, number)
@@ -610,31 +609,18 @@ def _merge(base, override):
 
 
 def _predict(index: NeighborIndex, calibration: NoveltyCalibration, z: np.ndarray, tcfg: TransferConfig,
-             obs_names: list[str], indexed: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
+             obs_names: list[str], exclude: np.ndarray | None = None) -> pd.DataFrame:
     """Weighted-kNN labels plus the calibrated novelty score (distance + uncertainty).
 
     With ``tcfg.unknown_rule == "novelty"`` a cell is Unknown when its novelty is above the
     threshold calibrated on reference cells for ``tcfg.novelty_target`` false alarms, after the
     query's shift is taken off (``tcfg.novelty_calibration == "query"``, the default); otherwise
-    the paper's rule (uncertainty above ``uncertainty_threshold``) decides. ``indexed``: (the
-    indexed cells' embeddings, each query cell's position in the index or -1): cells that are
-    in the index (a fold-in that came with labels) are searched without themselves.
+    the paper's rule (uncertainty above ``uncertainty_threshold``) decides. ``exclude``: each
+    cell's position in the index, -1 if not in it (a fold-in that came with labels puts its
+    cells in the index): those are searched without themselves.
     """
-    k = max(calibration.k, tcfg.k)  # one search serves both
-    if indexed is None:
-        distances, neighbors = index.search(z, k)
-    else:
-        indexed_z, position = indexed
-        inside = np.asarray(position) >= 0
-        distances, neighbors = np.full((len(z), k), np.inf), np.full((len(z), k), -1, dtype=np.int64)
-        outside = np.flatnonzero(~inside)
-        if len(outside):
-            d, i = index.search(z[outside], k)  # fewer than k columns on a small index
-            distances[outside, : d.shape[1]], neighbors[outside, : i.shape[1]] = d, i
-        within = np.flatnonzero(inside)
-        if len(within):
-            d, i = leave_one_out_knn(index, indexed_z, np.asarray(position)[within], k)
-            distances[within, : d.shape[1]], neighbors[within, : i.shape[1]] = d, i
+    # one search serves the labels and the novelty distance
+    distances, neighbors = index.search(z, max(calibration.k, tcfg.k), exclude=exclude)
     probs = label_probabilities(
         distances[:, : tcfg.k], index.neighbor_codes(neighbors[:, : tcfg.k]), len(index.categories), tcfg.kernel
     )

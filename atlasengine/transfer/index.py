@@ -106,12 +106,16 @@ class NeighborIndex:
         return cls(index, kind, codes.astype(np.int32), [str(c) for c in categories])
 
     def search(
-        self, query: np.ndarray, k: int, chunk_size: int = SEARCH_CHUNK
+        self, query: np.ndarray, k: int, chunk_size: int = SEARCH_CHUNK, exclude: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return Euclidean distances and reference indices (n_query, min(k, n)), nearest first.
 
         Missing neighbours (possible with approximate indices) have index -1 and distance inf.
+        ``exclude``: for query rows that are indexed cells themselves, their index position
+        (-1 for the others); such a row is answered without itself.
         """
+        if exclude is not None:
+            return self._search_excluding(query, k, np.asarray(exclude, dtype=np.int64), chunk_size)
         q = as_float32_matrix(query, "query", self.d)
         if k < 1:
             raise InputError(f"k must be >= 1, got {k}")
@@ -125,6 +129,23 @@ class NeighborIndex:
         np.sqrt(np.maximum(dist, 0.0), out=dist)
         dist[missing] = np.inf
         return dist, idx
+
+    def _search_excluding(self, query: np.ndarray, k: int, exclude: np.ndarray,
+                          chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """One search for k + 1 neighbours, then each row drops one: itself where found, else
+        its farthest (missing neighbours pad a small index, so no real one is lost)."""
+        if len(exclude) != len(query):
+            raise InputError(f"exclude has {len(exclude)} entries for {len(query)} query rows")
+        d, i = self.search(query, k + 1, chunk_size)
+        k_out = min(int(k), self.n)
+        if d.shape[1] < k_out + 1:  # the index holds at most k cells: pad to k + 1 columns
+            pad = k_out + 1 - d.shape[1]
+            d = np.hstack([d, np.full((len(d), pad), np.inf, dtype=d.dtype)])
+            i = np.hstack([i, np.full((len(i), pad), -1, dtype=i.dtype)])
+        own = (i == exclude[:, None]) & (exclude[:, None] >= 0)
+        drop = own & (np.cumsum(own, axis=1) == 1)  # one copy of self only
+        drop[~drop.any(axis=1), -1] = True
+        return d[~drop].reshape(len(d), k_out), i[~drop].reshape(len(i), k_out)
 
     def neighbor_codes(self, indices: np.ndarray) -> np.ndarray:
         """Label codes of neighbour ``indices``; -1 stays -1 (missing neighbour)."""

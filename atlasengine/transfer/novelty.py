@@ -232,12 +232,7 @@ def leave_one_out_knn(index: NeighborIndex, embeddings: np.ndarray, cells: np.nd
     k = min(int(k), index.n - 1)
     if k < 1:
         raise InputError("leave-one-out neighbours need an index of at least two cells")
-    d, i = index.search(emb[cells], k + 1)
-    own = i == cells[:, None]
-    first = own & (np.cumsum(own, axis=1) == 1)  # drop one copy of self only
-    first[~first.any(axis=1), -1] = True
-    keep = ~first
-    return d[keep].reshape(len(cells), k), i[keep].reshape(len(cells), k)
+    return index.search(emb[cells], k, exclude=cells)
 
 
 @torch.no_grad()
@@ -492,7 +487,8 @@ def novelty_scores(
     df = pd.DataFrame(cols, index=pd.Index(obs_names) if obs_names is not None else None)
     srt = np.sort(cal)
     rank = int(np.floor(target_rate * (len(srt) + 1)))  # novel iff fewer than `rank` calibration cells >= T
-    reference_share = float((conformal_pvalues(cal, stat) <= target_rate).mean()) if len(stat) else 0.0
+    reference_called = unknown if shift == 0.0 else conformal_pvalues(cal, stat) <= target_rate
+    reference_share = float(reference_called.mean()) if len(stat) else 0.0
     df.attrs.update(signals=list(sig), target_rate=float(target_rate), n_calibration=int(len(cal)), query_shift=shift,
                     calibration=used, calibration_fallback=fallback, reference_share_novel=reference_share,
                     novelty_threshold=float(srt[len(srt) - rank]) + shift if rank >= 1 else float("inf"))
@@ -509,15 +505,15 @@ def calibration_note(scores: pd.DataFrame) -> str | None:
     threshold calls at most twice the target.
     """
     target = float(scores.attrs["target_rate"])
-    ref_share = float(scores.attrs.get("reference_share_novel", scores["is_novel"].mean() if len(scores) else 0.0))
+    ref_share = float(scores.attrs["reference_share_novel"])
     if ref_share <= 2 * target:
         return None
     share = float(scores["is_novel"].mean())
     if scores.attrs.get("calibration") == "query":
         return (f"{ref_share:.0%} of the query's cells are novel against the reference alone; taking the query's shift "
-                f"off (the median over its predicted labels) leaves {share:.0%} at the {target:.0%} target. If much of "
-                "the query may be types the reference lacks, spread over many labels, novelty_calibration='reference' "
-                "keeps them")
+                f"off (its median difference, within the quartiles of its labels' differences) leaves {share:.0%} at "
+                f"the {target:.0%} target. If much of the query may be types the reference lacks, spread over many "
+                "labels, novelty_calibration='reference' keeps them")
     why = f" ({scores.attrs['calibration_fallback']})" if scores.attrs.get("calibration_fallback") else ""
     return (f"{share:.0%} of the query's cells are novel at a {target:.0%} false-alarm target against the reference"
             f"{why}: either that many are types the reference lacks, or the whole query is shifted from the reference "
