@@ -6,6 +6,7 @@ from atlasengine.config import (
     ContinualConfig,
     DriftConfig,
     ModelConfig,
+    RuntimeConfig,
     TrainingConfig,
     TransferConfig,
 )
@@ -19,8 +20,8 @@ from atlasengine.errors import (
     TrainingError,
 )
 from atlasengine.store.manifest import VersionInfo
+from atlasengine.version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Atlas",
@@ -35,8 +36,10 @@ __all__ = [
     "InputError",
     "ModelConfig",
     "ReadOnlyError",
+    "RuntimeConfig",
     "TrainingConfig",
     "TrainingError",
     "TransferConfig",
     "VersionInfo",
+    "__version__",
 ]

@@ -9,9 +9,16 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from atlasengine.errors import InputError
+
+FoldInStrategy = Literal["surgery", "finetune", "ewc"]
+"""How a query is folded in: ``surgery`` (only new batch columns train, scArches), ``finetune``
+(every weight, no penalty) or ``ewc`` (every weight under the EWC penalty, with replay)."""
+STRATEGIES: tuple[str, ...] = get_args(FoldInStrategy)
 
 
 class _Strict(BaseModel):
@@ -39,10 +46,19 @@ class TrainingConfig(_Strict):
     validation_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     early_stopping: bool = True
     early_stopping_patience: int = Field(15, ge=1)
+    seed: int = 0
+
+
+class RuntimeConfig(_Strict):
+    """Settings of the machine a run happens on; never stored in the atlas.
+
+    ``progress``: None shows a bar per long phase when stderr is a terminal and logs one line
+    per phase otherwise; True / False force the bar on or off.
+    """
+
     accelerator: str = "auto"
     devices: int | str = 1
-    progress_bar: bool = True
-    seed: int = 0
+    progress: bool | None = None
 
 
 class ContinualConfig(_Strict):
@@ -132,3 +148,36 @@ class AtlasConfig(_Strict):
     continual: ContinualConfig = ContinualConfig()
     transfer: TransferConfig = TransferConfig()
     drift: DriftConfig = DriftConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_override_defaults(cls, data: Any) -> Any:
+        """A section given as a dict changes only the keys it names: the atlas's own defaults
+        for that section (e.g. no KL warm-up in ``query_training``) stay."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, field in cls.model_fields.items():
+            if isinstance(data.get(name), dict) and isinstance(field.default, BaseModel):
+                data[name] = {**field.default.model_dump(), **data[name]}
+        return data
+
+
+def merged(base: BaseModel, override: BaseModel | dict | None) -> BaseModel:
+    """``base`` with the keys of ``override`` changed (an instance of the same model replaces it).
+
+    Example
+    -------
+    >>> merged(TrainingConfig(kl_warmup_epochs=0), {"seed": 3}).kl_warmup_epochs
+    0
+    """
+    if override is None:
+        return base
+    if isinstance(override, type(base)):
+        return override
+    if not isinstance(override, dict):
+        raise InputError(f"expected {type(base).__name__} or dict, got {type(override).__name__}")
+    try:
+        return type(base).model_validate({**base.model_dump(), **override})
+    except ValueError as exc:
+        raise InputError(f"invalid {type(base).__name__}: {exc}") from exc

@@ -145,8 +145,8 @@ def continual_defaults() -> str:
 
 def atlas_config(ref_epochs: int, query_epochs: int, seed: int, **continual: Any) -> dict:
     return {
-        "reference_training": {"max_epochs": ref_epochs, "progress_bar": False, "seed": seed},
-        "query_training": {"max_epochs": query_epochs, "progress_bar": False, "seed": seed},
+        "reference_training": {"max_epochs": ref_epochs, "seed": seed},
+        "query_training": {"max_epochs": query_epochs, "seed": seed},
         "continual": continual,
     }
 

@@ -45,8 +45,8 @@ def child(step: str, atlas_path: str, data_path: str, report_path: str) -> dict:
     extra = {}
     if step == "create":
         Atlas.create(atlas_path, adata, batch_key="tech", label_key="celltype", config={
-            "reference_training": {"max_epochs": REF_EPOCHS, "early_stopping": False, "progress_bar": False},
-            "query_training": {"max_epochs": QUERY_EPOCHS, "early_stopping": False, "progress_bar": False}})
+            "reference_training": {"max_epochs": REF_EPOCHS, "early_stopping": False},
+            "query_training": {"max_epochs": QUERY_EPOCHS, "early_stopping": False}})
         extra = Atlas.open(atlas_path).info.training
     elif step == "ingest":
         res = Atlas.open(atlas_path).ingest(adata, batch_key="tech", strategy="ewc")

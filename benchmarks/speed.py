@@ -33,7 +33,7 @@ def settings(quick: bool) -> dict:
 
 
 def no_stop(epochs: int, seed: int = 0) -> dict:
-    return {"max_epochs": epochs, "early_stopping": False, "progress_bar": False, "seed": seed}
+    return {"max_epochs": epochs, "early_stopping": False, "seed": seed}
 
 
 def training_speed(cfg: dict, out, have_scvi: bool) -> tuple[list[dict], dict]:

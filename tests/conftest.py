@@ -13,8 +13,8 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Tiny settings so the suite stays fast; the benchmarks use real settings.
 TINY = {
     "model": {"n_hidden": 32, "n_latent": 8},
-    "reference_training": {"max_epochs": 15, "progress_bar": False, "kl_warmup_epochs": 5},
-    "query_training": {"max_epochs": 10, "progress_bar": False, "kl_warmup_epochs": 0},
+    "reference_training": {"max_epochs": 15, "kl_warmup_epochs": 5},
+    "query_training": {"max_epochs": 10, "kl_warmup_epochs": 0},
     "continual": {"fisher_max_cells": 200, "replay_max_cells": 300},
 }
 
@@ -91,8 +91,8 @@ PBMC_NOVEL = {"NK", "Mono_CD16"}
 # defaults otherwise): about 35 s here. With 40 / 20 epochs the novel-vs-known AUROC of the label
 # uncertainty sat at 0.35-0.51 over three seeds, so the behaviour under test was not there yet.
 PBMC_SETTINGS = {
-    "reference_training": {"max_epochs": 150, "progress_bar": False, "seed": 0},
-    "query_training": {"max_epochs": 100, "progress_bar": False, "seed": 0},
+    "reference_training": {"max_epochs": 150, "seed": 0},
+    "query_training": {"max_epochs": 100, "seed": 0},
 }
 
 

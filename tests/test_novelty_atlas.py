@@ -13,7 +13,7 @@ def test_predictions_carry_calibrated_novelty_and_the_rule_is_selectable(two_ver
     atlas = Atlas.open(two_version_atlas)
     assert CALIBRATION_FILE in atlas.info.files  # stored with the version, checksummed
     obs = atlas.obs()
-    stored = atlas._predictions(atlas.info)
+    stored = atlas.predictions()
     for col in ("novelty", "novelty_pvalue", "is_novel"):
         assert col in stored.columns
     assert stored["novelty_pvalue"].between(0, 1).all()
@@ -83,13 +83,15 @@ def test_a_transfer_config_with_other_neighbours_gets_its_own_calibration_once(t
     atlas = Atlas.open(two_version_atlas)
     atlas.novelty_calibration()  # the stored one
     calls = []
-    calibrate = Atlas._calibrate
+    import atlasengine.api.atlas as api
+
+    calibrate = api.calibrate
 
     def counted(*args):
         calls.append(args[-1].novelty_k)
         return calibrate(*args)
 
-    monkeypatch.setattr(Atlas, "_calibrate", staticmethod(counted))
+    monkeypatch.setattr(api, "calibrate", counted)
     first = atlas.transfer_labels(pancreas_query, batch_key="tech", config={"novelty_k": 20})
     again = atlas.transfer_labels(pancreas_query, batch_key="tech", config={"novelty_k": 20})
     default = atlas.transfer_labels(pancreas_query, batch_key="tech")

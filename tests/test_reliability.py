@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from atlasengine import Atlas, AtlasFormatError, AtlasIntegrityError, AtlasLockedError, TrainingError
-from atlasengine.store.cells import joinids_of
 from conftest import DATA
 
 INGEST = """
@@ -22,7 +21,7 @@ import sys, anndata as ad
 from atlasengine import Atlas
 a = ad.read_h5ad(sys.argv[2])
 q = a[a.obs["tech"] == "smartseq2"].copy()
-Atlas.open(sys.argv[1]).ingest(q, batch_key="tech", strategy="ewc", training={"max_epochs": 2, "progress_bar": False})
+Atlas.open(sys.argv[1]).ingest(q, batch_key="tech", strategy="ewc", training={"max_epochs": 2})
 print("committed")
 """
 
@@ -41,8 +40,7 @@ def _run_ingest(path: Path, fault: str | None, wait: bool = True):
 
 
 def _committed_counts(atlas: Atlas) -> np.ndarray:
-    ids = joinids_of([(d.joinid_start, d.joinid_stop) for d in atlas._manifest.datasets])
-    return atlas._store.cells.read_counts(ids, len(atlas.genes)).toarray()
+    return atlas.counts().toarray()
 
 
 def test_sigkill_at_every_stage_leaves_previous_version_intact(atlas_path, pancreas_ref, pancreas_query):

@@ -15,6 +15,9 @@ import numpy as np
 import pandas as pd
 
 from atlasengine.config import DriftConfig
+from atlasengine.numerics import sorted_sample
+from atlasengine.progress import Phase, phase
+from atlasengine.store.version import VersionReader
 from atlasengine.drift import (
     DriftStore,
     compute_initial_drift,
@@ -95,39 +98,41 @@ def record_drift(
         db.write_version(version_record(info, parameters), tables, flags(tables, config), summary)
 
 
-def backfill_drift(atlas, db_path: Path) -> None:
-    """Record the drift of every stored version of ``atlas`` into a new database at ``db_path``."""
-    import json
-
-    manifest = atlas._manifest
-    obs_all = atlas.obs()
-    for info in atlas.versions:
-        z = atlas._stored_latent(manifest, info.number)
+def backfill_drift(reader: VersionReader, db_path: Path) -> None:
+    """Record the drift of every version up to ``reader``'s into a new database at ``db_path``."""
+    obs_all = reader.obs()
+    for info in reader.manifest.versions:
+        z = reader.latent(info.number)
         obs = obs_all.iloc[: len(z)][["batch", "label", "dataset", "version_added"]]
         previous = first = None
         if info.parent is not None:
-            previous = atlas._stored_latent(manifest, info.parent)
-            first = atlas._first_latent(manifest, info.parent)
-        config = atlas._store.file(info, "config.json")
-        parameters = json.loads(config.read_text(encoding="utf-8"))
+            previous, first = reader.latent(info.parent), reader.first_latent(info.parent)
         summary = None
-        preds = atlas._predictions(info)
+        preds = reader.predictions(info.number)
         if preds is not None:
             new = obs_all.index[obs_all["version_added"] == info.number]
             summary = transfer_summary(preds, obs_all.loc[new, "label"], info.datasets[-1])
-        record_drift(db_path, info, parameters, obs, z, previous, first, manifest.config.drift, summary)
+        record_drift(db_path, info, reader.run_config(info.number), obs, z, previous, first,
+                     reader.manifest.config.drift, summary)
 
 
-def render_atlas_report(atlas, path: str | Path, max_umap_cells: int = 20_000, seed: int = 0) -> Path:
-    """Write the drift audit report of ``atlas`` (an :class:`~atlasengine.Atlas`) to ``path``."""
-    with DriftStore(atlas._store.drift_path, read_only=True) as db:
-        tables = db.report_tables(atlas.version)
-        cell_drift = db.read("cell_drift", atlas.version)
-    obs = atlas.obs()
-    z = atlas.latent()
-    rng = np.random.default_rng(seed)
-    keep = np.sort(rng.choice(len(z), size=min(len(z), max_umap_cells), replace=False))
+def render_atlas_report(reader: VersionReader, path: str | Path, max_umap_cells: int = 20_000, seed: int = 0,
+                        progress: bool | None = None) -> Path:
+    """Write the drift audit report of the version ``reader`` reads to ``path``."""
+    with phase("report", total=2, unit="steps", progress=progress) as p:
+        path = _render(reader, path, max_umap_cells, seed, p)
+    return path
+
+
+def _render(reader: VersionReader, path: str | Path, max_umap_cells: int, seed: int, p: Phase) -> Path:
+    with DriftStore(reader.store.drift_path, read_only=True) as db:
+        tables = db.report_tables(reader.number)
+        cell_drift = db.read("cell_drift", reader.number)
+    obs = reader.obs()
+    z = reader.latent()
+    keep = sorted_sample(len(z), max_umap_cells, seed)
     coords, method = umap_coordinates(z[keep], seed=seed, return_method=True)
+    p.advance()
     sub = obs.iloc[keep]
     last = cell_drift[cell_drift["version"] == cell_drift["version"].max()] if len(cell_drift) else cell_drift
     disp = (
@@ -147,17 +152,19 @@ def render_atlas_report(atlas, path: str | Path, max_umap_cells: int = 20_000, s
     )
     figures: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for info in atlas.versions:
-            preds = atlas._predictions(info)
+        for info in reader.manifest.versions:
+            preds = reader.predictions(info.number)
             if preds is None or preds.empty:
                 continue
             truth = obs["label"].reindex(preds.index).fillna(UNLABELLED).astype(str)
             paths = plot_transfer(preds, truth, Path(tmp) / f"v{info.number}",
-                                  novelty_target=atlas.config.transfer.novelty_target)
-            for name, p in paths.items():
-                figures[f"version {info.number} ({', '.join(info.datasets[-1:])}): {name}"] = Path(p).read_bytes()
-    title = f"Drift audit of {atlas.path.name} (version {atlas.version})"
-    return render_report(path, tables, umap, figures, title, umap_method=method)
+                                  novelty_target=reader.manifest.config.transfer.novelty_target)
+            for name, file in paths.items():
+                figures[f"version {info.number} ({', '.join(info.datasets[-1:])}): {name}"] = Path(file).read_bytes()
+    title = f"Drift audit of {reader.store.root.name} (version {reader.number})"
+    out = render_report(path, tables, umap, figures, title, umap_method=method)
+    p.advance()
+    return out
 
 
-__all__ = ["UNKNOWN", "record_drift", "render_atlas_report", "transfer_summary", "version_record"]
+__all__ = ["UNKNOWN", "backfill_drift", "record_drift", "render_atlas_report", "transfer_summary", "version_record"]

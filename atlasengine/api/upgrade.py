@@ -2,9 +2,14 @@
 
 Each step is a module in the top-level ``migrations/layout/`` folder (shipped in the wheel as
 ``atlasengine._migrations.layout``) named ``mNNNN_<what>.py`` with ``FROM_VERSION``,
-``TO_VERSION`` and ``upgrade(atlas, root) -> None``. Steps write their new files first; the
-manifest with the new ``format_version`` is written last, so a crash mid-upgrade leaves the
-old format, and the next open runs the step again.
+``TO_VERSION`` and either or both of:
+
+- ``upgrade_manifest(raw: dict) -> dict``: the manifest's JSON, changed to the new format;
+- ``upgrade_files(reader: VersionReader, root: Path) -> None``: files the new format needs,
+  written from the atlas as it is (``reader`` reads its newest version, manifest already upgraded).
+
+Manifest changes run first, in order, then file steps, in order; the upgraded manifest is
+written last, so a crash mid-upgrade leaves the old format and the next open runs it again.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ from atlasengine.errors import AtlasFormatError
 from atlasengine.store.atlas_store import AtlasStore
 from atlasengine.store.lock import WriteLock
 from atlasengine.store.manifest import FORMAT_VERSION, parse_manifest, read_raw_manifest
+from atlasengine.store.version import VersionReader
 
 log = logging.getLogger("atlasengine")
 _STEP = re.compile(r"^m(\d{4})_[a-z0-9_]+\.py$")
 
 
 def layout_migrations_dir() -> Path:
+    """The folder of layout migration steps (the source tree's, or the installed copy)."""
     here = Path(__file__).resolve()
     for folder in (here.parents[2] / "migrations" / "layout", here.parents[1] / "_migrations" / "layout"):
         if folder.is_dir():
@@ -46,20 +53,25 @@ def _steps() -> dict[int, ModuleType]:
 
 def upgrade_atlas(root: Path) -> int:
     """Bring the atlas at ``root`` to the current format; returns the format it had."""
-    from atlasengine.api.atlas import Atlas
-
     with WriteLock(root):
         raw = read_raw_manifest(root)
         found = raw["format_version"]
-        steps = _steps()
+        steps, available = [], _steps()
         while raw["format_version"] < FORMAT_VERSION:
-            step = steps.get(raw["format_version"])
+            step = available.get(raw["format_version"])
             if step is None:
                 raise AtlasFormatError(f"no upgrade from atlas format {raw['format_version']} (migrations/layout)")
             log.warning("upgrading atlas %s from format %d to %d", root, step.FROM_VERSION, step.TO_VERSION)
-            store = AtlasStore(root)
-            manifest = parse_manifest(root, raw)
-            step.upgrade(Atlas(store, manifest, manifest.current, read_only=True), root)
+            if hasattr(step, "upgrade_manifest"):
+                raw = step.upgrade_manifest(dict(raw))
             raw = {**raw, "format_version": step.TO_VERSION}
-            store.commit(parse_manifest(root, raw))
+            steps.append(step)
+        store = AtlasStore(root)
+        manifest = parse_manifest(root, raw)
+        if manifest.versions:
+            reader = VersionReader(store, manifest)
+            for step in steps:
+                if hasattr(step, "upgrade_files"):
+                    step.upgrade_files(reader, root)
+        store.commit(manifest)
         return found

@@ -16,6 +16,8 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
+from atlasengine.cli.output import versions_table
+
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "pancreas_panc8_small.h5ad"
 
 
@@ -88,11 +90,6 @@ def run_demo(out: Path, quick: bool = False) -> None:
           ", ".join(f"v{r.version}: {r.displacement_mean_aligned:.2f}" for r in drift[drift.scope == "vs_first"].itertuples()))
     print(f"drift flags raised: {len(flagged)}")
     report = atlas.report(out / "audit.html")
-    print(f"versions:\n{_table(atlas)}")
+    print(f"versions:\n{versions_table(atlas)}")
     print(f"report: {report}; atlas: {path}; total {time.perf_counter() - t0:.0f} s")
 
-
-def _table(atlas) -> str:
-    from atlasengine.cli.main import _versions_table
-
-    return _versions_table(atlas)

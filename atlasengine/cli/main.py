@@ -12,10 +12,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
+from atlasengine.cli.output import configure_logging, versions_table
 from atlasengine.errors import AtlasError
 
 
@@ -29,16 +29,6 @@ def _read(path: str):
         return ad.read_h5ad(p)
     except Exception as exc:  # h5py/anndata raise many types for a bad file
         raise AtlasError(f"cannot read {p} as an .h5ad file: {exc}") from exc
-
-
-def _versions_table(atlas) -> str:
-    rows = ["version  strategy   cells  new    epochs  train_s  datasets"]
-    for v in atlas.versions:
-        rows.append(
-            f"{v.number:<8} {v.strategy:<10} {v.n_cells:<6} {v.n_new_cells:<6} {v.training.get('epochs', ''):<7} "
-            f"{v.training.get('seconds', 0):<8.1f} {', '.join(v.datasets)}"
-        )
-    return "\n".join(rows)
 
 
 def cmd_create(args) -> None:
@@ -80,7 +70,7 @@ def cmd_transfer(args) -> None:
 def cmd_versions(args) -> None:
     from atlasengine import Atlas
 
-    print(_versions_table(Atlas.open(args.path)))
+    print(versions_table(Atlas.open(args.path)))
 
 
 def cmd_report(args) -> None:
@@ -159,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    configure_logging(args.verbose)
     try:
         args.func(args)
     except AtlasError as exc:

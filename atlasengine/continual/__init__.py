@@ -1,8 +1,8 @@
 """Continual learning: Fisher information, the EWC penalty and the fold-in strategies."""
 
 from atlasengine.continual.ewc import EWCPenalty
-from atlasengine.continual.fisher import accumulate_fisher, diagonal_fisher, fisher_summary
-from atlasengine.continual.strategies import STRATEGIES, FoldInStrategy, surgery_mode
+from atlasengine.continual.fisher import accumulate_fisher, diagonal_fisher, fisher_summary, version_fisher
+from atlasengine.continual.strategies import STRATEGIES, FoldInStrategy, fold_in, surgery_mode
 
 __all__ = [
     "EWCPenalty",
@@ -11,5 +11,7 @@ __all__ = [
     "accumulate_fisher",
     "diagonal_fisher",
     "fisher_summary",
+    "fold_in",
     "surgery_mode",
+    "version_fisher",
 ]

@@ -14,12 +14,18 @@ exact (the model has no batch norm, so cells do not interact).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
 
+from atlasengine.config import ContinualConfig
 from atlasengine.model import CVAE, CovariateLinear
-from atlasengine.training.data import CellData
+from atlasengine.numerics import sorted_sample
+from atlasengine.training.data import CellSource
 
 Tensors = dict[str, torch.Tensor]
 
@@ -30,6 +36,7 @@ class _SquaredGradients:
     def __init__(self, module: CVAE) -> None:
         self.module = module
         self.sums = {k: torch.zeros_like(p) for k, p in module.named_parameters()}
+        self.touched: set[str] = set()
         self.names = {id(m): n for n, m in module.named_modules()}
         self.handles = []
         for mod in module.modules():
@@ -49,8 +56,10 @@ class _SquaredGradients:
         def on_grad(delta: torch.Tensor) -> None:
             d2 = delta.detach().pow(2)
             self.sums[prefix + "weight"] += d2.T @ a.pow(2)
+            self.touched.add(prefix + "weight")
             if mod.bias is not None:
                 self.sums[prefix + "bias"] += d2.sum(0)
+                self.touched.add(prefix + "bias")
 
         output.register_hook(on_grad)
 
@@ -61,12 +70,14 @@ class _SquaredGradients:
 
         def on_grad(delta: torch.Tensor) -> None:
             self.sums[key].index_add_(0, batch.clamp(min=0), delta.detach().pow(2) * known)
+            self.touched.add(key)
 
         output.register_hook(on_grad)
 
     def add_dispersion(self, theta: torch.Tensor) -> None:
         def on_grad(g: torch.Tensor) -> None:  # d/d px_r = d/d theta * theta
             self.sums["px_r"] += (g.detach() * theta.detach()).pow(2).sum(0)
+            self.touched.add("px_r")
 
         theta.register_hook(on_grad)
 
@@ -75,42 +86,127 @@ class _SquaredGradients:
             h.remove()
 
 
+def _squared_gradient_mean(
+    module: CVAE,
+    cells: CellSource,
+    positions: np.ndarray,
+    chunk_size: int,
+    seed: int,
+    on_cells: Callable[[int], None] | None = None,
+) -> Tensors:
+    """Mean over ``positions`` of each cell's squared gradient of its negative ELBO.
+
+    Cells are read ``chunk_size`` at a time; dropout is off; the reparameterisation noise is
+    drawn once per cell from ``seed``. Raises when a parameter received no statistic (a layer
+    the per-cell hooks do not cover), rather than leaving its Fisher at zero.
+    """
+    was_training = module.training
+    module.eval()
+    gen = torch.Generator().manual_seed(seed)
+    stats = _SquaredGradients(module)
+    try:
+        for s in range(0, len(positions), chunk_size):
+            part = cells.read(positions[s : s + chunk_size])
+            x = torch.from_numpy(part.counts.toarray())
+            b = torch.from_numpy(part.batch)
+            eps = torch.randn(len(part), module.config.n_latent, generator=gen)
+            out = module.loss(x, b, eps=eps)
+            stats.add_dispersion(out.dispersion)
+            module.zero_grad(set_to_none=True)
+            out.per_cell.sum().backward()
+            if on_cells is not None:
+                on_cells(len(part))
+    finally:
+        stats.remove()
+        module.zero_grad(set_to_none=True)
+        module.train(was_training)
+    missing = sorted(set(stats.sums) - stats.touched) if len(positions) else []
+    if missing:
+        raise RuntimeError(
+            f"no Fisher statistic for parameter(s) {missing}: the per-cell squared-gradient hooks do not "
+            "cover the layer that holds them (continual/fisher.py)"
+        )
+    return {k: v / max(len(positions), 1) for k, v in stats.sums.items()}
+
+
 def diagonal_fisher(
     module: CVAE,
-    data: CellData,
+    cells: CellSource,
     max_cells: int = 2000,
     chunk_size: int = 256,
     seed: int = 0,
 ) -> Tensors:
-    """Per-cell-mean diagonal Fisher of the negative ELBO over (a sample of) ``data``.
+    """Per-cell-mean diagonal Fisher of the negative ELBO over (a sample of) ``cells``.
 
-    At most ``max_cells`` cells are used, so the cost is bounded whatever the atlas size.
-    Dropout is off; the reparameterisation noise is drawn once per cell from ``seed``.
+    At most ``max_cells`` cells, a uniform sample drawn with ``seed``, so the cost is bounded
+    whatever the atlas size; the reparameterisation noise is drawn from ``seed`` too.
+
+    Parameters
+    ----------
+    module
+        The model, at the weights the Fisher describes.
+    cells
+        Anything with ``len()`` and ``read(positions) -> CellData`` (a ``CellData`` itself, or
+        the cells of an atlas version read from its store).
+    max_cells, chunk_size, seed
+        Sample size, cells per forward/backward pass, random seed.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        One tensor per named parameter, same shapes.
     """
-    was_training = module.training
-    module.eval()
-    rng = np.random.default_rng(seed)
-    n = len(data)
-    idx = np.sort(rng.choice(n, size=min(n, max_cells), replace=False)) if n > max_cells else np.arange(n)
-    gen = torch.Generator().manual_seed(seed)
-    stats = _SquaredGradients(module)
-    module.capture = {}
-    try:
-        for s in range(0, len(idx), chunk_size):
-            rows = idx[s : s + chunk_size]
-            x = torch.from_numpy(data.counts[rows].toarray())
-            b = torch.from_numpy(data.batch[rows])
-            eps = torch.randn(len(rows), module.config.n_latent, generator=gen)
-            out = module.loss(x, b, eps=eps)
-            stats.add_dispersion(module.capture["theta"])
-            module.zero_grad(set_to_none=True)
-            out.per_cell.sum().backward()
-    finally:
-        stats.remove()
-        module.capture = None
-        module.zero_grad(set_to_none=True)
-        module.train(was_training)
-    return {k: v / max(len(idx), 1) for k, v in stats.sums.items()}
+    positions = sorted_sample(len(cells), max_cells, seed)
+    return _squared_gradient_mean(module, cells, positions, chunk_size, seed)
+
+
+def version_fisher(
+    module: CVAE,
+    cells: CellSource,
+    config: ContinualConfig,
+    previous: Tensors | None,
+    seed: int,
+    on_cells: Callable[[int], None] | None = None,
+) -> tuple[Tensors, dict[str, Any]]:
+    """The accumulated Fisher a new atlas version stores, and its summary.
+
+    The Fisher of this version is estimated on a uniform sample of at most
+    ``config.fisher_max_cells`` of ``cells`` (every cell of the version) at the new weights,
+    then added to ``config.fisher_gamma`` times the previous accumulated Fisher (online EWC).
+
+    Parameters
+    ----------
+    module
+        The new version's model.
+    cells
+        Every cell of the new version (``len()`` and ``read(positions) -> CellData``).
+    config
+        Sampling, chunking and ``fisher_gamma``.
+    previous
+        The accumulated Fisher of the parent version (None for version 1).
+    seed
+        Seeds the sample and the reparameterisation noise (the version number).
+    on_cells
+        Called with the number of cells after each chunk (progress).
+
+    Returns
+    -------
+    tuple
+        ``(fisher, summary)``: the accumulated Fisher, and a JSON-ready dict of its statistics
+        with ``cells`` (sample size), ``seed``, ``gamma`` and ``seconds``.
+    """
+    start = time.perf_counter()
+    positions = sorted_sample(len(cells), config.fisher_max_cells, config.fisher_max_cells + seed)
+    current = _squared_gradient_mean(module, cells, positions, config.fisher_chunk_size, seed, on_cells)
+    fisher = accumulate_fisher(previous, current, config.fisher_gamma)
+    summary = {
+        **fisher_summary(fisher),
+        "cells": int(len(positions)),
+        "seed": int(seed),
+        "gamma": config.fisher_gamma,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return fisher, summary
 
 
 def pad_rows(old: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

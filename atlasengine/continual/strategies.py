@@ -8,15 +8,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Literal
 
 import torch
 
+from atlasengine.config import STRATEGIES, ContinualConfig, FoldInStrategy, RuntimeConfig, TrainingConfig
+from atlasengine.continual.ewc import EWCPenalty
+from atlasengine.continual.fisher import Tensors
+from atlasengine.errors import InputError
 from atlasengine.model import CVAE
+from atlasengine.training import CellData, TrainResult, fit
 
-FoldInStrategy = Literal["surgery", "finetune", "ewc"]
-STRATEGIES: tuple[str, ...] = ("surgery", "finetune", "ewc")
+__all__ = ["STRATEGIES", "FoldInStrategy", "fold_in", "surgery_mode"]
 
 
 @contextmanager
@@ -44,3 +48,57 @@ def surgery_mode(module: CVAE, n_old_batches: int) -> Iterator[None]:
             h.remove()
         for name, p in module.named_parameters():
             p.requires_grad_(saved[name])
+
+
+def fold_in(
+    module: CVAE,
+    strategy: FoldInStrategy,
+    query: CellData,
+    *,
+    n_old_batches: int,
+    training: TrainingConfig,
+    continual: ContinualConfig,
+    fisher: Tensors | None = None,
+    anchor: Tensors | None = None,
+    replay: CellData | None = None,
+    runtime: RuntimeConfig | None = None,
+) -> TrainResult:
+    """Train ``module`` (the current weights, new batch columns added) on ``query`` by ``strategy``.
+
+    Parameters
+    ----------
+    module
+        Starts from the current version's weights; trained in place.
+    strategy
+        ``"surgery"``, ``"finetune"`` or ``"ewc"``.
+    query
+        The new cells, batch indices in the grown model.
+    n_old_batches
+        Batch columns the current version already had (surgery keeps them).
+    training, continual
+        Optimisation settings, and the penalty strength and replay share.
+    fisher, anchor
+        The accumulated Fisher and anchor weights (ewc only).
+    replay
+        Reference cells replayed in every minibatch (ewc only).
+    runtime
+        Accelerator and progress display.
+
+    Returns
+    -------
+    TrainResult
+        What the training did.
+    """
+    name = f"training ({strategy})"
+    if strategy == "surgery":
+        with surgery_mode(module, n_old_batches):
+            return fit(module, query, training.model_copy(update={"weight_decay": 0.0}), runtime=runtime, name=name)
+    if strategy == "finetune":
+        return fit(module, query, training, runtime=runtime, name=name)
+    if strategy == "ewc":
+        if fisher is None or anchor is None:
+            raise InputError("the ewc strategy needs the current version's Fisher and anchor weights")
+        penalty = EWCPenalty(module, fisher, anchor, continual.ewc_lambda)
+        return fit(module, query, training, replay=replay, replay_fraction=continual.replay_fraction,
+                   penalty=penalty, runtime=runtime, name=name)
+    raise InputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")

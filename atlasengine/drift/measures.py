@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-import faiss
 import numpy as np
 import pandas as pd
 
 from atlasengine.config import DriftConfig
 from atlasengine.errors import InputError
+from atlasengine.numerics import as_matrix, same_shape, self_excluding_knn, sorted_sample
 
 SCOPES = ("vs_previous", "vs_first")
 
@@ -22,38 +22,10 @@ SCOPES = ("vs_previous", "vs_first")
 # --------------------------------------------------------------------------- primitives
 
 
-def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise InputError(f"{name} must be a 2-d array (cells x dims), got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise InputError(f"{name} contains NaN or infinite values")
-    return x
-
-
-def _same_shape(a: np.ndarray, b: np.ndarray, names: str) -> None:
-    if a.shape != b.shape:
-        raise InputError(f"{names} must have the same shape, got {a.shape} and {b.shape}")
-
-
 def knn_indices(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices (n, k') of each row's k nearest other rows (exact L2, self excluded).
-
-    k' = min(k, n - 1). Self is removed wherever it appears in the k+1 results; when ties push
-    it out of them the farthest hit is dropped instead.
-    """
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n = x.shape[0]
-    k = min(int(k), n - 1)
-    if k < 1:
-        return np.empty((n, 0), dtype=np.int64)
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(x)
-    _, found = index.search(x, k + 1)
-    drop = found == np.arange(n)[:, None]
-    drop[~drop.any(axis=1), -1] = True
-    drop &= np.cumsum(drop, axis=1) == 1  # keep exactly one dropped entry per row
-    return found[~drop].reshape(n, k).astype(np.int64)
+    """Indices (n, min(k, n - 1)) of each row's k nearest other rows (exact L2, self excluded
+    by :func:`atlasengine.numerics.drop_self`)."""
+    return self_excluding_knn(x, k)[1]
 
 
 def procrustes_align(moved: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -62,9 +34,9 @@ def procrustes_align(moved: np.ndarray, target: np.ndarray) -> np.ndarray:
     Both are centred, the best orthogonal map is applied to ``moved`` and ``target``'s mean is
     added back, so a rigid rotation or translation of the whole embedding is not drift.
     """
-    moved = _as_matrix(moved, "moved")
-    target = _as_matrix(target, "target")
-    _same_shape(moved, target, "moved and target")
+    moved = as_matrix(moved, "moved")
+    target = as_matrix(target, "target")
+    same_shape(moved, target, "moved and target")
     mc = moved - moved.mean(axis=0)
     tmean = target.mean(axis=0)
     u, _, vt = np.linalg.svd(mc.T @ (target - tmean), full_matrices=False)
@@ -73,9 +45,9 @@ def procrustes_align(moved: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 def displacement(before: np.ndarray, after: np.ndarray, aligned: bool) -> np.ndarray:
     """Per-cell Euclidean distance between two embeddings (after Procrustes when aligned)."""
-    before = _as_matrix(before, "before")
-    after = _as_matrix(after, "after")
-    _same_shape(before, after, "before and after")
+    before = as_matrix(before, "before")
+    after = as_matrix(after, "after")
+    same_shape(before, after, "before and after")
     if aligned:
         after = procrustes_align(after, before)
     return np.linalg.norm(after - before, axis=1)
@@ -91,9 +63,9 @@ def _overlap_share(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def knn_preservation(before: np.ndarray, after: np.ndarray, k: int) -> np.ndarray:
     """Per-cell share of its k nearest neighbours (self excluded) under ``before`` kept under ``after``."""
-    before = _as_matrix(before, "before")
-    after = _as_matrix(after, "after")
-    _same_shape(before, after, "before and after")
+    before = as_matrix(before, "before")
+    after = as_matrix(after, "after")
+    same_shape(before, after, "before and after")
     return _overlap_share(knn_indices(before, k), knn_indices(after, k))
 
 
@@ -121,7 +93,7 @@ def loo_knn_correct(embedding: np.ndarray, labels: np.ndarray | pd.Series, k: in
     Unlabelled cells neither vote nor are scored; the majority is over the k nearest labelled
     cells, the cell itself excluded. Use ``np.nanmean`` for the accuracy.
     """
-    embedding = _as_matrix(embedding, "embedding")
+    embedding = as_matrix(embedding, "embedding")
     labels = np.asarray(labels, dtype=object)
     if len(labels) != embedding.shape[0]:
         raise InputError("labels must have one entry per embedding row")
@@ -155,7 +127,7 @@ def batch_mixing(
     the k nearest neighbours (self excluded), 1 = a single batch, up to n_batches; normalised is
     (ilisi - 1) / (n_batches - 1), NaN when there is only one batch.
     """
-    embedding = _as_matrix(embedding, "embedding")
+    embedding = as_matrix(embedding, "embedding")
     batches = np.asarray(batches, dtype=object)
     if len(batches) != embedding.shape[0]:
         raise InputError("batches must have one entry per embedding row")
@@ -188,12 +160,6 @@ class DriftTables:
                 for f in fields(DriftTables)
             }
         )
-
-
-def _subsample(n: int, max_cells: int, seed: int) -> np.ndarray:
-    if n <= max_cells:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=max_cells, replace=False))
 
 
 @dataclass
@@ -255,7 +221,7 @@ def _tables(
     missing = missing_labels(labels)
     label_str = np.where(missing, None, pd.Series(labels).astype(str).to_numpy(dtype=object))
 
-    sub = _subsample(n, config.max_cells, seed)
+    sub = sorted_sample(n, config.max_cells, seed)
     codes, _ = pd.factorize(pd.Series(label_str[sub]).fillna(""))
     labelled = ~missing[sub]
     cur = _knn_figures(current[sub], codes, labelled, config.k)
@@ -379,11 +345,11 @@ def compute_version_drift(
     leave-one-out label accuracy, iLISI) use at most ``config.max_cells`` cells sampled with
     ``seed``.
     """
-    current = _as_matrix(current, "current")
-    previous = _as_matrix(previous, "previous")
-    first = _as_matrix(first, "first")
-    _same_shape(current, previous, "current and previous")
-    _same_shape(current, first, "current and first")
+    current = as_matrix(current, "current")
+    previous = as_matrix(previous, "previous")
+    first = as_matrix(first, "first")
+    same_shape(current, previous, "current and previous")
+    same_shape(current, first, "current and first")
     if current.shape[0] < 2:
         raise InputError("drift needs at least 2 cells")
     return _tables(int(version), current, {"vs_previous": previous, "vs_first": first}, obs, config, seed)
@@ -394,7 +360,7 @@ def compute_initial_drift(
 ) -> DriftTables:
     """Baseline of the first version: one ``vs_first`` row with displacement 0, preservation 1,
     and the leave-one-out label accuracy and iLISI of ``current``."""
-    current = _as_matrix(current, "current")
+    current = as_matrix(current, "current")
     if current.shape[0] < 2:
         raise InputError("drift needs at least 2 cells")
     tables = _tables(int(version), current, {"vs_first": current}, obs, config, seed)

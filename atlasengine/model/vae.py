@@ -73,12 +73,18 @@ class CovariateMLP(nn.Module):
 
 @dataclass
 class LossOutput:
-    """Per-minibatch ELBO pieces; ``per_cell`` is the negative ELBO of each cell."""
+    """Per-minibatch ELBO pieces.
+
+    ``per_cell`` is the negative ELBO of each cell; ``dispersion`` the gene dispersion as the
+    likelihood used it, one row per cell (a broadcast view of ``exp(px_r)``, so per-cell
+    gradient statistics such as the diagonal Fisher can hook it).
+    """
 
     loss: torch.Tensor
     reconstruction: torch.Tensor
     kl: torch.Tensor
     per_cell: torch.Tensor
+    dispersion: torch.Tensor
 
 
 class CVAE(nn.Module):
@@ -97,9 +103,6 @@ class CVAE(nn.Module):
         self.px_r = nn.Parameter(torch.randn(n_genes))
         if cfg.likelihood == "zinb":
             self.px_dropout = nn.Linear(cfg.n_hidden, n_genes)
-        # When a dict, ``decode`` leaves its per-cell dispersion tensor here (for per-cell
-        # gradient statistics such as the diagonal Fisher); None in normal use.
-        self.capture: dict[str, torch.Tensor] | None = None
 
     @property
     def n_batches(self) -> int:
@@ -123,14 +126,19 @@ class CVAE(nn.Module):
         h = self.encoder(torch.log1p(x), batch)
         return self.z_mean(h), torch.exp(self.z_var(h)) + 1e-4
 
-    def decode(self, z: torch.Tensor, batch: torch.Tensor, library: torch.Tensor):
+    def decode(
+        self, z: torch.Tensor, batch: torch.Tensor, library: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Likelihood parameters of counts given ``z``: ``(rate, dispersion, dropout logits or None)``.
+
+        The dispersion is one row per cell, a broadcast view of ``exp(px_r)``: a gradient
+        arriving at it is the per-cell gradient of the gene dispersion.
+        """
         h = self.decoder(z, batch)
         scale = torch.softmax(self.px_scale(h), dim=-1)
         rate = library * scale
         dropout = self.px_dropout(h) if self.config.likelihood == "zinb" else None
-        theta = torch.exp(self.px_r).expand(z.shape[0], -1)  # a view: per-cell gradients can be read off it
-        if self.capture is not None:
-            self.capture["theta"] = theta
+        theta = torch.exp(self.px_r).expand(z.shape[0], -1)
         return rate, theta, dropout
 
     def loss(
@@ -153,7 +161,7 @@ class CVAE(nn.Module):
             rec = -log_zinb(x, rate, theta, dropout).sum(-1)
         kl = 0.5 * (var + mean.pow(2) - 1.0 - torch.log(var)).sum(-1)
         per_cell = rec + kl_weight * kl
-        return LossOutput(per_cell.mean(), rec.mean(), kl.mean(), per_cell)
+        return LossOutput(per_cell.mean(), rec.mean(), kl.mean(), per_cell, theta)
 
     def forward(self, x: torch.Tensor, batch: torch.Tensor, kl_weight: float = 1.0, eps: torch.Tensor | None = None) -> LossOutput:
         """Same as :meth:`loss` (so ``torch.func.functional_call`` can drive the model)."""

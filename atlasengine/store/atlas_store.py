@@ -75,7 +75,14 @@ class AtlasStore:
             shutil.rmtree(final)
         staged.rename(final)
         fsync_dir(final.parent)
+        self._verified.update((number, key, rec.sha256) for key, rec in records.items())  # just hashed
         return records
+
+    def moved_to(self, root: Path) -> "AtlasStore":
+        """This store after its directory was renamed to ``root`` (checks already done are kept)."""
+        moved = AtlasStore(root)
+        moved._verified = set(self._verified)
+        return moved
 
     def file(self, version: VersionInfo, key: str, verify: bool = True) -> Path:
         """Path of a version's file, checked against the manifest's size and checksum."""

@@ -187,6 +187,10 @@ class CellStore:
                 .to_pandas()
                 .set_index("soma_joinid")
             )
+        if len(df) != len(np.unique(joinids)):
+            raise AtlasFormatError(
+                f"cell store {self.uri} is missing {len(np.unique(joinids)) - len(df)} of the committed cells asked for"
+            )
         return df.loc[joinids]
 
     def read_counts(self, joinids: np.ndarray, n_genes: int) -> sp.csr_matrix:

@@ -13,14 +13,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from atlasengine.config import AtlasConfig
+from atlasengine.config import AtlasConfig, FoldInStrategy
 from atlasengine.errors import AtlasFormatError
 from atlasengine.store.files import atomic_write_text
+from atlasengine.version import __version__
 
-FORMAT_VERSION = 2  # 1: no drift database (before 2026-11-27); 2: drift.duckdb
+FORMAT_VERSION = 3
+"""1: no drift database (before 2026-11-27); 2: drift.duckdb; 3: machine settings not stored.
+Each step up has a migration in ``migrations/layout/``."""
 MANIFEST_NAME = "manifest.json"
 
-Strategy = Literal["reference", "surgery", "finetune", "ewc"]
+Strategy = Literal["reference"] | FoldInStrategy
 
 
 def _now() -> datetime:
@@ -78,7 +81,7 @@ class Manifest(_Record):
     """Top-level description of an atlas (format ``FORMAT_VERSION``)."""
 
     format_version: int = FORMAT_VERSION
-    engine_version: str = "0.1.0"
+    engine_version: str = __version__
     created_at: datetime = Field(default_factory=_now)
     n_genes: int
     label_key: str

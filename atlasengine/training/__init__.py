@@ -1,7 +1,8 @@
-"""Lightning training of the model; knows nothing of storage."""
+"""Lightning training of the model, and embedding with it; knows nothing of storage."""
 
-from atlasengine.training.data import CellData
-from atlasengine.training.fit import TrainResult, fit
+from atlasengine.training.data import CellData, CellSource, iter_chunks
+from atlasengine.training.fit import TrainResult, default_epochs, embed, embed_cells, fit
 from atlasengine.training.plan import TrainingPlan
 
-__all__ = ["CellData", "TrainResult", "TrainingPlan", "fit"]
+__all__ = ["CellData", "CellSource", "TrainResult", "TrainingPlan", "default_epochs", "embed", "embed_cells",
+           "fit", "iter_chunks"]

@@ -7,6 +7,8 @@ replayed reference cells, so an EWC fold-in keeps seeing the reference it must n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -28,6 +30,27 @@ class CellData:
     def __len__(self) -> int:
         return self.counts.shape[0]
 
+    def read(self, positions: np.ndarray) -> "CellData":
+        """The cells at ``positions`` (a :class:`CellSource` that is already in memory)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return CellData(self.counts[positions], self.batch[positions])
+
+
+class CellSource(Protocol):
+    """Cells that can be read a few at a time: a :class:`CellData` in memory, or the cells of
+    an atlas version whose older part sits in the store."""
+
+    def __len__(self) -> int:
+        """Number of cells."""
+
+    def read(self, positions: np.ndarray) -> CellData:
+        """Counts and batch indices of the cells at ``positions`` (in that order)."""
+
+
+def iter_chunks(cells: CellSource, chunk_size: int) -> Iterator[CellData]:
+    """``cells`` in consecutive parts of at most ``chunk_size`` cells."""
+    for s in range(0, len(cells), chunk_size):
+        yield cells.read(np.arange(s, min(s + chunk_size, len(cells)), dtype=np.int64))
 
 
 class RowBatches(Dataset):

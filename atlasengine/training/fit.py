@@ -1,20 +1,32 @@
-"""Run a training plan with Lightning's Trainer (accelerator chosen by Lightning)."""
+"""Run a training plan with Lightning's Trainer; embed cells with a trained model.
+
+Lightning runs the loop, picks the accelerator and owns multi-device strategies; what it prints
+by itself (tips, "GPU available" lines, its per-epoch bar) is kept out of a normal run: the
+engine shows one bar, or one log line, for the whole training phase.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from torch import nn
 
-from atlasengine.config import TrainingConfig
+from atlasengine.config import RuntimeConfig, TrainingConfig
 from atlasengine.errors import TrainingError
-from atlasengine.training.data import CellData, make_loaders
+from atlasengine.progress import Phase, phase
+from atlasengine.training.data import CellData, CellSource, iter_chunks, make_loaders
 from atlasengine.training.plan import Penalty, TrainingPlan
+
+_LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning")
 
 
 @dataclass
@@ -28,6 +40,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, float]:
+        """Epochs, seconds, throughput, device and the last epoch's losses (JSON-ready)."""
         last = self.history[-1] if self.history else {}
         return {
             "epochs": self.epochs,
@@ -43,6 +56,30 @@ def default_epochs(n_cells: int) -> int:
     return int(min(400, round(20_000 / max(n_cells, 1) * 400)))
 
 
+def _advance_per_epoch(progress: Phase) -> Callable[[dict[str, float]], None]:
+    def on_epoch(row: dict[str, float]) -> None:
+        progress.advance(1, **{k: v for k, v in row.items() if k in ("train_loss", "val_loss", "penalty")})
+
+    return on_epoch
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Keep Lightning's tips, device lines and data-loader advice out of a normal run."""
+    saved = {name: logging.getLogger(name).level for name in _LIGHTNING_LOGGERS}
+    for name in _LIGHTNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"lightning(\.|$)")
+            warnings.filterwarnings("ignore", module=r"pytorch_lightning(\.|$)")
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def fit(
     module: nn.Module,
     query: CellData,
@@ -50,45 +87,109 @@ def fit(
     replay: CellData | None = None,
     replay_fraction: float = 0.0,
     penalty: Penalty | None = None,
+    runtime: RuntimeConfig | None = None,
+    name: str = "training",
 ) -> TrainResult:
     """Train ``module`` in place on ``query`` (mixed with ``replay`` cells) and return the run's record.
 
-    Raises ``TrainingError`` when the loss stops being finite.
+    Parameters
+    ----------
+    module
+        The torch model; trained in place, returned to the CPU in eval mode.
+    query
+        The cells to fit (a 10% validation split is held out for early stopping).
+    config
+        Epochs, batch size, learning rate, KL warm-up, early stopping, seed.
+    replay, replay_fraction
+        Reference cells mixed into every minibatch, and their share of it.
+    penalty
+        ``penalty(module) -> scalar`` added to the loss (the EWC penalty).
+    runtime
+        Accelerator, devices and progress display (never stored).
+    name
+        The phase's name in the progress bar or log line.
+
+    Returns
+    -------
+    TrainResult
+        Epochs run, wall time, throughput, device and per-epoch losses.
+
+    Raises
+    ------
+    TrainingError
+        When the loss stops being finite, or Lightning fails.
     """
+    runtime = runtime or RuntimeConfig()
     L.seed_everything(config.seed, workers=False, verbose=False)
     train, val = make_loaders(query, replay, config.batch_size, replay_fraction, config.validation_fraction, config.seed)
     module.train()  # dropout on; Lightning keeps whatever mode the module is in
-    plan = TrainingPlan(module, config, penalty)
-    callbacks = []
-    if config.early_stopping and val is not None:
-        callbacks.append(EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience, mode="min"))
-    trainer = L.Trainer(
-        max_epochs=config.max_epochs or default_epochs(len(query)),
-        accelerator=config.accelerator,
-        devices=config.devices,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=config.progress_bar,
-        callbacks=callbacks,
-        num_sanity_val_steps=0,
-        limit_val_batches=1.0 if val is not None else 0,
-        gradient_clip_val=None,
-    )
+    max_epochs = config.max_epochs or default_epochs(len(query))
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-        logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    with quiet_lightning(), phase(name, total=max_epochs, unit="epochs", progress=runtime.progress) as progress:
+        plan = TrainingPlan(module, config, penalty, on_epoch=_advance_per_epoch(progress))
+        callbacks: list[L.Callback] = []
+        if config.early_stopping and val is not None:
+            callbacks.append(EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience, mode="min"))
         try:
+            trainer = L.Trainer(
+                max_epochs=max_epochs,
+                accelerator=runtime.accelerator,
+                devices=runtime.devices,
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=False,
+                callbacks=callbacks,
+                num_sanity_val_steps=0,
+                limit_val_batches=1.0 if val is not None else 0,
+                log_every_n_steps=max(1, len(train)),
+                gradient_clip_val=None,
+            )
             trainer.fit(plan, train_dataloaders=train, val_dataloaders=val)
         except TrainingError:
             raise
         except Exception as exc:
             raise TrainingError(f"training failed: {exc}") from exc
+        if len(plan.history) < max_epochs:
+            progress.note = f"stopped early: validation loss flat for {config.early_stopping_patience} epochs"
     seconds = time.perf_counter() - start
     device = str(next(module.parameters()).device)
     module.cpu().eval()
     epochs = len(plan.history)
     cells = epochs * len(train.sampler) * (train.sampler.n_q_per + train.sampler.n_rep_per)
     return TrainResult(epochs, seconds, cells / max(seconds, 1e-9), device, plan.history)
+
+
+@torch.no_grad()
+def embed(module: nn.Module, parts: Iterable[CellData], batch_size: int = 4096) -> np.ndarray:
+    """Posterior means of cells given in parts (dropout off), as one float32 array.
+
+    Example
+    -------
+    >>> import scipy.sparse as sp
+    >>> from atlasengine.model import CVAE
+    >>> m = CVAE(n_genes=5, n_batches=1)
+    >>> embed(m, [CellData(sp.csr_matrix(np.ones((3, 5))), np.zeros(3))]).shape
+    (3, 10)
+    """
+    out = []
+    for data in parts:
+        for s in range(0, len(data), batch_size):
+            x = torch.from_numpy(data.counts[s : s + batch_size].toarray())
+            b = torch.from_numpy(data.batch[s : s + batch_size])
+            out.append(module.latent(x, b).numpy())
+    if not out:
+        return np.zeros((0, module.config.n_latent), dtype=np.float32)
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def embed_cells(
+    module: nn.Module, cells: CellSource, chunk_size: int = 20_000, progress: bool | None = None
+) -> np.ndarray:
+    """Embeddings of every cell of ``cells``, read ``chunk_size`` at a time, as one progress phase."""
+    with phase("embedding", total=len(cells), unit="cells", progress=progress) as p:
+        parts = []
+        for part in iter_chunks(cells, chunk_size):
+            parts.append(embed(module, [part]))
+            p.advance(len(part))
+    return np.concatenate(parts) if parts else np.zeros((0, module.config.n_latent), dtype=np.float32)

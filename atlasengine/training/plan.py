@@ -22,11 +22,18 @@ Penalty = Callable[[nn.Module], torch.Tensor]
 class TrainingPlan(L.LightningModule):
     """Optimises ``module.loss`` (+ ``penalty``) with Adam over the trainable parameters."""
 
-    def __init__(self, module: nn.Module, config: TrainingConfig, penalty: Penalty | None = None) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        config: TrainingConfig,
+        penalty: Penalty | None = None,
+        on_epoch: Callable[[dict[str, float]], None] | None = None,
+    ) -> None:
         super().__init__()
         self.module = module
         self.config = config
         self.penalty = penalty
+        self.on_epoch = on_epoch
         self.history: list[dict[str, float]] = []
         self._epoch_sums: dict[str, float] = {}
 
@@ -69,6 +76,8 @@ class TrainingPlan(L.LightningModule):
         row.update({k: s / max(c, 1) for k, (s, c) in self._epoch_sums.items()})
         self.history.append(row)
         self._epoch_sums = {}
+        if self.on_epoch is not None:
+            self.on_epoch(row)
         self.log("train_loss", row.get("train_loss", float("nan")), prog_bar=True)
 
     def configure_optimizers(self):

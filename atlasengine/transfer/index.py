@@ -21,6 +21,7 @@ import pandas as pd
 
 from atlasengine.config import TransferConfig
 from atlasengine.errors import AtlasFormatError, InputError
+from atlasengine.numerics import as_matrix, drop_self
 
 FORMAT_VERSION = 1
 INDEX_FILE = "neighbor_index.faiss"
@@ -29,21 +30,6 @@ META_FILE = "neighbor_index.json"
 SEARCH_CHUNK = 16_384
 _IVF_MIN_POINTS_PER_CENTROID = 39
 _IVF_MAX_TRAIN_PER_CENTROID = 256
-
-
-def as_float32_matrix(x: np.ndarray, name: str, d: int | None = None) -> np.ndarray:
-    """Return ``x`` as a C-contiguous finite float32 (n, d) array or raise InputError."""
-    arr = np.asarray(x)
-    if arr.ndim != 2:
-        raise InputError(f"{name} must be a 2-D array (cells x dims), got shape {arr.shape}")
-    if d is not None and arr.shape[1] != d:
-        raise InputError(f"{name} has {arr.shape[1]} dimensions, the index has {d}")
-    if not np.issubdtype(arr.dtype, np.number):
-        raise InputError(f"{name} must be numeric, got dtype {arr.dtype}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
-        raise InputError(f"{name} contains NaN or infinite values")
-    return arr
 
 
 class NeighborIndex:
@@ -77,7 +63,7 @@ class NeighborIndex:
     @classmethod
     def build(cls, embeddings: np.ndarray, labels: np.ndarray, config: TransferConfig) -> NeighborIndex:
         """Index reference ``embeddings`` (n, d) carrying string ``labels`` (n,)."""
-        emb = as_float32_matrix(embeddings, "embeddings")
+        emb = as_matrix(embeddings, "embeddings", dtype=np.float32)
         n, d = emb.shape
         if n == 0 or d == 0:
             raise InputError(f"embeddings must be non-empty, got shape {emb.shape}")
@@ -116,7 +102,7 @@ class NeighborIndex:
         """
         if exclude is not None:
             return self._search_excluding(query, k, np.asarray(exclude, dtype=np.int64), chunk_size)
-        q = as_float32_matrix(query, "query", self.d)
+        q = as_matrix(query, "query", dtype=np.float32, d=self.d)
         if k < 1:
             raise InputError(f"k must be >= 1, got {k}")
         k = min(int(k), self.n)
@@ -132,20 +118,11 @@ class NeighborIndex:
 
     def _search_excluding(self, query: np.ndarray, k: int, exclude: np.ndarray,
                           chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """One search for k + 1 neighbours, then each row drops one: itself where found, else
-        its farthest (missing neighbours pad a small index, so no real one is lost)."""
+        """One search for k + 1 neighbours, then :func:`~atlasengine.numerics.drop_self`."""
         if len(exclude) != len(query):
             raise InputError(f"exclude has {len(exclude)} entries for {len(query)} query rows")
         d, i = self.search(query, k + 1, chunk_size)
-        k_out = min(int(k), self.n)
-        if d.shape[1] < k_out + 1:  # the index holds at most k cells: pad to k + 1 columns
-            pad = k_out + 1 - d.shape[1]
-            d = np.hstack([d, np.full((len(d), pad), np.inf, dtype=d.dtype)])
-            i = np.hstack([i, np.full((len(i), pad), -1, dtype=i.dtype)])
-        own = (i == exclude[:, None]) & (exclude[:, None] >= 0)
-        drop = own & (np.cumsum(own, axis=1) == 1)  # one copy of self only
-        drop[~drop.any(axis=1), -1] = True
-        return d[~drop].reshape(len(d), k_out), i[~drop].reshape(len(i), k_out)
+        return drop_self(d, i, exclude, min(int(k), self.n))
 
     def neighbor_codes(self, indices: np.ndarray) -> np.ndarray:
         """Label codes of neighbour ``indices``; -1 stays -1 (missing neighbour)."""

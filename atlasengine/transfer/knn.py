@@ -18,7 +18,8 @@ import pandas as pd
 
 from atlasengine.config import TransferConfig
 from atlasengine.errors import InputError
-from atlasengine.transfer.index import SEARCH_CHUNK, NeighborIndex, as_float32_matrix
+from atlasengine.numerics import as_matrix
+from atlasengine.transfer.index import SEARCH_CHUNK, NeighborIndex
 
 UNKNOWN = "Unknown"
 
@@ -105,7 +106,7 @@ def transfer_labels(
     threshold. Ties go to the alphabetically first label, as in scArches. The threshold is
     kept in ``df.attrs["uncertainty_threshold"]``.
     """
-    q = as_float32_matrix(query_embeddings, "query_embeddings", index.d)
+    q = as_matrix(query_embeddings, "query_embeddings", dtype=np.float32, d=index.d)
     if obs_names is not None and len(obs_names) != q.shape[0]:
         raise InputError(f"obs_names has {len(obs_names)} entries for {q.shape[0]} query cells")
     n_labels = len(index.categories)

@@ -53,7 +53,8 @@ import scipy.sparse as sp
 import torch
 
 from atlasengine.errors import AtlasFormatError, InputError
-from atlasengine.transfer.index import NeighborIndex, as_float32_matrix
+from atlasengine.numerics import as_matrix, sorted_sample
+from atlasengine.transfer.index import NeighborIndex
 from atlasengine.transfer.knn import label_probabilities
 
 SIGNALS = ("distance", "uncertainty", "elbo_gain")
@@ -226,7 +227,7 @@ def leave_one_out_knn(index: NeighborIndex, embeddings: np.ndarray, cells: np.nd
     approximate index did not return it, the farthest neighbour is dropped instead).
     """
     cells = np.asarray(cells, dtype=np.int64)
-    emb = as_float32_matrix(embeddings, "embeddings", index.d)
+    emb = as_matrix(embeddings, "embeddings", dtype=np.float32, d=index.d)
     if len(emb) != index.n:
         raise InputError(f"embeddings has {len(emb)} rows, the index holds {index.n} cells")
     k = min(int(k), index.n - 1)
@@ -350,9 +351,7 @@ def calibration_cells(n: int, max_cells: int = 5000, seed: int = 0) -> np.ndarra
     """Sorted positions of a uniform sample of at most ``max_cells`` of ``n`` indexed cells."""
     if n < 2:
         raise InputError("novelty calibration needs at least two reference cells")
-    if n <= max_cells:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=max_cells, replace=False))
+    return sorted_sample(n, max_cells, seed)
 
 
 def reference_calibration(

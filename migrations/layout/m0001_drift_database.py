@@ -13,12 +13,13 @@ FROM_VERSION = 1
 TO_VERSION = 2
 
 
-def upgrade(atlas, root: Path) -> None:
+def upgrade_files(reader, root: Path) -> None:
+    """Compute the drift history of every stored version into ``root/drift.duckdb``."""
     from atlasengine.api.audit import backfill_drift
 
     target = root / "drift.duckdb"
     tmp = root / ".drift.duckdb.upgrade"
     for leftover in (tmp, Path(str(tmp) + ".wal")):
         leftover.unlink(missing_ok=True)
-    backfill_drift(atlas, tmp)
+    backfill_drift(reader, tmp)
     tmp.replace(target)

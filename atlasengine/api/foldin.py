@@ -1,0 +1,339 @@
+"""One path through a new version: check the input, write the cells, train, build, commit.
+
+``create`` (version 1) and ``ingest`` (version N+1 from version N) share it. A version is built
+in memory from what the call already holds (the new cells' counts, the trained model, the
+parent version's files) and written once: nothing this call wrote is read back. The steps and
+where a crash can stop them:
+
+1. under the write lock, the manifest is read again and leftovers of failed attempts removed;
+2. the new cells go to the cell store in a fresh joinid range (invisible until committed);
+3. the model trains (:func:`atlasengine.continual.fold_in`);
+4. the Fisher, embeddings, neighbour index, novelty calibration and predictions are computed;
+5. the version's files are staged and published, its drift rows written, and the manifest
+   switch commits it. Before 5 ends, readers see the previous version, exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.sparse as sp
+import torch
+
+from atlasengine.api.audit import record_drift, transfer_summary
+from atlasengine.api.inputs import PreparedInput, prepare_input
+from atlasengine.config import AtlasConfig, ContinualConfig, FoldInStrategy, RuntimeConfig, TrainingConfig
+from atlasengine.continual import fold_in, version_fisher
+from atlasengine.drift import DriftStore
+from atlasengine.errors import InputError
+from atlasengine.faults import fault_point
+from atlasengine.model import CVAE
+from atlasengine.numerics import sorted_sample
+from atlasengine.progress import phase
+from atlasengine.store.atlas_store import AtlasStore
+from atlasengine.store.cells import CellStore, joinids_of
+from atlasengine.store.lock import WriteLock
+from atlasengine.store.manifest import DatasetRecord, Manifest, VersionInfo
+from atlasengine.store.version import Checkpoint, VersionFiles, VersionReader, write_version_files
+from atlasengine.training import CellData, TrainResult, embed_cells, fit
+from atlasengine.transfer import NeighborIndex
+from atlasengine.transfer.predict import calibrate, predict
+
+log = logging.getLogger("atlasengine")
+
+
+# ----------------------------------------------------------------------------- cells
+class StoredCells:
+    """Committed cells of the atlas, read from the cell store on demand (a ``CellSource``)."""
+
+    def __init__(self, cells: CellStore, ranges: list[tuple[int, int]], batches: list[str], n_genes: int) -> None:
+        self.cells = cells
+        self.joinids = joinids_of(ranges)
+        self.lookup = pd.Index(batches)
+        self.n_genes = n_genes
+
+    def __len__(self) -> int:
+        return len(self.joinids)
+
+    def read(self, positions: np.ndarray) -> CellData:
+        """Counts and batch indices of the cells at ``positions`` (in atlas order)."""
+        ids = self.joinids[np.asarray(positions, dtype=np.int64)]
+        obs = self.cells.read_obs_ids(ids, ["batch"])
+        return CellData(self.cells.read_counts(ids, self.n_genes), self.lookup.get_indexer(obs["batch"]))
+
+
+class VersionCells:
+    """Every cell of a version being built: the committed ones in the store, then the new ones in memory."""
+
+    def __init__(self, stored: StoredCells, new: CellData) -> None:
+        self.stored, self.new = stored, new
+
+    def __len__(self) -> int:
+        return len(self.stored) + len(self.new)
+
+    def read(self, positions: np.ndarray) -> CellData:
+        """Counts and batch indices of the cells at ``positions``, in that order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        old = positions < len(self.stored)
+        if old.all():
+            return self.stored.read(positions)
+        if not old.any():
+            return self.new.read(positions - len(self.stored))
+        a, b = self.stored.read(positions[old]), self.new.read(positions[~old] - len(self.stored))
+        order = np.argsort(np.concatenate([np.flatnonzero(old), np.flatnonzero(~old)]), kind="stable")
+        return CellData(sp.vstack([a.counts, b.counts]).tocsr()[order], np.concatenate([a.batch, b.batch])[order])
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class Committed:
+    """A version just committed: the new manifest and everything computed for it."""
+
+    store: AtlasStore
+    manifest: Manifest
+    info: VersionInfo
+    cell_obs: pd.DataFrame
+    files: VersionFiles
+    new_cells: np.ndarray
+    train: TrainResult
+    prepared: PreparedInput
+
+    def reader(self) -> VersionReader:
+        """A reader of the new version that holds what was computed (nothing is read back)."""
+        reader = VersionReader(self.store, self.manifest, self.info.number)
+        reader.remember(cell_obs=self.cell_obs, latent=self.files.latent, index=self.files.index,
+                        calibration=self.files.calibration, predictions=self.files.predictions)
+        return reader
+
+
+@dataclass
+class _Plan:
+    """What a version is made of before its model is trained."""
+
+    store: AtlasStore
+    manifest: Manifest  # datasets include the new one; versions end at the parent
+    number: int
+    parent: VersionReader | None
+    record: DatasetRecord
+    prepared: PreparedInput
+    batches: list[str]
+    config: AtlasConfig
+    continual: ContinualConfig
+    run_config: dict[str, Any]
+    runtime: RuntimeConfig
+
+    def new_cells(self) -> CellData:
+        return CellData(self.prepared.counts, pd.Index(self.batches).get_indexer(self.prepared.obs["batch"]))
+
+    def stored_cells(self) -> StoredCells:
+        ranges = self.parent.ranges() if self.parent is not None else []
+        return StoredCells(self.store.cells, ranges, self.batches, self.manifest.n_genes)
+
+
+# ----------------------------------------------------------------------------- create
+def create(
+    root: Path,
+    adata: ad.AnnData,
+    *,
+    batch_key: str,
+    label_key: str,
+    dataset: str,
+    layer: str | None,
+    config: AtlasConfig,
+    runtime: RuntimeConfig,
+) -> Committed:
+    """Train the reference model on ``adata`` and write version 1 of a new atlas at ``root``.
+
+    The atlas is built beside ``root`` and renamed into place when complete.
+    """
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise InputError(f"{root} already exists; choose a new path or open it with Atlas.open")
+    prep = prepare_input(adata, batch_key=batch_key, label_key=label_key, layer=layer, dataset=dataset,
+                         atlas_genes=None, min_gene_overlap=config.continual.min_gene_overlap)
+    genes = [str(g) for g in adata.var_names]
+    tmp = root.with_name(f".{root.name}.creating-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir(parents=True)
+        store = AtlasStore(tmp)
+        store.cells.create(str(tmp / "cells"), genes)
+        prep.obs["version_added"] = 1
+        start, stop = store.cells.append(prep.obs, prep.counts)
+        record = DatasetRecord(
+            name=dataset, version=1, joinid_start=start, joinid_stop=stop, batch_key=batch_key, label_key=label_key,
+            batches=prep.batches, genes_matched=prep.genes_matched, genes_padded=0,
+        )
+        manifest = Manifest(n_genes=len(genes), label_key=label_key, config=config, datasets=[record])
+        plan = _Plan(store, manifest, 1, None, record, prep, prep.batches, config, config.continual,
+                     {"training": config.reference_training.model_dump()}, runtime)
+        torch.manual_seed(config.reference_training.seed)  # initial weights follow the seed
+        module = CVAE(len(genes), len(prep.batches), config.model)
+        result = fit(module, plan.new_cells(), config.reference_training, runtime=runtime, name="training reference")
+        committed = _build_and_commit(plan, module, "reference", result, previous_fisher=None)
+        if root.exists():
+            root.rmdir()
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    committed.store = store.moved_to(root)
+    return committed
+
+
+# ----------------------------------------------------------------------------- ingest
+def ingest(
+    store: AtlasStore,
+    adata: ad.AnnData,
+    *,
+    batch_key: str,
+    strategy: FoldInStrategy,
+    label_key: str | None,
+    dataset: str | None,
+    layer: str | None,
+    training: TrainingConfig,
+    continual: ContinualConfig,
+    runtime: RuntimeConfig,
+) -> Committed:
+    """Fold ``adata`` into the atlas at ``store`` as the version after its newest one."""
+    with WriteLock(store.root):
+        manifest = store.read_manifest()  # another writer may have committed since the caller opened it
+        store.remove_uncommitted(manifest)
+        with DriftStore(store.drift_path) as db:  # rows of versions the manifest does not list
+            db.delete_versions_after(manifest.current)
+        parent = VersionReader(store, manifest)
+        number = parent.number + 1
+        dataset = dataset or f"dataset_v{number}"
+        if any(d.name == dataset for d in manifest.datasets):
+            raise InputError(f"a dataset named {dataset!r} is already in the atlas; pass dataset=<new name>")
+        prep = prepare_input(
+            adata, batch_key=batch_key, label_key=label_key, layer=layer, dataset=dataset, atlas_genes=parent.genes(),
+            min_gene_overlap=continual.min_gene_overlap, existing_batches=parent.info.batches, new_batches_only=True,
+        )
+        _refuse_known_cell_names(store.cells, parent.ranges(), prep.obs["obs_id"])
+        batches = [*parent.info.batches, *prep.batches]
+        prep.obs["version_added"] = number
+        start, stop = store.cells.append(prep.obs, prep.counts)
+        fault_point("after_cells")
+        record = DatasetRecord(
+            name=dataset, version=number, joinid_start=start, joinid_stop=stop, batch_key=batch_key,
+            label_key=label_key, batches=prep.batches, genes_matched=prep.genes_matched, genes_padded=prep.genes_padded,
+        )
+        run_config = {"training": training.model_dump(), "continual": continual.model_dump(), "strategy": strategy}
+        plan = _Plan(store, manifest.model_copy(update={"datasets": [*manifest.datasets, record]}), number, parent,
+                     record, prep, batches, manifest.config, continual, run_config, runtime)
+        ck = parent.checkpoint()
+        module = CVAE(manifest.n_genes, len(parent.info.batches), manifest.config.model)
+        module.load_state_dict(ck.weights)
+        module.add_batches(len(prep.batches), seed=training.seed)
+        replay = None
+        if strategy == "ewc":
+            replay = _replay_sample(plan.stored_cells(), continual.replay_max_cells, training.seed)
+        log.info("folding in %d cells with %s", prep.n_cells, strategy)
+        fault_point("training")
+        result = fold_in(module, strategy, plan.new_cells(), n_old_batches=len(parent.info.batches),
+                         training=training, continual=continual, fisher=ck.fisher, anchor=ck.anchor, replay=replay,
+                         runtime=runtime)
+        return _build_and_commit(plan, module, strategy, result, previous_fisher=ck.fisher)
+
+
+def _refuse_known_cell_names(cells: CellStore, ranges: list[tuple[int, int]], names: pd.Series) -> None:
+    """Refuse cell names already in the atlas (read in chunks: memory does not grow with the atlas)."""
+    query = pa.array(names.astype(str).tolist(), type=pa.large_string())
+    clash: list[str] = []
+    for obs in _iter_obs(cells, ranges, ["obs_id"]):
+        hit = pc.is_in(pa.array(obs["obs_id"].tolist(), type=pa.large_string()), value_set=query)
+        clash += [v for v, h in zip(obs["obs_id"], hit.to_pylist()) if h]
+        if len(clash) >= 5:
+            break
+    if clash:
+        raise InputError(f"cell name(s) already in the atlas: {clash[:5]}; cell names must be unique across datasets")
+
+
+def _iter_obs(cells: CellStore, ranges: list[tuple[int, int]], columns: list[str],
+              chunk: int = 200_000) -> Iterator[pd.DataFrame]:
+    for a, b in ranges:
+        for s in range(a, b, chunk):
+            yield cells.read_obs_ids(np.arange(s, min(s + chunk, b)), columns)
+
+
+def _replay_sample(stored: StoredCells, max_cells: int, seed: int) -> CellData | None:
+    """A uniform sample of the atlas's committed cells, read from the store."""
+    if max_cells == 0 or len(stored) == 0:
+        return None
+    return stored.read(sorted_sample(len(stored), max_cells, seed))
+
+
+# ----------------------------------------------------------------------------- build + commit
+def _cell_obs(plan: _Plan) -> pd.DataFrame:
+    """Obs of every cell of the new version (index: cell name), as the cell store holds it."""
+    new = plan.prepared.obs.copy()
+    new["label"] = new["label"].astype(object)
+    new["version_added"] = new["version_added"].astype(np.int32)
+    new = new.set_index("obs_id")
+    new.index.name = "cell"
+    if plan.parent is None:
+        return new
+    return pd.concat([plan.parent.cell_obs(), new[plan.parent.cell_obs().columns]])
+
+
+def _build_and_commit(
+    plan: _Plan, module: CVAE, strategy: str, train: TrainResult, previous_fisher: dict[str, torch.Tensor] | None
+) -> Committed:
+    """Compute the new version's Fisher, embeddings, index, calibration and predictions; commit them."""
+    cells = VersionCells(plan.stored_cells(), plan.new_cells())
+    n_sample = min(len(cells), plan.continual.fisher_max_cells)
+    with phase("fisher", total=n_sample, unit="cells", progress=plan.runtime.progress) as p:
+        fisher, fisher_info = version_fisher(module, cells, plan.continual, previous_fisher, seed=plan.number,
+                                             on_cells=p.advance)
+    weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    z = embed_cells(module, cells, progress=plan.runtime.progress)
+    obs = _cell_obs(plan)
+    labelled = obs["label"].notna().to_numpy()
+    new_cells = (obs["version_added"] == plan.number).to_numpy()
+    tcfg = plan.config.transfer
+    index = NeighborIndex.build(z[labelled], obs["label"][labelled].astype(str).to_numpy(), tcfg)
+    calibration = calibrate(index, z[labelled], tcfg)
+    predictions = summary = None
+    if plan.parent is not None:
+        # new cells that came with labels are in the index: each is scored without itself
+        index_position = np.where(labelled, np.cumsum(labelled) - 1, -1)[new_cells]
+        predictions = predict(index, calibration, z[new_cells], tcfg, obs.index[new_cells].tolist(),
+                              exclude=index_position)
+        summary = transfer_summary(predictions, obs["label"][new_cells], plan.record.name)
+    files = VersionFiles(
+        checkpoint=Checkpoint(weights, fisher, weights),
+        latent=z,
+        run_config={"model": plan.config.model.model_dump(), **plan.run_config},
+        index=index,
+        calibration=calibration,
+        predictions=predictions,
+    )
+    records = write_version_files(plan.store, plan.number, files)
+    info = VersionInfo(
+        number=plan.number, strategy=strategy, parent=plan.parent.number if plan.parent else None,
+        datasets=[d.name for d in plan.manifest.datasets_until(plan.number)], n_cells=len(z),
+        n_new_cells=int(new_cells.sum()), batches=plan.batches, labels=sorted(set(obs["label"][labelled].astype(str))),
+        files=records, training={**train.summary(), "fisher_seconds": fisher_info["seconds"]}, fisher=fisher_info,
+    )
+    fault_point("drift")
+    with phase("drift", total=1, unit="version", progress=plan.runtime.progress) as p:
+        previous = first = None
+        if plan.parent is not None:
+            previous, first = plan.parent.latent(), plan.parent.first_latent()
+        record_drift(plan.store.drift_path, info, files.run_config, obs[["batch", "label", "dataset", "version_added"]],
+                     z, previous, first, plan.config.drift, summary)
+        p.advance()
+    final = plan.manifest.model_copy(update={"versions": [*plan.manifest.versions, info]})
+    fault_point("before_manifest")
+    plan.store.commit(final)
+    return Committed(plan.store, final, info, obs, files, new_cells, train, plan.prepared)

@@ -1,0 +1,33 @@
+"""What the command line prints: tables, and where log lines go."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from atlasengine.api import Atlas
+
+
+def versions_table(atlas: Atlas) -> str:
+    """The committed versions of ``atlas`` as a plain-text table."""
+    rows = ["version  strategy   cells  new    epochs  train_s  datasets"]
+    for v in atlas.versions:
+        rows.append(
+            f"{v.number:<8} {v.strategy:<10} {v.n_cells:<6} {v.n_new_cells:<6} {v.training.get('epochs', ''):<7} "
+            f"{v.training.get('seconds', 0):<8.1f} {', '.join(v.datasets)}"
+        )
+    return "\n".join(rows)
+
+
+def configure_logging(verbose: bool) -> None:
+    """The engine's lines (one per long phase when no bar is shown) on stderr; ``verbose`` adds detail.
+
+    Other libraries log only warnings and errors.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    engine = logging.getLogger("atlasengine")
+    engine.handlers[:] = [handler]
+    engine.propagate = False
+    engine.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")

@@ -1,0 +1,236 @@
+"""One committed version of an atlas: the files that hold it, read lazily, written once.
+
+:class:`VersionReader` is the read side every other part uses (the ``Atlas`` API, the audit
+report, the layout migrations): obs of every cell, embeddings under this or an earlier version,
+predictions, the checkpoint, the neighbour index and the novelty calibration. Each file is
+checked against the manifest's size and SHA-256 the first time it is read.
+
+:func:`write_version_files` is the write side: a new version's files are written under
+``.staging``, checksummed and renamed into ``versions/vNNNN`` (not yet committed: the manifest
+switch is the commit, see :mod:`atlasengine.store.atlas_store`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from atlasengine.faults import fault_point
+from atlasengine.store.atlas_store import AtlasStore
+from atlasengine.store.cells import joinids_of
+from atlasengine.store.checkpoint import load_checkpoint, save_checkpoint
+from atlasengine.store.manifest import FileRecord, Manifest, VersionInfo
+from atlasengine.transfer.index import NeighborIndex
+from atlasengine.transfer.novelty import CALIBRATION_FILE, NoveltyCalibration
+
+CHECKPOINT = "model.safetensors"
+CONFIG = "config.json"
+LATENT = "latent.npy"
+PREDICTIONS = "predictions.parquet"
+INDEX_DIR = "index"
+PREDICTION_COLUMNS = ("predicted_label", "uncertainty", "is_unknown")
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A version's model weights, its accumulated diagonal Fisher and the anchor weights."""
+
+    weights: Tensors
+    fisher: Tensors
+    anchor: Tensors
+
+
+@dataclass
+class VersionFiles:
+    """Everything a new version writes beside the manifest record."""
+
+    checkpoint: Checkpoint
+    latent: np.ndarray
+    run_config: dict[str, Any]
+    index: NeighborIndex
+    calibration: NoveltyCalibration
+    predictions: pd.DataFrame | None = None
+
+
+def write_version_files(store: AtlasStore, number: int, files: VersionFiles) -> dict[str, FileRecord]:
+    """Stage, checksum and publish the files of version ``number``; returns their records.
+
+    The directory is not committed until the manifest lists it; readers never look at it
+    before, and the next writer removes it if the commit never comes.
+    """
+    staged = store.stage()
+    fault_point("checkpoint")
+    ck = files.checkpoint
+    save_checkpoint(staged / CHECKPOINT, ck.weights, ck.fisher, ck.anchor)
+    fault_point("checkpoint_written")
+    np.save(staged / LATENT, files.latent.astype(np.float32, copy=False), allow_pickle=False)
+    (staged / CONFIG).write_text(json.dumps(files.run_config, indent=2))
+    files.index.save(staged / INDEX_DIR)
+    files.calibration.save(staged / CALIBRATION_FILE)
+    if files.predictions is not None:
+        files.predictions.to_parquet(staged / PREDICTIONS)
+    return store.publish(staged, number)
+
+
+class VersionReader:
+    """Read one committed version of the atlas at ``store`` (and the versions before it).
+
+    Parameters
+    ----------
+    store
+        The atlas directory.
+    manifest
+        A manifest that lists version ``number``.
+    number
+        The version to read (default: the manifest's newest).
+    """
+
+    def __init__(self, store: AtlasStore, manifest: Manifest, number: int | None = None) -> None:
+        number = manifest.current if number is None else number
+        manifest.version(number)  # raises for an unknown version
+        self.store = store
+        self.manifest = manifest.truncated(number)
+        self.number = number
+        self._cache: dict[Any, Any] = {}
+
+    @property
+    def info(self) -> VersionInfo:
+        """The manifest record of this version."""
+        return self.manifest.version(self.number)
+
+    def remember(
+        self,
+        *,
+        cell_obs: pd.DataFrame | None = None,
+        latent: np.ndarray | None = None,
+        index: NeighborIndex | None = None,
+        calibration: NoveltyCalibration | None = None,
+        predictions: pd.DataFrame | None = None,
+        genes: list[str] | None = None,
+    ) -> None:
+        """Keep what this process just computed and wrote for this version, so that it is not
+        read back from disk (the writer of a version hands it to the reader of it)."""
+        values = {"cell_obs": cell_obs, ("latent", self.number): latent, "index": index,
+                  "stored_calibration": calibration, ("predictions", self.number): predictions, "genes": genes}
+        self._cache.update({k: v for k, v in values.items() if v is not None})
+
+    def _cached(self, key: Any, load: Any) -> Any:
+        if key not in self._cache:
+            self._cache[key] = load()
+        return self._cache[key]
+
+    def file(self, key: str, number: int | None = None) -> Path:
+        """Path of a file of this (or an earlier) version, verified against its checksum."""
+        return self.store.file(self.manifest.version(self.number if number is None else number), key)
+
+    def verify(self) -> None:
+        """Check every file of this version; raise naming the first bad one."""
+        self.store.verify(self.info)
+
+    # ------------------------------------------------------------------ cells
+    def genes(self) -> list[str]:
+        """The atlas's genes, in the order of the model's input."""
+        return self._cached("genes", self.store.cells.genes)
+
+    def ranges(self, number: int | None = None) -> list[tuple[int, int]]:
+        """Joinid ranges of the cells of version ``number`` (default: this one), in atlas order."""
+        n = self.number if number is None else number
+        return [(d.joinid_start, d.joinid_stop) for d in self.manifest.datasets_until(n)]
+
+    def cell_obs(self) -> pd.DataFrame:
+        """The cell store's obs of every cell of this version (index: cell name), as stored."""
+
+        def load() -> pd.DataFrame:
+            df = self.store.cells.read_obs(self.ranges()).reset_index(drop=True).set_index("obs_id")
+            df.index.name = "cell"
+            return df
+
+        return self._cached("cell_obs", load)
+
+    def obs(self) -> pd.DataFrame:
+        """Every cell with the predictions of the version that added it (a copy).
+
+        Columns: dataset, batch, label (None when unlabelled), version_added, and for ingested
+        cells ``predicted_label``, ``uncertainty``, ``is_unknown``.
+        """
+
+        def load() -> pd.DataFrame:
+            df = self.cell_obs().copy()
+            df["label"] = df["label"].astype(object).where(df["label"].notna(), None)
+            df["predicted_label"] = None
+            df["uncertainty"] = np.nan
+            df["is_unknown"] = None
+            parts = [self.predictions(v.number) for v in self.manifest.versions if v.number > 1]
+            parts = [p for p in parts if p is not None]
+            if parts:
+                p = pd.concat(parts)
+                common = df.index.intersection(p.index)
+                for col in PREDICTION_COLUMNS:
+                    df.loc[common, col] = p.loc[common, col].to_numpy()
+            return df
+
+        return self._cached("obs", load).copy()
+
+    def counts(self) -> sp.csr_matrix:
+        """Raw counts of every cell of this version (CSR, cells x genes, rows aligned to :meth:`obs`)."""
+        ids = joinids_of(self.ranges())
+        return self.store.cells.read_counts(ids, self.manifest.n_genes)
+
+    # -------------------------------------------------------------- embeddings
+    def latent(self, number: int | None = None) -> np.ndarray:
+        """Embeddings of all cells of version ``number`` (default: this one) under its model (a copy)."""
+        n = self.number if number is None else number
+        z = self._cached(("latent", n), lambda: np.load(self.file(LATENT, n), allow_pickle=False))
+        return z.copy()
+
+    def first_latent(self, number: int | None = None) -> np.ndarray:
+        """Each cell of version ``number`` (default: this one) embedded by the version that added it."""
+        n = self.number if number is None else number
+        parts = []
+        for version in sorted({d.version for d in self.manifest.datasets_until(n)}):
+            before = sum(d.n_cells for d in self.manifest.datasets_until(version - 1))
+            parts.append(self.latent(version)[before:])
+        return np.concatenate(parts)
+
+    # ------------------------------------------------------------------ files
+    def predictions(self, number: int | None = None) -> pd.DataFrame | None:
+        """Predictions for the cells version ``number`` added (None for the reference)."""
+        info = self.manifest.version(self.number if number is None else number)
+        if PREDICTIONS not in info.files:
+            return None
+        return self._cached(("predictions", info.number), lambda: pd.read_parquet(self.file(PREDICTIONS, info.number)))
+
+    def run_config(self, number: int | None = None) -> dict[str, Any]:
+        """The settings the version was made with (its ``config.json``)."""
+        n = self.number if number is None else number
+        return json.loads(self.file(CONFIG, n).read_text(encoding="utf-8"))
+
+    def checkpoint(self) -> Checkpoint:
+        """Weights, accumulated Fisher and anchor weights of this version."""
+        return Checkpoint(*load_checkpoint(self.file(CHECKPOINT)))
+
+    def index(self) -> NeighborIndex:
+        """The faiss index over this version's labelled cells."""
+
+        def load() -> NeighborIndex:
+            for key in self.info.files:
+                if key.startswith(INDEX_DIR + "/"):
+                    self.file(key)  # verify every index file
+            return NeighborIndex.load(self.store.version_dir(self.number) / INDEX_DIR)
+
+        return self._cached("index", load)
+
+    def stored_calibration(self) -> NoveltyCalibration | None:
+        """The novelty calibration stored with this version (None if it was written before them)."""
+        if CALIBRATION_FILE not in self.info.files:
+            return None
+        return self._cached("stored_calibration", lambda: NoveltyCalibration.load(self.file(CALIBRATION_FILE)))

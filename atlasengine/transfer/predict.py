@@ -1,0 +1,107 @@
+"""Label predictions as the atlas gives them: weighted-kNN labels plus the calibrated novelty.
+
+Example
+-------
+>>> import numpy as np
+>>> from atlasengine.config import TransferConfig
+>>> rng = np.random.default_rng(0)
+>>> ref = rng.normal(size=(200, 4)).astype(np.float32)
+>>> cfg = TransferConfig(k=15)
+>>> index = NeighborIndex.build(ref, np.array(["a", "b"] * 100), cfg)
+>>> calibration = calibrate(index, ref, cfg)
+>>> preds = predict(index, calibration, ref[:5] + 0.01, cfg, [f"c{i}" for i in range(5)])
+>>> list(preds.columns[:4]), len(preds)
+(['label', 'predicted_label', 'uncertainty', 'is_unknown'], 5)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from atlasengine.config import TransferConfig
+from atlasengine.transfer.index import NeighborIndex
+from atlasengine.transfer.knn import UNKNOWN, label_probabilities, prediction_table
+from atlasengine.transfer.novelty import NoveltyCalibration, calibration_note, novelty_scores, reference_calibration
+
+log = logging.getLogger("atlasengine")
+
+CALIBRATION_MAX_CELLS = 5000
+
+
+def calibrate(index: NeighborIndex, labelled_latent: np.ndarray, config: TransferConfig) -> NoveltyCalibration:
+    """Leave-one-out novelty calibration of the indexed cells for ``config``'s k, kernel and novelty_k.
+
+    ``labelled_latent``: the indexed (labelled) cells' embeddings, in index order. At most
+    5,000 of them calibrate (a seeded sample).
+    """
+    return reference_calibration(index, labelled_latent, k=config.novelty_k, k_transfer=config.k, kernel=config.kernel,
+                                 max_cells=CALIBRATION_MAX_CELLS, seed=0)
+
+
+def matches(calibration: NoveltyCalibration, config: TransferConfig) -> bool:
+    """Whether ``calibration`` was made for ``config``'s neighbours and kernel."""
+    return (calibration.k_transfer, calibration.kernel, calibration.k) == (config.k, config.kernel, config.novelty_k)
+
+
+def predict(
+    index: NeighborIndex,
+    calibration: NoveltyCalibration,
+    latent: np.ndarray,
+    config: TransferConfig,
+    obs_names: Sequence[str],
+    exclude: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Weighted-kNN labels plus the calibrated novelty score (distance + uncertainty).
+
+    With ``config.unknown_rule == "novelty"`` a cell is Unknown when its novelty is above the
+    threshold calibrated on reference cells for ``config.novelty_target`` false alarms, after
+    the query's shift is taken off (``config.novelty_calibration == "query"``, the default);
+    otherwise the paper's rule (uncertainty above ``uncertainty_threshold``) decides.
+
+    Parameters
+    ----------
+    index
+        The version's neighbour index over labelled atlas cells.
+    calibration
+        Reference novelty scores made for ``config`` (see :func:`calibrate`).
+    latent
+        Embeddings of the cells to label.
+    config
+        Neighbours, kernel, cut-offs and the Unknown rule.
+    obs_names
+        Cell names (the table's index).
+    exclude
+        Each cell's position in the index, -1 if not in it (a fold-in that came with labels
+        puts its cells in the index): those are searched without themselves.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``label``, ``predicted_label``, ``uncertainty``, ``is_unknown``, one ``p_<label>`` per
+        reference label, ``novelty``, ``novelty_pvalue``, ``is_novel``; the rule and the
+        novelty threshold in ``attrs``.
+    """
+    distances, neighbors = index.search(latent, max(calibration.k, config.k), exclude=exclude)
+    probs = label_probabilities(
+        distances[:, : config.k], index.neighbor_codes(neighbors[:, : config.k]), len(index.categories), config.kernel
+    )
+    preds = prediction_table(probs, index.categories, config, obs_names)
+    nov = novelty_scores(distances, preds["uncertainty"].to_numpy(), calibration, target_rate=config.novelty_target,
+                         obs_names=obs_names, centre_on_query=config.novelty_calibration == "query",
+                         predicted=preds["predicted_label"].astype(str).to_numpy())
+    for col in ("novelty", "novelty_pvalue", "is_novel"):
+        preds[col] = nov[col].to_numpy()
+    preds.attrs.update(unknown_rule=config.unknown_rule, novelty_threshold=nov.attrs["novelty_threshold"],
+                       novelty_calibration=nov.attrs["calibration"], novelty_query_shift=nov.attrs["query_shift"])
+    if config.unknown_rule == "novelty":
+        note = calibration_note(nov)
+        if note:
+            log.warning(note)
+            preds.attrs["novelty_note"] = note
+        preds["is_unknown"] = preds["is_novel"]
+        preds["label"] = preds["predicted_label"].where(~preds["is_unknown"], UNKNOWN)
+    return preds
