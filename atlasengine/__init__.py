@@ -22,7 +22,6 @@ from atlasengine.errors import (
 from atlasengine.store.manifest import VersionInfo
 from atlasengine.version import __version__
 
-
 __all__ = [
     "Atlas",
     "AtlasConfig",

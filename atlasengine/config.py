@@ -153,7 +153,8 @@ class AtlasConfig(_Strict):
     @classmethod
     def _sections_override_defaults(cls, data: Any) -> Any:
         """A section given as a dict changes only the keys it names: the atlas's own defaults
-        for that section (e.g. no KL warm-up in ``query_training``) stay."""
+        for that section (e.g. no KL warm-up in ``query_training``) stay.
+        """
         if not isinstance(data, dict):
             return data
         data = dict(data)

@@ -229,7 +229,8 @@ def displacement(z_before: np.ndarray, z_after: np.ndarray) -> float:
 
 def procrustes_displacement(z_before: np.ndarray, z_after: np.ndarray) -> float:
     """Mean distance after centring both and rotating ``z_after`` onto ``z_before``
-    (``scipy.linalg.orthogonal_procrustes``): movement that is not a rigid rotation/shift."""
+    (``scipy.linalg.orthogonal_procrustes``): movement that is not a rigid rotation/shift.
+    """
     from scipy.linalg import orthogonal_procrustes
 
     a = z_before - z_before.mean(0)
@@ -263,7 +264,7 @@ def scib_available() -> tuple[bool, str]:
 
 
 def scib_scores(z: np.ndarray, labels: np.ndarray, batches: np.ndarray) -> dict[str, float]:
-    """scIB metrics (scib-metrics) of an embedding with true labels; {} (with a printed note) without it."""
+    """ScIB metrics (scib-metrics) of an embedding with true labels; {} (with a printed note) without it."""
     ok, why = scib_available()
     if not ok:
         if not _SCIB_NOTE:
@@ -343,18 +344,18 @@ def work_dir(out: Path, name: str) -> Path:
     return d
 
 
-def _clean(obj: Any) -> Any:
+def json_ready(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_ready(v) for v in obj]
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (np.floating, float)):
         v = float(obj)
         return None if math.isnan(v) or math.isinf(v) else v
     if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
+        return json_ready(obj.tolist())
     if isinstance(obj, Path):
         return str(obj)
     return obj
@@ -364,7 +365,7 @@ def write_outputs(out: Path, name: str, payload: dict[str, Any], markdown: str) 
     """``out/<name>.json`` (payload + env) and ``out/<name>.md``."""
     out = Path(out)
     payload = {"benchmark": name, "command": command_line(), "env": env_info(), **payload}
-    (out / f"{name}.json").write_text(json.dumps(_clean(payload), indent=1))
+    (out / f"{name}.json").write_text(json.dumps(json_ready(payload), indent=1))
     (out / f"{name}.md").write_text(markdown.rstrip() + "\n")
     print(f"wrote {out / (name + '.json')} and {out / (name + '.md')}", flush=True)
 

@@ -92,7 +92,8 @@ def groups_of(labels: np.ndarray, min_cells: int) -> np.ndarray:
 
 def per_label_distance(cal, pred_r: np.ndarray, dist_q: np.ndarray, predicted: np.ndarray, min_cells: int = 10):
     """Distance p-values calibrated within the predicted label (reference cells grouped by their
-    leave-one-out predicted label); labels with fewer than ``min_cells`` calibration cells use all."""
+    leave-one-out predicted label); labels with fewer than ``min_cells`` calibration cells use all.
+    """
     from atlasengine.transfer import novelty as N
 
     p = np.empty(len(dist_q))
@@ -107,7 +108,8 @@ def query_adaptive(cal, pred_r: np.ndarray, scores: pd.DataFrame, predicted: np.
     """A measured alternative calibration that adapts to the query: log distance as a robust z-score
     within the predicted label, computed on the query's own cells (reference cells: within their
     leave-one-out predicted label), then conformal + Fisher with the uncertainty as in the default.
-    Returns (Fisher statistic, conformal p-value). Assumes novel cells are a minority of each label."""
+    Returns (Fisher statistic, conformal p-value). Assumes novel cells are a minority of each label.
+    """
     from atlasengine.transfer import novelty as N
 
     zq = N.robust_z(np.log(scores["distance"].to_numpy()), groups_of(predicted, min_cells))

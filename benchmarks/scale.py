@@ -112,7 +112,7 @@ def make_data(out: Path, sizes: list[int], quick: bool) -> dict[int, Path]:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         step, atlas_path, data_path, report_path = sys.argv[2:6]
-        print(json.dumps(C._clean(child(step, atlas_path, data_path, report_path))))
+        print(json.dumps(C.json_ready(child(step, atlas_path, data_path, report_path))))
         return
     import argparse
 

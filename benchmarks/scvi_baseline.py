@@ -43,7 +43,8 @@ def train_reference(ref, batch_key: str, seed: int, epochs: int, early_stopping:
 
 def fold_in(model, query, seed: int, epochs: int, early_stopping: bool = True):
     """``SCVI.load_query_data`` (frozen reference, new batch columns train) + training with weight decay 0
-    and no KL warm-up (like our query training); (query model, seconds, epochs run)."""
+    and no KL warm-up (like our query training); (query model, seconds, epochs run).
+    """
     import scvi
 
     scvi.settings.seed = seed

@@ -180,7 +180,7 @@ def knn_only(args) -> None:
     old["knn_note"] = ("atlasengine exact / ivf rows re-measured by `--knn-only` (labels_equal_exact against that "
                        "exact run); hnsw and sklearn rows from the full run")
     old["knn_only_command"] = C.command_line()
-    path.write_text(json.dumps(C._clean(old), indent=1))
+    path.write_text(json.dumps(C.json_ready(old), indent=1))
     render(args, old)
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 from atlasengine import Atlas, AtlasFormatError, ReadOnlyError
 from atlasengine.continual.fisher import pad_rows
-
-from conftest import TINY
 
 
 def _ref_displacement(atlas: Atlas) -> float:

@@ -9,11 +9,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from conftest import snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from atlasengine import Atlas, AtlasError, InputError
-from conftest import snapshot
 
 NAMES = st.one_of(
     st.text(min_size=0, max_size=12),

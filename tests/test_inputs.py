@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from conftest import snapshot
 
 from atlasengine import Atlas, InputError
-from conftest import snapshot
 
 
 def _query(pancreas_query):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA
 
 from atlasengine import Atlas, AtlasFormatError, AtlasIntegrityError, AtlasLockedError, TrainingError
-from conftest import DATA
 
 INGEST = """
 import sys, anndata as ad

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from atlasengine.transfer import evaluate_transfer
 from conftest import PBMC_NOVEL
+
+from atlasengine.transfer import evaluate_transfer
 
 # Bars measured on this machine with conftest.PBMC_SETTINGS, seeds 0 / 1 / 2 (the fixture uses 0):
 # known accuracy 0.910 / 0.897 / 0.887 projected through version 1 and 0.910 / 0.884 / 0.894 after

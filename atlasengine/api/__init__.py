@@ -1,5 +1,6 @@
 """The user-facing API: the ``Atlas`` composes store, model, training, continual learning,
-label transfer and drift tracking."""
+label transfer and drift tracking.
+"""
 
 from atlasengine.api.atlas import Atlas, IngestResult
 

@@ -15,9 +15,6 @@ import numpy as np
 import pandas as pd
 
 from atlasengine.config import DriftConfig
-from atlasengine.numerics import sorted_sample
-from atlasengine.progress import Phase, phase
-from atlasengine.store.version import VersionReader
 from atlasengine.drift import (
     DriftStore,
     compute_initial_drift,
@@ -26,7 +23,10 @@ from atlasengine.drift import (
     render_report,
     umap_coordinates,
 )
+from atlasengine.numerics import sorted_sample
+from atlasengine.progress import Phase, phase
 from atlasengine.store.manifest import VersionInfo
+from atlasengine.store.version import VersionReader
 from atlasengine.transfer import UNKNOWN, plot_transfer
 
 UNLABELLED = "(unlabelled)"

@@ -1,12 +1,12 @@
 """The ``atlasengine`` command line.
 
-    atlasengine demo                      build an atlas from real data, fold in two queries
-    atlasengine create PATH -i ref.h5ad --batch-key tech --label-key celltype
-    atlasengine ingest PATH -i query.h5ad --batch-key tech --strategy ewc
-    atlasengine transfer PATH -i query.h5ad --batch-key tech -o predictions.csv [--unknown-rule novelty]
-    atlasengine versions PATH
-    atlasengine report PATH -o audit.html
-    atlasengine unlock PATH [--force]
+atlasengine demo                      build an atlas from real data, fold in two queries
+atlasengine create PATH -i ref.h5ad --batch-key tech --label-key celltype
+atlasengine ingest PATH -i query.h5ad --batch-key tech --strategy ewc
+atlasengine transfer PATH -i query.h5ad --batch-key tech -o predictions.csv [--unknown-rule novelty]
+atlasengine versions PATH
+atlasengine report PATH -o audit.html
+atlasengine unlock PATH [--force]
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ class _QuadraticPenalty(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ewc_lambda: float, fisher: list[torch.Tensor], anchor: list[torch.Tensor], *params: torch.Tensor):
-        diff = torch._foreach_sub([p.detach() for p in params], anchor)
-        weighted = torch._foreach_mul(diff, fisher)  # F (p - a)
+        diff = torch._foreach_sub([p.detach() for p in params], anchor)  # noqa: SLF001 (the public foreach kernels)
+        weighted = torch._foreach_mul(diff, fisher)  # noqa: SLF001 (the public foreach kernels); F (p - a)
         value = _sum_products(weighted, diff)
         torch._foreach_mul_(weighted, ewc_lambda)  # d value / d p = lambda F (p - a)
         ctx.grads = weighted
@@ -29,7 +29,7 @@ class _QuadraticPenalty(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grads = torch._foreach_mul(ctx.grads, grad_out)
+        grads = torch._foreach_mul(ctx.grads, grad_out)  # noqa: SLF001 (the public foreach kernels)
         ctx.grads = None
         return (None, None, None, *grads)
 

@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from atlasengine.drift.measures import DriftTables
-from atlasengine.faults import fault_point
 from atlasengine.errors import AtlasFormatError, AtlasLockedError, InputError, ReadOnlyError
+from atlasengine.faults import fault_point
 
 VERSIONED_TABLES = (
     "versions",

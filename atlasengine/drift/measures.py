@@ -24,7 +24,8 @@ SCOPES = ("vs_previous", "vs_first")
 
 def knn_indices(x: np.ndarray, k: int) -> np.ndarray:
     """Indices (n, min(k, n - 1)) of each row's k nearest other rows (exact L2, self excluded
-    by :func:`atlasengine.numerics.drop_self`)."""
+    by :func:`atlasengine.numerics.drop_self`).
+    """
     return self_excluding_knn(x, k)[1]
 
 
@@ -359,7 +360,8 @@ def compute_initial_drift(
     version: int, current: np.ndarray, obs: pd.DataFrame, config: DriftConfig, seed: int = 0
 ) -> DriftTables:
     """Baseline of the first version: one ``vs_first`` row with displacement 0, preservation 1,
-    and the leave-one-out label accuracy and iLISI of ``current``."""
+    and the leave-one-out label accuracy and iLISI of ``current``.
+    """
     current = as_matrix(current, "current")
     if current.shape[0] < 2:
         raise InputError("drift needs at least 2 cells")

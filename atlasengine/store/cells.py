@@ -59,7 +59,8 @@ WRITE_CHUNK_NNZ = 4_000_000
 
 def row_chunks(indptr: np.ndarray, max_nnz: int) -> Iterator[tuple[int, int]]:
     """``(start, stop)`` row ranges of a CSR matrix holding at most ``max_nnz`` non-zeros each
-    (a single row with more is a part of its own)."""
+    (a single row with more is a part of its own).
+    """
     n = len(indptr) - 1
     start = 0
     while start < n:

@@ -118,7 +118,8 @@ class VersionReader:
         genes: list[str] | None = None,
     ) -> None:
         """Keep what this process just computed and wrote for this version, so that it is not
-        read back from disk (the writer of a version hands it to the reader of it)."""
+        read back from disk (the writer of a version hands it to the reader of it).
+        """
         values = {"cell_obs": cell_obs, ("latent", self.number): latent, "index": index,
                   "stored_calibration": calibration, ("predictions", self.number): predictions, "genes": genes}
         self._cache.update({k: v for k, v in values.items() if v is not None})

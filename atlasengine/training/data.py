@@ -6,8 +6,8 @@ replayed reference cells, so an EWC fold-in keeps seeing the reference it must n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -38,7 +38,8 @@ class CellData:
 
 class CellSource(Protocol):
     """Cells that can be read a few at a time: a :class:`CellData` in memory, or the cells of
-    an atlas version whose older part sits in the store."""
+    an atlas version whose older part sits in the store.
+    """
 
     def __len__(self) -> int:
         """Number of cells."""

@@ -139,7 +139,8 @@ def label_shifts(
 ) -> dict[str, float]:
     """{label: median query score - median calibration score} over predicted labels that hold at
     least ``min_cells`` query cells and ``min_cells`` calibration cells (calibration cells grouped
-    by their leave-one-out predicted label)."""
+    by their leave-one-out predicted label).
+    """
     s = np.asarray(scores, dtype=np.float64)
     pred = np.asarray(predicted).astype(str)
     cal = np.asarray(calibration, dtype=np.float64)
@@ -221,7 +222,7 @@ def knn_distance(distances: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
 
 
 def leave_one_out_knn(index: NeighborIndex, embeddings: np.ndarray, cells: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """k nearest *other* indexed cells of the indexed ``cells`` (rows of ``embeddings``, index order).
+    """K nearest *other* indexed cells of the indexed ``cells`` (rows of ``embeddings``, index order).
 
     Returns (distances, indices), nearest first; the cell itself is dropped (where an
     approximate index did not return it, the farthest neighbour is dropped instead).

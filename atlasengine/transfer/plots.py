@@ -91,7 +91,8 @@ def plot_novelty_violin(
     novel_labels: set[str] | None = None,
 ) -> Path:
     """Violins of the calibrated novelty (-log10 of ``novelty_pvalue``) per true query cell type,
-    with the line above which cells are novel at the ``target`` false-alarm rate."""
+    with the line above which cells are novel at the ``target`` false-alarm rate.
+    """
     truth = aligned_truth(predictions, true_labels)
     score = -np.log10(predictions["novelty_pvalue"].to_numpy(dtype=np.float64))
     fig = _violins(score, truth, set(map(str, novel_labels or ())), -np.log10(target),
@@ -140,7 +141,8 @@ def plot_transfer(
     novelty_target: float = 0.05,
 ) -> dict[str, Path]:
     """Write the transfer figures as PNGs into ``outdir`` (the novelty one where the predictions
-    carry ``novelty_pvalue``, read at ``novelty_target``); return their paths by name."""
+    carry ``novelty_pvalue``, read at ``novelty_target``); return their paths by name.
+    """
     outdir = Path(outdir)
     truth = aligned_truth(predictions, true_labels)  # align once, reuse for every figure
     paths = {
