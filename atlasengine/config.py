@@ -65,17 +65,18 @@ class ContinualConfig(_Strict):
     """How a query is folded in: penalty strength, replay and Fisher estimation.
 
     ``ewc_lambda = 1`` and ``replay_fraction = 0.25`` were chosen by ``python -m
-    benchmarks.lambda_sweep --seeds 3`` (pancreas + pbmc, 150/100 epochs; benchmarks/RESULTS.md):
-    of the lambdas under which ewc moves the reference less than finetune in both scenarios
-    (1 to 10,000), lambda 1 has the best novel AUROC + known accuracy + reference accuracy
-    (AUROC 0.80, known accuracy 0.88; lambda 1000: 0.74 / 0.87, pbmc AUROC 0.52 against 0.64).
-    There it moves the pancreas reference 1.58 +- 0.44 against 1.68 +- 0.19 under finetune
-    (pbmc 0.59 vs 0.71); with the engine's own epoch rule (``python -m benchmarks.displacement``)
-    it moves it about as much as finetune (1.61 +- 0.07 vs 1.49 +- 0.23; lambda 100: 1.42,
-    lambda 1000: 0.59). Pass ``continual={"ewc_lambda": 1000}`` when the reference embedding must
-    stay put, at some cost in mapping. Replay 0.25 against 0 / 0.5 at lambda 1: novel AUROC
-    pancreas 0.96 / 0.97 / 0.97, pbmc 0.64 / 0.58 / 0.65, at 1.33x instead of 2x the cells per
-    epoch (an epoch holds n_query / (1 - replay_fraction) cells).
+    benchmarks.lambda_sweep --seeds 3`` (pancreas + pbmc, 150/100 epochs), measured in
+    ``benchmarks/RESULTS.md`` (section 'EWC lambda sweep', with its 'Recommendation'): of the
+    lambdas under which ewc moves the reference less than finetune in both scenarios, lambda 1
+    has the best novel AUROC + known accuracy + reference accuracy; lambda 1000 maps worse, above
+    all on pbmc. With the engine's own epoch rule (``python -m benchmarks.displacement``,
+    section 'Reference displacement per strategy') lambda 1 moves the pancreas reference about as
+    much as finetune, and of the stronger penalties only lambda 1000 clearly holds it. Pass
+    ``continual={"ewc_lambda": 1000}`` when the reference embedding must stay put, at some cost
+    in mapping. Replay 0.25 was compared with 0 and 0.5 at lambda 1 (section 'EWC lambda
+    sweep'): about the same novel AUROC as 0.5 in both scenarios and better than no replay on
+    pbmc, at 1.33x instead of 2x the cells per epoch (an epoch holds
+    n_query / (1 - replay_fraction) cells).
     """
 
     ewc_lambda: float = Field(1.0, ge=0)
@@ -91,10 +92,12 @@ class TransferConfig(_Strict):
     """Weighted kNN label transfer (scArches) and the Unknown cut-off.
 
     ``index="auto"``: exact search (faiss IndexFlatL2) up to ``approximate_above`` labelled
-    reference cells, an IVF index above. Measured on 100k x 10-d reference, 10k queries, k = 50
-    (idle 2-core machine, ``python -m benchmarks.speed``): exact 1.95 s, IVF 0.19 s per call
-    (built once per version in 0.22 s) with 99.7% of labels equal to exact search, against 5.2 s
-    for scikit-learn's NearestNeighbors; HNSW 0.52 s but 2 s to build (47 s at 1M cells), hence IVF.
+    reference cells, an IVF index above. Timings on a 100k x 10-d reference, 10k queries, k = 50
+    (``python -m benchmarks.speed``) are measured in ``benchmarks/RESULTS.md`` (section 'Speed',
+    label transfer): IVF searches far faster than exact search and than scikit-learn's
+    NearestNeighbors, is built once per version in a fraction of a second, and almost all of its
+    labels equal those of exact search; HNSW searches fast too but takes much longer to build,
+    the more so at 1M cells, hence IVF.
     """
 
     k: int = Field(50, ge=1)
@@ -152,8 +155,10 @@ class AtlasConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _sections_override_defaults(cls, data: Any) -> Any:
-        """A section given as a dict changes only the keys it names: the atlas's own defaults
-        for that section (e.g. no KL warm-up in ``query_training``) stay.
+        """Fill the sections given as dicts with the atlas's own defaults for the keys they do not name.
+
+        A section given as a dict changes only the keys it names: the atlas's own defaults for
+        that section (e.g. no KL warm-up in ``query_training``) stay.
         """
         if not isinstance(data, dict):
             return data
@@ -165,7 +170,7 @@ class AtlasConfig(_Strict):
 
 
 def merged(base: BaseModel, override: BaseModel | dict | None) -> BaseModel:
-    """``base`` with the keys of ``override`` changed (an instance of the same model replaces it).
+    """Return ``base`` with the keys of ``override`` changed (an instance of the same model replaces it).
 
     Example
     -------

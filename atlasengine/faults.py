@@ -20,6 +20,7 @@ class InjectedFault(RuntimeError):
 
 
 def fault_point(name: str) -> None:
+    """Act on fault point ``name`` if ``ATLASENGINE_FAULT`` selects it (raise, kill or sleep); else do nothing."""
     spec = os.environ.get("ATLASENGINE_FAULT")
     if not spec:
         return

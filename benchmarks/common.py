@@ -31,11 +31,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np
 import pandas as pd
 
+from atlasengine.config import STRATEGIES  # the engine's own list
+
 BENCH_DIR = Path(__file__).resolve().parent
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEFAULT_OUT = BENCH_DIR / "out"
 FIGURES = BENCH_DIR / "figures"
-STRATEGIES = ("surgery", "finetune", "ewc")
 
 
 def _engine_version() -> str:
@@ -198,45 +199,32 @@ def cells_of_version(atlas, version_added: int = 1) -> tuple[pd.Index, np.ndarra
 
 # ----------------------------------------------------------------------------- metrics
 def knn_indices(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(distances, indices) of the k nearest other cells (self excluded), exact."""
-    import faiss
+    """(distances, indices) of the k nearest other cells: the engine's own self-excluding kNN."""
+    from atlasengine.numerics import self_excluding_knn
 
-    z = np.ascontiguousarray(z, dtype=np.float32)
-    index = faiss.IndexFlatL2(z.shape[1])
-    index.add(z)
-    d, i = index.search(z, min(k + 1, len(z)))
-    # drop self (normally column 0; with duplicates it may sit elsewhere)
-    keep = i != np.arange(len(z))[:, None]
-    out_i = np.array([row[m][:k] for row, m in zip(i, keep)])
-    out_d = np.array([row[m][:k] for row, m in zip(d, keep)])
-    return np.sqrt(np.maximum(out_d, 0)), out_i
+    return self_excluding_knn(z, k)
 
 
 def loo_knn_accuracy(z: np.ndarray, labels: np.ndarray, k: int = 15) -> float:
-    """Leave-one-out majority-vote kNN label accuracy (k = 15, ties: first seen nearest)."""
-    labels = np.asarray(labels).astype(str)
-    _, idx = knn_indices(z, k)
-    cats, codes = np.unique(labels, return_inverse=True)
-    votes = np.zeros((len(z), len(cats)))
-    np.add.at(votes, (np.repeat(np.arange(len(z)), idx.shape[1]), codes[idx].ravel()), 1.0)
-    return float((votes.argmax(1) == codes).mean())
+    """Leave-one-out majority-vote kNN label accuracy: the engine's drift measure (k = 15)."""
+    from atlasengine.drift.measures import loo_knn_correct
+
+    return float(np.nanmean(loo_knn_correct(z, np.asarray(labels, dtype=object), k)))
 
 
 def displacement(z_before: np.ndarray, z_after: np.ndarray) -> float:
-    """Mean Euclidean distance between a cell's embeddings in two versions."""
-    return float(np.linalg.norm(z_after - z_before, axis=1).mean())
+    """Mean Euclidean distance between a cell's embeddings in two versions (the engine's measure)."""
+    from atlasengine.drift.measures import displacement as per_cell
+
+    return float(per_cell(z_before, z_after, aligned=False).mean())
 
 
 def procrustes_displacement(z_before: np.ndarray, z_after: np.ndarray) -> float:
-    """Mean distance after centring both and rotating ``z_after`` onto ``z_before``
-    (``scipy.linalg.orthogonal_procrustes``): movement that is not a rigid rotation/shift.
-    """
-    from scipy.linalg import orthogonal_procrustes
+    """Mean distance after an orthogonal Procrustes alignment of ``z_after`` onto ``z_before``
+    (the engine's drift measure): movement that is not a rigid rotation or shift."""
+    from atlasengine.drift.measures import displacement as per_cell
 
-    a = z_before - z_before.mean(0)
-    b = z_after - z_after.mean(0)
-    r, _ = orthogonal_procrustes(b, a)
-    return float(np.linalg.norm(b @ r - a, axis=1).mean())
+    return float(per_cell(z_before, z_after, aligned=True).mean())
 
 
 def forgetting(z_v1: np.ndarray, z_after: np.ndarray, labels: np.ndarray, k: int = 15) -> dict[str, float]:

@@ -34,3 +34,27 @@ def test_format1_atlas_opens_upgrades_and_keeps_its_versions(tmp_path, pancreas)
     res = atlas.ingest(q, batch_key="tech", strategy="surgery", training={"max_epochs": 1})
     assert res.version.number == 3
     assert sorted(set(atlas.drift()["version"])) == [1, 2, 3]
+
+
+def test_format2_atlas_drops_machine_settings_and_keeps_everything_else(tmp_path, pancreas):
+    path = tmp_path / "old2.atlas"
+    shutil.copytree(FIXTURE.with_name("format2.atlas"), path)
+    raw = json.loads((path / "manifest.json").read_text())
+    assert raw["format_version"] == 2 and "progress_bar" in raw["config"]["query_training"]
+    z2_file = np.load(path / "versions" / "v0002" / "latent.npy")
+    drift_before = None
+
+    atlas = Atlas.open(path)
+    raw = json.loads((path / "manifest.json").read_text())
+    assert raw["format_version"] == FORMAT_VERSION
+    for section in ("reference_training", "query_training"):
+        assert not {"accelerator", "devices", "progress_bar"} & set(raw["config"][section])
+    assert atlas.version == 2 and atlas.versions[-1].strategy == "ewc"
+    np.testing.assert_array_equal(atlas.latent(), z2_file)
+    drift_before = atlas.drift()
+    assert sorted(set(drift_before["version"])) == [1, 2]  # the stored drift history is kept as it was
+    assert atlas.predictions() is not None and len(atlas.predictions()) == 20
+    q = pancreas[pancreas.obs["tech"] == "smartseq2"][:15, atlas.genes].copy()
+    res = atlas.ingest(q, batch_key="tech", strategy="ewc", training={"max_epochs": 1})
+    assert res.version.number == 3
+    assert Atlas.open(path, version=2).drift().equals(drift_before)

@@ -1,5 +1,7 @@
-"""The user-facing API: the ``Atlas`` composes store, model, training, continual learning,
-label transfer and drift tracking.
+"""The user-facing API.
+
+The ``Atlas`` composes store, model, training, continual learning, label transfer and drift
+tracking.
 """
 
 from atlasengine.api.atlas import Atlas, IngestResult

@@ -228,6 +228,7 @@ class Atlas:
         return self.info.n_cells
 
     def __repr__(self) -> str:
+        """Return a one-line summary: path, version, cell and batch counts, read-only flag."""
         ro = ", read-only" if self._read_only else ""
         return (f"Atlas({str(self.path)!r}, version={self.version}, cells={self.n_cells}, "
                 f"batches={len(self.batches)}{ro})")
@@ -254,7 +255,7 @@ class Atlas:
         return self._reader.counts()
 
     def predictions(self, version: int | None = None) -> pd.DataFrame | None:
-        """The label predictions stored for the cells ``version`` (default: this one) added.
+        """Return the label predictions stored for the cells ``version`` (default: this one) added.
 
         Returns
         -------
@@ -265,21 +266,21 @@ class Atlas:
         return self._reader.predictions(version)
 
     def model(self) -> CVAE:
-        """The model of this version (eval mode)."""
+        """Return the model of this version (eval mode)."""
         module = CVAE(self._reader.manifest.n_genes, len(self.info.batches), self.config.model)
         module.load_state_dict(self._reader.checkpoint().weights)
         return module.eval()
 
     def fisher(self) -> dict[str, torch.Tensor]:
-        """The accumulated diagonal Fisher stored with this version."""
+        """Return the accumulated diagonal Fisher stored with this version."""
         return self._reader.checkpoint().fisher
 
     def anchor_params(self) -> dict[str, torch.Tensor]:
-        """The anchor weights stored with this version (the weights EWC pulls towards)."""
+        """Return the anchor weights stored with this version (the weights EWC pulls towards)."""
         return self._reader.checkpoint().anchor
 
     def neighbor_index(self) -> NeighborIndex:
-        """The faiss index over this version's labelled atlas cells (built once per version)."""
+        """Return the faiss index over this version's labelled atlas cells (built once per version)."""
         return self._reader.index()
 
     def novelty_calibration(self) -> NoveltyCalibration:

@@ -33,7 +33,7 @@ UNLABELLED = "(unlabelled)"
 
 
 def key_parameters(config_used: dict[str, Any]) -> dict[str, Any]:
-    """The settings a reader of the version history needs (the full config is in config.json)."""
+    """Return the settings a reader of the version history needs (the full config is in config.json)."""
     training = config_used.get("training", {})
     out = {k: training.get(k) for k in ("max_epochs", "lr", "batch_size", "seed") if k in training}
     if config_used.get("strategy") == "ewc":
@@ -43,7 +43,7 @@ def key_parameters(config_used: dict[str, Any]) -> dict[str, Any]:
 
 
 def version_record(info: VersionInfo, parameters: dict[str, Any]) -> dict[str, Any]:
-    """The ``versions`` row of a version."""
+    """Return the ``versions`` row of a version."""
     return {
         "version": info.number,
         "created_at": info.created_at,

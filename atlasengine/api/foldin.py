@@ -64,10 +64,11 @@ class StoredCells:
         self.n_genes = n_genes
 
     def __len__(self) -> int:
+        """Return the number of committed cells."""
         return len(self.joinids)
 
     def read(self, positions: np.ndarray) -> CellData:
-        """Counts and batch indices of the cells at ``positions`` (in atlas order)."""
+        """Read counts and batch indices of the cells at ``positions`` (in atlas order)."""
         ids = self.joinids[np.asarray(positions, dtype=np.int64)]
         obs = self.cells.read_obs_ids(ids, ["batch"])
         return CellData(self.cells.read_counts(ids, self.n_genes), self.lookup.get_indexer(obs["batch"]))
@@ -80,10 +81,11 @@ class VersionCells:
         self.stored, self.new = stored, new
 
     def __len__(self) -> int:
+        """Return the number of cells of the version: the committed ones plus the new ones."""
         return len(self.stored) + len(self.new)
 
     def read(self, positions: np.ndarray) -> CellData:
-        """Counts and batch indices of the cells at ``positions``, in that order."""
+        """Read counts and batch indices of the cells at ``positions``, in that order."""
         positions = np.asarray(positions, dtype=np.int64)
         old = positions < len(self.stored)
         if old.all():
@@ -110,7 +112,7 @@ class Committed:
     prepared: PreparedInput
 
     def reader(self) -> VersionReader:
-        """A reader of the new version that holds what was computed (nothing is read back)."""
+        """Return a reader of the new version that holds what was computed (nothing is read back)."""
         reader = VersionReader(self.store, self.manifest, self.info.number)
         reader.remember(cell_obs=self.cell_obs, latent=self.files.latent, index=self.files.index,
                         calibration=self.files.calibration, predictions=self.files.predictions)
@@ -267,7 +269,7 @@ def _iter_obs(cells: CellStore, ranges: list[tuple[int, int]], columns: list[str
 
 
 def _replay_sample(stored: StoredCells, max_cells: int, seed: int) -> CellData | None:
-    """A uniform sample of the atlas's committed cells, read from the store."""
+    """Draw a uniform sample of the atlas's committed cells, read from the store."""
     if max_cells == 0 or len(stored) == 0:
         return None
     return stored.read(sorted_sample(len(stored), max_cells, seed))

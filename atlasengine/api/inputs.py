@@ -31,6 +31,7 @@ class PreparedInput:
 
     @property
     def n_cells(self) -> int:
+        """Number of cells (rows of ``counts``)."""
         return self.counts.shape[0]
 
 
@@ -51,7 +52,7 @@ def _column(adata: ad.AnnData, key: str, role: str) -> pd.Series:
 
 
 def _as_names(values: pd.Series, role: str, allow_missing: bool) -> list[str | None]:
-    """String values of an obs column; missing values are refused or become None."""
+    """Return the string values of an obs column; missing values are refused or become None."""
     out: list[str | None] = []
     missing = 0
     for v in values.tolist():
@@ -66,7 +67,7 @@ def _as_names(values: pd.Series, role: str, allow_missing: bool) -> list[str | N
 
 
 def count_matrix(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix:
-    """The raw counts (``X`` or ``layers[layer]``) as float32 CSR, checked to be counts."""
+    """Return the raw counts (``X`` or ``layers[layer]``) as float32 CSR, checked to be counts."""
     if layer is None:
         X = adata.X
         where = "adata.X"

@@ -31,7 +31,7 @@ _STEP = re.compile(r"^m(\d{4})_[a-z0-9_]+\.py$")
 
 
 def layout_migrations_dir() -> Path:
-    """The folder of layout migration steps (the source tree's, or the installed copy)."""
+    """Return the folder of layout migration steps (the source tree's, or the installed copy)."""
     here = Path(__file__).resolve()
     for folder in (here.parents[2] / "migrations" / "layout", here.parents[1] / "_migrations" / "layout"):
         if folder.is_dir():

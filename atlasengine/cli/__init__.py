@@ -1,0 +1,1 @@
+"""The ``atlasengine`` command line (entry point: :func:`atlasengine.cli.main.main`)."""

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from atlasengine.cli.output import configure_logging, versions_table
+from atlasengine.config import STRATEGIES
 from atlasengine.errors import AtlasError
 
 
@@ -32,6 +33,7 @@ def _read(path: str):
 
 
 def cmd_create(args) -> None:
+    """Train a reference on ``args.input`` and write version 1 of a new atlas at ``args.path``."""
     from atlasengine import Atlas
 
     config = {"reference_training": {"max_epochs": args.epochs}} if args.epochs else None
@@ -41,6 +43,7 @@ def cmd_create(args) -> None:
 
 
 def cmd_ingest(args) -> None:
+    """Fold ``args.input`` into the atlas as a new version and print a summary of the fold-in."""
     from atlasengine import Atlas
 
     atlas = Atlas.open(args.path)
@@ -53,6 +56,7 @@ def cmd_ingest(args) -> None:
 
 
 def cmd_transfer(args) -> None:
+    """Label the cells of ``args.input`` without folding them in and write the predictions as CSV."""
     from atlasengine import Atlas
 
     atlas = Atlas.open(args.path, version=args.version)
@@ -68,12 +72,14 @@ def cmd_transfer(args) -> None:
 
 
 def cmd_versions(args) -> None:
+    """Print the committed versions of the atlas as a table."""
     from atlasengine import Atlas
 
     print(versions_table(Atlas.open(args.path)))
 
 
 def cmd_report(args) -> None:
+    """Write the drift audit report (HTML) of the atlas to ``args.output``."""
     from atlasengine import Atlas
 
     path = Atlas.open(args.path, version=args.version).report(args.output)
@@ -81,6 +87,7 @@ def cmd_report(args) -> None:
 
 
 def cmd_unlock(args) -> None:
+    """Break the atlas's write lock (``--force``: also if the holder looks alive), if it is locked."""
     from atlasengine import Atlas
 
     holder = Atlas.lock_holder(args.path)
@@ -92,12 +99,14 @@ def cmd_unlock(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    """Run the demo: build an atlas from real data in ``args.out`` and fold in two queries."""
     from atlasengine.cli.demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of the ``atlasengine`` command and its subcommands."""
     p = argparse.ArgumentParser(prog="atlasengine", description="A versioned single-cell reference atlas with continual (EWC) fold-in.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
@@ -117,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("ingest", help="fold a query into the atlas as a new version")
     i.add_argument("path"); i.add_argument("-i", "--input", required=True)
     i.add_argument("--batch-key", required=True); i.add_argument("--label-key")
-    i.add_argument("--strategy", choices=["ewc", "finetune", "surgery"], default="ewc")
+    i.add_argument("--strategy", choices=list(STRATEGIES), default="ewc")
     i.add_argument("--dataset"); i.add_argument("--layer"); i.add_argument("--epochs", type=int)
     i.set_defaults(func=cmd_ingest)
 
@@ -148,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv``; return the exit status (2 after an :class:`AtlasError`, else 0)."""
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     try:

@@ -9,7 +9,7 @@ from atlasengine.api import Atlas
 
 
 def versions_table(atlas: Atlas) -> str:
-    """The committed versions of ``atlas`` as a plain-text table."""
+    """Return the committed versions of ``atlas`` as a plain-text table."""
     rows = ["version  strategy   cells  new    epochs  train_s  datasets"]
     for v in atlas.versions:
         rows.append(
@@ -20,7 +20,7 @@ def versions_table(atlas: Atlas) -> str:
 
 
 def configure_logging(verbose: bool) -> None:
-    """The engine's lines (one per long phase when no bar is shown) on stderr; ``verbose`` adds detail.
+    """Send the engine's lines (one per long phase when no bar is shown) to stderr; ``verbose`` adds detail.
 
     Other libraries log only warnings and errors.
     """

@@ -65,6 +65,7 @@ class EWCPenalty:
             self.terms.append((name, f.to(p.device), a.to(p.device)))
 
     def __call__(self, module: nn.Module) -> torch.Tensor:
+        """Return the penalty ``ewc_lambda/2 * sum F (p - anchor)^2`` at ``module``'s current weights."""
         if not self.terms:
             return torch.zeros(())
         params = dict(module.named_parameters())

@@ -168,7 +168,7 @@ def version_fisher(
     seed: int,
     on_cells: Callable[[int], None] | None = None,
 ) -> tuple[Tensors, dict[str, Any]]:
-    """The accumulated Fisher a new atlas version stores, and its summary.
+    """Compute the accumulated Fisher a new atlas version stores, and its summary.
 
     The Fisher of this version is estimated on a uniform sample of at most
     ``config.fisher_max_cells`` of ``cells`` (every cell of the version) at the new weights,
@@ -227,7 +227,7 @@ def accumulate_fisher(previous: Tensors | None, current: Tensors, gamma: float =
 
 
 def fisher_summary(fisher: Tensors) -> dict[str, float]:
-    """A few numbers describing a Fisher (for the version record)."""
+    """Summarise a Fisher in a few numbers (for the version record)."""
     flat = torch.cat([v.flatten() for v in fisher.values()])
     return {
         "mean": float(flat.mean()),

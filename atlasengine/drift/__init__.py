@@ -1,6 +1,7 @@
-"""Drift tracking: how far reference cells move between model versions, stored in DuckDB,
-summarised in an HTML audit report. Depends only on numpy/pandas/faiss/duckdb/matplotlib and
-``atlasengine.config`` / ``atlasengine.errors``.
+"""Drift tracking: how far reference cells move between model versions.
+
+The measures are stored in DuckDB and summarised in an HTML audit report. Depends only on
+numpy/pandas/faiss/duckdb/matplotlib and ``atlasengine.config`` / ``atlasengine.errors``.
 """
 
 from atlasengine.drift.db import VERSIONED_TABLES, DriftStore, migrations, migrations_dir

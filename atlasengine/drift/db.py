@@ -97,10 +97,18 @@ def _nullable(df: pd.DataFrame) -> pd.DataFrame:
 class DriftStore:
     """Drift tables of one atlas in a DuckDB file.
 
-    Example:
-        >>> with DriftStore(path) as store:                        # doctest: +SKIP
-        ...     store.write_version(record, tables, flag_rows, None)
-        ...     store.sql("SELECT * FROM version_drift", max_version=3)
+    Example
+    -------
+    >>> import numpy as np, pandas as pd
+    >>> from atlasengine.config import DriftConfig
+    >>> from atlasengine.drift.measures import compute_initial_drift, flags
+    >>> z = np.random.default_rng(0).normal(size=(40, 3))
+    >>> obs = pd.DataFrame({"batch": ["a", "b"] * 20, "label": ["x", "y"] * 20}, index=[f"c{i}" for i in range(40)])
+    >>> tables = compute_initial_drift(1, z, obs, DriftConfig(k=5))
+    >>> with DriftStore(getfixture("tmp_path") / "drift.duckdb") as store:
+    ...     store.write_version({"version": 1, "strategy": "reference"}, tables, flags(tables, DriftConfig()), None)
+    ...     store.sql("select version, scope from version_drift", max_version=1).values.tolist()
+    [[1, 'vs_first']]
     """
 
     def __init__(self, path: str | Path, read_only: bool = False) -> None:
@@ -147,9 +155,11 @@ class DriftStore:
         self._closed = True
 
     def __enter__(self) -> DriftStore:
+        """Return this store."""
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Close the store (see :meth:`close`)."""
         self.close()
 
     # ------------------------------------------------------------------ schema

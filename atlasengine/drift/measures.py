@@ -23,8 +23,9 @@ SCOPES = ("vs_previous", "vs_first")
 
 
 def knn_indices(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices (n, min(k, n - 1)) of each row's k nearest other rows (exact L2, self excluded
-    by :func:`atlasengine.numerics.drop_self`).
+    """Return the indices (n, min(k, n - 1)) of each row's k nearest other rows.
+
+    Exact L2, self excluded by :func:`atlasengine.numerics.drop_self`.
     """
     return self_excluding_knn(x, k)[1]
 
@@ -359,8 +360,10 @@ def compute_version_drift(
 def compute_initial_drift(
     version: int, current: np.ndarray, obs: pd.DataFrame, config: DriftConfig, seed: int = 0
 ) -> DriftTables:
-    """Baseline of the first version: one ``vs_first`` row with displacement 0, preservation 1,
-    and the leave-one-out label accuracy and iLISI of ``current``.
+    """Compute the baseline of the first version.
+
+    One ``vs_first`` row with displacement 0, preservation 1, and the leave-one-out label
+    accuracy and iLISI of ``current``.
     """
     current = as_matrix(current, "current")
     if current.shape[0] < 2:
@@ -409,8 +412,9 @@ def _flag_rows(df: pd.DataFrame, config: DriftConfig, per_type: bool) -> list[di
 
 
 def flags(tables: DriftTables, config: DriftConfig) -> pd.DataFrame:
-    """Thresholds crossed, one row each: version, scope, cell_type (None = whole version),
-    measure, value, threshold.
+    """List the thresholds crossed, one row each.
+
+    Columns: version, scope, cell_type (None = whole version), measure, value, threshold.
 
     Measures: ``displacement_mean_aligned`` (vs_first only) above
     ``flag_mean_displacement_aligned``; ``knn_preservation_mean`` below

@@ -40,6 +40,7 @@ class CovariateLinear(nn.Module):
         self.batch_weight = nn.Parameter(torch.empty(n_batches, n_out).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """Return ``linear(x)`` plus the row of ``batch_weight`` of each cell's batch (none for batch -1)."""
         # batch index -1 means "no batch column set" (the scArches way to embed an unseen batch)
         known = (batch >= 0).unsqueeze(-1).to(x.dtype)
         return self.linear(x) + self.batch_weight[batch.clamp(min=0)] * known
@@ -62,6 +63,7 @@ class CovariateMLP(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """Apply every layer to ``x`` with the batch input ``batch``."""
         for layer in self.layers:
             x = layer(x, batch)
             x = F.layer_norm(x, x.shape[-1:])
@@ -106,6 +108,7 @@ class CVAE(nn.Module):
 
     @property
     def n_batches(self) -> int:
+        """Number of batch (covariate) columns of the model."""
         return self.encoder.layers[0].batch_weight.shape[0]
 
     def batch_parameter_names(self) -> list[str]:
@@ -164,7 +167,7 @@ class CVAE(nn.Module):
         return LossOutput(per_cell.mean(), rec.mean(), kl.mean(), per_cell, theta)
 
     def forward(self, x: torch.Tensor, batch: torch.Tensor, kl_weight: float = 1.0, eps: torch.Tensor | None = None) -> LossOutput:
-        """Same as :meth:`loss` (so ``torch.func.functional_call`` can drive the model)."""
+        """Compute the same as :meth:`loss` (so ``torch.func.functional_call`` can drive the model)."""
         return self.loss(x, batch, kl_weight, eps)
 
     @torch.no_grad()

@@ -31,6 +31,7 @@ DRIFT_DB = "drift.duckdb"
 
 
 def version_dirname(number: int) -> str:
+    """Return the directory name of version ``number`` (``vNNNN``)."""
     return f"v{number:04d}"
 
 
@@ -44,18 +45,23 @@ class AtlasStore:
 
     @property
     def drift_path(self) -> Path:
+        """Path of the atlas's drift database."""
         return self.root / DRIFT_DB
 
     def read_manifest(self) -> Manifest:
+        """Read and validate the atlas's manifest (see :func:`~atlasengine.store.manifest.read_manifest`)."""
         return read_manifest(self.root)
 
     def commit(self, manifest: Manifest) -> None:
+        """Atomically replace the atlas's manifest with ``manifest`` (the commit point)."""
         write_manifest(self.root, manifest)
 
     def version_dir(self, number: int) -> Path:
+        """Return the directory of committed version ``number`` (``versions/vNNNN``)."""
         return self.root / VERSIONS / version_dirname(number)
 
     def stage(self) -> Path:
+        """Create and return a fresh, uniquely named directory under ``.staging``."""
         path = self.root / STAGING / uuid.uuid4().hex
         path.mkdir(parents=True)
         return path
@@ -79,7 +85,7 @@ class AtlasStore:
         return records
 
     def moved_to(self, root: Path) -> "AtlasStore":
-        """This store after its directory was renamed to ``root`` (checks already done are kept)."""
+        """Return this store after its directory was renamed to ``root`` (checks already done are kept)."""
         moved = AtlasStore(root)
         moved._verified = set(self._verified)
         return moved

@@ -58,8 +58,9 @@ WRITE_CHUNK_NNZ = 4_000_000
 
 
 def row_chunks(indptr: np.ndarray, max_nnz: int) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` row ranges of a CSR matrix holding at most ``max_nnz`` non-zeros each
-    (a single row with more is a part of its own).
+    """Yield ``(start, stop)`` row ranges of a CSR matrix holding at most ``max_nnz`` non-zeros each.
+
+    A single row with more is a part of its own.
     """
     n = len(indptr) - 1
     start = 0
@@ -111,6 +112,7 @@ class CellStore:
             raise AtlasFormatError(f"cannot open the cell store at {self.uri}: {exc}") from exc
 
     def genes(self) -> list[str]:
+        """Return the store's gene names (``var_id``) in ``soma_joinid`` order."""
         with self._open() as exp:
             var = exp.ms[MEASUREMENT].var.read(column_names=["soma_joinid", "var_id"]).concat().to_pandas()
         return var.sort_values("soma_joinid")["var_id"].astype(str).tolist()
@@ -195,7 +197,7 @@ class CellStore:
         return df.loc[joinids]
 
     def read_counts(self, joinids: np.ndarray, n_genes: int) -> sp.csr_matrix:
-        """Counts of the given (distinct) cells as CSR rows in the order of ``joinids``."""
+        """Read the counts of the given (distinct) cells as CSR rows in the order of ``joinids``."""
         joinids = np.asarray(joinids, dtype=np.int64)
         if len(joinids) == 0:
             return sp.csr_matrix((0, n_genes), dtype=np.float32)

@@ -24,7 +24,7 @@ def _alive(pid: int) -> bool:
 
 
 def lock_holder(root: Path) -> dict | None:
-    """The lock's content (pid, host, since, stale) or None when unlocked."""
+    """Return the lock's content (pid, host, since, stale) or None when unlocked."""
     path = root / LOCK_NAME
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
@@ -43,6 +43,7 @@ class WriteLock:
         self.path = root / LOCK_NAME
 
     def __enter__(self) -> "WriteLock":
+        """Create the lock file (pid, host, since) or raise ``AtlasLockedError`` naming the holder."""
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(timezone.utc).isoformat()}
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -65,6 +66,7 @@ class WriteLock:
         return self
 
     def __exit__(self, *exc) -> None:
+        """Release the lock (remove the lock file, if it is still there)."""
         try:
             self.path.unlink()
         except FileNotFoundError:

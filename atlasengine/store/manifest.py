@@ -57,6 +57,7 @@ class DatasetRecord(_Record):
 
     @property
     def n_cells(self) -> int:
+        """Number of cells of the dataset (the size of its joinid range)."""
         return self.joinid_stop - self.joinid_start
 
 
@@ -91,9 +92,11 @@ class Manifest(_Record):
 
     @property
     def current(self) -> int:
+        """Number of the newest committed version."""
         return self.versions[-1].number
 
     def version(self, number: int) -> VersionInfo:
+        """Return the record of version ``number`` (:class:`AtlasFormatError` if it does not exist)."""
         for v in self.versions:
             if v.number == number:
                 return v
@@ -105,7 +108,7 @@ class Manifest(_Record):
         return [d for d in self.datasets if d.version <= number]
 
     def truncated(self, number: int) -> "Manifest":
-        """This manifest as it was when ``number`` was the newest version."""
+        """Return this manifest as it was when ``number`` was the newest version."""
         return self.model_copy(
             update={
                 "datasets": self.datasets_until(number),
@@ -123,7 +126,7 @@ class AtlasNeedsUpgrade(AtlasFormatError):
 
 
 def read_raw_manifest(root: Path) -> dict[str, Any]:
-    """The manifest as a dict, after checking it is one and not of a newer format."""
+    """Read the manifest as a dict, after checking it is one and not of a newer format."""
     path = root / MANIFEST_NAME
     if not root.exists():
         raise AtlasFormatError(f"{root} does not exist")

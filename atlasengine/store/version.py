@@ -117,8 +117,9 @@ class VersionReader:
         predictions: pd.DataFrame | None = None,
         genes: list[str] | None = None,
     ) -> None:
-        """Keep what this process just computed and wrote for this version, so that it is not
-        read back from disk (the writer of a version hands it to the reader of it).
+        """Keep what this process just computed and wrote for this version, so it is not read back from disk.
+
+        The writer of a version hands it to the reader of it.
         """
         values = {"cell_obs": cell_obs, ("latent", self.number): latent, "index": index,
                   "stored_calibration": calibration, ("predictions", self.number): predictions, "genes": genes}
@@ -139,7 +140,7 @@ class VersionReader:
 
     # ------------------------------------------------------------------ cells
     def genes(self) -> list[str]:
-        """The atlas's genes, in the order of the model's input."""
+        """Return the atlas's genes, in the order of the model's input."""
         return self._cached("genes", self.store.cells.genes)
 
     def ranges(self, number: int | None = None) -> list[tuple[int, int]]:
@@ -148,7 +149,7 @@ class VersionReader:
         return [(d.joinid_start, d.joinid_stop) for d in self.manifest.datasets_until(n)]
 
     def cell_obs(self) -> pd.DataFrame:
-        """The cell store's obs of every cell of this version (index: cell name), as stored."""
+        """Read the cell store's obs of every cell of this version (index: cell name), as stored."""
 
         def load() -> pd.DataFrame:
             df = self.store.cells.read_obs(self.ranges()).reset_index(drop=True).set_index("obs_id")
@@ -211,7 +212,7 @@ class VersionReader:
         return self._cached(("predictions", info.number), lambda: pd.read_parquet(self.file(PREDICTIONS, info.number)))
 
     def run_config(self, number: int | None = None) -> dict[str, Any]:
-        """The settings the version was made with (its ``config.json``)."""
+        """Read the settings the version was made with (its ``config.json``)."""
         n = self.number if number is None else number
         return json.loads(self.file(CONFIG, n).read_text(encoding="utf-8"))
 
@@ -220,7 +221,7 @@ class VersionReader:
         return Checkpoint(*load_checkpoint(self.file(CHECKPOINT)))
 
     def index(self) -> NeighborIndex:
-        """The faiss index over this version's labelled cells."""
+        """Load the faiss index over this version's labelled cells."""
 
         def load() -> NeighborIndex:
             for key in self.info.files:
@@ -231,7 +232,7 @@ class VersionReader:
         return self._cached("index", load)
 
     def stored_calibration(self) -> NoveltyCalibration | None:
-        """The novelty calibration stored with this version (None if it was written before them)."""
+        """Load the novelty calibration stored with this version (None if it was written before them)."""
         if CALIBRATION_FILE not in self.info.files:
             return None
         return self._cached("stored_calibration", lambda: NoveltyCalibration.load(self.file(CALIBRATION_FILE)))

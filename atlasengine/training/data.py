@@ -24,28 +24,32 @@ class CellData:
     batch: np.ndarray
 
     def __post_init__(self) -> None:
+        """Convert ``counts`` to float32 CSR and ``batch`` to int64."""
         self.counts = sp.csr_matrix(self.counts, dtype=np.float32)
         self.batch = np.asarray(self.batch, dtype=np.int64)
 
     def __len__(self) -> int:
+        """Return the number of cells."""
         return self.counts.shape[0]
 
     def read(self, positions: np.ndarray) -> "CellData":
-        """The cells at ``positions`` (a :class:`CellSource` that is already in memory)."""
+        """Return the cells at ``positions`` (a :class:`CellSource` that is already in memory)."""
         positions = np.asarray(positions, dtype=np.int64)
         return CellData(self.counts[positions], self.batch[positions])
 
 
 class CellSource(Protocol):
-    """Cells that can be read a few at a time: a :class:`CellData` in memory, or the cells of
-    an atlas version whose older part sits in the store.
+    """Cells that can be read a few at a time.
+
+    A :class:`CellData` in memory, or the cells of an atlas version whose older part sits in
+    the store.
     """
 
     def __len__(self) -> int:
-        """Number of cells."""
+        """Return the number of cells."""
 
     def read(self, positions: np.ndarray) -> CellData:
-        """Counts and batch indices of the cells at ``positions`` (in that order)."""
+        """Read counts and batch indices of the cells at ``positions`` (in that order)."""
 
 
 def iter_chunks(cells: CellSource, chunk_size: int) -> Iterator[CellData]:
@@ -68,9 +72,11 @@ class RowBatches(Dataset):
         self.n_genes = self.parts[0][0].counts.shape[1] if self.parts else 0
 
     def __len__(self) -> int:
+        """Return the number of rows over all parts."""
         return int(self.offsets[-1])
 
     def __getitem__(self, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(x, batch)`` of the rows at ``positions``: dense float32 counts and int64 batch indices."""
         positions = np.asarray(positions, dtype=np.int64)
         part = np.searchsorted(self.offsets, positions, side="right") - 1
         x = np.empty((len(positions), self.n_genes), dtype=np.float32)
@@ -106,10 +112,12 @@ class MixedBatchSampler(Sampler[np.ndarray]):
         return out
 
     def __len__(self) -> int:
+        """Return the number of batches per epoch (a 1-cell query tail is dropped unless it is the only cell)."""
         full, rest = divmod(self.n_query, self.n_q_per)
         return full + int(rest >= 2 or (rest == 1 and self.n_query < 2))  # as __iter__: a 1-cell tail is dropped
 
     def __iter__(self):
+        """Yield one epoch of index batches: shuffled query cells, each batch with its share of replay cells."""
         order = self.rng.permutation(self.n_query)
         for s in range(0, self.n_query, self.n_q_per):
             q = order[s : s + self.n_q_per]

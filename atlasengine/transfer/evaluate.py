@@ -14,7 +14,7 @@ _REQUIRED = ("label", "predicted_label", "uncertainty", "is_unknown")
 
 
 def aligned_truth(predictions: pd.DataFrame, true_labels: Iterable[str] | pd.Series) -> np.ndarray:
-    """True labels as a str array in the row order of ``predictions``.
+    """Return the true labels as a str array in the row order of ``predictions``.
 
     A Series is aligned on the predictions' index; anything else is taken in row order.
     """

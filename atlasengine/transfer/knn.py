@@ -122,7 +122,7 @@ def transfer_labels(
 def prediction_table(
     probs: np.ndarray, categories: Sequence[str], config: TransferConfig, obs_names: Sequence[str] | None = None
 ) -> pd.DataFrame:
-    """The transfer's table from label probabilities (rows: query cells, columns: ``categories``)."""
+    """Build the transfer's table from label probabilities (rows: query cells, columns: ``categories``)."""
     n_labels = len(categories)
     cats = np.asarray(categories, dtype=object)
     best = probs.argmax(axis=1) if n_labels else np.zeros(0, dtype=int)

@@ -1,4 +1,4 @@
-"""Per-cell novelty: does a query cell belong to a type the reference does not hold?
+"""Per-cell novelty: whether a query cell belongs to a type the reference does not hold.
 
 The scArches kNN uncertainty only sees cells that fall *between* reference labels; a novel
 type that lands beside one known type (NK beside CD8 T cells) gets a confident label. Three
@@ -8,8 +8,10 @@ signals, each turned into a conformal p-value against reference cells, then comb
    embedding (k = 10, the first 10 of the label transfer's 50 neighbours, so its search is
    reused). Calibrated by the same statistic of reference cells to the *other* reference
    cells (leave-one-out): p = (1 + #{ref >= d}) / (1 + n_ref). One global calibration, not
-   one per predicted label: per-label calibration was measured and ranks worse (a novel type
-   beside a diffuse known type is hidden by that type's wide spread).
+   one per predicted label: per-label calibration was measured and ranks worse (``distance``
+   against ``distance_label`` in ``benchmarks/RESULTS.md``, section 'Novelty scores vs the
+   scArches kNN uncertainty'; a novel type beside a diffuse known type is hidden by that type's
+   wide spread).
 2. ``uncertainty``: the scArches weighted-kNN uncertainty, calibrated by the leave-one-out
    uncertainty of reference cells (same k, same kernel as the label transfer).
 3. ``elbo_gain``: log(nELBO_old / nELBO_new), how much better the folded-in model explains
@@ -23,22 +25,24 @@ uncertainty). Its threshold is conformal too: the combined statistic of every ca
 (reference) cell is built from its leave-one-out p-values, and a query cell is called novel
 when (1 + #{ref >= T}) / (1 + n_ref) <= ``target_rate``. On exchangeable data this holds the
 false-Unknown rate at ``target_rate``; batch shift between reference and query moves it
-(measured in ``benchmarks/novelty.py``).
+(measured by ``benchmarks/novelty.py`` in ``benchmarks/RESULTS.md``, section 'Novelty scores vs
+the scArches kNN uncertainty').
 
-Example:
-    >>> import numpy as np
-    >>> from atlasengine.config import TransferConfig
-    >>> from atlasengine.transfer import NeighborIndex
-    >>> rng = np.random.default_rng(0)
-    >>> ref = rng.normal(size=(400, 5)).astype(np.float32)
-    >>> idx = NeighborIndex.build(ref, np.array(["a", "b"] * 200), TransferConfig(k=20))
-    >>> cal = reference_calibration(idx, ref, k=20, k_transfer=20)
-    >>> q = np.vstack([rng.normal(size=(50, 5)), rng.normal(size=(5, 5)) + 6]).astype(np.float32)
-    >>> d, i = idx.search(q, 20)
-    >>> unc = 1 - label_probabilities(d, idx.neighbor_codes(i), 2).max(1)
-    >>> df = novelty_scores(d, unc, cal)
-    >>> bool(df["is_novel"].iloc[-5:].all()), float(df["is_novel"].iloc[:50].mean()) <= 0.1
-    (True, True)
+Example
+-------
+>>> import numpy as np
+>>> from atlasengine.config import TransferConfig
+>>> from atlasengine.transfer import NeighborIndex
+>>> rng = np.random.default_rng(0)
+>>> ref = rng.normal(size=(400, 5)).astype(np.float32)
+>>> idx = NeighborIndex.build(ref, np.array(["a", "b"] * 200), TransferConfig(k=20))
+>>> cal = reference_calibration(idx, ref, k=20, k_transfer=20)
+>>> q = np.vstack([rng.normal(size=(50, 5)), rng.normal(size=(5, 5)) + 6]).astype(np.float32)
+>>> d, i = idx.search(q, 20)
+>>> unc = 1 - label_probabilities(d, idx.neighbor_codes(i), 2).max(1)
+>>> df = novelty_scores(d, unc, cal)
+>>> bool(df["is_novel"].iloc[-5:].all()), float(df["is_novel"].iloc[:50].mean()) <= 0.1
+(True, True)
 """
 
 from __future__ import annotations
@@ -60,15 +64,17 @@ from atlasengine.transfer.knn import label_probabilities
 SIGNALS = ("distance", "uncertainty", "elbo_gain")
 DEFAULT_COMBINATION = ("distance", "uncertainty")
 DEFAULT_K = 10
-"""Neighbours of the distance signal, an empirical choice. Measured in ``benchmarks/novelty.py``
-(6 seeds, 5% target), k = 10 / 20 / 50: AUROC pancreas 0.981 / 0.979 / 0.975, pbmc 0.881 /
-0.896 / 0.910, ifnb 0.813 / 0.812 / 0.804. With the default calibration (the query's shift
-taken off) the false-alarm rates agree within a point (pancreas 3.4% / 3.2% / 3.3%, pbmc 5.1% /
-5.5% / 5.5%, ifnb 4.9% / 5.0% / 5.3%) and 10 calls the most pancreas novel cells (83% / 78% /
-73%). Against the reference alone it matters more: pancreas known cells called novel 4.6% /
-3.7% / 3.6% (seeds 0-2: 4.4% / 3.0% / 2.6%, below the 3-7% band at 50). With 50 neighbours (a
-fifth of the small pancreas reference) a reference cell's distance reaches past its own batch
-and type, and known query cells look closer to the reference than its own cells do."""
+"""Neighbours of the distance signal, an empirical choice.
+
+k = 10 / 20 / 50 were compared by ``benchmarks/novelty.py`` (6 seeds, 5% target), measured in
+``benchmarks/RESULTS.md`` (section 'Novelty scores vs the scArches kNN uncertainty', rows
+``novelty``, ``novelty_k20`` and ``novelty_k50``). The AUROCs are close: 10 ranks best on
+pancreas and ifnb, 50 on pbmc. With the default calibration (the query's shift taken off) the
+false-alarm rates agree closely and 10 calls the most pancreas novel cells. Against the
+reference alone it matters more: the more neighbours, the fewer pancreas known cells are called
+novel, and over seeds 0-2 the rate at 50 falls below the 3-7% band. With 50 neighbours (a fifth
+of the small pancreas reference) a reference cell's distance reaches past its own batch and
+type, and known query cells look closer to the reference than its own cells do."""
 DEFAULT_TARGET = 0.05
 CALIBRATION_FILE = "novelty_calibration.npz"
 FORMAT_VERSION = 1
@@ -137,9 +143,10 @@ def label_shifts(
     calibration_predicted: Sequence[str],
     min_cells: int = MIN_LABEL_CELLS,
 ) -> dict[str, float]:
-    """{label: median query score - median calibration score} over predicted labels that hold at
-    least ``min_cells`` query cells and ``min_cells`` calibration cells (calibration cells grouped
-    by their leave-one-out predicted label).
+    """Return {label: median query score - median calibration score} per predicted label.
+
+    Only predicted labels that hold at least ``min_cells`` query cells and ``min_cells``
+    calibration cells count (calibration cells grouped by their leave-one-out predicted label).
     """
     s = np.asarray(scores, dtype=np.float64)
     pred = np.asarray(predicted).astype(str)
@@ -304,9 +311,11 @@ class NoveltyCalibration:
 
     @property
     def n(self) -> int:
+        """Number of calibration cells."""
         return int(len(self.cells))
 
     def signals(self) -> tuple[str, ...]:
+        """Return the signals this calibration holds scores for (``elbo_gain`` only where computed)."""
         return ("distance", "uncertainty") + (("elbo_gain",) if self.elbo_gain_z is not None else ())
 
     def scores(self, signal: str) -> np.ndarray:
@@ -324,6 +333,7 @@ class NoveltyCalibration:
         return fisher_statistic([loo_pvalues(self.scores(s)) for s in signals])
 
     def save(self, path: Path) -> Path:
+        """Write the calibration to ``path`` as an ``.npz`` file (no pickled objects); return ``path``."""
         arrays = {"format_version": np.array(FORMAT_VERSION), "k": np.array(self.k), "k_transfer": np.array(self.k_transfer),
                   "kernel": np.array(self.kernel), "cells": self.cells, "distance": self.distance, "uncertainty": self.uncertainty}
         if self.elbo_gain_z is not None:
@@ -337,6 +347,7 @@ class NoveltyCalibration:
 
     @classmethod
     def load(cls, path: Path) -> NoveltyCalibration:
+        """Read a calibration written by :meth:`save` (:class:`AtlasFormatError` if unreadable or of another format)."""
         try:
             with np.load(Path(path), allow_pickle=False) as z:
                 if int(z["format_version"]) != FORMAT_VERSION:
@@ -496,7 +507,7 @@ def novelty_scores(
 
 
 def calibration_note(scores: pd.DataFrame) -> str | None:
-    """What to tell a user when the reference threshold alone calls more than twice the target novel.
+    """Return what to tell a user when the reference threshold alone calls more than twice the target novel.
 
     ``scores``: a :func:`novelty_scores` table. Either many cells are types the reference lacks
     (the reference threshold is right) or the whole query is shifted from the reference (the

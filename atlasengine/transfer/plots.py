@@ -90,8 +90,9 @@ def plot_novelty_violin(
     target: float = 0.05,
     novel_labels: set[str] | None = None,
 ) -> Path:
-    """Violins of the calibrated novelty (-log10 of ``novelty_pvalue``) per true query cell type,
-    with the line above which cells are novel at the ``target`` false-alarm rate.
+    """Plot violins of the calibrated novelty (-log10 of ``novelty_pvalue``) per true query cell type.
+
+    A line marks the score above which cells are novel at the ``target`` false-alarm rate.
     """
     truth = aligned_truth(predictions, true_labels)
     score = -np.log10(predictions["novelty_pvalue"].to_numpy(dtype=np.float64))
@@ -140,8 +141,10 @@ def plot_transfer(
     novel_labels: set[str] | None = None,
     novelty_target: float = 0.05,
 ) -> dict[str, Path]:
-    """Write the transfer figures as PNGs into ``outdir`` (the novelty one where the predictions
-    carry ``novelty_pvalue``, read at ``novelty_target``); return their paths by name.
+    """Write the transfer figures as PNGs into ``outdir``; return their paths by name.
+
+    The novelty figure is written only where the predictions carry ``novelty_pvalue``, read at
+    ``novelty_target``.
     """
     outdir = Path(outdir)
     truth = aligned_truth(predictions, true_labels)  # align once, reuse for every figure

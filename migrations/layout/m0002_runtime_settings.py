@@ -15,7 +15,7 @@ MACHINE_SETTINGS = ("accelerator", "devices", "progress_bar")
 
 
 def upgrade_manifest(raw: dict) -> dict:
-    """The manifest without the machine settings in its training sections."""
+    """Return the manifest without the machine settings in its training sections."""
     config = dict(raw.get("config") or {})
     for section in ("reference_training", "query_training"):
         if isinstance(config.get(section), dict):
