@@ -240,7 +240,7 @@ def ingest(
         replay = None
         if strategy == "ewc":
             replay = _replay_sample(plan.stored_cells(), continual.replay_max_cells, training.seed)
-        log.info("folding in %d cells with %s", prep.n_cells, strategy)
+        log.debug("folding in %d cells with %s", prep.n_cells, strategy)
         fault_point("training")
         result = fold_in(module, strategy, plan.new_cells(), n_old_batches=len(parent.info.batches),
                          training=training, continual=continual, fisher=ck.fisher, anchor=ck.anchor, replay=replay,

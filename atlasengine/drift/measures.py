@@ -209,6 +209,91 @@ def _type_mean(values: np.ndarray, codes: np.ndarray, n_types: int) -> np.ndarra
     return means[:, 0] if values.ndim == 1 else means
 
 
+@dataclass
+class _Cells:
+    """What every drift table of one call shares: the cells, their labels and the kNN subsample."""
+
+    version: int
+    batches: np.ndarray
+    cells: pd.Index
+    sub: np.ndarray  # the kNN subsample (positions)
+    codes: np.ndarray  # label codes on the subsample ("" for unlabelled)
+    labelled: np.ndarray  # on the subsample
+    type_codes: np.ndarray  # per cell, -1 unlabelled
+    type_names: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.batches)
+
+
+def _cells(version: int, n: int, obs: pd.DataFrame, config: DriftConfig, seed: int) -> _Cells:
+    batches, labels, cells = _obs_columns(obs, n)
+    missing = missing_labels(labels)
+    label_str = np.where(missing, None, pd.Series(labels).astype(str).to_numpy(dtype=object))
+    sub = sorted_sample(n, config.max_cells, seed)
+    codes, _ = pd.factorize(pd.Series(label_str[sub]).fillna(""))
+    type_codes, type_names = pd.factorize(pd.Series(label_str, dtype=object), sort=True)  # -1: unlabelled
+    return _Cells(version, batches, cells, sub, codes, ~missing[sub], type_codes, np.asarray(type_names, dtype=object))
+
+
+def _scope_rows(
+    c: _Cells, scope: str, current: np.ndarray, other: np.ndarray, cur: _Knn, cmp: _Knn, ilisi: tuple[np.ndarray, ...]
+) -> tuple[dict, pd.DataFrame, np.ndarray]:
+    """Compute the version row, the cell-type rows and each cell's aligned displacement of one comparison."""
+    n_types = len(c.type_names)
+    raw = np.linalg.norm(current - other, axis=1)
+    moved = procrustes_align(current, other)
+    aligned = np.linalg.norm(moved - other, axis=1)
+    pres = _overlap_share(cmp.neighbours, cur.neighbours)
+    row = dict(
+        version=c.version, scope=scope, n_cells=c.n, n_cells_knn=len(c.sub), n_labelled_knn=int(c.labelled.sum()),
+        displacement_mean_raw=float(raw.mean()), displacement_median_raw=float(np.median(raw)),
+        displacement_mean_aligned=float(aligned.mean()), displacement_median_aligned=float(np.median(aligned)),
+        knn_preservation_mean=_nanmean(pres), label_accuracy_current=_nanmean(cur.label_correct),
+        label_accuracy_compared=_nanmean(cmp.label_correct), ilisi_mean=_nanmean(ilisi[0]),
+        ilisi_norm_mean=_nanmean(ilisi[1]),
+    )
+
+    def type_mean(values: np.ndarray, on_sub: bool = False) -> np.ndarray:
+        return _type_mean(values, c.type_codes[c.sub] if on_sub else c.type_codes, n_types)
+
+    sub_types = c.type_codes[c.sub]
+    types = pd.DataFrame(
+        {
+            "version": c.version, "scope": scope, "cell_type": c.type_names,
+            "n_cells": np.bincount(c.type_codes[c.type_codes >= 0], minlength=n_types),
+            "n_cells_knn": np.bincount(sub_types[sub_types >= 0], minlength=n_types),
+            "centroid_shift_raw": np.linalg.norm(type_mean(current) - type_mean(other), axis=1),
+            "centroid_shift_aligned": np.linalg.norm(type_mean(moved) - type_mean(other), axis=1),
+            "displacement_mean_aligned": type_mean(aligned),
+            "knn_preservation_mean": type_mean(pres, on_sub=True),
+            "label_accuracy_current": type_mean(cur.label_correct, on_sub=True),
+            "label_accuracy_compared": type_mean(cmp.label_correct, on_sub=True),
+        },
+        columns=list(_CELLTYPE_COLUMNS),
+    )
+    return row, types, aligned
+
+
+def _batch_table(c: _Cells, ilisi: tuple[np.ndarray, ...], prev: np.ndarray, first: np.ndarray) -> pd.DataFrame:
+    sub_batches = c.batches[c.sub]
+    batch = pd.DataFrame(
+        {
+            "n_cells": pd.Series(c.batches).value_counts().sort_index(),
+            "n_cells_knn": pd.Series(sub_batches).value_counts().sort_index(),
+            "ilisi_mean": _group_mean(ilisi[0], sub_batches),
+            "ilisi_norm_mean": _group_mean(ilisi[1], sub_batches),
+            "displacement_aligned_vs_previous_mean": _group_mean(prev, c.batches),
+            "displacement_aligned_vs_first_mean": _group_mean(first, c.batches),
+        }
+    )
+    batch = batch.rename_axis("batch").reset_index()
+    batch.insert(0, "version", c.version)
+    batch[["n_cells", "n_cells_knn"]] = batch[["n_cells", "n_cells_knn"]].fillna(0).astype("int64")
+    return batch
+
+
 def _tables(
     version: int,
     current: np.ndarray,
@@ -218,102 +303,32 @@ def _tables(
     seed: int,
 ) -> DriftTables:
     """Shared body of :func:`compute_version_drift` and :func:`compute_initial_drift`."""
-    n = current.shape[0]
-    batches, labels, cells = _obs_columns(obs, n)
-    missing = missing_labels(labels)
-    label_str = np.where(missing, None, pd.Series(labels).astype(str).to_numpy(dtype=object))
-
-    sub = sorted_sample(n, config.max_cells, seed)
-    codes, _ = pd.factorize(pd.Series(label_str[sub]).fillna(""))
-    labelled = ~missing[sub]
-    cur = _knn_figures(current[sub], codes, labelled, config.k)
-    bcodes, buniq = pd.factorize(pd.Series(batches[sub]))
-    ilisi, ilisi_norm = _ilisi(cur.neighbours, bcodes, len(buniq))
-
+    c = _cells(int(version), current.shape[0], obs, config, seed)
+    cur = _knn_figures(current[c.sub], c.codes, c.labelled, config.k)
+    bcodes, buniq = pd.factorize(pd.Series(c.batches[c.sub]))
+    ilisi = _ilisi(cur.neighbours, bcodes, len(buniq))
     done: list[tuple[np.ndarray, _Knn]] = [(current, cur)]
 
     def figures(other: np.ndarray) -> _Knn:  # version 2 compares to the same embedding twice
         for seen, result in done:
             if seen is other or np.array_equal(seen, other):
                 return result
-        done.append((other, _knn_figures(other[sub], codes, labelled, config.k)))
+        done.append((other, _knn_figures(other[c.sub], c.codes, c.labelled, config.k)))
         return done[-1][1]
 
-    vrows, crows = [], []
-    disp_aligned: dict[str, np.ndarray] = {}
-    type_codes, type_names = pd.factorize(pd.Series(label_str, dtype=object), sort=True)  # -1: unlabelled
-    type_names = np.asarray(type_names, dtype=object)
-    n_types = len(type_names)
-    type_n = np.bincount(type_codes[type_codes >= 0], minlength=n_types)
-    type_n_knn = np.bincount(type_codes[sub][type_codes[sub] >= 0], minlength=n_types)
+    vrows, crows, aligned = [], [], {}
     for scope, other in compared.items():
-        raw = np.linalg.norm(current - other, axis=1)
-        moved = procrustes_align(current, other)
-        aligned = np.linalg.norm(moved - other, axis=1)
-        disp_aligned[scope] = aligned
-        cmp = figures(other)
-        pres = _overlap_share(cmp.neighbours, cur.neighbours)
-        vrows.append(
-            dict(
-                version=version, scope=scope, n_cells=n, n_cells_knn=len(sub),
-                n_labelled_knn=int(labelled.sum()),
-                displacement_mean_raw=float(raw.mean()), displacement_median_raw=float(np.median(raw)),
-                displacement_mean_aligned=float(aligned.mean()),
-                displacement_median_aligned=float(np.median(aligned)),
-                knn_preservation_mean=_nanmean(pres),
-                label_accuracy_current=_nanmean(cur.label_correct),
-                label_accuracy_compared=_nanmean(cmp.label_correct),
-                ilisi_mean=_nanmean(ilisi), ilisi_norm_mean=_nanmean(ilisi_norm),
-            )
-        )
-        crows.append(
-            pd.DataFrame(
-                {
-                    "version": version, "scope": scope, "cell_type": type_names, "n_cells": type_n,
-                    "n_cells_knn": type_n_knn,
-                    "centroid_shift_raw": np.linalg.norm(
-                        _type_mean(current, type_codes, n_types) - _type_mean(other, type_codes, n_types), axis=1
-                    ),
-                    "centroid_shift_aligned": np.linalg.norm(
-                        _type_mean(moved, type_codes, n_types) - _type_mean(other, type_codes, n_types), axis=1
-                    ),
-                    "displacement_mean_aligned": _type_mean(aligned, type_codes, n_types),
-                    "knn_preservation_mean": _type_mean(pres, type_codes[sub], n_types),
-                    "label_accuracy_current": _type_mean(cur.label_correct, type_codes[sub], n_types),
-                    "label_accuracy_compared": _type_mean(cmp.label_correct, type_codes[sub], n_types),
-                },
-                columns=list(_CELLTYPE_COLUMNS),
-            )
-        )
-
-    nan = np.full(n, np.nan)
-    prev = disp_aligned.get("vs_previous", nan)
-    first = disp_aligned.get("vs_first", nan)
-    sub_batches = batches[sub]
-    batch = pd.DataFrame(
-        {
-            "n_cells": pd.Series(batches).value_counts().sort_index(),
-            "n_cells_knn": pd.Series(sub_batches).value_counts().sort_index(),
-            "ilisi_mean": _group_mean(ilisi, sub_batches),
-            "ilisi_norm_mean": _group_mean(ilisi_norm, sub_batches),
-            "displacement_aligned_vs_previous_mean": _group_mean(prev, batches),
-            "displacement_aligned_vs_first_mean": _group_mean(first, batches),
-        }
-    )
-    batch = batch.rename_axis("batch").reset_index()
-    batch.insert(0, "version", version)
-    batch[["n_cells", "n_cells_knn"]] = batch[["n_cells", "n_cells_knn"]].fillna(0).astype("int64")
-
-    cell = pd.DataFrame(
-        {
-            "version": version,
-            "cell": np.asarray(cells, dtype=object),
-            "displacement_aligned_vs_previous": prev,
-            "displacement_aligned_vs_first": first,
-        }
-    )
-    celltype = pd.concat(crows, ignore_index=True) if n_types else pd.DataFrame(columns=list(_CELLTYPE_COLUMNS))
-    return DriftTables(pd.DataFrame(vrows, columns=list(_VERSION_COLUMNS)), celltype, batch, cell)
+        row, types, aligned[scope] = _scope_rows(c, scope, current, other, cur, figures(other), ilisi)
+        vrows.append(row)
+        crows.append(types)
+    nan = np.full(c.n, np.nan)
+    prev, first = aligned.get("vs_previous", nan), aligned.get("vs_first", nan)
+    cell = pd.DataFrame({"version": c.version, "cell": np.asarray(c.cells, dtype=object),
+                         "displacement_aligned_vs_previous": prev, "displacement_aligned_vs_first": first})
+    celltype = (pd.concat(crows, ignore_index=True) if len(c.type_names)
+                else pd.DataFrame(columns=list(_CELLTYPE_COLUMNS)))
+    return DriftTables(pd.DataFrame(vrows, columns=list(_VERSION_COLUMNS)), celltype,
+                       _batch_table(c, ilisi, prev, first), cell)
 
 
 _VERSION_COLUMNS = (
