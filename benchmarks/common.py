@@ -31,8 +31,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np
 import pandas as pd
 
-from atlasengine.config import STRATEGIES  # the engine's own list
-
 BENCH_DIR = Path(__file__).resolve().parent
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEFAULT_OUT = BENCH_DIR / "out"
@@ -113,7 +111,7 @@ def highly_variable(adata, n_top: int) -> list[str]:
 
 
 def load_scenario(name: str):
-    """(reference, query) AnnData copies of a scenario (query keeps its novel types)."""
+    """Return (reference, query) AnnData copies of a scenario (the query keeps its novel types)."""
     sc = SCENARIOS[name]
     a = read_data(sc.file)
     batch = a.obs[sc.batch_key].astype(str)
@@ -137,7 +135,7 @@ def quiet() -> None:
 
 
 def continual_defaults() -> str:
-    """The atlas's default EWC settings, as text for the result pages."""
+    """Describe the atlas's default EWC settings, for the result pages."""
     from atlasengine.config import ContinualConfig
 
     d = ContinualConfig()
@@ -220,15 +218,17 @@ def displacement(z_before: np.ndarray, z_after: np.ndarray) -> float:
 
 
 def procrustes_displacement(z_before: np.ndarray, z_after: np.ndarray) -> float:
-    """Mean distance after an orthogonal Procrustes alignment of ``z_after`` onto ``z_before``
-    (the engine's drift measure): movement that is not a rigid rotation or shift."""
+    """Mean distance after aligning ``z_after`` onto ``z_before`` (the engine's drift measure).
+
+    Orthogonal Procrustes: movement that is not a rigid rotation or shift.
+    """
     from atlasengine.drift.measures import displacement as per_cell
 
     return float(per_cell(z_before, z_after, aligned=True).mean())
 
 
 def forgetting(z_v1: np.ndarray, z_after: np.ndarray, labels: np.ndarray, k: int = 15) -> dict[str, float]:
-    """Reference forgetting: LOO kNN accuracy of the reference cells before/after, and displacement."""
+    """Measure reference forgetting: LOO kNN accuracy of the reference cells before/after, and displacement."""
     before = loo_knn_accuracy(z_v1, labels, k)
     after = loo_knn_accuracy(z_after, labels, k)
     return {
@@ -428,7 +428,7 @@ GENERATOR_EPOCHS = 40
 
 
 def generator_atlas(out: Path, epochs: int = GENERATOR_EPOCHS):
-    """The pancreas model the generated data are sampled from (trained once, cached under out/work)."""
+    """Return the pancreas model the generated data are sampled from (trained once, cached under out/work)."""
     from atlasengine import Atlas
 
     path = Path(out) / "work" / f"generator_e{epochs}.atlas"
@@ -481,7 +481,7 @@ def generate_cells(atlas, n: int, seed: int, prefix: str = "gen", chunk: int = 2
 
 
 def tile_cells(adata, copies: int, prefix: str):
-    """``copies`` stacked copies of ``adata`` with new cell names (to reach 1M cells cheaply)."""
+    """Stack ``copies`` copies of ``adata`` with new cell names (to reach 1M cells cheaply)."""
     import anndata as ad
     import scipy.sparse as sp
 

@@ -1,5 +1,6 @@
-"""EWC lambda (and replay share) sweep on pancreas and pbmc: novel AUROC, known accuracy,
-reference forgetting and displacement; recommends a default lambda.
+"""EWC lambda (and replay share) sweep on pancreas and pbmc.
+
+Novel AUROC, known accuracy, reference forgetting and displacement; recommends a default lambda.
 
     python -m benchmarks.lambda_sweep [--quick] [--out DIR] [--seeds N]
 

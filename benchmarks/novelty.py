@@ -91,8 +91,10 @@ def groups_of(labels: np.ndarray, min_cells: int) -> np.ndarray:
 
 
 def per_label_distance(cal, pred_r: np.ndarray, dist_q: np.ndarray, predicted: np.ndarray, min_cells: int = 10):
-    """Distance p-values calibrated within the predicted label (reference cells grouped by their
-    leave-one-out predicted label); labels with fewer than ``min_cells`` calibration cells use all.
+    """Compute distance p-values calibrated within the predicted label.
+
+    Reference cells are grouped by their leave-one-out predicted label; labels with fewer than
+    ``min_cells`` calibration cells use all.
     """
     from atlasengine.transfer import novelty as N
 
@@ -105,10 +107,12 @@ def per_label_distance(cal, pred_r: np.ndarray, dist_q: np.ndarray, predicted: n
 
 
 def query_adaptive(cal, pred_r: np.ndarray, scores: pd.DataFrame, predicted: np.ndarray, min_cells: int = 10):
-    """A measured alternative calibration that adapts to the query: log distance as a robust z-score
-    within the predicted label, computed on the query's own cells (reference cells: within their
-    leave-one-out predicted label), then conformal + Fisher with the uncertainty as in the default.
-    Returns (Fisher statistic, conformal p-value). Assumes novel cells are a minority of each label.
+    """Score with a measured alternative calibration that adapts to the query.
+
+    Log distance as a robust z-score within the predicted label, computed on the query's own
+    cells (reference cells: within their leave-one-out predicted label), then conformal + Fisher
+    with the uncertainty as in the default. Returns (Fisher statistic, conformal p-value).
+    Assumes novel cells are a minority of each label.
     """
     from atlasengine.transfer import novelty as N
 
@@ -120,7 +124,7 @@ def query_adaptive(cal, pred_r: np.ndarray, scores: pd.DataFrame, predicted: np.
 
 
 def novelty_at_k(atlas, names: list[str], predictions: pd.DataFrame, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The default combination and calibration with the distance signal over ``k`` neighbours: (statistic, p-value)."""
+    """Score with the default combination and calibration, the distance over ``k`` neighbours: (statistic, p-value)."""
     from atlasengine.transfer import novelty as N
 
     obs, z, tcfg = atlas.obs(), atlas.latent(), atlas.config.transfer

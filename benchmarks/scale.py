@@ -1,5 +1,6 @@
-"""Scale: time and peak memory of Atlas.create, ingest of a 10k-cell query, latent() and report()
-on generated atlases of 10k, 100k and 1M cells x 2000 genes.
+"""Scale: time and peak memory of create, a 10k-cell ingest, latent() and report() on big atlases.
+
+Generated atlases of 10k, 100k and 1M cells x 2000 genes.
 
     python -m benchmarks.scale [--quick] [--out DIR] [--sizes 10000,100000,1000000]
 

@@ -42,8 +42,10 @@ def train_reference(ref, batch_key: str, seed: int, epochs: int, early_stopping:
 
 
 def fold_in(model, query, seed: int, epochs: int, early_stopping: bool = True):
-    """``SCVI.load_query_data`` (frozen reference, new batch columns train) + training with weight decay 0
-    and no KL warm-up (like our query training); (query model, seconds, epochs run).
+    """Fold in with ``SCVI.load_query_data`` (frozen reference, new batch columns train).
+
+    Trained with weight decay 0 and no KL warm-up (like our query training); returns (query
+    model, seconds, epochs run).
     """
     import scvi
 

@@ -1,5 +1,6 @@
-"""Sequential fold-ins on pancreas: reference = indrop, then celseq, celseq2, fluidigmc1, smartseq2
-one at a time, with ewc, finetune and surgery.
+"""Sequential fold-ins, one dataset at a time, with ewc, finetune and surgery.
+
+Pancreas: reference = indrop, then celseq, celseq2, fluidigmc1, smartseq2.
 
     python -m benchmarks.sequential [--quick] [--out DIR] [--seeds N]
 

@@ -1,5 +1,6 @@
-"""Speed: training throughput and fold-in time per strategy vs scvi-tools, Fisher time, and
-label transfer (faiss exact / HNSW) vs scikit-learn brute force.
+"""Speed: training throughput, fold-in and Fisher time, label transfer, against scvi-tools and scikit-learn.
+
+Fold-in time per strategy vs scvi-tools; label transfer (faiss exact / HNSW / IVF) vs scikit-learn brute force.
 
     python -m benchmarks.speed [--quick] [--out DIR]
 
