@@ -80,6 +80,11 @@ class ContinualConfig(_Strict):
     """
 
     ewc_lambda: float = Field(1.0, ge=0)
+    penalty_scale: Literal["evidence", "fixed"] = Field(
+        "evidence",
+        description="'evidence': ewc_lambda multiplies the Laplace weight, the reference counting as the cells its "
+        "Fisher was estimated on (N / n_query); 'fixed': ewc_lambda is the weight itself, whatever the sizes",
+    )
     replay_fraction: float = Field(0.25, ge=0.0, lt=1.0)
     replay_max_cells: int = Field(10_000, ge=0)
     fisher_max_cells: int = Field(2_000, ge=1)

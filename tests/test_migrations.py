@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from atlasengine import Atlas
 from atlasengine.store.manifest import FORMAT_VERSION
@@ -58,3 +59,22 @@ def test_format2_atlas_drops_machine_settings_and_keeps_everything_else(tmp_path
     res = atlas.ingest(q, batch_key="tech", strategy="ewc", training={"max_epochs": 1})
     assert res.version.number == 3
     assert Atlas.open(path, version=2).drift().equals(drift_before)
+
+
+def test_format3_atlas_reads_its_fisher_as_a_mean_with_its_cells_and_keeps_its_penalty(tmp_path, pancreas):
+    from safetensors.torch import load_file
+
+    path = tmp_path / "old3.atlas"
+    shutil.copytree(FIXTURE.with_name("format3.atlas"), path)
+    raw = json.loads((path / "manifest.json").read_text())
+    assert raw["format_version"] == 3 and "penalty_scale" not in raw["config"]["continual"]
+    stored = load_file(path / "versions" / "v0002" / "model.safetensors")
+
+    atlas = Atlas.open(path)
+    assert atlas.config.continual.penalty_scale == "fixed"  # the stored ewc_lambda pulls as hard as before
+    assert atlas.info.fisher["represented_cells"] == 60 and atlas.info.fisher["n_means"] == 2
+    for name, mean in atlas.fisher().items():  # version 2 had summed two per-cell means
+        torch.testing.assert_close(mean, stored[f"fisher/{name}"] / 2)
+    q = pancreas[pancreas.obs["tech"] == "smartseq2"][:15, atlas.genes].copy()
+    res = atlas.ingest(q, batch_key="tech", strategy="ewc", training={"max_epochs": 1})
+    assert res.version.fisher["kind"] == "per_cell_mean" and res.version.fisher["represented_cells"] == 75

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch
 
 from atlasengine.config import ModelConfig
-from atlasengine.continual import EWCPenalty, accumulate_fisher, diagonal_fisher
+from atlasengine.continual import AccumulatedFisher, EWCPenalty, diagonal_fisher
 from atlasengine.model import CVAE
 from atlasengine.model.likelihood import log_nb, log_nb_per_cell
 from atlasengine.training import CellData
@@ -82,13 +82,16 @@ def test_per_cell_fisher_equals_mean_of_squared_single_cell_gradients():
         torch.testing.assert_close(fisher[k], expected[k], rtol=1e-3, atol=1e-5)
 
 
-def test_online_fisher_accumulation_pads_new_batch_rows():
-    old = {"w": torch.ones(2, 3), "b": torch.ones(3)}
+def test_online_fisher_adds_evidence_in_cells_and_pads_new_batch_rows():
+    old = AccumulatedFisher({"w": torch.ones(2, 3), "b": torch.ones(3)}, cells=300.0)
     new = {"w": torch.full((4, 3), 2.0), "b": torch.full((3,), 2.0)}
-    acc = accumulate_fisher(old, new, gamma=0.5)
-    torch.testing.assert_close(acc["w"][:2], torch.full((2, 3), 2.5))
-    torch.testing.assert_close(acc["w"][2:], torch.full((2, 3), 2.0))
-    torch.testing.assert_close(acc["b"], torch.full((3,), 2.5))
+    acc = old.add(new, n_new=100, gamma=0.5)  # 150 old cells' worth + 100 new
+    assert acc.cells == 250.0
+    # precision (cells x per-cell mean) adds up: 150 * 1 + 100 * 2 = 350 over 250 cells
+    torch.testing.assert_close(acc.mean["w"][:2], torch.full((2, 3), 350 / 250))
+    torch.testing.assert_close(acc.mean["b"], torch.full((3,), 350 / 250))
+    # new batch rows: only the new cells carry evidence for them
+    torch.testing.assert_close(acc.mean["w"][2:], torch.full((2, 3), 200 / 250))
 
 
 def test_ewc_penalty_value_and_new_rows_are_free():

@@ -34,7 +34,7 @@ import torch
 from atlasengine.api.audit import record_drift, transfer_summary
 from atlasengine.api.inputs import PreparedInput, prepare_input
 from atlasengine.config import AtlasConfig, ContinualConfig, FoldInStrategy, RuntimeConfig, TrainingConfig
-from atlasengine.continual import fold_in, version_fisher
+from atlasengine.continual import AccumulatedFisher, fold_in, version_fisher
 from atlasengine.drift import DriftStore
 from atlasengine.errors import InputError
 from atlasengine.faults import fault_point
@@ -242,10 +242,11 @@ def ingest(
             replay = _replay_sample(plan.stored_cells(), continual.replay_max_cells, training.seed)
         log.debug("folding in %d cells with %s", prep.n_cells, strategy)
         fault_point("training")
+        previous = AccumulatedFisher(ck.fisher, ck.fisher_cells)
         result = fold_in(module, strategy, plan.new_cells(), n_old_batches=len(parent.info.batches),
-                         training=training, continual=continual, fisher=ck.fisher, anchor=ck.anchor, replay=replay,
+                         training=training, continual=continual, fisher=previous, anchor=ck.anchor, replay=replay,
                          runtime=runtime)
-        return _build_and_commit(plan, module, strategy, result, previous_fisher=ck.fisher)
+        return _build_and_commit(plan, module, strategy, result, previous_fisher=previous)
 
 
 def _refuse_known_cell_names(cells: CellStore, ranges: list[tuple[int, int]], names: pd.Series) -> None:
@@ -289,13 +290,14 @@ def _cell_obs(plan: _Plan) -> pd.DataFrame:
 
 
 def _build_and_commit(
-    plan: _Plan, module: CVAE, strategy: str, train: TrainResult, previous_fisher: dict[str, torch.Tensor] | None
+    plan: _Plan, module: CVAE, strategy: str, train: TrainResult, previous_fisher: AccumulatedFisher | None
 ) -> Committed:
     """Compute the new version's Fisher, embeddings, index, calibration and predictions; commit them."""
-    cells = VersionCells(plan.stored_cells(), plan.new_cells())
-    n_sample = min(len(cells), plan.continual.fisher_max_cells)
+    new = plan.new_cells()
+    cells = VersionCells(plan.stored_cells(), new)
+    n_sample = min(len(new), plan.continual.fisher_max_cells)
     with phase("fisher", total=n_sample, unit="cells", progress=plan.runtime.progress) as p:
-        fisher, fisher_info = version_fisher(module, cells, plan.continual, previous_fisher, seed=plan.number,
+        fisher, fisher_info = version_fisher(module, new, plan.continual, previous_fisher, seed=plan.number,
                                              on_cells=p.advance)
     weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
     z = embed_cells(module, cells, progress=plan.runtime.progress)
@@ -313,7 +315,7 @@ def _build_and_commit(
                               exclude=index_position)
         summary = transfer_summary(predictions, obs["label"][new_cells], plan.record.name)
     files = VersionFiles(
-        checkpoint=Checkpoint(weights, fisher, weights),
+        checkpoint=Checkpoint(weights, fisher.mean, weights, fisher.cells),
         latent=z,
         run_config={"model": plan.config.model.model_dump(), **plan.run_config},
         index=index,

@@ -1,14 +1,14 @@
 """Continual learning: Fisher information, the EWC penalty and the fold-in strategies."""
 
 from atlasengine.continual.ewc import EWCPenalty
-from atlasengine.continual.fisher import accumulate_fisher, diagonal_fisher, fisher_summary, version_fisher
+from atlasengine.continual.fisher import AccumulatedFisher, diagonal_fisher, fisher_summary, version_fisher
 from atlasengine.continual.strategies import STRATEGIES, FoldInStrategy, fold_in, surgery_mode
 
 __all__ = [
+    "AccumulatedFisher",
     "EWCPenalty",
     "FoldInStrategy",
     "STRATEGIES",
-    "accumulate_fisher",
     "diagonal_fisher",
     "fisher_summary",
     "fold_in",

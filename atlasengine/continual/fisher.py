@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,8 @@ from atlasengine.numerics import sorted_sample
 from atlasengine.training.data import CellSource
 
 Tensors = dict[str, torch.Tensor]
+PER_CELL_MEAN = "per_cell_mean"
+"""The stored Fisher is a per-cell mean over ``represented_cells`` cells (format 4 on)."""
 
 
 class _SquaredGradients:
@@ -160,30 +163,61 @@ def diagonal_fisher(
     return _squared_gradient_mean(module, cells, positions, chunk_size, seed)
 
 
+@dataclass
+class AccumulatedFisher:
+    """The reference's evidence for the EWC penalty: a per-cell-mean diagonal Fisher and its cell count.
+
+    ``mean`` is the diagonal Fisher of one cell's negative ELBO averaged over the cells the
+    atlas represents; ``cells`` is how many cells that is (discounted by ``fisher_gamma`` for
+    each later version). The Laplace approximation of those cells' log-likelihood around the
+    anchor weights has precision ``cells * mean``.
+    """
+
+    mean: Tensors
+    cells: float
+
+    def add(self, current: Tensors, n_new: int, gamma: float = 1.0) -> AccumulatedFisher:
+        """Add the evidence of ``n_new`` new cells whose per-cell-mean Fisher is ``current`` (online EWC).
+
+        Precisions add up in cells: ``P = gamma * P_old + n_new * F_new``; old tensors are padded
+        with zero rows for batch columns they did not have.
+        """
+        old = gamma * self.cells
+        cells = old + n_new
+        if cells <= 0:
+            return AccumulatedFisher({k: torch.zeros_like(v) for k, v in current.items()}, 0.0)
+        mean = {
+            k: (old * pad_rows(self.mean[k], v) + n_new * v) / cells if k in self.mean else v * (n_new / cells)
+            for k, v in current.items()
+        }
+        return AccumulatedFisher(mean, float(cells))
+
+
 def version_fisher(
     module: CVAE,
-    cells: CellSource,
+    new_cells: CellSource,
     config: ContinualConfig,
-    previous: Tensors | None,
+    previous: AccumulatedFisher | None,
     seed: int,
     on_cells: Callable[[int], None] | None = None,
-) -> tuple[Tensors, dict[str, Any]]:
+) -> tuple[AccumulatedFisher, dict[str, Any]]:
     """Compute the accumulated Fisher a new atlas version stores, and its summary.
 
-    The Fisher of this version is estimated on a uniform sample of at most
-    ``config.fisher_max_cells`` of ``cells`` (every cell of the version) at the new weights,
-    then added to ``config.fisher_gamma`` times the previous accumulated Fisher (online EWC).
+    The Fisher of the version's new cells is estimated on a uniform sample of at most
+    ``config.fisher_max_cells`` of them at the new weights and added, as the evidence of all
+    ``len(new_cells)`` cells, to ``config.fisher_gamma`` times the previous evidence: each cell
+    is counted once, by the version that added it (online EWC).
 
     Parameters
     ----------
     module
         The new version's model.
-    cells
-        Every cell of the new version (``len()`` and ``read(positions) -> CellData``).
+    new_cells
+        The cells the version adds (``len()`` and ``read(positions) -> CellData``).
     config
         Sampling, chunking and ``fisher_gamma``.
     previous
-        The accumulated Fisher of the parent version (None for version 1).
+        The parent version's accumulated Fisher (None for version 1).
     seed
         Seeds the sample and the reparameterisation noise (the version number).
     on_cells
@@ -193,17 +227,23 @@ def version_fisher(
     -------
     tuple
         ``(fisher, summary)``: the accumulated Fisher, and a JSON-ready dict of its statistics
-        with ``cells`` (sample size), ``seed``, ``gamma`` and ``seconds``.
+        with ``kind``, ``represented_cells``, ``new_cells``, ``cells`` (sample size), ``seed``,
+        ``gamma`` and ``seconds``.
     """
     start = time.perf_counter()
-    positions = sorted_sample(len(cells), config.fisher_max_cells, config.fisher_max_cells + seed)
-    current = _squared_gradient_mean(module, cells, positions, config.fisher_chunk_size, seed, on_cells)
-    fisher = accumulate_fisher(previous, current, config.fisher_gamma)
+    positions = sorted_sample(len(new_cells), config.fisher_max_cells, config.fisher_max_cells + seed)
+    current = _squared_gradient_mean(module, new_cells, positions, config.fisher_chunk_size, seed, on_cells)
+    base = previous if previous is not None else AccumulatedFisher({}, 0.0)
+    fisher = base.add(current, len(new_cells), config.fisher_gamma)
     summary = {
-        **fisher_summary(fisher),
+        **fisher_summary(fisher.mean),
+        "kind": PER_CELL_MEAN,
+        "represented_cells": fisher.cells,
+        "new_cells": len(new_cells),
         "cells": int(len(positions)),
         "seed": int(seed),
         "gamma": config.fisher_gamma,
+        "version": int(seed),
         "seconds": round(time.perf_counter() - start, 3),
     }
     return fisher, summary
@@ -217,13 +257,6 @@ def pad_rows(old: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"cannot pad Fisher of shape {tuple(old.shape)} to {tuple(like.shape)}")
     pad = torch.zeros((like.shape[0] - old.shape[0], *old.shape[1:]), dtype=old.dtype)
     return torch.cat([old, pad], dim=0)
-
-
-def accumulate_fisher(previous: Tensors | None, current: Tensors, gamma: float = 1.0) -> Tensors:
-    """Online EWC: ``F_new = gamma * F_old + F_version`` (old tensors zero-padded to new shapes)."""
-    if not previous:
-        return {k: v.clone() for k, v in current.items()}
-    return {k: gamma * pad_rows(previous[k], v) + v if k in previous else v.clone() for k, v in current.items()}
 
 
 def fisher_summary(fisher: Tensors) -> dict[str, float]:

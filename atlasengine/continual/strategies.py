@@ -15,7 +15,7 @@ import torch
 
 from atlasengine.config import STRATEGIES, ContinualConfig, FoldInStrategy, RuntimeConfig, TrainingConfig
 from atlasengine.continual.ewc import EWCPenalty
-from atlasengine.continual.fisher import Tensors
+from atlasengine.continual.fisher import AccumulatedFisher, Tensors
 from atlasengine.errors import InputError
 from atlasengine.model import CVAE
 from atlasengine.training import CellData, TrainResult, fit
@@ -58,7 +58,7 @@ def fold_in(
     n_old_batches: int,
     training: TrainingConfig,
     continual: ContinualConfig,
-    fisher: Tensors | None = None,
+    fisher: AccumulatedFisher | None = None,
     anchor: Tensors | None = None,
     replay: CellData | None = None,
     runtime: RuntimeConfig | None = None,
@@ -78,7 +78,7 @@ def fold_in(
     training, continual
         Optimisation settings, and the penalty strength and replay share.
     fisher, anchor
-        The accumulated Fisher and anchor weights (ewc only).
+        The accumulated Fisher (with the cells it represents) and anchor weights (ewc only).
     replay
         Reference cells replayed in every minibatch (ewc only).
     runtime
@@ -98,7 +98,36 @@ def fold_in(
     if strategy == "ewc":
         if fisher is None or anchor is None:
             raise InputError("the ewc strategy needs the current version's Fisher and anchor weights")
-        penalty = EWCPenalty(module, fisher, anchor, continual.ewc_lambda)
+        strength = penalty_strength(continual, fisher.cells, len(query), replay is not None and len(replay) > 0,
+                                    training.batch_size)
+        penalty = EWCPenalty(module, fisher.mean, anchor, strength)
         return fit(module, query, training, replay=replay, replay_fraction=continual.replay_fraction,
                    penalty=penalty, runtime=runtime, name=name)
     raise InputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
+def penalty_strength(
+    config: ContinualConfig, represented_cells: float, n_query: int, replaying: bool, batch_size: int
+) -> float:
+    """Return the multiplier of ``1/2 * sum F (theta - theta*)^2`` added to the per-cell-mean minibatch loss.
+
+    ``penalty_scale="evidence"``: the reference counts as the cells its Fisher was estimated on.
+    In the Laplace reading of EWC the log-likelihood of ``N`` reference cells around the anchor
+    has precision ``N * F`` (``F`` a per-cell mean); the minibatch loss is a mean over its cells,
+    of which a share ``1 - r`` are query cells when a share ``r`` is replayed, so the penalty
+    that keeps the two in proportion is ``lambda * (1 - r) * N / n_query``. ``ewc_lambda = 1``
+    is the Laplace weight. ``penalty_scale="fixed"``: ``lambda`` itself, whatever the sizes (the
+    paper's form and this engine's before format 4).
+
+    Example
+    -------
+    >>> from atlasengine.config import ContinualConfig
+    >>> penalty_strength(ContinualConfig(ewc_lambda=2.0, replay_fraction=0.25), 3000, 1000, True, 128)
+    4.5
+    >>> penalty_strength(ContinualConfig(ewc_lambda=2.0, penalty_scale="fixed"), 3000, 1000, True, 128)
+    2.0
+    """
+    if config.penalty_scale == "fixed":
+        return float(config.ewc_lambda)
+    replayed = round(batch_size * config.replay_fraction) / batch_size if replaying else 0.0
+    return float(config.ewc_lambda * (1.0 - replayed) * represented_cells / max(n_query, 1))

@@ -8,12 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from atlasengine.errors import AtlasIntegrityError
 
 _GROUPS = ("weights", "fisher", "anchor")
+FORMAT = "atlasengine-checkpoint-2"
+"""2: the header says what the Fisher represents (``fisher_kind``, ``fisher_cells``, ``fisher_version``)."""
 
 
 def save_checkpoint(
@@ -21,18 +23,23 @@ def save_checkpoint(
     weights: dict[str, torch.Tensor],
     fisher: dict[str, torch.Tensor],
     anchor: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write the three tensor groups to one safetensors file (keys ``group/name``)."""
+    """Write the three tensor groups to one safetensors file (keys ``group/name``), ``metadata`` in its header."""
     tensors: dict[str, torch.Tensor] = {}
     for group, d in zip(_GROUPS, (weights, fisher, anchor)):
         for name, t in d.items():
             tensors[f"{group}/{name}"] = t.detach().cpu().clone().contiguous()
-    save_file(tensors, str(path), metadata={"format": "atlasengine-checkpoint-1"})
+    save_file(tensors, str(path), metadata={**(metadata or {}), "format": FORMAT})
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Read ``(weights, fisher, anchor)`` back."""
+def load_checkpoint(
+    path: Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+    """Read ``(weights, fisher, anchor, header metadata)`` back."""
     try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AtlasIntegrityError(f"checkpoint {path} cannot be read: {exc}") from exc
@@ -41,4 +48,4 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
         group, _, name = key.partition("/")
         if group in out:
             out[group][name] = t
-    return out["weights"], out["fisher"], out["anchor"]
+    return out["weights"], out["fisher"], out["anchor"], metadata

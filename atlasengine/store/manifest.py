@@ -18,8 +18,9 @@ from atlasengine.errors import AtlasFormatError
 from atlasengine.store.files import atomic_write_text
 from atlasengine.version import __version__
 
-FORMAT_VERSION = 3
-"""1: no drift database (before 2026-11-27); 2: drift.duckdb; 3: machine settings not stored.
+FORMAT_VERSION = 4
+"""1: no drift database (before 2026-11-27); 2: drift.duckdb; 3: machine settings not stored; 4: the Fisher
+is a per-cell mean with the cells it represents.
 Each step up has a migration in ``migrations/layout/``."""
 MANIFEST_NAME = "manifest.json"
 

@@ -22,6 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from atlasengine.errors import AtlasFormatError
 from atlasengine.faults import fault_point
 from atlasengine.store.atlas_store import AtlasStore
 from atlasengine.store.cells import joinids_of
@@ -40,13 +41,21 @@ PREDICTION_COLUMNS = ("predicted_label", "uncertainty", "is_unknown")
 Tensors = dict[str, torch.Tensor]
 
 
+PER_CELL_MEAN = "per_cell_mean"
+SUM_OF_VERSION_MEANS = "sum_of_version_means"  # what format <= 3 stored (see migrations/layout/m0003)
+
+
 @dataclass(frozen=True)
 class Checkpoint:
-    """A version's model weights, its accumulated diagonal Fisher and the anchor weights."""
+    """A version's model weights, its accumulated diagonal Fisher and the anchor weights.
+
+    ``fisher`` is a per-cell mean over the ``fisher_cells`` cells it represents (its evidence).
+    """
 
     weights: Tensors
     fisher: Tensors
     anchor: Tensors
+    fisher_cells: float
 
 
 @dataclass
@@ -70,7 +79,8 @@ def write_version_files(store: AtlasStore, number: int, files: VersionFiles) -> 
     staged = store.stage()
     fault_point("checkpoint")
     ck = files.checkpoint
-    save_checkpoint(staged / CHECKPOINT, ck.weights, ck.fisher, ck.anchor)
+    header = {"fisher_kind": PER_CELL_MEAN, "fisher_cells": repr(float(ck.fisher_cells)), "fisher_version": str(number)}
+    save_checkpoint(staged / CHECKPOINT, ck.weights, ck.fisher, ck.anchor, header)
     fault_point("checkpoint_written")
     np.save(staged / LATENT, files.latent.astype(np.float32, copy=False), allow_pickle=False)
     (staged / CONFIG).write_text(json.dumps(files.run_config, indent=2))
@@ -217,8 +227,22 @@ class VersionReader:
         return json.loads(self.file(CONFIG, n).read_text(encoding="utf-8"))
 
     def checkpoint(self) -> Checkpoint:
-        """Weights, accumulated Fisher and anchor weights of this version."""
-        return Checkpoint(*load_checkpoint(self.file(CHECKPOINT)))
+        """Weights, accumulated Fisher (a per-cell mean, with the cells it represents) and anchor weights."""
+        path = self.file(CHECKPOINT)
+        weights, fisher, anchor, header = load_checkpoint(path)
+        record = self.info.fisher
+        kind = header.get("fisher_kind") or record.get("kind")
+        if kind == PER_CELL_MEAN:
+            cells = float(header.get("fisher_cells", record.get("represented_cells", "nan")))
+        elif kind == SUM_OF_VERSION_MEANS:
+            n_means = float(record["n_means"])
+            fisher = {k: v / n_means for k, v in fisher.items()}
+            cells = float(record["represented_cells"])
+        else:
+            raise AtlasFormatError(f"checkpoint {path} does not say what its Fisher represents (kind {kind!r})")
+        if not np.isfinite(cells) or cells < 0:
+            raise AtlasFormatError(f"checkpoint {path} records {cells} cells behind its Fisher")
+        return Checkpoint(weights, fisher, anchor, cells)
 
     def index(self) -> NeighborIndex:
         """Load the faiss index over this version's labelled cells."""
