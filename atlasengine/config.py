@@ -36,15 +36,25 @@ class ModelConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    """Optimisation settings for one training run (reference or fold-in)."""
+    """Optimisation settings for one training run (reference or fold-in).
 
-    max_epochs: int | None = Field(None, ge=1, description="None: scvi-tools' rule min(400, 400 * 20000 / n_cells)")
+    The defaults follow scvi-tools' ``train()``: a fixed number of epochs by its rule, no early
+    stopping, the KL term warmed up over the whole run (scvi-tools warms it up over 400 epochs,
+    which is the whole run at the sizes where its rule gives 400). A 10% validation split is
+    held out and its loss recorded, as scvi-tools does.
+    """
+
+    max_epochs: int | None = Field(
+        None, ge=1, description="None: scvi-tools' rule, min(epochs_cap, 400 * 20000 / n_cells)")
+    epochs_cap: int = Field(400, ge=1, description="the most epochs the rule gives")
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    kl_warmup_epochs: int = Field(20, ge=0)
+    kl_warmup_epochs: int | None = Field(
+        None, ge=0, description="epochs over which the KL weight rises from 0 to 1; None: the whole run; 0: none")
     validation_fraction: float = Field(0.1, ge=0.0, lt=0.5)
-    early_stopping: bool = True
+    early_stopping: bool = Field(
+        False, description="stop when the validation loss has not improved for early_stopping_patience epochs")
     early_stopping_patience: int = Field(15, ge=1)
     seed: int = 0
 
@@ -90,6 +100,11 @@ class ContinualConfig(_Strict):
     fisher_max_cells: int = Field(2_000, ge=1)
     fisher_chunk_size: int = Field(256, ge=1)
     fisher_gamma: float = Field(1.0, ge=0.0)
+    fisher_posterior: bool = Field(
+        False,
+        description="add to the encoder's Fisher the Fisher information of the posterior q(z | x): the penalty then "
+        "also holds the reference cells' embeddings, not only their ELBO",
+    )
     min_gene_overlap: float = Field(0.8, gt=0.0, le=1.0)
 
 
@@ -151,8 +166,8 @@ class AtlasConfig(_Strict):
     """Everything an atlas needs; stored in its manifest."""
 
     model: ModelConfig = ModelConfig()
-    reference_training: TrainingConfig = TrainingConfig(kl_warmup_epochs=20)
-    query_training: TrainingConfig = TrainingConfig(kl_warmup_epochs=0)
+    reference_training: TrainingConfig = TrainingConfig()
+    query_training: TrainingConfig = TrainingConfig(epochs_cap=200, kl_warmup_epochs=0)
     continual: ContinualConfig = ContinualConfig()
     transfer: TransferConfig = TransferConfig()
     drift: DriftConfig = DriftConfig()

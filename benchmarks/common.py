@@ -8,6 +8,10 @@ Scenarios (``../shared/data/README.md``):
   Mono_CD16}; batch ``donor``, label ``cell_type``.
 - ``ifnb``: reference = control without Dendritic; query = stimulated; novel = {Dendritic};
   batch ``condition``, label ``cell_type``; 2000 highly variable genes of the reference.
+- ``kang``: reference = donors 1015 + 1256 without FCGR3A+ Monocytes (close to CD14+
+  Monocytes: the hard case); query = donor 1488; novel = {FCGR3A+ Monocytes}; batch ``donor``,
+  label ``cell_type``; all 1,287 genes. The sequential benchmark then folds in donors 1244,
+  1016, 101, 107 and 1039 one at a time.
 """
 
 from __future__ import annotations
@@ -73,7 +77,11 @@ SCENARIOS: dict[str, Scenario] = {
                      ("3pv1", "3pv2"), ("5p",), frozenset({"NK", "Mono_CD16"})),
     "ifnb": Scenario("ifnb", "pbmc_ifnb_stim.h5ad", "condition", "cell_type",
                      ("control",), ("stimulated",), frozenset({"Dendritic"}), n_hvg=2000),
+    "kang": Scenario("kang", "pbmc_kang_8donors.h5ad", "donor", "cell_type",
+                     ("1015", "1256"), ("1488",), frozenset({"FCGR3A+ Monocytes"})),
 }
+KANG_SEQUENCE = ("1244", "1016", "101", "107", "1039")
+"""The kang donors folded in one at a time after donor 1488 (../shared/data/README.md)."""
 
 
 def data_file(name: str) -> Path:
@@ -150,24 +158,25 @@ def atlas_config(ref_epochs: int, query_epochs: int, seed: int, **continual: Any
     }
 
 
-def create_reference(path: Path, sc: Scenario, ref, seed: int, ref_epochs: int, query_epochs: int = 1,
-                     label_key: str | None = None, **continual: Any):
-    """Train version 1 at ``path``; returns (atlas, wall seconds).
-
-    The global torch RNG is seeded first: ``Atlas.create`` builds the model before ``fit``
-    seeds, so without this the initial weights would not follow ``seed``.
-    """
-    import torch
-
+def create_atlas(path: Path, sc: Scenario, ref, seed: int, config: dict | None = None, label_key: str | None = None):
+    """Train version 1 at ``path`` with the engine's defaults changed by ``config``; returns the atlas."""
     from atlasengine import Atlas
 
     quiet()
     path = Path(path)
     shutil.rmtree(path, ignore_errors=True)
-    torch.manual_seed(seed)
+    cfg = dict(config or {})
+    for section in ("reference_training", "query_training"):
+        cfg[section] = {"seed": seed, **cfg.get(section, {})}
+    return Atlas.create(path, ref, batch_key=sc.batch_key, label_key=label_key or sc.label_key, config=cfg,
+                        runtime={"progress": False})
+
+
+def create_reference(path: Path, sc: Scenario, ref, seed: int, ref_epochs: int, query_epochs: int = 1,
+                     label_key: str | None = None, **continual: Any):
+    """Train version 1 at ``path`` with fixed epochs; returns (atlas, wall seconds)."""
     t0 = time.perf_counter()
-    atlas = Atlas.create(path, ref, batch_key=sc.batch_key, label_key=label_key or sc.label_key,
-                         config=atlas_config(ref_epochs, query_epochs, seed, **continual))
+    atlas = create_atlas(path, sc, ref, seed, atlas_config(ref_epochs, query_epochs, seed, **continual), label_key)
     return atlas, time.perf_counter() - t0
 
 
@@ -183,7 +192,7 @@ def fold_in(ref_path: Path, dest: Path, query, sc: Scenario, strategy: str, cont
     atlas = Atlas.open(dest)
     t0 = time.perf_counter()
     res = atlas.ingest(query, batch_key=sc.batch_key, strategy=strategy, continual=continual, training=training,
-                       dataset=dataset)
+                       dataset=dataset, runtime={"progress": False})
     return atlas, res, time.perf_counter() - t0
 
 
@@ -309,6 +318,9 @@ def parse_args(description: str, default_seeds: int = 3) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {default_seeds}; quick: 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's own; 1 is much faster when other processes share the cores)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="parallel processes of one torch thread each, where the benchmark runs independent jobs (default 2)")
+    p.add_argument("--scenarios", default=None, help="comma-separated scenarios (default: the benchmark's own)")
     args = p.parse_args()
     if args.threads:
         import torch
@@ -489,3 +501,29 @@ def tile_cells(adata, copies: int, prefix: str):
     obs = pd.concat([adata.obs] * copies)
     obs.index = [f"{prefix}{i}" for i in range(len(obs))]
     return ad.AnnData(X=X, obs=obs, var=adata.var.copy())
+
+
+# ------------------------------------------------------------------------ parallel jobs
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    quiet()
+
+
+def run_jobs(fn, jobs: list, workers: int, threads: int = 1) -> list:
+    """Run ``fn(job)`` for every job, in ``workers`` processes of ``threads`` torch threads each.
+
+    Results come back in job order; ``workers <= 1`` runs them here, one after the other. The
+    jobs of one benchmark run share the code, the data and the settings: their rows form one run.
+    """
+    if workers <= 1:
+        _init_worker(threads)
+        return [fn(job) for job in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        return list(pool.map(fn, jobs))
+

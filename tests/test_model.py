@@ -82,6 +82,30 @@ def test_per_cell_fisher_equals_mean_of_squared_single_cell_gradients():
         torch.testing.assert_close(fisher[k], expected[k], rtol=1e-3, atol=1e-5)
 
 
+def test_posterior_fisher_adds_the_squared_score_of_q_for_encoder_weights_only():
+    torch.manual_seed(2)
+    m = CVAE(20, 2, ModelConfig(n_hidden=8, n_latent=3))
+    counts = np.random.default_rng(1).poisson(2.0, size=(9, 20)).astype(np.float32)
+    data = CellData(sp.csr_matrix(counts), np.array([0, 1, 1] * 3))
+    elbo = diagonal_fisher(m, data, max_cells=100, chunk_size=4, seed=5)
+    both = diagonal_fisher(m, data, max_cells=100, chunk_size=4, seed=5, posterior=True)
+    m.eval()
+    gen = torch.Generator().manual_seed(5)
+    eps_all = torch.cat([torch.randn(len(r), 3, generator=gen) for r in np.array_split(np.arange(9), [4, 8])])
+    expected = {k: torch.zeros_like(p) for k, p in m.named_parameters()}
+    for i in range(9):  # oracle: one backward of -log q(z_i | x_i) per cell, z_i held fixed
+        m.zero_grad()
+        out = m.loss(torch.from_numpy(counts[i : i + 1]), torch.tensor([data.batch[i]]), eps=eps_all[i : i + 1])
+        (-out.posterior_log_prob()).sum().backward()
+        for k, p in m.named_parameters():
+            if p.grad is not None:
+                expected[k] += p.grad.pow(2) / 9
+    for k in expected:
+        torch.testing.assert_close(both[k] - elbo[k], expected[k], rtol=1e-3, atol=1e-5)
+        if k.startswith(("decoder", "px_")):
+            assert float(expected[k].abs().max()) == 0.0, k
+
+
 def test_online_fisher_adds_evidence_in_cells_and_pads_new_batch_rows():
     old = AccumulatedFisher({"w": torch.ones(2, 3), "b": torch.ones(3)}, cells=300.0)
     new = {"w": torch.full((4, 3), 2.0), "b": torch.full((3,), 2.0)}

@@ -96,8 +96,12 @@ def _squared_gradient_mean(
     chunk_size: int,
     seed: int,
     on_cells: Callable[[int], None] | None = None,
+    posterior: bool = False,
 ) -> Tensors:
     """Mean over ``positions`` of each cell's squared gradient of its negative ELBO.
+
+    With ``posterior``, plus each cell's squared score of its posterior q(z | x) at the sampled
+    ``z`` (the Fisher information of the encoder's distribution; nonzero for encoder weights only).
 
     Cells are read ``chunk_size`` at a time; dropout is off; the reparameterisation noise is
     drawn once per cell from ``seed``. Raises when a parameter received no statistic (a layer
@@ -107,6 +111,8 @@ def _squared_gradient_mean(
     module.eval()
     gen = torch.Generator().manual_seed(seed)
     stats = _SquaredGradients(module)
+    elbo_sums = stats.sums
+    posterior_sums = {k: torch.zeros_like(v) for k, v in elbo_sums.items()}
     try:
         for s in range(0, len(positions), chunk_size):
             part = cells.read(positions[s : s + chunk_size])
@@ -116,20 +122,25 @@ def _squared_gradient_mean(
             out = module.loss(x, b, eps=eps)
             stats.add_dispersion(out.dispersion)
             module.zero_grad(set_to_none=True)
-            out.per_cell.sum().backward()
+            stats.sums = elbo_sums
+            out.per_cell.sum().backward(retain_graph=posterior)
+            if posterior:  # the same hooks, a second backward pass: the score of q(z | x) per cell
+                stats.sums = posterior_sums
+                (-out.posterior_log_prob()).sum().backward()
             if on_cells is not None:
                 on_cells(len(part))
     finally:
         stats.remove()
         module.zero_grad(set_to_none=True)
         module.train(was_training)
-    missing = sorted(set(stats.sums) - stats.touched) if len(positions) else []
+    missing = sorted(set(elbo_sums) - stats.touched) if len(positions) else []
     if missing:
         raise RuntimeError(
             f"no Fisher statistic for parameter(s) {missing}: the per-cell squared-gradient hooks do not "
             "cover the layer that holds them (continual/fisher.py)"
         )
-    return {k: v / max(len(positions), 1) for k, v in stats.sums.items()}
+    n = max(len(positions), 1)
+    return {k: (v + posterior_sums[k]) / n for k, v in elbo_sums.items()}
 
 
 def diagonal_fisher(
@@ -138,6 +149,7 @@ def diagonal_fisher(
     max_cells: int = 2000,
     chunk_size: int = 256,
     seed: int = 0,
+    posterior: bool = False,
 ) -> Tensors:
     """Per-cell-mean diagonal Fisher of the negative ELBO over (a sample of) ``cells``.
 
@@ -153,6 +165,8 @@ def diagonal_fisher(
         the cells of an atlas version read from its store).
     max_cells, chunk_size, seed
         Sample size, cells per forward/backward pass, random seed.
+    posterior
+        Add the Fisher information of the posterior q(z | x) (encoder weights).
 
     Returns
     -------
@@ -160,7 +174,7 @@ def diagonal_fisher(
         One tensor per named parameter, same shapes.
     """
     positions = sorted_sample(len(cells), max_cells, seed)
-    return _squared_gradient_mean(module, cells, positions, chunk_size, seed)
+    return _squared_gradient_mean(module, cells, positions, chunk_size, seed, posterior=posterior)
 
 
 @dataclass
@@ -232,7 +246,8 @@ def version_fisher(
     """
     start = time.perf_counter()
     positions = sorted_sample(len(new_cells), config.fisher_max_cells, config.fisher_max_cells + seed)
-    current = _squared_gradient_mean(module, new_cells, positions, config.fisher_chunk_size, seed, on_cells)
+    current = _squared_gradient_mean(module, new_cells, positions, config.fisher_chunk_size, seed, on_cells,
+                                     posterior=config.fisher_posterior)
     base = previous if previous is not None else AccumulatedFisher({}, 0.0)
     fisher = base.add(current, len(new_cells), config.fisher_gamma)
     summary = {

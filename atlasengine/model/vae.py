@@ -79,7 +79,8 @@ class LossOutput:
 
     ``per_cell`` is the negative ELBO of each cell; ``dispersion`` the gene dispersion as the
     likelihood used it, one row per cell (a broadcast view of ``exp(px_r)``, so per-cell
-    gradient statistics such as the diagonal Fisher can hook it).
+    gradient statistics such as the diagonal Fisher can hook it); ``posterior`` the mean and
+    variance of q(z | x) and ``z`` the sample the ELBO used.
     """
 
     loss: torch.Tensor
@@ -87,6 +88,19 @@ class LossOutput:
     kl: torch.Tensor
     per_cell: torch.Tensor
     dispersion: torch.Tensor
+    posterior: tuple[torch.Tensor, torch.Tensor]
+    z: torch.Tensor
+
+    def posterior_log_prob(self) -> torch.Tensor:
+        """Log-density of each cell's sample ``z`` (held fixed) under its posterior q(z | x), up to a constant.
+
+        Its gradient is the score of the encoder's distribution, whose square averaged over
+        cells and samples is the Fisher information of q: how much moving the encoder moves
+        the cells' posteriors.
+        """
+        mean, var = self.posterior
+        z = self.z.detach()
+        return -0.5 * ((z - mean).pow(2) / var + torch.log(var)).sum(-1)
 
 
 class CVAE(nn.Module):
@@ -164,7 +178,7 @@ class CVAE(nn.Module):
             rec = -log_zinb(x, rate, theta, dropout).sum(-1)
         kl = 0.5 * (var + mean.pow(2) - 1.0 - torch.log(var)).sum(-1)
         per_cell = rec + kl_weight * kl
-        return LossOutput(per_cell.mean(), rec.mean(), kl.mean(), per_cell, theta)
+        return LossOutput(per_cell.mean(), rec.mean(), kl.mean(), per_cell, theta, (mean, var), z)
 
     def forward(self, x: torch.Tensor, batch: torch.Tensor, kl_weight: float = 1.0, eps: torch.Tensor | None = None) -> LossOutput:
         """Compute the same as :meth:`loss` (so ``torch.func.functional_call`` can drive the model)."""

@@ -51,9 +51,9 @@ class TrainResult:
         }
 
 
-def default_epochs(n_cells: int) -> int:
-    """scvi-tools' rule: small data sets get more passes, capped at 400."""
-    return int(min(400, round(20_000 / max(n_cells, 1) * 400)))
+def default_epochs(n_cells: int, cap: int = 400) -> int:
+    """Return scvi-tools' rule: small data sets get more passes, at most ``cap`` (400 in scvi-tools)."""
+    return int(max(1, min(cap, round(20_000 / max(n_cells, 1) * 400))))
 
 
 def _advance_per_epoch(progress: Phase) -> Callable[[dict[str, float]], None]:
@@ -123,7 +123,7 @@ def fit(
     L.seed_everything(config.seed, workers=False, verbose=False)
     train, val = make_loaders(query, replay, config.batch_size, replay_fraction, config.validation_fraction, config.seed)
     module.train()  # dropout on; Lightning keeps whatever mode the module is in
-    max_epochs = config.max_epochs or default_epochs(len(query))
+    max_epochs = config.max_epochs or default_epochs(len(query), config.epochs_cap)
     start = time.perf_counter()
     with quiet_lightning(), phase(name, total=max_epochs, unit="epochs", progress=runtime.progress) as progress:
         plan = TrainingPlan(module, config, penalty, on_epoch=_advance_per_epoch(progress))

@@ -41,6 +41,8 @@ class TrainingPlan(L.LightningModule):
     def kl_weight(self) -> float:
         """Weight of the KL term: rises linearly from 0 to 1 over ``kl_warmup_epochs`` (1 without warm-up)."""
         warm = self.config.kl_warmup_epochs
+        if warm is None:  # the whole run
+            warm = self.trainer.max_epochs if self._trainer is not None else 0
         return 1.0 if warm == 0 else min(1.0, self.current_epoch / warm)
 
     def training_step(self, batch, batch_idx):
