@@ -1,124 +1,170 @@
-"""Sequential fold-ins, one dataset at a time, with ewc, finetune and surgery.
+"""Sequential fold-ins, one dataset at a time, with ewc, finetune and surgery: pancreas and kang.
 
-Pancreas: reference = indrop, then celseq, celseq2, fluidigmc1, smartseq2.
+    python -m benchmarks.sequential [--quick] [--out DIR] [--seeds N] [--jobs J] [--scenarios pancreas,kang]
 
-    python -m benchmarks.sequential [--quick] [--out DIR] [--seeds N]
+- pancreas: reference = indrop (every cell type), then celseq, celseq2, fluidigmc1, smartseq2.
+- kang: reference = donors 1015 + 1256 without FCGR3A+ Monocytes, then donors 1244, 1016, 101,
+  107 and 1039 (../shared/data/README.md).
 
-After each step: label accuracy of all cells folded in so far (weighted kNN against the
-reference cells, both embedded by the current version), the reference's LOO kNN accuracy
-(forgetting) and the mean displacement of the indrop cells from version 1, raw and after
-orthogonal Procrustes alignment. Query labels are never given to ingest.
+After each step: weighted-kNN label accuracy of every cell folded in so far, embedded by the
+current version (``accuracy_so_far`` over cells of types the reference knows; ``_all`` over
+every cell, where kang's FCGR3A+ Monocytes can only be wrong), the reference cells' leave-one-out
+kNN accuracy under the current version, and their drift from version 1 (mean aligned
+displacement). Engine defaults throughout; query labels are never given to ingest.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from benchmarks import common as C
 
-REFERENCE = "indrop"
-ORDER = ("celseq", "celseq2", "fluidigmc1", "smartseq2")
-SCEN = C.Scenario("pancreas_sequential", "pancreas_panc8_small.h5ad", "tech", "celltype", (REFERENCE,), ORDER, frozenset())
+STRATEGIES = ("ewc", "finetune", "surgery")
 
 
-def run(strategy: str, seed: int, cfg: dict, data, work) -> list[dict]:
-    from atlasengine import Atlas
+@dataclass(frozen=True)
+class Sequence:
+    scenario: C.Scenario
+    reference: tuple[str, ...]
+    steps: tuple[str, ...]
+    held_out: frozenset[str] = frozenset()
+
+
+SEQUENCES = {
+    "pancreas": Sequence(C.SCENARIOS["pancreas"], ("indrop",), ("celseq", "celseq2", "fluidigmc1", "smartseq2")),
+    "kang": Sequence(C.SCENARIOS["kang"], ("1015", "1256"), C.KANG_SEQUENCE, frozenset({"FCGR3A+ Monocytes"})),
+}
+QUICK = {"reference_training": {"max_epochs": 8}, "query_training": {"max_epochs": 4}}
+
+
+def job(args: tuple) -> list[dict]:
+    """One sequence, strategy and seed: the reference, then every step."""
+    name, strategy, seed, quick, out = args
     from atlasengine.transfer import transfer_labels
 
-    truth = data.obs["celltype"].astype(str)
-    ref = data[data.obs.tech == REFERENCE].copy()
-    C.create_reference(work / "ref.atlas", SCEN, ref, seed, cfg["ref_epochs"], cfg["query_epochs"],
-                       fisher_max_cells=cfg["fisher_max_cells"])
-    path = work / f"{strategy}.atlas"
-    shutil.rmtree(path, ignore_errors=True)
-    shutil.move(work / "ref.atlas", path)
-    atlas = Atlas.open(path)
+    seq = SEQUENCES[name]
+    sc = seq.scenario
+    data = C.read_data(sc.file)
+    for key in (sc.batch_key, sc.label_key):
+        data.obs[key] = data.obs[key].astype(str)
+    truth = data.obs[sc.label_key]
+    batch = data.obs[sc.batch_key]
+    ref = data[(batch.isin(seq.reference) & ~truth.isin(seq.held_out)).to_numpy()].copy()
+    steps = seq.steps[:2] if quick else seq.steps
+    work = C.work_dir(out, f"sequential_{name}_{strategy}_s{seed}")
+    atlas = C.create_atlas(work / "a.atlas", sc, ref, seed, QUICK if quick else None)
     names_v1, z_v1, labels_v1 = C.cells_of_version(atlas, 1)
-    rows = [{"strategy": strategy, "seed": seed, "step": 0, "added": REFERENCE, "accuracy_so_far": np.nan,
-             "accuracy_new": np.nan, **C.forgetting(z_v1, z_v1, labels_v1)}]
-    for step, tech in enumerate(cfg["order"], start=1):
-        q = data[data.obs.tech == tech].copy()
+    loo_v1 = C.loo_knn_accuracy(z_v1, labels_v1)
+    rows = [{"scenario": name, "strategy": strategy, "seed": seed, "step": 0, "added": "+".join(seq.reference),
+             "ref_loo": loo_v1, "ref_loo_change": 0.0, "drift": 0.0}]
+    for step, group in enumerate(steps, start=1):
+        q = data[(batch == group).to_numpy()].copy()
         t0 = time.perf_counter()
-        res = atlas.ingest(q, batch_key="tech", strategy=strategy, dataset=tech,
-                           continual={"fisher_max_cells": cfg["fisher_max_cells"]})
+        res = atlas.ingest(q, batch_key=sc.batch_key, strategy=strategy, dataset=group, runtime={"progress": False})
         wall = time.perf_counter() - t0
         obs, z = atlas.obs(), atlas.latent()
         names, z_ref, _ = C.cells_of_version(atlas, 1)
         assert names.equals(names_v1)
         folded = (obs["version_added"] > 1).to_numpy()
-        preds = transfer_labels(atlas.neighbor_index(), z[folded], atlas.config.transfer, obs_names=list(obs.index[folded]))
-        acc_all = float((preds["predicted_label"].to_numpy() == truth.loc[preds.index].to_numpy()).mean())
-        acc_new = float((res.predictions["predicted_label"].to_numpy() == truth.loc[res.predictions.index].to_numpy()).mean())
-        row = {"strategy": strategy, "seed": seed, "step": step, "added": tech, "accuracy_so_far": acc_all,
-               "accuracy_new": acc_new, "unknown_share_so_far": float(preds["is_unknown"].mean()),
-               **C.forgetting(z_v1, z_ref, labels_v1), "epochs": res.training["epochs"], "fold_in_seconds": wall}
-        rows.append(row)
-        print(f"  {strategy:8s} s{seed} step {step} +{tech:10s} acc_so_far={acc_all:.3f} acc_new={acc_new:.3f} "
-              f"ref_loo={row['ref_loo_after']:.3f} disp={row['displacement']:.3f} aligned={row['displacement_aligned']:.3f} "
-              f"{wall:.0f}s", flush=True)
-    shutil.rmtree(path, ignore_errors=True)
+        preds = transfer_labels(atlas.neighbor_index(), z[folded], atlas.config.transfer,
+                                obs_names=list(obs.index[folded]))
+        right = preds["predicted_label"].to_numpy() == truth.loc[preds.index].to_numpy()
+        known = ~truth.loc[preds.index].isin(seq.held_out).to_numpy()
+        loo = C.loo_knn_accuracy(z_ref, labels_v1)
+        rows.append({"scenario": name, "strategy": strategy, "seed": seed, "step": step, "added": group,
+                     "accuracy_so_far": float(right[known].mean()), "accuracy_so_far_all": float(right.mean()),
+                     "unknown_share_so_far": float(preds["is_unknown"].mean()), "ref_loo": loo,
+                     "ref_loo_change": loo - loo_v1, "drift": C.procrustes_displacement(z_v1, z_ref),
+                     "epochs": res.training["epochs"], "fold_in_seconds": wall})
+        r = rows[-1]
+        print(f"  {name} {strategy:8s} s{seed} step {step} +{group:10s} acc={r['accuracy_so_far']:.3f} "
+              f"ref_loo {loo_v1:.3f}->{loo:.3f} drift={r['drift']:.3f} {wall:.0f}s", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def checks(df: pd.DataFrame) -> pd.DataFrame:
+    """Check the issue's targets after the last step (means over seeds)."""
+    rows = []
+    for name, d in df.groupby("scenario", sort=False):
+        last = d[d.step == d.step.max()].groupby("strategy")[["accuracy_so_far", "ref_loo_change", "drift"]].mean()
+        e, f = last.loc["ewc"], last.loc["finetune"]
+        ratio = e.drift / f.drift if f.drift > 0 else np.nan
+        rows.append({"scenario": name,
+                     "measured": (f"ewc reference LOO accuracy {100 * e.ref_loo_change:+.1f} pt vs version 1; accuracy "
+                                  f"{e.accuracy_so_far:.3f} vs finetune {f.accuracy_so_far:.3f}; drift {ratio:.2f} of "
+                                  "finetune's"),
+                     "target": "LOO within 1 pt of version 1; accuracy >= finetune - 1 pt; drift <= 1/3 of finetune's",
+                     "met": bool(abs(e.ref_loo_change) <= 0.01 and e.accuracy_so_far >= f.accuracy_so_far - 0.01
+                                 and ratio <= 1 / 3),
+                     "loo_met": bool(abs(e.ref_loo_change) <= 0.01),
+                     "accuracy_met": bool(e.accuracy_so_far >= f.accuracy_so_far - 0.01),
+                     "drift_met": bool(ratio <= 1 / 3)})
+    return pd.DataFrame(rows)
 
 
 def plot(df: pd.DataFrame, path) -> None:
     plt = C.matplotlib_agg()
-    panels = [("accuracy_so_far", "label accuracy, all folded-in cells"), ("ref_loo_after", "indrop LOO kNN accuracy"),
-              ("displacement", "indrop displacement (raw)"), ("displacement_aligned", "indrop displacement (Procrustes)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 2.6))
-    steps = df.groupby("step")["added"].first()
-    for ax, (m, title) in zip(axes, panels):
-        for strat, g in df.groupby("strategy", sort=False):
-            s = g.groupby("step")[m]
-            ax.errorbar(s.mean().index, s.mean(), yerr=s.std().fillna(0), marker="o", ms=3, capsize=2, label=strat)
-        ax.set_xticks(steps.index, [f"+{a}" if i else a for i, a in steps.items()], rotation=45, fontsize=6)
-        ax.set_title(title, fontsize=8)
-        ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=6)
+    panels = [("accuracy_so_far", "accuracy, folded-in cells"), ("ref_loo_change", "reference LOO accuracy change"),
+              ("drift", "reference drift (aligned)")]
+    scen = list(dict.fromkeys(df.scenario))
+    fig, axes = plt.subplots(len(scen), len(panels), figsize=(3.3 * len(panels), 2.5 * len(scen)), squeeze=False)
+    for i, name in enumerate(scen):
+        d = df[df.scenario == name]
+        steps = d.groupby("step")["added"].first()
+        for ax, (m, title) in zip(axes[i], panels):
+            for strat, g in d.groupby("strategy", sort=False):
+                s = g.groupby("step")[m]
+                ax.errorbar(s.mean().index, s.mean(), yerr=s.std().fillna(0), marker="o", ms=3, capsize=2, label=strat)
+            ax.set_xticks(steps.index, [f"+{a}" if k else a for k, a in steps.items()], rotation=45, fontsize=6)
+            ax.set_title(f"{name}: {title}", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0, 0].legend(fontsize=6)
     fig.tight_layout()
     C.save_fig(fig, path)
 
 
 def main() -> None:
     args = C.parse_args(__doc__.splitlines()[0], default_seeds=3)
-    cfg = ({"ref_epochs": 5, "query_epochs": 3, "fisher_max_cells": 200, "order": ORDER[:2]} if args.quick
-           else {"ref_epochs": 100, "query_epochs": 60, "fisher_max_cells": 2000, "order": ORDER})
-    C.quiet()
-    data = C.read_data(SCEN.file)
-    data.obs["tech"] = data.obs["tech"].astype(str)
+    names = args.scenarios.split(",") if args.scenarios else (["pancreas"] if args.quick else list(SEQUENCES))
     t_start = time.perf_counter()
-    rows = []
-    for seed in range(args.seeds):
-        for strat in ("ewc", "finetune", "surgery"):
-            rows += run(strat, seed, cfg, data, C.work_dir(args.out, f"sequential_{strat}_s{seed}"))
-    df = pd.DataFrame(rows)
+    jobs = [(name, strat, seed, args.quick, args.out) for name in sorted(names, key=lambda n: n != "kang")
+            for seed in range(args.seeds) for strat in STRATEGIES]
+    df = pd.DataFrame([r for part in C.run_jobs(job, jobs, args.jobs) for r in part])
     wall = time.perf_counter() - t_start
-    metrics = ["accuracy_so_far", "accuracy_new", "unknown_share_so_far", "ref_loo_after", "displacement",
-               "displacement_aligned", "epochs", "fold_in_seconds"]
-    rank = df["strategy"].map({"ewc": 0, "finetune": 1, "surgery": 2})
-    tab = C.mean_sd(df.assign(rank=rank).sort_values(["rank", "step"]), ["strategy", "step", "added"], metrics)
+    rank = df["strategy"].map({s: i for i, s in enumerate(STRATEGIES)})
+    metrics = ["accuracy_so_far", "accuracy_so_far_all", "unknown_share_so_far", "ref_loo", "ref_loo_change", "drift",
+               "epochs", "fold_in_seconds"]
+    tab = C.mean_sd(df.assign(rank=rank).sort_values(["scenario", "rank", "step"]),
+                    ["scenario", "strategy", "step", "added"], metrics)
+    verdicts = checks(df)
     md = [
-        "# Sequential fold-ins (pancreas)" + (" (QUICK MODE: smoke run, numbers not meaningful)" if args.quick else ""),
+        "# Sequential fold-ins" + (" (QUICK MODE: smoke run, numbers not meaningful)" if args.quick else ""),
         "",
-        f"Reference = indrop (all cell types), then {', '.join(cfg['order'])} one at a time (blind: no labels "
-        f"given). {args.seeds} seed(s), mean ± sd. Reference {cfg['ref_epochs']} epochs, each fold-in {cfg['query_epochs']} "
-        f"epochs (max, early stopping), ewc with the atlas defaults ({C.continual_defaults()}). accuracy_so_far: weighted-kNN label accuracy of "
-        "every cell folded in so far, embedded by the current version, against the indrop cells embedded by the same "
-        "version; accuracy_new: the predictions the step itself returned for its own cells. ref_loo_after: leave-one-out "
-        "kNN (k=15) accuracy of the indrop cells (version 1 value at step 0). Displacement: mean |z_t - z_1| of the "
-        "indrop cells, raw and after centring + orthogonal Procrustes rotation.",
+        f"{args.seeds} seed(s), mean ± sd; engine defaults ({C.continual_defaults()}); every row from this one run. "
+        "Steps are blind (no labels given). accuracy_so_far: weighted-kNN predicted-label accuracy of every cell folded "
+        "in so far whose type the reference knows, embedded by the current version (accuracy_so_far_all: every cell). "
+        "ref_loo: leave-one-out kNN (k=15) accuracy of the reference cells under the current version (step 0: version "
+        "1); drift: their mean aligned (Procrustes) displacement from version 1.",
         "",
         C.md_table(tab),
         "",
-        f"Total wall time {wall / 60:.1f} min.",
+        "Checks after the last step (issue 'Prove the method'):",
+        "",
+        C.md_table(verdicts[["scenario", "measured", "target", "met"]]),
+        "",
+        f"Total wall time {wall / 60:.1f} min ({args.jobs} parallel job(s)).",
         "",
         "![sequential](sequential.png)",
     ]
-    C.write_outputs(args.out, "sequential", {"quick": args.quick, "settings": {**cfg, "continual": C.continual_defaults()}, "seeds": args.seeds,
-                                             "records": df.to_dict("records"), "wall_seconds": wall}, "\n".join(md))
+    C.write_outputs(args.out, "sequential", {"quick": args.quick, "seeds": args.seeds, "scenarios": names,
+                                             "records": df.to_dict("records"), "checks": verdicts.to_dict("records"),
+                                             "wall_seconds": wall}, "\n".join(md))
     plot(df, args.out / "sequential.png")
 
 

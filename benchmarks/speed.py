@@ -71,10 +71,10 @@ def training_speed(cfg: dict, out, have_scvi: bool) -> tuple[list[dict], dict]:
 
         shutil.rmtree(work / f"{strat}.atlas", ignore_errors=True)
     if have_scvi:
-        model, secs, ep = S.train_reference(ref, "tech", 0, cfg["ref_epochs"], early_stopping=False)
+        model, secs, ep = S.train_reference(ref, "tech", 0, cfg["ref_epochs"])
         rows.append({"phase": "reference", "method": "scvi-tools", "epochs": ep, "train_seconds": secs,
                      "seconds_per_epoch": secs / ep, "cells_per_second": n_train * ep / secs, "wall_seconds": secs})
-        q_model, secs, ep = S.fold_in(model, query, 0, cfg["query_epochs"], early_stopping=False)
+        q_model, secs, ep = S.surgery(model, query, 0, cfg["query_epochs"])
         rows.append({"phase": "fold-in", "method": "scvi-tools", "epochs": ep, "train_seconds": secs,
                      "seconds_per_epoch": secs / ep, "cells_per_second": n_train * ep / secs, "wall_seconds": secs})
     # Fisher over n cells vs one reference training epoch

@@ -77,8 +77,10 @@ def test_ingest_returns_what_it_computed(atlas_path, pancreas_query):
 
 def test_a_partial_config_keeps_the_atlas_defaults():
     cfg = AtlasConfig.model_validate({"query_training": {"seed": 3}, "reference_training": {"max_epochs": 5}})
+    # the query's own defaults: no KL warm-up, at most 200 epochs by the rule
     assert cfg.query_training.seed == 3 and cfg.query_training.kl_warmup_epochs == 0
-    assert cfg.reference_training.max_epochs == 5 and cfg.reference_training.kl_warmup_epochs == 20
+    assert cfg.query_training.epochs_cap == 200
+    assert cfg.reference_training.max_epochs == 5 and cfg.reference_training.kl_warmup_epochs is None
 
 
 def test_machine_settings_are_given_per_call_and_never_stored(tmp_path, pancreas_ref):
