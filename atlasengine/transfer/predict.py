@@ -95,7 +95,8 @@ def predict(
                          predicted=preds["predicted_label"].astype(str).to_numpy())
     for col in ("novelty", "novelty_pvalue", "is_novel"):
         preds[col] = nov[col].to_numpy()
-    preds.attrs.update(unknown_rule=config.unknown_rule, novelty_threshold=nov.attrs["novelty_threshold"],
+    preds.attrs.update(unknown_rule=config.unknown_rule, novelty_target=config.novelty_target,
+                       novelty_threshold=nov.attrs["novelty_threshold"],
                        novelty_calibration=nov.attrs["calibration"], novelty_query_shift=nov.attrs["query_shift"])
     if config.unknown_rule == "novelty":
         note = calibration_note(nov)
