@@ -1,4 +1,4 @@
-"""The command line: listing versions, writing a report, clear errors; the demo's fallback data."""
+"""The command line: listing versions, writing a report, clear errors; the demo on the packaged data."""
 
 from __future__ import annotations
 
@@ -40,13 +40,15 @@ def test_transfer_command_writes_predictions(two_version_atlas, tmp_path, pancre
                  "--novelty-target", "1.5"]) != 0  # refused with a clear message, not a traceback
 
 
-def test_demo_fallback_data_is_real_counts():
-    from atlasengine.cli.demo import _scanpy_pbmc
+def test_demo_runs_on_the_data_the_package_carries(tmp_path, capsys):
+    from atlasengine.datasets import pancreas
 
-    ref, queries, batch_key, label_key, novel, what = _scanpy_pbmc()
-    assert "scanpy" in what
-    for a in (ref, *queries):
-        x = a.X.data
-        assert a.n_obs > 50 and np.all(x == np.round(x)) and x.min() >= 1
-    assert not set(ref.obs[label_key]) & novel
-    assert all(novel & set(q.obs[label_key]) for q in queries)
+    data = pancreas()
+    x = data.X.data
+    assert data.shape == (500, 2000) and np.all(x == np.round(x)) and x.min() >= 1  # real counts
+    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("cells mapped; known-type accuracy") == 2
+    assert out.count("paper's rule (kNN uncertainty > 0.3)") == 2 and out.count("calibrated novelty") == 2
+    assert "held-out ductal cells called Unknown" in out
+    assert (tmp_path / "audit.html").stat().st_size > 10_000
