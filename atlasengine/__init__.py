@@ -11,10 +11,12 @@ from atlasengine.config import (
     TransferConfig,
 )
 from atlasengine.errors import (
+    AtlasConflictError,
     AtlasError,
     AtlasFormatError,
     AtlasIntegrityError,
     AtlasLockedError,
+    AtlasWriteError,
     InputError,
     ReadOnlyError,
     TrainingError,
@@ -25,10 +27,12 @@ from atlasengine.version import __version__
 __all__ = [
     "Atlas",
     "AtlasConfig",
+    "AtlasConflictError",
     "AtlasError",
     "AtlasFormatError",
     "AtlasIntegrityError",
     "AtlasLockedError",
+    "AtlasWriteError",
     "ContinualConfig",
     "DriftConfig",
     "IngestResult",

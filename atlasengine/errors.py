@@ -23,6 +23,14 @@ class AtlasLockedError(AtlasError):
     """Another process holds the atlas's write lock."""
 
 
+class AtlasConflictError(AtlasError):
+    """Another writer committed while this one worked; nothing of this write was committed."""
+
+
+class AtlasWriteError(AtlasError):
+    """A file could not be written (disk full, no permission); nothing was committed."""
+
+
 class ReadOnlyError(AtlasError):
     """A write was attempted on an atlas opened read-only (e.g. at an earlier version)."""
 

@@ -4,8 +4,8 @@
 process there (a real crash: no cleanup, no ``finally``); ``<point>:sleep<seconds>`` pauses
 there (to hold the write lock in concurrency tests). Points, in ingest order: ``cells_x``
 (counts written, obs not yet), ``after_cells``, ``training``, ``training_epoch`` (inside the
-Lightning loop), ``checkpoint``, ``checkpoint_written``, ``drift``, ``drift_write`` (inside the
-DuckDB transaction), ``before_manifest``.
+Lightning loop), ``checkpoint``, ``checkpoint_written``, ``drift``, ``drift_write`` (after each
+drift part is written), ``before_manifest``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -137,3 +140,28 @@ def snapshot(path: Path) -> dict[str, bytes | int]:
 
     out["cells.high_water"] = CellStore(str(path / "cells")).high_water()
     return out
+
+
+INGEST = """
+import sys, anndata as ad
+from atlasengine import Atlas
+a = ad.read_h5ad(sys.argv[2])
+q = a[a.obs["tech"] == "smartseq2"].copy()
+Atlas.open(sys.argv[1]).ingest(q, batch_key="tech", strategy="ewc", training={"max_epochs": 2})
+print("committed")
+"""
+
+
+def ingest_in_subprocess(path: Path, fault: str | None = None, wait: bool = True):
+    """Fold smartseq2 into the atlas at ``path`` in another process (``fault``: an ATLASENGINE_FAULT spec).
+
+    Returns the finished ``CompletedProcess`` (``wait``) or the running ``Popen``.
+    """
+    env = dict(os.environ)
+    env.pop("ATLASENGINE_FAULT", None)
+    if fault:
+        env["ATLASENGINE_FAULT"] = fault
+    cmd = [sys.executable, "-c", INGEST, str(path), str(DATA / "pancreas_panc8_small.h5ad")]
+    if wait:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,12 +1,9 @@
-"""DriftStore: migrations, version guard, round trips, deletes and read-only queries."""
+"""DriftStore: the schema from migrations, round trips through Parquet parts, damaged parts, read-only queries."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,8 +18,10 @@ from atlasengine.drift import (
     flags,
     migrations,
     migrations_dir,
+    part_name,
+    tables_named_in,
 )
-from atlasengine.errors import AtlasFormatError, AtlasLockedError, InputError, ReadOnlyError
+from atlasengine.errors import AtlasFormatError, AtlasIntegrityError, InputError, ReadOnlyError
 
 
 def _tables(version: int) -> tuple[DriftTables, pd.DataFrame]:
@@ -48,50 +47,19 @@ def _record(version: int) -> dict:
     }
 
 
-def _table_names(path: Path) -> set[str]:
-    with duckdb.connect(str(path), read_only=True) as con:
-        return {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-
-
-def test_migrations_create_schema_and_are_recorded(tmp_path: Path) -> None:
+def test_schema_comes_from_the_migrations() -> None:
     assert migrations_dir().name == "duckdb" and migrations()[0][:2] == (1, "initial")
-    path = tmp_path / "drift.duckdb"
-    DriftStore(path).close()
-    assert _table_names(path) == set(VERSIONED_TABLES) | {"schema_migrations"}
-    with duckdb.connect(str(path), read_only=True) as con:
-        rows = con.execute("SELECT version, name, applied_at FROM schema_migrations").fetchall()
-    assert [(v, n) for v, n, _ in rows] == [(m[0], m[1]) for m in migrations()]
-    assert all(at is not None for _, _, at in rows)
-
-    with DriftStore(path) as store:  # reopening applies nothing again
+    with DriftStore() as store:
+        tables = {r[0] for r in store.con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        assert tables == set(VERSIONED_TABLES) | {"schema_migrations"}
+        rows = store.con.execute("SELECT version, name, applied_at FROM schema_migrations").fetchall()
+        assert [(v, n) for v, n, _ in rows] == [(m[0], m[1]) for m in migrations()]
         assert store.schema_version() == migrations()[-1][0]
-    with duckdb.connect(str(path), read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == len(migrations())
+    with pytest.raises(AtlasFormatError, match="closed"):
+        store.read("versions", max_version=None)
 
 
-def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "drift.duckdb"
-    DriftStore(path).close()
-    with duckdb.connect(str(path)) as con:
-        con.execute("INSERT INTO schema_migrations VALUES (999, 'from_the_future', now())")
-    with pytest.raises(AtlasFormatError, match="schema 999 is newer than this atlasengine supports"):
-        DriftStore(path)
-    with pytest.raises(AtlasFormatError):
-        DriftStore(path, read_only=True)
-
-
-def test_foreign_database_and_missing_file_are_refused(tmp_path: Path) -> None:
-    path = tmp_path / "other.duckdb"
-    with duckdb.connect(str(path)) as con:
-        con.execute("CREATE TABLE something (x INTEGER)")
-    with pytest.raises(AtlasFormatError, match="not a drift database"):
-        DriftStore(path)
-    with pytest.raises(AtlasFormatError):
-        DriftStore(tmp_path / "absent.duckdb", read_only=True)
-
-
-def test_write_read_round_trip_and_delete(tmp_path: Path) -> None:
-    store = DriftStore(tmp_path / "drift.duckdb")
+def _history(store: DriftStore) -> dict:
     written = {}
     for v in (1, 2, 3):
         tables, fl = _tables(v)
@@ -99,41 +67,65 @@ def test_write_read_round_trip_and_delete(tmp_path: Path) -> None:
                            "assigned_label": ["t1", "Unknown"], "n_cells": [30, 10], "share": [0.75, np.nan]})
         store.write_version(_record(v), tables, fl, ts)
         written[v] = (tables, fl)
+    return written
+
+
+def test_write_read_round_trip_through_parquet_parts(tmp_path: Path) -> None:
+    written = _history(store := DriftStore())
     tables2, fl2 = written[2]
     store.write_version(_record(2), tables2, fl2, None)  # rewriting a version replaces its rows
+    parts = [p for v in (1, 2, 3) for p in store.save_version(v, tmp_path / f"v{v}")]
+    assert sorted(p.name for p in (tmp_path / "v2").iterdir()) == sorted(part_name(t) for t in VERSIONED_TABLES)
+    fresh = DriftStore()
+    fresh.load_parts(parts)
+    for table in VERSIONED_TABLES:
+        pd.testing.assert_frame_equal(fresh.read(table, None), store.read(table, None))
 
-    vd = store.read("version_drift", max_version=None)
+    vd = fresh.read("version_drift", max_version=None)
     expected = pd.concat([written[v][0].version_drift for v in (1, 2, 3)], ignore_index=True)
     expected = expected.sort_values(list(expected.columns)).reset_index(drop=True)
     pd.testing.assert_frame_equal(vd, expected, check_dtype=False)
-    cells = store.read("cell_drift", max_version=2)
+    cells = fresh.read("cell_drift", max_version=2)
     assert len(cells) == 240 and set(cells["version"]) == {1, 2}
     assert cells.query("version == 1")["displacement_aligned_vs_previous"].isna().all()
 
-    versions = store.read("versions", max_version=3)
+    versions = fresh.read("versions", max_version=3)
     assert list(versions["version"]) == [1, 2, 3]
     assert versions["parameters"].iloc[0] == '{"ewc_lambda": 10.0}'
     assert '"custom_note": "kept in extra"' in versions["extra"].iloc[0]
     assert versions["created_at"].notna().all()
 
-    fl = store.read("drift_flags", max_version=None)
+    fl = fresh.read("drift_flags", max_version=None)
     assert len(fl) == sum(len(written[v][1]) for v in (1, 2, 3)) and len(fl) > 0
-    ts = store.read("transfer_summary", max_version=None)
+    ts = fresh.read("transfer_summary", max_version=None)
     assert sorted(ts["version"].unique()) == [1, 3]  # version 2 was rewritten without one
     assert ts["share"].isna().sum() == 2 and ts["query_cell_type"].isna().sum() == 2
-
-    store.delete_versions_after(1)
-    for table in VERSIONED_TABLES:
-        assert (store.read(table, max_version=None)["version"] <= 1).all()
-    assert len(store.read("version_drift", max_version=None)) == 1
-    assert set(store.report_tables(1)) == set(VERSIONED_TABLES) - {"cell_drift"}
-    store.close()
-    with pytest.raises(AtlasFormatError):
-        store.read("versions", max_version=None)
+    assert set(fresh.report_tables(1)) == set(VERSIONED_TABLES) - {"cell_drift"}
 
 
-def test_write_rejects_mismatched_rows(tmp_path: Path) -> None:
-    store = DriftStore(tmp_path / "drift.duckdb")
+def test_damaged_foreign_or_newer_parts_are_refused(tmp_path: Path) -> None:
+    store = DriftStore()
+    store.write_version(_record(1), *_tables(1), None)
+    part = store.save_version(1, tmp_path)[1]
+    data = bytearray(part.read_bytes())
+    part.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(AtlasIntegrityError, match=f"drift part {part} cannot be read"):
+        DriftStore().load_part(part)
+    with pytest.raises(AtlasIntegrityError):
+        DriftStore().load_part(tmp_path / "absent" / "versions.parquet")
+    other = tmp_path / "something.parquet"
+    pd.DataFrame({"x": [1]}).to_parquet(other)
+    with pytest.raises(AtlasFormatError, match="not a drift table part"):
+        DriftStore().load_part(other)
+    newer = tmp_path / "newer" / "versions.parquet"
+    newer.parent.mkdir()
+    pd.DataFrame({"version": [1], "column_of_the_future": [1.0]}).to_parquet(newer)
+    with pytest.raises(AtlasFormatError, match="column_of_the_future.*newer atlasengine"):
+        DriftStore().load_part(newer)
+
+
+def test_write_rejects_mismatched_rows() -> None:
+    store = DriftStore()
     tables, fl = _tables(2)
     with pytest.raises(InputError, match="versions other than 5"):
         store.write_version(_record(5), tables, fl, None)
@@ -143,9 +135,9 @@ def test_write_rejects_mismatched_rows(tmp_path: Path) -> None:
     assert store.read("versions", max_version=None).empty  # the failed write left nothing
 
 
-def test_sql_is_read_only_and_version_filtered(tmp_path: Path) -> None:
-    path = tmp_path / "drift.duckdb"
-    store = DriftStore(path)
+def test_sql_is_read_only_and_version_filtered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = DriftStore()
     for v in (1, 2):
         store.write_version(_record(v), *_tables(v), None)
     out = store.sql("SELECT version, count(*) AS n FROM version_drift GROUP BY version ORDER BY version", 1)
@@ -156,6 +148,7 @@ def test_sql_is_read_only_and_version_filtered(tmp_path: Path) -> None:
         "DELETE FROM version_drift",
         "SELECT 1; DROP TABLE versions",
         "COPY versions TO 'leak.csv'",
+        "SET enable_external_access = true",
     ):
         with pytest.raises(ReadOnlyError):
             store.sql(query, max_version=2)
@@ -165,24 +158,5 @@ def test_sql_is_read_only_and_version_filtered(tmp_path: Path) -> None:
         store.sql("SELEKT nonsense", max_version=2)
     assert list(store.read("versions", max_version=None)["version"]) == [1, 2]
     assert not (tmp_path / "leak.csv").exists()
-
-    ro = DriftStore(path, read_only=True)
-    with pytest.raises(ReadOnlyError):
-        ro.delete_versions_after(0)
-    assert len(ro.read("version_drift", max_version=2)) == 3
-
-
-def test_file_held_by_another_process_is_reported(tmp_path: Path) -> None:
-    path = tmp_path / "drift.duckdb"
-    DriftStore(path).close()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(path)!r}); print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(AtlasLockedError):
-            DriftStore(path)
-    finally:
-        holder.kill()
-        holder.wait()
+    assert tables_named_in("select * from Version_Drift join versions using (version)") == [
+        "versions", "version_drift"]

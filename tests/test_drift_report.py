@@ -39,7 +39,7 @@ def _history(tmp_path: Path) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
         index=[f"c{i}" for i in range(n)],
     )
     cfg = DriftConfig(k=10, max_cells=100)
-    store = DriftStore(tmp_path / "drift.duckdb")
+    store = DriftStore()
     embeddings = [x, x + 0.05 * rng.normal(size=x.shape), x[rng.permutation(n)]]
     for v in (1, 2, 3):
         t = (compute_initial_drift(1, x, obs, cfg) if v == 1

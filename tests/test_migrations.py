@@ -6,10 +6,13 @@ import json
 import shutil
 from pathlib import Path
 
+import duckdb
 import numpy as np
+import pandas as pd
 import torch
 
 from atlasengine import Atlas
+from atlasengine.drift import VERSIONED_TABLES
 from atlasengine.store.manifest import FORMAT_VERSION
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format1.atlas"
@@ -78,3 +81,44 @@ def test_format3_atlas_reads_its_fisher_as_a_mean_with_its_cells_and_keeps_its_p
     q = pancreas[pancreas.obs["tech"] == "smartseq2"][:15, atlas.genes].copy()
     res = atlas.ingest(q, batch_key="tech", strategy="ewc", training={"max_epochs": 1})
     assert res.version.fisher["kind"] == "per_cell_mean" and res.version.fisher["represented_cells"] == 75
+
+
+def _old_drift(path, table: str) -> pd.DataFrame:
+    with duckdb.connect(str(path / "drift.duckdb"), read_only=True) as con:
+        return con.execute(f"SELECT * FROM {table} ORDER BY ALL").df()
+
+
+def test_format4_atlas_keeps_its_drift_rows_as_parts_of_each_version(tmp_path, pancreas):
+    path = tmp_path / "old4.atlas"
+    shutil.copytree(FIXTURE.with_name("format4.atlas"), path)
+    assert json.loads((path / "manifest.json").read_text())["format_version"] == 4
+    old = {t: _old_drift(path, t) for t in ("versions", "version_drift", "celltype_drift", "cell_drift")}
+    (path / "versions" / "v0003").mkdir()  # what a failed format-4 ingest left: removed as format 4 would
+    (path / "versions" / "v0002_backup").mkdir()  # a user's folder: kept
+    (path / ".staging" / ("ab" * 16)).mkdir(parents=True)
+
+    atlas = Atlas.open(path)
+    assert json.loads((path / "manifest.json").read_text())["format_version"] == FORMAT_VERSION == 5
+    assert not (path / "drift.duckdb").exists()
+    assert sorted(p.name for p in (path / "versions").iterdir()) == ["v0001", "v0002", "v0002_backup"]
+    assert not any((path / ".staging").iterdir())
+    for info in atlas.versions:  # every part is a checksummed file of its version
+        assert {f"drift/{t}.parquet" for t in VERSIONED_TABLES} <= set(info.files)
+    pd.testing.assert_frame_equal(atlas.drift(), old["version_drift"])  # copied as they were, not recomputed
+    pd.testing.assert_frame_equal(atlas.drift(by="cell_type"), old["celltype_drift"])
+    pd.testing.assert_frame_equal(atlas.drift(by="cell"), old["cell_drift"])
+    pd.testing.assert_frame_equal(atlas.sql("select * from versions order by version"), old["versions"])
+    q = pancreas[pancreas.obs["tech"] == "smartseq2"][:15, atlas.genes].copy()
+    assert atlas.ingest(q, batch_key="tech", strategy="surgery", training={"max_epochs": 1}).version.number == 3
+    assert sorted(set(atlas.drift()["version"])) == [1, 2, 3]
+
+
+def test_format4_atlas_without_its_drift_database_gets_the_history_recomputed_not_emptied(tmp_path):
+    path = tmp_path / "old4.atlas"
+    shutil.copytree(FIXTURE.with_name("format4.atlas"), path)
+    old = _old_drift(path, "version_drift")
+    (path / "drift.duckdb").write_bytes(b"")  # an emptied (or deleted) database
+    drift = Atlas.open(path).drift()
+    assert drift[["version", "scope"]].equals(old[["version", "scope"]])
+    numbers = [c for c in old.columns if c not in ("version", "scope")]
+    np.testing.assert_allclose(drift[numbers].to_numpy(float), old[numbers].to_numpy(float), rtol=1e-4, atol=1e-6)

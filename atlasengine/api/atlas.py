@@ -32,7 +32,7 @@ import scipy.sparse as sp
 import torch
 
 from atlasengine.api import foldin
-from atlasengine.api.audit import render_atlas_report
+from atlasengine.api.audit import drift_store, render_atlas_report
 from atlasengine.api.inputs import prepare_input
 from atlasengine.api.upgrade import upgrade_atlas
 from atlasengine.config import (
@@ -45,7 +45,7 @@ from atlasengine.config import (
     TransferConfig,
     merged,
 )
-from atlasengine.drift import DriftStore
+from atlasengine.drift import tables_named_in
 from atlasengine.errors import AtlasFormatError, InputError, ReadOnlyError
 from atlasengine.model import CVAE
 from atlasengine.store.atlas_store import AtlasStore
@@ -167,13 +167,17 @@ class Atlas:
         return cls(reader, ro)
 
     @staticmethod
-    def break_lock(path: str | Path, force: bool = False) -> bool:
-        """Remove the write lock of a process that died (``force``: of any process)."""
-        return break_lock(Path(path), force=force)
+    def break_lock(path: str | Path) -> bool:
+        """Refuse to break a write lock a live process holds (:class:`AtlasLockedError`); False when none does.
+
+        The lock is held by the kernel: a writer that died holds nothing, so there is never a
+        stale lock to break.
+        """
+        return break_lock(Path(path))
 
     @staticmethod
     def lock_holder(path: str | Path) -> dict | None:
-        """Who holds the write lock (pid, host, since, stale), or None."""
+        """Who holds the write lock (pid, host, since), or None when nobody does."""
         return lock_holder(Path(path))
 
     # --------------------------------------------------------------- properties
@@ -442,7 +446,7 @@ class Atlas:
         """
         if by not in DRIFT_TABLES:
             raise InputError(f"by must be one of {list(DRIFT_TABLES)}, got {by!r}")
-        with DriftStore(self._reader.store.drift_path, read_only=True) as db:
+        with drift_store(self._reader, [DRIFT_TABLES[by]]) as db:
             return db.read(DRIFT_TABLES[by], self.version)
 
     def sql(self, query: str) -> pd.DataFrame:
@@ -451,7 +455,7 @@ class Atlas:
         Tables: versions, version_drift, celltype_drift, batch_drift, cell_drift, drift_flags,
         transfer_summary.
         """
-        with DriftStore(self._reader.store.drift_path, read_only=True) as db:
+        with drift_store(self._reader, tables_named_in(query)) as db:
             return db.sql(query, self.version)
 
     def report(self, path: str | Path) -> Path:

@@ -1,13 +1,17 @@
 """The drift step of a commit and the audit report, composed from ``atlasengine.drift``.
 
-Drift rows are written before the manifest switch; rows of versions the manifest does not
-list are ignored by readers and deleted by the next writer, so the drift tables and the
-atlas always agree on which version is current.
+A version's drift rows are Parquet parts in its own directory (``drift/<table>.parquet``),
+written with its other files before the manifest switch and checksummed like them: the drift
+tables and the atlas always agree on which versions exist. Readers load the parts into a
+private in-memory DuckDB database; a missing or damaged part is recomputed from the stored
+embeddings, and rewritten by the next writer.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +20,28 @@ import pandas as pd
 
 from atlasengine.config import DriftConfig
 from atlasengine.drift import (
+    VERSIONED_TABLES,
     DriftStore,
+    DriftTables,
     compute_initial_drift,
     compute_version_drift,
     flags,
+    part_name,
     render_report,
     umap_coordinates,
 )
+from atlasengine.errors import AtlasIntegrityError
 from atlasengine.numerics import sorted_sample
 from atlasengine.progress import Phase, phase
-from atlasengine.store.manifest import VersionInfo
-from atlasengine.store.version import VersionReader
+from atlasengine.store.atlas_store import AtlasStore
+from atlasengine.store.manifest import Manifest, VersionInfo
+from atlasengine.store.version import DRIFT_DIR, VersionReader
 from atlasengine.transfer import UNKNOWN, plot_transfer
 
+log = logging.getLogger("atlasengine")
 UNLABELLED = "(unlabelled)"
+DriftRows = tuple[dict[str, Any], DriftTables, pd.DataFrame, pd.DataFrame | None]
+"""One version's drift: its ``versions`` record, tables, flags and transfer summary."""
 
 
 def key_parameters(config_used: dict[str, Any]) -> dict[str, Any]:
@@ -72,8 +84,7 @@ def transfer_summary(predictions: pd.DataFrame, query_labels: pd.Series, dataset
     return counts
 
 
-def record_drift(
-    db_path: Path,
+def drift_rows(
     info: VersionInfo,
     parameters: dict[str, Any],
     obs: pd.DataFrame,
@@ -82,8 +93,8 @@ def record_drift(
     first: np.ndarray | None,
     config: DriftConfig,
     summary: pd.DataFrame | None,
-) -> None:
-    """Compute the drift of the cells that were in the atlas before ``info`` and store it.
+) -> DriftRows:
+    """Compute the drift of the cells that were in the atlas before ``info``: its record, tables, flags, summary.
 
     ``obs`` and ``current`` cover every cell of the new version; ``previous`` / ``first`` the
     cells that existed before it (the first rows), under the previous version and under the
@@ -94,26 +105,81 @@ def record_drift(
     else:
         n = len(previous)
         tables = compute_version_drift(info.number, previous, first, current[:n], obs.iloc[:n], config)
-    with DriftStore(db_path) as db:
-        db.write_version(version_record(info, parameters), tables, flags(tables, config), summary)
+    return version_record(info, parameters), tables, flags(tables, config), summary
 
 
-def backfill_drift(reader: VersionReader, db_path: Path) -> None:
-    """Record the drift of every version up to ``reader``'s into a new database at ``db_path``."""
+def write_drift(folder: Path, rows: DriftRows, number: int) -> None:
+    """Write one version's drift rows as Parquet parts into ``folder`` (its version directory's ``drift/``)."""
+    with DriftStore() as db:
+        db.write_version(*rows)
+        db.save_version(number, folder)
+
+
+def stored_drift_rows(reader: VersionReader, info: VersionInfo) -> DriftRows:
+    """Recompute version ``info``'s drift rows from the embeddings and predictions stored with the atlas."""
     obs_all = reader.obs()
+    z = reader.latent(info.number)
+    obs = obs_all.iloc[: len(z)][["batch", "label", "dataset", "version_added"]]
+    previous = first = None
+    if info.parent is not None:
+        previous, first = reader.latent(info.parent), reader.first_latent(info.parent)
+    summary = None
+    preds = reader.predictions(info.number)
+    if preds is not None:
+        new = obs_all.index[obs_all["version_added"] == info.number]
+        summary = transfer_summary(preds, obs_all.loc[new, "label"], info.datasets[-1])
+    return drift_rows(info, reader.run_config(info.number), obs, z, previous, first, reader.manifest.config.drift,
+                      summary)
+
+
+def drift_parts(reader: VersionReader, info: VersionInfo, tables: Sequence[str] = VERSIONED_TABLES) -> list[Path]:
+    """Return the checksummed drift parts of ``tables`` for version ``info`` (:class:`AtlasIntegrityError` if bad)."""
+    return [reader.file(f"{DRIFT_DIR}/{part_name(t)}", info.number) for t in tables]
+
+
+def drift_store(reader: VersionReader, tables: Sequence[str] = VERSIONED_TABLES) -> DriftStore:
+    """Return an in-memory drift store holding ``tables`` for every version up to ``reader``'s.
+
+    Each version's parts are checked against their checksums; a version whose part is missing
+    or damaged has its rows recomputed from the stored embeddings (a warning says so; the next
+    ingest writes them back), never left out.
+    """
+    db = DriftStore()
+    try:
+        for info in reader.manifest.versions:
+            try:
+                parts = drift_parts(reader, info, tables)
+            except AtlasIntegrityError as exc:
+                log.warning("%s: the drift rows of version %d are recomputed from its stored embeddings", exc,
+                            info.number)
+                db.write_version(*stored_drift_rows(reader, info))
+                continue
+            db.load_parts(parts)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def rebuild_drift(store: AtlasStore, reader: VersionReader) -> Manifest | None:
+    """Rewrite the drift parts of committed versions that are missing or fail their checksum.
+
+    Returns the manifest that records the new parts (to commit under the write lock), or None
+    when every part was sound.
+    """
+    versions = []
     for info in reader.manifest.versions:
-        z = reader.latent(info.number)
-        obs = obs_all.iloc[: len(z)][["batch", "label", "dataset", "version_added"]]
-        previous = first = None
-        if info.parent is not None:
-            previous, first = reader.latent(info.parent), reader.first_latent(info.parent)
-        summary = None
-        preds = reader.predictions(info.number)
-        if preds is not None:
-            new = obs_all.index[obs_all["version_added"] == info.number]
-            summary = transfer_summary(preds, obs_all.loc[new, "label"], info.datasets[-1])
-        record_drift(db_path, info, reader.run_config(info.number), obs, z, previous, first,
-                     reader.manifest.config.drift, summary)
+        try:
+            drift_parts(reader, info)
+        except AtlasIntegrityError as exc:
+            log.warning("%s: rebuilding the drift rows of version %d from its stored embeddings", exc, info.number)
+            staged = store.stage()
+            write_drift(staged / DRIFT_DIR, stored_drift_rows(reader, info), info.number)
+            info = info.model_copy(update={"files": {**info.files, **store.replace_files(staged, info)}})
+        versions.append(info)
+    if versions == reader.manifest.versions:
+        return None
+    return reader.manifest.model_copy(update={"versions": versions})
 
 
 def render_atlas_report(reader: VersionReader, path: str | Path, max_umap_cells: int = 20_000, seed: int = 0,
@@ -125,7 +191,7 @@ def render_atlas_report(reader: VersionReader, path: str | Path, max_umap_cells:
 
 
 def _render(reader: VersionReader, path: str | Path, max_umap_cells: int, seed: int, p: Phase) -> Path:
-    with DriftStore(reader.store.drift_path, read_only=True) as db:
+    with drift_store(reader) as db:
         tables = db.report_tables(reader.number)
         cell_drift = db.read("cell_drift", reader.number)
     obs = reader.obs()
@@ -167,4 +233,5 @@ def _render(reader: VersionReader, path: str | Path, max_umap_cells: int, seed: 
     return out
 
 
-__all__ = ["UNKNOWN", "backfill_drift", "record_drift", "render_atlas_report", "transfer_summary", "version_record"]
+__all__ = ["UNKNOWN", "drift_rows", "drift_store", "rebuild_drift", "render_atlas_report", "stored_drift_rows",
+           "transfer_summary", "version_record", "write_drift"]

@@ -5,12 +5,15 @@ in memory from what the call already holds (the new cells' counts, the trained m
 parent version's files) and written once: nothing this call wrote is read back. The steps and
 where a crash can stop them:
 
-1. under the write lock, the manifest is read again and leftovers of failed attempts removed;
+1. under the write lock (held by the kernel: a killed writer holds nothing), the manifest is
+   read again, leftovers of failed attempts removed and damaged drift parts rebuilt;
 2. the new cells go to the cell store in a fresh joinid range (invisible until committed);
 3. the model trains (:func:`atlasengine.continual.fold_in`);
 4. the Fisher, embeddings, neighbour index, novelty calibration and predictions are computed;
-5. the version's files are staged and published, its drift rows written, and the manifest
-   switch commits it. Before 5 ends, readers see the previous version, exactly as it was.
+5. the version's files and its drift rows are staged and published, and the manifest switch
+   commits it, after checking that the manifest is still the one step 1 read (a second writer
+   never overwrites a commit). Before 5 ends, readers see the previous version, exactly as it
+   was.
 """
 
 from __future__ import annotations
@@ -31,11 +34,10 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 import torch
 
-from atlasengine.api.audit import record_drift, transfer_summary
+from atlasengine.api.audit import drift_rows, rebuild_drift, transfer_summary, write_drift
 from atlasengine.api.inputs import PreparedInput, prepare_input
 from atlasengine.config import AtlasConfig, ContinualConfig, FoldInStrategy, RuntimeConfig, TrainingConfig
 from atlasengine.continual import AccumulatedFisher, fold_in, version_fisher
-from atlasengine.drift import DriftStore
 from atlasengine.errors import InputError
 from atlasengine.faults import fault_point
 from atlasengine.model import CVAE
@@ -45,7 +47,7 @@ from atlasengine.store.atlas_store import AtlasStore
 from atlasengine.store.cells import CellStore, joinids_of
 from atlasengine.store.lock import WriteLock
 from atlasengine.store.manifest import DatasetRecord, Manifest, VersionInfo
-from atlasengine.store.version import Checkpoint, VersionFiles, VersionReader, write_version_files
+from atlasengine.store.version import DRIFT_DIR, Checkpoint, VersionFiles, VersionReader, write_version_files
 from atlasengine.training import CellData, TrainResult, embed_cells, fit
 from atlasengine.transfer import NeighborIndex
 from atlasengine.transfer.predict import calibrate, predict
@@ -134,6 +136,8 @@ class _Plan:
     continual: ContinualConfig
     run_config: dict[str, Any]
     runtime: RuntimeConfig
+    lock: WriteLock | None = None  # the ingest's write lock (a create writes in a private folder)
+    started_from: str | None = None  # digest of the manifest the ingest started from
 
     def new_cells(self) -> CellData:
         return CellData(self.prepared.counts, pd.Index(self.batches).get_indexer(self.prepared.obs["batch"]))
@@ -167,29 +171,35 @@ def create(
     tmp = root.with_name(f".{root.name}.creating-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir(parents=True)
-        store = AtlasStore(tmp)
-        store.cells.create(str(tmp / "cells"), genes)
-        prep.obs["version_added"] = 1
-        start, stop = store.cells.append(prep.obs, prep.counts)
-        record = DatasetRecord(
-            name=dataset, version=1, joinid_start=start, joinid_stop=stop, batch_key=batch_key, label_key=label_key,
-            batches=prep.batches, genes_matched=prep.genes_matched, genes_padded=0,
-        )
-        manifest = Manifest(n_genes=len(genes), label_key=label_key, config=config, datasets=[record])
-        plan = _Plan(store, manifest, 1, None, record, prep, prep.batches, config, config.continual,
-                     {"training": config.reference_training.model_dump()}, runtime)
-        torch.manual_seed(config.reference_training.seed)  # initial weights follow the seed
-        module = CVAE(len(genes), len(prep.batches), config.model)
-        result = fit(module, plan.new_cells(), config.reference_training, runtime=runtime, name="training reference")
-        committed = _build_and_commit(plan, module, "reference", result, previous_fisher=None)
+        with WriteLock(tmp):  # the build is private; this leaves the (empty) lock file every atlas has
+            committed = _build_reference(AtlasStore(tmp), prep, genes, batch_key, label_key, dataset, config, runtime)
         if root.exists():
             root.rmdir()
         tmp.rename(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    committed.store = store.moved_to(root)
+    committed.store = committed.store.moved_to(root)
     return committed
+
+
+def _build_reference(store: AtlasStore, prep: PreparedInput, genes: list[str], batch_key: str, label_key: str,
+                     dataset: str, config: AtlasConfig, runtime: RuntimeConfig) -> Committed:
+    """Write the reference cells into a new cell store, train the reference model and commit version 1."""
+    CellStore.create(str(store.root / "cells"), genes)
+    prep.obs["version_added"] = 1
+    start, stop = store.cells.append(prep.obs, prep.counts)
+    record = DatasetRecord(
+        name=dataset, version=1, joinid_start=start, joinid_stop=stop, batch_key=batch_key, label_key=label_key,
+        batches=prep.batches, genes_matched=prep.genes_matched, genes_padded=0,
+    )
+    manifest = Manifest(n_genes=len(genes), label_key=label_key, config=config, datasets=[record])
+    plan = _Plan(store, manifest, 1, None, record, prep, prep.batches, config, config.continual,
+                 {"training": config.reference_training.model_dump()}, runtime)
+    torch.manual_seed(config.reference_training.seed)  # initial weights follow the seed
+    module = CVAE(len(genes), len(prep.batches), config.model)
+    result = fit(module, plan.new_cells(), config.reference_training, runtime=runtime, name="training reference")
+    return _build_and_commit(plan, module, "reference", result, previous_fisher=None)
 
 
 # ----------------------------------------------------------------------------- ingest
@@ -207,12 +217,8 @@ def ingest(
     runtime: RuntimeConfig,
 ) -> Committed:
     """Fold ``adata`` into the atlas at ``store`` as the version after its newest one."""
-    with WriteLock(store.root):
-        manifest = store.read_manifest()  # another writer may have committed since the caller opened it
-        store.remove_uncommitted(manifest)
-        with DriftStore(store.drift_path) as db:  # rows of versions the manifest does not list
-            db.delete_versions_after(manifest.current)
-        parent = VersionReader(store, manifest)
+    with WriteLock(store.root) as lock:
+        manifest, started_from, parent = _start_writing(store)
         number = parent.number + 1
         dataset = dataset or f"dataset_v{number}"
         if any(d.name == dataset for d in manifest.datasets):
@@ -224,6 +230,7 @@ def ingest(
         _refuse_known_cell_names(store.cells, parent.ranges(), prep.obs["obs_id"])
         batches = [*parent.info.batches, *prep.batches]
         prep.obs["version_added"] = number
+        lock.check_held()  # a writer whose lock file was deleted must not write cells beside the next one
         start, stop = store.cells.append(prep.obs, prep.counts)
         fault_point("after_cells")
         record = DatasetRecord(
@@ -232,7 +239,7 @@ def ingest(
         )
         run_config = {"training": training.model_dump(), "continual": continual.model_dump(), "strategy": strategy}
         plan = _Plan(store, manifest.model_copy(update={"datasets": [*manifest.datasets, record]}), number, parent,
-                     record, prep, batches, manifest.config, continual, run_config, runtime)
+                     record, prep, batches, manifest.config, continual, run_config, runtime, lock, started_from)
         ck = parent.checkpoint()
         module = CVAE(manifest.n_genes, len(parent.info.batches), manifest.config.model)
         module.load_state_dict(ck.weights)
@@ -247,6 +254,24 @@ def ingest(
                          training=training, continual=continual, fisher=previous, anchor=ck.anchor, replay=replay,
                          runtime=runtime)
         return _build_and_commit(plan, module, strategy, result, previous_fisher=previous)
+
+
+def _start_writing(store: AtlasStore) -> tuple[Manifest, str, VersionReader]:
+    """Under the write lock: read the manifest, remove leftovers, rebuild damaged drift parts.
+
+    Returns the manifest, its digest (what the commit checks against) and a reader of its newest version.
+    """
+    started_from = store.manifest_digest()
+    manifest = store.read_manifest()  # another writer may have committed since the caller opened it
+    store.remove_uncommitted(manifest)
+    store.check_writable_layout(manifest.current + 1)
+    parent = VersionReader(store, manifest)
+    repaired = rebuild_drift(store, parent)
+    if repaired is not None:
+        store.commit(repaired, expected=started_from)
+        started_from, manifest = store.manifest_digest(), repaired
+        parent = VersionReader(store, manifest)
+    return manifest, started_from, parent
 
 
 def _refuse_known_cell_names(cells: CellStore, ranges: list[tuple[int, int]], names: pd.Series) -> None:
@@ -322,22 +347,44 @@ def _build_and_commit(
         calibration=calibration,
         predictions=predictions,
     )
-    records = write_version_files(plan.store, plan.number, files)
     info = VersionInfo(
         number=plan.number, strategy=strategy, parent=plan.parent.number if plan.parent else None,
         datasets=[d.name for d in plan.manifest.datasets_until(plan.number)], n_cells=len(z),
         n_new_cells=int(new_cells.sum()), batches=plan.batches, labels=sorted(set(obs["label"][labelled].astype(str))),
-        files=records, training={**train.summary(), "fisher_seconds": fisher_info["seconds"]}, fisher=fisher_info,
+        training={**train.summary(), "fisher_seconds": fisher_info["seconds"]}, fisher=fisher_info,
     )
+    staged = plan.store.stage()
+    try:
+        write_version_files(staged, plan.number, files)
+        _write_version_drift(plan, staged, info, files, obs, z, summary)
+        final, info = _publish_and_commit(plan, staged, info)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)  # a crash leaves it for the next writer instead
+        raise
+    return Committed(plan.store, final, info, obs, files, new_cells, train, plan.prepared)
+
+
+def _write_version_drift(plan: _Plan, staged: Path, info: VersionInfo, files: VersionFiles, obs: pd.DataFrame,
+                         z: np.ndarray, summary: pd.DataFrame | None) -> None:
+    """Compute how far the atlas's cells moved and stage the rows with the version's files."""
     fault_point("drift")
     with phase("drift", total=1, unit="version", progress=plan.runtime.progress) as p:
         previous = first = None
         if plan.parent is not None:
             previous, first = plan.parent.latent(), plan.parent.first_latent()
-        record_drift(plan.store.drift_path, info, files.run_config, obs[["batch", "label", "dataset", "version_added"]],
-                     z, previous, first, plan.config.drift, summary)
+        rows = drift_rows(info, files.run_config, obs[["batch", "label", "dataset", "version_added"]], z, previous,
+                          first, plan.config.drift, summary)
+        write_drift(staged / DRIFT_DIR, rows, plan.number)
         p.advance()
+
+
+def _publish_and_commit(plan: _Plan, staged: Path, info: VersionInfo) -> tuple[Manifest, VersionInfo]:
+    """Move the staged version into place and switch the manifest, if nobody else committed meanwhile."""
+    records = plan.store.publish(staged, plan.number, expected=plan.started_from)
+    info = info.model_copy(update={"files": records})
     final = plan.manifest.model_copy(update={"versions": [*plan.manifest.versions, info]})
     fault_point("before_manifest")
-    plan.store.commit(final)
-    return Committed(plan.store, final, info, obs, files, new_cells, train, plan.prepared)
+    if plan.lock is not None:
+        plan.lock.check_held()
+    plan.store.commit(final, expected=plan.started_from)
+    return final, info

@@ -5,8 +5,12 @@ Each step is a module in the top-level ``migrations/layout/`` folder (shipped in
 ``TO_VERSION`` and either or both of:
 
 - ``upgrade_manifest(raw: dict) -> dict``: the manifest's JSON, changed to the new format;
-- ``upgrade_files(reader: VersionReader, root: Path) -> None``: files the new format needs,
-  written from the atlas as it is (``reader`` reads its newest version, manifest already upgraded).
+- ``upgrade_files(reader: VersionReader, root: Path) -> Manifest | None``: files the new format
+  needs, written from the atlas as it is (``reader`` reads its newest version, manifest already
+  upgraded); it returns the manifest that records them, if it changed it.
+
+and optionally ``REMOVE_AFTER_COMMIT``: files of the old format deleted once the upgraded
+manifest is committed.
 
 Manifest changes run first, in order, then file steps, in order; the upgraded manifest is
 written last, so a crash mid-upgrade leaves the old format and the next open runs it again.
@@ -69,9 +73,11 @@ def upgrade_atlas(root: Path) -> int:
         store = AtlasStore(root)
         manifest = parse_manifest(root, raw)
         if manifest.versions:
-            reader = VersionReader(store, manifest)
             for step in steps:
                 if hasattr(step, "upgrade_files"):
-                    step.upgrade_files(reader, root)
+                    manifest = step.upgrade_files(VersionReader(store, manifest), root) or manifest
         store.commit(manifest)
+        for step in steps:
+            for name in getattr(step, "REMOVE_AFTER_COMMIT", ()):
+                (root / name).unlink(missing_ok=True)
         return found

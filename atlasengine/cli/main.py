@@ -87,15 +87,11 @@ def cmd_report(args) -> None:
 
 
 def cmd_unlock(args) -> None:
-    """Break the atlas's write lock (``--force``: also if the holder looks alive), if it is locked."""
+    """Say whether the atlas's write lock is held; a lock a live process holds is never broken (``--force`` too)."""
     from atlasengine import Atlas
 
-    holder = Atlas.lock_holder(args.path)
-    if holder is None:
-        print("the atlas is not locked")
-        return
-    Atlas.break_lock(args.path, force=args.force)
-    print(f"removed the lock of pid {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')})")
+    if not Atlas.break_lock(args.path):
+        print("the atlas is not locked (a writer that died holds no lock: the next ingest just runs)")
 
 
 def cmd_demo(args) -> None:
@@ -150,8 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("path"); r.add_argument("-o", "--output", required=True); r.add_argument("--version", type=int)
     r.set_defaults(func=cmd_report)
 
-    u = sub.add_parser("unlock", help="break the write lock of a dead process")
-    u.add_argument("path"); u.add_argument("--force", action="store_true", help="also if the holder looks alive")
+    u = sub.add_parser("unlock", help="check the write lock: a dead writer holds none, a live one's is not broken")
+    u.add_argument("path")
+    u.add_argument("--force", action="store_true",
+                   help="accepted for old scripts; a lock that a live process holds is still not broken")
     u.set_defaults(func=cmd_unlock)
     return p
 

@@ -1,10 +1,10 @@
 """Drift tracking: how far reference cells move between model versions.
 
-The measures are stored in DuckDB and summarised in an HTML audit report. Depends only on
+The measures are stored as Parquet parts, queried with DuckDB in memory, and summarised in an HTML audit report. Depends only on
 numpy/pandas/faiss/duckdb/matplotlib and ``atlasengine.config`` / ``atlasengine.errors``.
 """
 
-from atlasengine.drift.db import VERSIONED_TABLES, DriftStore, migrations, migrations_dir
+from atlasengine.drift.db import VERSIONED_TABLES, DriftStore, migrations, migrations_dir, part_name, tables_named_in
 from atlasengine.drift.measures import (
     SCOPES,
     DriftTables,
@@ -37,7 +37,9 @@ __all__ = [
     "migrations",
     "migrations_dir",
     "missing_labels",
+    "part_name",
     "procrustes_align",
     "render_report",
+    "tables_named_in",
     "umap_coordinates",
 ]

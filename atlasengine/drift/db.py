@@ -1,21 +1,23 @@
-"""DuckDB store of drift tables, with a schema kept up to date by numbered SQL migrations.
+"""Drift tables in a private in-memory DuckDB database, kept on disk as immutable Parquet parts.
 
-Connections are short-lived: each call opens the file, does its work and closes it, so other
-processes can read between writes (DuckDB lets one process write, or many read); a file held
-by another process raises AtlasLockedError. ``sql()`` runs
-user queries on a separate ``read_only=True`` connection with external file access disabled;
-every versioned table is shadowed there by a TEMP view filtered to ``version <= max_version``.
-The unfiltered table stays reachable by its qualified name (``<db>.main.<table>``): the filter
-is a convenience for reading an earlier version, not a security boundary; the read-only
-connection is what keeps the file from being written.
+Each version stores its own rows as one Parquet file per table (``<table>.parquet`` in a folder
+the caller names: the version's directory, checksummed like its other files). A reader loads
+the parts of the versions it shows into an in-memory database of its own: no file is shared or
+locked, so a reader never waits for a writer and never makes one wait, and a part that is
+missing or damaged is caught by its checksum. The schema is made by the numbered SQL migrations
+(``migrations/duckdb``), applied to every new in-memory database, so parts written under an
+older schema load into the newest.
+
+DuckDB never opens a path: parts are read and written with pyarrow, and the database runs with
+external access disabled from the start. ``sql()`` runs user queries (SELECT / EXPLAIN only) on
+a cursor where every table is shadowed by a TEMP view filtered to ``version <= max_version``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,9 +25,11 @@ from typing import Any
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from atlasengine.drift.measures import DriftTables
-from atlasengine.errors import AtlasFormatError, AtlasLockedError, InputError, ReadOnlyError
+from atlasengine.errors import AtlasFormatError, AtlasIntegrityError, AtlasWriteError, InputError, ReadOnlyError
 from atlasengine.faults import fault_point
 
 VERSIONED_TABLES = (
@@ -43,6 +47,7 @@ _VERSION_FIELDS = (
 )
 _MIGRATION_FILE = re.compile(r"^(\d+)_([A-Za-z0-9_]+)\.sql$")
 _QUERY_TYPES = {"SELECT", "EXPLAIN"}
+PART_SUFFIX = ".parquet"
 
 
 def migrations_dir() -> Path:
@@ -79,6 +84,17 @@ def migrations() -> list[tuple[int, str, Path]]:
     return [found[v] for v in sorted(found)]
 
 
+def part_name(table: str) -> str:
+    """File name of ``table``'s Parquet part in a version's drift folder."""
+    return f"{table}{PART_SUFFIX}"
+
+
+def tables_named_in(query: str) -> list[str]:
+    """Drift tables whose names occur in ``query`` (the ones a query over them may read)."""
+    text = query.lower()
+    return [t for t in VERSIONED_TABLES if t in text]
+
+
 def _json(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -94,8 +110,31 @@ def _nullable(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def _version_row(record: dict[str, Any]) -> pd.DataFrame:
+    if "version" not in record:
+        raise InputError("the version record needs a 'version'")
+    row = {k: record.get(k) for k in _VERSION_FIELDS}
+    row["version"] = int(record["version"])
+    created = pd.Timestamp(row["created_at"] or datetime.now(timezone.utc))
+    row["created_at"] = (created.tz_convert("UTC").tz_localize(None) if created.tzinfo else created)
+    row["parameters"] = _json(row["parameters"])
+    row["datasets"] = _json(row["datasets"])
+    extra = {k: v for k, v in record.items() if k not in _VERSION_FIELDS}
+    row["extra"] = _json(extra) if extra else None
+    return pd.DataFrame([row])
+
+
+def _check_rows(frames: dict[str, pd.DataFrame | None], version: int) -> None:
+    for name, df in frames.items():
+        if df is not None and not df.empty:
+            if "version" not in df.columns:
+                raise InputError(f"{name} needs a 'version' column")
+            if not (np.asarray(df["version"]) == version).all():
+                raise InputError(f"{name} holds rows of versions other than {version}")
+
+
 class DriftStore:
-    """Drift tables of one atlas in a DuckDB file.
+    """Drift tables in an in-memory DuckDB database: loaded from Parquet parts, saved as parts.
 
     Example
     -------
@@ -105,54 +144,44 @@ class DriftStore:
     >>> z = np.random.default_rng(0).normal(size=(40, 3))
     >>> obs = pd.DataFrame({"batch": ["a", "b"] * 20, "label": ["x", "y"] * 20}, index=[f"c{i}" for i in range(40)])
     >>> tables = compute_initial_drift(1, z, obs, DriftConfig(k=5))
-    >>> with DriftStore(getfixture("tmp_path") / "drift.duckdb") as store:
+    >>> folder = getfixture("tmp_path") / "drift"
+    >>> with DriftStore() as store:
     ...     store.write_version({"version": 1, "strategy": "reference"}, tables, flags(tables, DriftConfig()), None)
+    ...     parts = store.save_version(1, folder)
+    >>> with DriftStore() as store:
+    ...     store.load_parts(parts)
     ...     store.sql("select version, scope from version_drift", max_version=1).values.tolist()
     [[1, 'vs_first']]
     """
 
-    def __init__(self, path: str | Path, read_only: bool = False) -> None:
-        """Open (and create or upgrade unless ``read_only``) the database at ``path``."""
-        self.path = Path(path)
-        self.read_only = read_only
-        self._closed = False
-        if read_only and not self.path.exists():
-            raise AtlasFormatError(f"no drift database at {self.path}")
-        self._migrate()
-
-    # ------------------------------------------------------------------ connections
-
-    @contextmanager
-    def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-        if self._closed:
-            raise AtlasFormatError("the drift store is closed")
-        if not read_only and self.read_only:
-            raise ReadOnlyError(f"drift database {self.path} was opened read-only")
-        try:
-            con = duckdb.connect(str(self.path), read_only=read_only)
-        except duckdb.IOException as e:
-            if "lock" in str(e).lower():
-                raise AtlasLockedError(f"drift database {self.path} is in use by another process: {e}") from e
-            raise
-        try:
-            yield con
-        finally:
-            con.close()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        with self._connect(read_only=False) as con:
-            con.execute("BEGIN TRANSACTION")
+    def __init__(self) -> None:
+        """Create an empty in-memory database with the newest schema; file access is off."""
+        self._con: duckdb.DuckDBPyConnection | None = duckdb.connect(":memory:")
+        for number, name, path in migrations():
             try:
-                yield con
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            con.execute("COMMIT")
+                self._con.execute(path.read_text())
+            except duckdb.Error as e:
+                raise AtlasFormatError(f"drift schema migration {path.name} failed: {e}") from e
+            self._con.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                              "(version INTEGER PRIMARY KEY, name VARCHAR, applied_at TIMESTAMP)")
+            self._con.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                              [number, name, datetime.now(timezone.utc).replace(tzinfo=None)])
+        self._con.execute("SET enable_external_access = false")
+        self._con.execute("SET lock_configuration = true")
+
+    # ------------------------------------------------------------------ lifetime
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The open in-memory connection (:class:`AtlasFormatError` once closed)."""
+        if self._con is None:
+            raise AtlasFormatError("the drift store is closed")
+        return self._con
 
     def close(self) -> None:
-        """Refuse further use (no connection is held between calls)."""
-        self._closed = True
+        """Free the in-memory database; further use raises."""
+        if self._con is not None:
+            self._con.close()
+            self._con = None
 
     def __enter__(self) -> DriftStore:
         """Return this store."""
@@ -162,92 +191,33 @@ class DriftStore:
         """Close the store (see :meth:`close`)."""
         self.close()
 
-    # ------------------------------------------------------------------ schema
-
     def schema_version(self) -> int:
-        """Newest migration applied to the file (0 when none)."""
-        with self._connect(read_only=True) as con:
-            return self._applied(con)
+        """Newest schema migration applied."""
+        return int(self.con.execute("SELECT max(version) FROM schema_migrations").fetchone()[0])
 
-    @staticmethod
-    def _applied(con: duckdb.DuckDBPyConnection) -> int:
-        tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-        if "schema_migrations" not in tables:
-            if tables:
-                raise AtlasFormatError("not a drift database: tables without schema_migrations")
-            return 0
-        row = con.execute("SELECT max(version) FROM schema_migrations").fetchone()
-        return int(row[0] or 0)
-
-    def _migrate(self) -> None:
-        files = migrations()
-        newest = files[-1][0]
-        with self._connect(read_only=self.read_only) as con:
-            current = self._applied(con)
-            if current > newest:
-                raise AtlasFormatError(
-                    f"drift database schema {current} is newer than this atlasengine supports "
-                    f"({newest}); upgrade atlasengine"
-                )
-            pending = [m for m in files if m[0] > current]
-            if pending and self.read_only:
-                raise AtlasFormatError(
-                    f"drift database schema {current} is older than this atlasengine's ({newest}); "
-                    "open it writable once to upgrade it"
-                )
-            for number, name, path in pending:
-                con.execute("BEGIN TRANSACTION")
-                try:
-                    con.execute(
-                        "CREATE TABLE IF NOT EXISTS schema_migrations "
-                        "(version INTEGER PRIMARY KEY, name VARCHAR, applied_at TIMESTAMP)"
-                    )
-                    con.execute(path.read_text())
-                    con.execute(
-                        "INSERT INTO schema_migrations VALUES (?, ?, ?)",
-                        [number, name, datetime.now(timezone.utc).replace(tzinfo=None)],
-                    )
-                except duckdb.Error as e:
-                    con.execute("ROLLBACK")
-                    raise AtlasFormatError(f"drift migration {path.name} failed: {e}") from e
-                con.execute("COMMIT")
-
-    def _columns(self, con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
-        rows = con.execute(
-            "SELECT column_name FROM duckdb_columns() WHERE table_name = ? AND NOT internal "
-            "ORDER BY column_index",
+    def _columns(self, table: str) -> list[str]:
+        rows = self.con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = ? AND NOT internal ORDER BY column_index",
             [table],
         ).fetchall()
         return [r[0] for r in rows]
 
     # ------------------------------------------------------------------ writing
-
-    def _insert(self, con: duckdb.DuckDBPyConnection, table: str, df: pd.DataFrame | None) -> None:
-        if df is None or df.empty:
+    def insert(self, table: str, data: pd.DataFrame | pa.Table | None, source: str) -> None:
+        """Add rows to ``table`` by column name (``source`` names where they came from, for errors)."""
+        if data is None or data.shape[0] == 0:
             return
-        unknown = set(df.columns) - set(self._columns(con, table))
+        names = data.column_names if isinstance(data, pa.Table) else list(data.columns)
+        unknown = set(names) - set(self._columns(table))
         if unknown:
-            raise InputError(f"{table} has no column(s) {sorted(unknown)}")
-        con.register("_frame", _nullable(df))
+            raise InputError(f"{table} has no column(s) {sorted(unknown)} (from {source})")
+        self.con.register("_frame", _nullable(data) if isinstance(data, pd.DataFrame) else data)
         try:
-            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _frame")
+            self.con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _frame")
+        except duckdb.Error as e:
+            raise AtlasFormatError(f"rows of {table} from {source} do not fit the drift schema: {e}") from e
         finally:
-            con.unregister("_frame")
-
-    @staticmethod
-    def _version_row(record: dict[str, Any]) -> pd.DataFrame:
-        if "version" not in record:
-            raise InputError("the version record needs a 'version'")
-        row = {k: record.get(k) for k in _VERSION_FIELDS}
-        row["version"] = int(record["version"])
-        created = row["created_at"] or datetime.now(timezone.utc)
-        created = pd.Timestamp(created)
-        row["created_at"] = (created.tz_convert("UTC").tz_localize(None) if created.tzinfo else created)
-        row["parameters"] = _json(row["parameters"])
-        row["datasets"] = _json(row["datasets"])
-        extra = {k: v for k, v in record.items() if k not in _VERSION_FIELDS}
-        row["extra"] = _json(extra) if extra else None
-        return pd.DataFrame([row])
+            self.con.unregister("_frame")
 
     def write_version(
         self,
@@ -262,41 +232,71 @@ class DriftStore:
         ``versions`` columns go to its ``extra`` JSON column; dicts/lists are stored as JSON.
         A ``version`` column is added to ``transfer_summary`` when it has none.
         """
-        version_row = self._version_row(record)
+        version_row = _version_row(record)
         version = int(version_row.at[0, "version"])
         frames = dict(tables.as_dict(), drift_flags=flags)
         if transfer_summary is not None and "version" not in transfer_summary.columns:
             transfer_summary = transfer_summary.assign(version=version)
         frames["transfer_summary"] = transfer_summary
-        for name, df in frames.items():
-            if df is not None and not df.empty:
-                if "version" not in df.columns:
-                    raise InputError(f"{name} needs a 'version' column")
-                if not (np.asarray(df["version"]) == version).all():
-                    raise InputError(f"{name} holds rows of versions other than {version}")
-        with self._transaction() as con:
+        _check_rows(frames, version)
+        self.con.execute("BEGIN TRANSACTION")
+        try:
             for table in VERSIONED_TABLES:
-                con.execute(f"DELETE FROM {table} WHERE version = ?", [version])
-            self._insert(con, "versions", version_row)
-            fault_point("drift_write")
+                self.con.execute(f"DELETE FROM {table} WHERE version = ?", [version])
+            self.insert("versions", version_row, "the version record")
             for name, df in frames.items():
-                self._insert(con, name, df)
+                self.insert(name, df, f"the {name} frame")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
 
-    def delete_versions_after(self, version: int) -> None:
-        """Delete every row of versions newer than ``version`` (an uncommitted, failed ingest)."""
-        with self._transaction() as con:
+    def save_version(self, version: int, folder: Path) -> list[Path]:
+        """Write ``version``'s rows as one Parquet part per table into ``folder``; return the files."""
+        folder = Path(folder)
+        written = []
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
             for table in VERSIONED_TABLES:
-                con.execute(f"DELETE FROM {table} WHERE version > ?", [int(version)])
+                rows = self.con.sql(f"SELECT * FROM {table} WHERE version = $v ORDER BY ALL",
+                                    params={"v": int(version)}).to_arrow_table()
+                path = folder / part_name(table)
+                pq.write_table(rows, path)
+                written.append(path)
+                fault_point("drift_write")
+        except OSError as exc:
+            raise AtlasWriteError(f"cannot write the drift rows of version {version} to {folder}: {exc}") from exc
+        return written
+
+    # ------------------------------------------------------------------ loading
+    def load_part(self, path: Path) -> None:
+        """Add the rows of one Parquet part (named ``<table>.parquet``) to its table."""
+        path = Path(path)
+        table = path.name.removesuffix(PART_SUFFIX)
+        if table not in VERSIONED_TABLES:
+            raise AtlasFormatError(f"{path} is not a drift table part (tables: {', '.join(VERSIONED_TABLES)})")
+        try:
+            rows = pq.read_table(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise AtlasIntegrityError(f"drift part {path} cannot be read: {exc}") from exc
+        unknown = set(rows.column_names) - set(self._columns(table))
+        if unknown:
+            raise AtlasFormatError(f"drift part {path} has column(s) {sorted(unknown)} that the drift schema lacks "
+                                   "(written by a newer atlasengine?)")
+        self.insert(table, rows, str(path))
+
+    def load_parts(self, paths: Iterable[Path]) -> None:
+        """Add the rows of several Parquet parts (see :meth:`load_part`)."""
+        for path in paths:
+            self.load_part(path)
 
     # ------------------------------------------------------------------ reading
-
     def read(self, table: str, max_version: int | None) -> pd.DataFrame:
         """All rows of ``table`` with ``version <= max_version`` (None: every version), sorted."""
         if table not in VERSIONED_TABLES:
             raise InputError(f"unknown drift table {table!r}; choose from {', '.join(VERSIONED_TABLES)}")
         where = "" if max_version is None else f"WHERE version <= {int(max_version)}"
-        with self._connect(read_only=True) as con:
-            return con.execute(f"SELECT * FROM {table} {where} ORDER BY ALL").df()
+        return self.con.execute(f"SELECT * FROM {table} {where} ORDER BY ALL").df()
 
     def report_tables(self, max_version: int | None) -> dict[str, pd.DataFrame]:
         """Every table the HTML report uses (all but ``cell_drift``), by name."""
@@ -309,9 +309,10 @@ class DriftStore:
         external file access is disabled. Anything else raises ReadOnlyError; a failing query
         raises InputError.
         """
-        with self._connect(read_only=True) as con:
+        cur = self.con.cursor()
+        try:
             try:
-                kinds = [str(s.type).rsplit(".", 1)[-1] for s in con.extract_statements(query)]
+                kinds = [str(s.type).rsplit(".", 1)[-1] for s in cur.extract_statements(query)]
             except duckdb.Error as e:
                 raise InputError(f"drift query failed: {e}") from e
             if not kinds:
@@ -319,13 +320,12 @@ class DriftStore:
             refused = [k for k in kinds if k not in _QUERY_TYPES]
             if refused:
                 raise ReadOnlyError(f"sql() runs read-only queries only; got {', '.join(refused)}")
-            db = con.execute("SELECT current_database()").fetchone()[0]
             for table in VERSIONED_TABLES:
                 where = "" if max_version is None else f" WHERE version <= {int(max_version)}"
-                con.execute(f'CREATE TEMP VIEW {table} AS SELECT * FROM "{db}".main.{table}{where}')
-            con.execute("SET enable_external_access = false")
-            con.execute("SET lock_configuration = true")
+                cur.execute(f"CREATE TEMP VIEW {table} AS SELECT * FROM memory.main.{table}{where}")
             try:
-                return con.execute(query).df()
+                return cur.execute(query).df()
             except duckdb.Error as e:
                 raise InputError(f"drift query failed: {e}") from e
+        finally:
+            cur.close()

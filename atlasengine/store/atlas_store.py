@@ -3,36 +3,67 @@
 ```
 <root>/manifest.json       committed versions (replaced atomically: the commit point)
 <root>/cells/              TileDB-SOMA experiment: counts + obs of every cell
-<root>/versions/v0001/     model.safetensors (weights, fisher, anchor), config.json,
-                           latent.npy (all atlas cells), index files, predictions
-<root>/drift.duckdb        drift tables (rows of uncommitted versions are ignored and purged)
-<root>/.staging/           a version being written; never read
+<root>/versions/v0001/     model.safetensors (weights, fisher, anchor), config.json, latent.npy
+                           (all atlas cells), index files, predictions, cell checksums,
+                           drift/<table>.parquet (the drift rows of this version)
+<root>/.staging/           versions being written; never read
+<root>/.write.lock         the write lock (held by the kernel, see ``lock.py``)
 ```
-A version directory is written under ``.staging``, renamed into ``versions/`` and only then
-listed in the manifest. Anything in ``versions/`` or ``.staging`` that the manifest does not
-list is the leftover of a failed attempt: ignored by readers, removed by the next writer.
+A version directory is written under ``.staging/<id>`` (with a marker file saying the engine
+made it), renamed into ``versions/`` and only then listed in the manifest. Before the switch
+the writer checks that the manifest is still the one it started from, so a second writer can
+never overwrite a commit, and the rename never replaces an existing directory. A marked
+directory that the manifest does not list is the leftover of a failed attempt: ignored by
+readers, removed by the next writer. Anything without the marker is left alone.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 import shutil
 import uuid
 from pathlib import Path
 
-from atlasengine.errors import AtlasIntegrityError
+from atlasengine.errors import (
+    AtlasConflictError,
+    AtlasError,
+    AtlasFormatError,
+    AtlasIntegrityError,
+    AtlasWriteError,
+)
 from atlasengine.store.cells import CellStore
 from atlasengine.store.files import fsync_dir, sha256_file
-from atlasengine.store.manifest import FileRecord, Manifest, VersionInfo, read_manifest, write_manifest
+from atlasengine.store.manifest import (
+    MANIFEST_NAME,
+    FileRecord,
+    Manifest,
+    VersionInfo,
+    read_manifest,
+    write_manifest,
+)
 
 CELLS = "cells"
 VERSIONS = "versions"
 STAGING = ".staging"
-DRIFT_DB = "drift.duckdb"
+STAGED_MARK = ".atlasengine-staged"
+"""A file in every directory the engine stages: only such directories are ever removed."""
+VERSION_NAME = re.compile(r"^v\d{4,}$")
 
 
 def version_dirname(number: int) -> str:
     """Return the directory name of version ``number`` (``vNNNN``)."""
     return f"v{number:04d}"
+
+
+def _is_engine_dir(path: Path) -> bool:
+    """Whether ``path`` is a real directory (not a link) that the engine's staging made."""
+    return path.is_dir() and not path.is_symlink() and (path / STAGED_MARK).is_file()
+
+
+def _relative_files(folder: Path) -> list[Path]:
+    return [f.relative_to(folder) for f in sorted(folder.rglob("*")) if f.is_file() and f.name != STAGED_MARK]
 
 
 class AtlasStore:
@@ -43,45 +74,131 @@ class AtlasStore:
         self.cells = CellStore(str(self.root / CELLS))
         self._verified: set[tuple[int, str, str]] = set()
 
-    @property
-    def drift_path(self) -> Path:
-        """Path of the atlas's drift database."""
-        return self.root / DRIFT_DB
-
+    # ------------------------------------------------------------------ manifest
     def read_manifest(self) -> Manifest:
         """Read and validate the atlas's manifest (see :func:`~atlasengine.store.manifest.read_manifest`)."""
         return read_manifest(self.root)
 
-    def commit(self, manifest: Manifest) -> None:
-        """Atomically replace the atlas's manifest with ``manifest`` (the commit point)."""
-        write_manifest(self.root, manifest)
+    def manifest_digest(self) -> str:
+        """SHA-256 of the manifest file as it is now: a writer's record of what it started from."""
+        try:
+            return sha256_file(self.root / MANIFEST_NAME)
+        except OSError as exc:
+            raise AtlasFormatError(f"cannot read {self.root / MANIFEST_NAME}: {exc.strerror}") from exc
 
+    def check_unchanged(self, digest: str) -> None:
+        """Raise :class:`AtlasConflictError` if the manifest is no longer the one with ``digest``."""
+        if self.manifest_digest() == digest:
+            return
+        try:
+            newest = f"it now lists versions up to {self.read_manifest().current}"
+        except AtlasError:  # the conflict is the news; a second problem would hide it
+            newest = "it changed"
+        raise AtlasConflictError(
+            f"another writer committed to {self.root} while this one worked ({newest}); nothing of this write "
+            "was committed and nothing was removed: open the atlas again and repeat it"
+        )
+
+    def commit(self, manifest: Manifest, expected: str | None = None) -> None:
+        """Atomically replace the manifest with ``manifest`` (the commit point).
+
+        ``expected``: the digest of the manifest the writer started from; the commit is
+        refused if another writer committed since.
+        """
+        if expected is not None:
+            self.check_unchanged(expected)
+        try:
+            write_manifest(self.root, manifest)
+        except OSError as exc:
+            raise AtlasWriteError(
+                f"cannot write {self.root / MANIFEST_NAME}: {exc.strerror}; nothing was committed"
+            ) from exc
+
+    # ------------------------------------------------------------------ versions
     def version_dir(self, number: int) -> Path:
         """Return the directory of committed version ``number`` (``versions/vNNNN``)."""
         return self.root / VERSIONS / version_dirname(number)
 
+    def check_writable_layout(self, number: int) -> None:
+        """Refuse, before anything is written, what would stop version ``number`` from being staged or published.
+
+        ``.staging`` must be a folder of the engine's (not a file or a link), and
+        ``versions/vNNNN`` must not exist already (:meth:`remove_uncommitted` has removed the
+        engine's own leftovers; anything else there is not the engine's to replace).
+        """
+        staging = self.root / STAGING
+        if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
+            raise AtlasFormatError(
+                f"{staging} is not a folder: atlasengine stages new versions there; move it away and try again"
+            )
+        final = self.version_dir(number)
+        if final.exists() or final.is_symlink():
+            raise AtlasConflictError(
+                f"{final} already exists but is not a committed version nor a leftover of this engine: it is left "
+                f"alone; move it away to add version {number}"
+            )
+
     def stage(self) -> Path:
-        """Create and return a fresh, uniquely named directory under ``.staging``."""
-        path = self.root / STAGING / uuid.uuid4().hex
-        path.mkdir(parents=True)
+        """Create and return a fresh, uniquely named, marked directory under ``.staging``."""
+        staging = self.root / STAGING
+        path = staging / uuid.uuid4().hex
+        try:
+            path.mkdir(parents=True)
+            (path / STAGED_MARK).write_text("staged by atlasengine; removed by the next writer unless committed\n")
+        except OSError as exc:
+            raise AtlasWriteError(f"cannot create {path}: {exc.strerror}; nothing was committed") from exc
         return path
 
-    def publish(self, staged: Path, number: int) -> dict[str, FileRecord]:
-        """Checksum the staged files and move the directory to ``versions/vNNNN``."""
-        final = self.version_dir(number)
+    def _records(self, staged: Path, number: int) -> dict[str, FileRecord]:
         records = {}
-        for f in sorted(staged.rglob("*")):
-            if f.is_file():
-                rel = f.relative_to(staged)
-                records[str(rel)] = FileRecord(
-                    path=f"{VERSIONS}/{version_dirname(number)}/{rel}", sha256=sha256_file(f), size=f.stat().st_size
-                )
+        for rel in _relative_files(staged):
+            f = staged / rel
+            records[rel.as_posix()] = FileRecord(
+                path=f"{VERSIONS}/{version_dirname(number)}/{rel.as_posix()}", sha256=sha256_file(f),
+                size=f.stat().st_size,
+            )
+        return records
+
+    def publish(self, staged: Path, number: int, expected: str | None = None) -> dict[str, FileRecord]:
+        """Checksum the staged files and move the directory to ``versions/vNNNN``; return their records.
+
+        Never replaces an existing directory: if ``versions/vNNNN`` appeared (another writer, or
+        a folder put there by hand), or the manifest changed since ``expected``, it raises
+        :class:`AtlasConflictError` and leaves everything where it is.
+        """
+        if expected is not None:
+            self.check_unchanged(expected)
+        records = self._records(staged, number)
+        final = self.version_dir(number)
         final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            shutil.rmtree(final)
-        staged.rename(final)
+        try:
+            os.rename(staged, final)  # fails on a non-empty directory: nothing committed is replaced
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise AtlasConflictError(
+                    f"{final} already exists and this writer did not make it (another writer at work, or a folder "
+                    "put there by hand): it was left alone and nothing was committed"
+                ) from exc
+            raise AtlasWriteError(f"cannot move {staged} to {final}: {exc.strerror}") from exc
         fsync_dir(final.parent)
         self._verified.update((number, key, rec.sha256) for key, rec in records.items())  # just hashed
+        return records
+
+    def replace_files(self, staged: Path, version: VersionInfo) -> dict[str, FileRecord]:
+        """Move the staged files into committed ``version``'s directory, replacing those of the same name.
+
+        Used only to rebuild files that failed their checksum; the returned records go into the
+        manifest with the next commit (until then the files fail their old checksum, as before).
+        """
+        records = self._records(staged, version.number)
+        final = self.version_dir(version.number)
+        for key in records:
+            target = final / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged / key, target)
+        fsync_dir(final)
+        shutil.rmtree(staged, ignore_errors=True)
+        self._verified.update((version.number, key, rec.sha256) for key, rec in records.items())
         return records
 
     def moved_to(self, root: Path) -> "AtlasStore":
@@ -90,6 +207,7 @@ class AtlasStore:
         moved._verified = set(self._verified)
         return moved
 
+    # ------------------------------------------------------------------ reading
     def file(self, version: VersionInfo, key: str, verify: bool = True) -> Path:
         """Path of a version's file, checked against the manifest's size and checksum."""
         rec = version.files.get(key)
@@ -104,28 +222,43 @@ class AtlasStore:
                 raise AtlasIntegrityError(
                     f"file {rec.path} of version {version.number} has {size} bytes, expected {rec.size} (truncated or replaced)"
                 )
-            if sha256_file(path) != rec.sha256:
+            try:
+                digest = sha256_file(path)
+            except OSError as exc:
+                raise AtlasIntegrityError(f"file {rec.path} of version {version.number} cannot be read: {exc.strerror}") from exc
+            if digest != rec.sha256:
                 raise AtlasIntegrityError(f"file {rec.path} of version {version.number} does not match its checksum (corrupted)")
             self._verified.add((version.number, key, rec.sha256))
         return path
 
-    def verify(self, version: VersionInfo) -> None:
-        """Check every file of ``version`` (presence, size, SHA-256); raise naming the first bad one."""
+    def verify(self, version: VersionInfo, skip: tuple[str, ...] = ()) -> None:
+        """Check every file of ``version`` (presence, size, SHA-256) but those under ``skip``; raise naming the first bad one."""
         for key in version.files:
-            self.file(version, key)
+            if not key.startswith(skip):
+                self.file(version, key)
 
-    def remove_uncommitted(self, manifest: Manifest) -> list[str]:
-        """Delete version directories and staging left by failed attempts; return what was removed."""
-        removed = []
+    # ------------------------------------------------------------------ housekeeping
+    def leftovers(self, manifest: Manifest) -> list[Path]:
+        """Directories the engine staged that ``manifest`` does not list (failed attempts).
+
+        Only marked directories count: a user's folder (``v0002_backup``), a stray file
+        (``.DS_Store``) or anything behind a link is never one.
+        """
+        found = []
         staging = self.root / STAGING
-        if staging.exists():
-            shutil.rmtree(staging)
-            removed.append(STAGING)
+        if staging.is_dir() and not staging.is_symlink():
+            found += [d for d in sorted(staging.iterdir()) if _is_engine_dir(d)]
         known = {version_dirname(v.number) for v in manifest.versions}
         vdir = self.root / VERSIONS
-        if vdir.exists():
-            for d in vdir.iterdir():
-                if d.name not in known:
-                    shutil.rmtree(d)
-                    removed.append(f"{VERSIONS}/{d.name}")
+        if vdir.is_dir():
+            found += [d for d in sorted(vdir.iterdir())
+                      if VERSION_NAME.match(d.name) and d.name not in known and _is_engine_dir(d)]
+        return found
+
+    def remove_uncommitted(self, manifest: Manifest) -> list[str]:
+        """Delete what failed attempts staged (see :meth:`leftovers`); return what was removed."""
+        removed = []
+        for path in self.leftovers(manifest):
+            shutil.rmtree(path)
+            removed.append(path.relative_to(self.root).as_posix())
         return removed

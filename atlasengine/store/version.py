@@ -5,9 +5,9 @@ report, the layout migrations): obs of every cell, embeddings under this or an e
 predictions, the checkpoint, the neighbour index and the novelty calibration. Each file is
 checked against the manifest's size and SHA-256 the first time it is read.
 
-:func:`write_version_files` is the write side: a new version's files are written under
-``.staging``, checksummed and renamed into ``versions/vNNNN`` (not yet committed: the manifest
-switch is the commit, see :mod:`atlasengine.store.atlas_store`).
+:func:`write_version_files` is the write side: a new version's files are written into a folder
+under ``.staging``, which is then checksummed and renamed into ``versions/vNNNN`` (not yet
+committed: the manifest switch is the commit, see :mod:`atlasengine.store.atlas_store`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from atlasengine.faults import fault_point
 from atlasengine.store.atlas_store import AtlasStore
 from atlasengine.store.cells import joinids_of
 from atlasengine.store.checkpoint import load_checkpoint, save_checkpoint
-from atlasengine.store.manifest import FileRecord, Manifest, VersionInfo
+from atlasengine.store.manifest import Manifest, VersionInfo
 from atlasengine.transfer.index import NeighborIndex
 from atlasengine.transfer.novelty import CALIBRATION_FILE, NoveltyCalibration
 
@@ -36,6 +36,8 @@ CONFIG = "config.json"
 LATENT = "latent.npy"
 PREDICTIONS = "predictions.parquet"
 INDEX_DIR = "index"
+DRIFT_DIR = "drift"
+"""The version's drift rows, one Parquet part per table (written by ``atlasengine.api.audit``)."""
 PREDICTION_COLUMNS = ("predicted_label", "uncertainty", "is_unknown")
 
 Tensors = dict[str, torch.Tensor]
@@ -70,13 +72,12 @@ class VersionFiles:
     predictions: pd.DataFrame | None = None
 
 
-def write_version_files(store: AtlasStore, number: int, files: VersionFiles) -> dict[str, FileRecord]:
-    """Stage, checksum and publish the files of version ``number``; returns their records.
+def write_version_files(staged: Path, number: int, files: VersionFiles) -> None:
+    """Write the files of version ``number`` into the staged folder ``staged``.
 
-    The directory is not committed until the manifest lists it; readers never look at it
-    before, and the next writer removes it if the commit never comes.
+    The folder is published and committed by the caller; until the manifest lists it, readers
+    never look at it, and the next writer removes it if the commit never comes.
     """
-    staged = store.stage()
     fault_point("checkpoint")
     ck = files.checkpoint
     header = {"fisher_kind": PER_CELL_MEAN, "fisher_cells": repr(float(ck.fisher_cells)), "fisher_version": str(number)}
@@ -88,7 +89,6 @@ def write_version_files(store: AtlasStore, number: int, files: VersionFiles) -> 
     files.calibration.save(staged / CALIBRATION_FILE)
     if files.predictions is not None:
         files.predictions.to_parquet(staged / PREDICTIONS)
-    return store.publish(staged, number)
 
 
 class VersionReader:
@@ -145,8 +145,11 @@ class VersionReader:
         return self.store.file(self.manifest.version(self.number if number is None else number), key)
 
     def verify(self) -> None:
-        """Check every file of this version; raise naming the first bad one."""
-        self.store.verify(self.info)
+        """Check every file of this version but its drift parts; raise naming the first bad one.
+
+        Drift parts are checked when read: a bad one is recomputed from the embeddings.
+        """
+        self.store.verify(self.info, skip=(DRIFT_DIR + "/",))
 
     # ------------------------------------------------------------------ cells
     def genes(self) -> list[str]:

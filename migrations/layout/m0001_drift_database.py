@@ -1,25 +1,13 @@
-"""Atlas format 1 -> 2: add the DuckDB drift database.
+"""Atlas format 1 -> 2: the drift history.
 
-Format 1 atlases (written before drift tracking) have no ``drift.duckdb``. Every version's
-embeddings are stored, so the drift history is computed now, version by version, exactly as
-an ingest would have recorded it, into a new database that replaces any half-built one.
+Format 1 atlases (written before drift tracking) have no drift rows. Every version's
+embeddings are stored, so the drift history can be computed exactly as an ingest would have
+recorded it. Format 2 kept it in ``drift.duckdb``; since format 5 each version keeps its own
+rows in its directory, and the format 4 -> 5 step (``m0004``) computes the rows of every
+version that has none, so this step has nothing left to write.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 FROM_VERSION = 1
 TO_VERSION = 2
-
-
-def upgrade_files(reader, root: Path) -> None:
-    """Compute the drift history of every stored version into ``root/drift.duckdb``."""
-    from atlasengine.api.audit import backfill_drift
-
-    target = root / "drift.duckdb"
-    tmp = root / ".drift.duckdb.upgrade"
-    for leftover in (tmp, Path(str(tmp) + ".wal")):
-        leftover.unlink(missing_ok=True)
-    backfill_drift(reader, tmp)
-    tmp.replace(target)
