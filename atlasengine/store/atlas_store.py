@@ -34,7 +34,7 @@ from atlasengine.errors import (
     AtlasWriteError,
 )
 from atlasengine.store.cells import CellStore
-from atlasengine.store.files import fsync_dir, sha256_file
+from atlasengine.store.files import apply_umask, fsync_dir, sha256_file
 from atlasengine.store.manifest import (
     MANIFEST_NAME,
     FileRecord,
@@ -150,6 +150,7 @@ class AtlasStore:
         return path
 
     def _records(self, staged: Path, number: int) -> dict[str, FileRecord]:
+        apply_umask(staged)
         records = {}
         for rel in _relative_files(staged):
             f = staged / rel

@@ -40,3 +40,28 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
+
+def current_umask() -> int:
+    """Return the process's umask (read from ``/proc`` where it can be, without changing it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read it by setting it, and put it back at once
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: Path) -> None:
+    """Give ``folder`` and everything in it the permissions the umask gives new files and folders.
+
+    Some writers (safetensors) create files readable by their owner only; a version's files are
+    meant to be shared like the rest of the atlas (a group's atlas is read by the group).
+    """
+    mask = current_umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
