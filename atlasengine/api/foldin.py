@@ -44,7 +44,7 @@ from atlasengine.model import CVAE
 from atlasengine.numerics import sorted_sample
 from atlasengine.progress import phase
 from atlasengine.store.atlas_store import AtlasStore
-from atlasengine.store.cells import CellStore, joinids_of
+from atlasengine.store.cells import CellChecks, CellStore, cell_checksums, joinids_of
 from atlasengine.store.lock import WriteLock
 from atlasengine.store.manifest import DatasetRecord, Manifest, VersionInfo
 from atlasengine.store.version import DRIFT_DIR, Checkpoint, VersionFiles, VersionReader, write_version_files
@@ -57,11 +57,11 @@ log = logging.getLogger("atlasengine")
 
 # ----------------------------------------------------------------------------- cells
 class StoredCells:
-    """Committed cells of the atlas, read from the cell store on demand (a ``CellSource``)."""
+    """Committed cells of the atlas, read from the cell store on demand and checked (a ``CellSource``)."""
 
-    def __init__(self, cells: CellStore, ranges: list[tuple[int, int]], batches: list[str], n_genes: int) -> None:
-        self.cells = cells
-        self.joinids = joinids_of(ranges)
+    def __init__(self, cells: CellStore, checks: CellChecks, batches: list[str], n_genes: int) -> None:
+        self.cells, self.checks = cells, checks
+        self.joinids = joinids_of([(a, b) for a, b, _ in checks.ranges])
         self.lookup = pd.Index(batches)
         self.n_genes = n_genes
 
@@ -72,8 +72,8 @@ class StoredCells:
     def read(self, positions: np.ndarray) -> CellData:
         """Read counts and batch indices of the cells at ``positions`` (in atlas order)."""
         ids = self.joinids[np.asarray(positions, dtype=np.int64)]
-        obs = self.cells.read_obs_ids(ids, ["batch"])
-        return CellData(self.cells.read_counts(ids, self.n_genes), self.lookup.get_indexer(obs["batch"]))
+        obs, counts = self.cells.read_checked(ids, self.n_genes, self.checks)
+        return CellData(counts, self.lookup.get_indexer(obs["batch"]))
 
 
 class VersionCells:
@@ -143,8 +143,8 @@ class _Plan:
         return CellData(self.prepared.counts, pd.Index(self.batches).get_indexer(self.prepared.obs["batch"]))
 
     def stored_cells(self) -> StoredCells:
-        ranges = self.parent.ranges() if self.parent is not None else []
-        return StoredCells(self.store.cells, ranges, self.batches, self.manifest.n_genes)
+        checks = self.parent.cell_checks() if self.parent is not None else CellChecks([], np.zeros((0, 2), np.uint64))
+        return StoredCells(self.store.cells, checks, self.batches, self.manifest.n_genes)
 
 
 # ----------------------------------------------------------------------------- create
@@ -345,6 +345,7 @@ def _build_and_commit(
         run_config={"model": plan.config.model.model_dump(), **plan.run_config},
         index=index,
         calibration=calibration,
+        cell_checksums=cell_checksums(plan.prepared.obs, plan.prepared.counts),
         predictions=predictions,
     )
     info = VersionInfo(

@@ -9,7 +9,10 @@ overwrites or merges with them.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -17,7 +20,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 import tiledbsoma
 
-from atlasengine.errors import AtlasFormatError
+from atlasengine.errors import AtlasFormatError, AtlasIntegrityError
 from atlasengine.faults import fault_point
 
 MEASUREMENT = "RNA"
@@ -37,6 +40,98 @@ OBS_SCHEMA = pa.schema(
 OBS_COLUMNS = [f.name for f in OBS_SCHEMA if f.name != "soma_joinid"]
 
 Ranges = Sequence[tuple[int, int]]
+
+
+def obs_table(obs: pd.DataFrame, joinids: np.ndarray) -> pa.Table:
+    """Return the obs rows as the store holds them (strings; a missing label is null)."""
+    return pa.table(
+        {
+            "soma_joinid": joinids,
+            "obs_id": obs["obs_id"].astype(str).tolist(),
+            "dataset": obs["dataset"].astype(str).tolist(),
+            "batch": obs["batch"].astype(str).tolist(),
+            "label": [None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in obs["label"]],
+            "version_added": obs["version_added"].to_numpy(np.int32),
+        },
+        schema=OBS_SCHEMA,
+    )
+
+
+# ----------------------------------------------------------------------------- checksums
+def obs_checksums(obs: pd.DataFrame | pa.Table) -> np.ndarray:
+    """Return a 64-bit BLAKE2b checksum of each cell's obs row (name, dataset, batch, label, version added)."""
+    table = obs if isinstance(obs, pa.Table) else pa.Table.from_pandas(obs[OBS_COLUMNS], preserve_index=False)
+    columns = [table.column(c).to_pylist() for c in OBS_COLUMNS]
+    out = np.empty(table.num_rows, dtype=np.uint64)
+    for i, row in enumerate(zip(*columns)):
+        text = "\x1f".join("\x00" if v is None else str(v) for v in row)
+        out[i] = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return out
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: every input bit changes about half the output bits."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def counts_checksums(counts: sp.csr_matrix) -> np.ndarray:
+    """Return a 64-bit checksum of each row's non-zero (gene, float32 count) pairs, independent of their order."""
+    m = sp.csr_matrix(counts, dtype=np.float32)
+    genes = m.indices.astype(np.uint64)
+    values = np.ascontiguousarray(m.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    mixed = np.where(m.data != 0, _mix64((genes << np.uint64(32)) | values), np.uint64(0))
+    with np.errstate(over="ignore"):
+        running = np.concatenate([np.zeros(1, dtype=np.uint64), np.cumsum(mixed, dtype=np.uint64)])
+        return running[m.indptr[1:]] - running[m.indptr[:-1]]
+
+
+def cell_checksums(obs: pd.DataFrame, counts: sp.csr_matrix) -> np.ndarray:
+    """Return the ``(n_cells, 2)`` checksums of new cells' obs and counts, as the store will hold them."""
+    table = obs_table(obs, np.zeros(len(obs), dtype=np.int64))
+    return np.column_stack([obs_checksums(table), counts_checksums(counts)])
+
+
+@dataclass(frozen=True)
+class CellChecks:
+    """The checksums written with every committed cell, to check cells against when they are read.
+
+    ``ranges`` are the datasets' ``(start, stop, name)`` joinid ranges in joinid order, ``values``
+    their cells' ``(obs, counts)`` checksums in the same order.
+    """
+
+    ranges: list[tuple[int, int, str]]
+    values: np.ndarray
+
+    def _positions(self, joinids: np.ndarray) -> np.ndarray:
+        starts = np.array([a for a, _, _ in self.ranges], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum([b - a for a, b, _ in self.ranges])])
+        k = np.searchsorted(starts, joinids, side="right") - 1
+        return offsets[k] + (joinids - starts[k])
+
+    def _dataset(self, joinid: int) -> str:
+        return next(name for a, b, name in self.ranges if a <= joinid < b)
+
+    def verify(self, joinids: np.ndarray, obs: pd.DataFrame | None = None,
+               counts: sp.csr_matrix | None = None) -> None:
+        """Raise :class:`AtlasIntegrityError` naming the dataset if the cells read do not match their checksums."""
+        joinids = np.asarray(joinids, dtype=np.int64)
+        expected = self.values[self._positions(joinids)]
+        for what, column, read in (("obs", 0, obs), ("counts", 1, counts)):
+            if read is None:
+                continue
+            actual = obs_checksums(read) if what == "obs" else counts_checksums(read)
+            bad = np.flatnonzero(actual != expected[:, column])
+            if len(bad):
+                first = int(joinids[bad[0]])
+                raise AtlasIntegrityError(
+                    f"the cell store's {what} of {len(bad)} cell(s) of dataset {self._dataset(first)!r} do not match "
+                    f"the checksums written with them (first: joinid {first}): the cell store was changed or damaged "
+                    "after they were written, so they are not used"
+                )
 
 
 def joinids_of(ranges: Ranges) -> np.ndarray:
@@ -111,15 +206,24 @@ class CellStore:
         except Exception as exc:  # tiledbsoma raises several types for a missing/corrupt store
             raise AtlasFormatError(f"cannot open the cell store at {self.uri}: {exc}") from exc
 
+    @contextmanager
+    def _reading(self) -> Iterator[tiledbsoma.Experiment]:
+        """Open the store to read; what a damaged store raises becomes :class:`AtlasIntegrityError`."""
+        with self._open() as exp:
+            try:
+                yield exp
+            except tiledbsoma.SOMAError as exc:
+                raise AtlasIntegrityError(f"the cell store at {self.uri} cannot be read (damaged?): {exc}") from exc
+
     def genes(self) -> list[str]:
         """Return the store's gene names (``var_id``) in ``soma_joinid`` order."""
-        with self._open() as exp:
+        with self._reading() as exp:
             var = exp.ms[MEASUREMENT].var.read(column_names=["soma_joinid", "var_id"]).concat().to_pandas()
         return var.sort_values("soma_joinid")["var_id"].astype(str).tolist()
 
     def high_water(self) -> int:
         """One past the largest joinid ever written to obs or X (committed or not)."""
-        with self._open() as exp:
+        with self._reading() as exp:
             top = -1
             for arr in (exp.obs, exp.ms[MEASUREMENT].X[X_LAYER]):
                 ned = arr.non_empty_domain()
@@ -132,18 +236,12 @@ class CellStore:
         start = self.high_water()
         n = counts.shape[0]
         joinids = np.arange(start, start + n, dtype=np.int64)
-        table = pa.table(
-            {
-                "soma_joinid": joinids,
-                "obs_id": obs["obs_id"].astype(str).tolist(),
-                "dataset": obs["dataset"].astype(str).tolist(),
-                "batch": obs["batch"].astype(str).tolist(),
-                "label": [None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in obs["label"]],
-                "version_added": obs["version_added"].to_numpy(np.int32),
-            },
-            schema=OBS_SCHEMA,
-        )
+        table = obs_table(obs, joinids)
         counts = sp.csr_matrix(counts)
+        self._write(table, counts, joinids)
+        return start, start + n
+
+    def _write(self, table: pa.Table, counts: sp.csr_matrix, joinids: np.ndarray) -> None:
         with tiledbsoma.Experiment.open(self.uri, "w") as exp:
             # X first, obs second: a cell is only listed once its counts are on disk.
             for a, b in row_chunks(counts.indptr, WRITE_CHUNK_NNZ):
@@ -161,12 +259,11 @@ class CellStore:
                 )
                 fault_point("cells_x")
             exp.obs.write(table)
-        return start, start + n
 
     def read_obs(self, ranges: Ranges) -> pd.DataFrame:
         """Obs of the cells in ``ranges`` (index: soma_joinid, in range order)."""
         parts = []
-        with self._open() as exp:
+        with self._reading() as exp:
             for a, b in ranges:
                 if b > a:
                     parts.append(exp.obs.read(coords=(slice(a, b - 1),)).concat().to_pandas())
@@ -183,7 +280,7 @@ class CellStore:
     def read_obs_ids(self, joinids: np.ndarray, columns: Sequence[str] = ("batch",)) -> pd.DataFrame:
         """Obs columns of arbitrary cells, in the order of ``joinids``."""
         joinids = np.asarray(joinids, dtype=np.int64)
-        with self._open() as exp:
+        with self._reading() as exp:
             df = (
                 exp.obs.read(coords=(np.unique(joinids),), column_names=["soma_joinid", *columns])
                 .concat()
@@ -203,14 +300,35 @@ class CellStore:
             return sp.csr_matrix((0, n_genes), dtype=np.float32)
         contiguous = bool(np.all(np.diff(joinids) == 1))
         coords = slice(int(joinids[0]), int(joinids[-1])) if contiguous else np.unique(joinids)
-        with self._open() as exp:
+        with self._reading() as exp:
             tbl = exp.ms[MEASUREMENT].X[X_LAYER].read(coords=(coords,)).tables().concat()
         rows = tbl.column("soma_dim_0").to_numpy()
         cols = tbl.column("soma_dim_1").to_numpy()
         vals = tbl.column("soma_data").to_numpy()
         order = np.argsort(joinids, kind="stable")
-        row_pos = order[np.searchsorted(joinids[order], rows)]  # where each stored row goes in the request
+        found = np.minimum(np.searchsorted(joinids[order], rows), len(joinids) - 1)
+        if not (joinids[order][found] == rows).all() or (len(cols) and not 0 <= cols.min() <= cols.max() < n_genes):
+            raise AtlasIntegrityError(f"the cell store at {self.uri} returned counts outside the cells and genes "
+                                      "asked for (damaged)")
+        row_pos = order[found]  # where each stored row goes in the request
         return sp.csr_matrix((vals, (row_pos, cols)), shape=(len(joinids), n_genes), dtype=np.float32)
+
+    def read_checked(self, joinids: np.ndarray, n_genes: int, checks: CellChecks) -> tuple[pd.DataFrame, sp.csr_matrix]:
+        """Read obs and counts of the given cells, checked against ``checks`` (in the order of ``joinids``)."""
+        obs = self.read_obs_ids(joinids, OBS_COLUMNS)
+        counts = self.read_counts(joinids, n_genes)
+        checks.verify(joinids, obs, counts)
+        return obs, counts
+
+    def checksums_of(self, ranges: Ranges, n_genes: int) -> np.ndarray:
+        """Compute the ``(obs, counts)`` checksums of the stored cells in ``ranges`` as they are now.
+
+        Only for recording them the first time (an atlas from before checksums): reading checks
+        cells against the checksums written with them instead.
+        """
+        parts = [np.column_stack([obs_checksums(obs), counts_checksums(counts)])
+                 for obs, counts in self.iter_cells(ranges, n_genes, columns=OBS_COLUMNS)]
+        return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.uint64)
 
     def iter_cells(
         self, ranges: Ranges, n_genes: int, chunk_size: int = 20_000, columns: Sequence[str] = ("batch",)
@@ -219,7 +337,7 @@ class CellStore:
         for a, b in ranges:
             for s in range(a, b, chunk_size):
                 e = min(s + chunk_size, b)
-                with self._open() as exp:
+                with self._reading() as exp:
                     obs = (
                         exp.obs.read(coords=(slice(s, e - 1),), column_names=["soma_joinid", *columns])
                         .concat()

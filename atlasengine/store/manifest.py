@@ -20,7 +20,8 @@ from atlasengine.version import __version__
 
 FORMAT_VERSION = 5
 """1: no drift database (before 2026-11-27); 2: drift.duckdb; 3: machine settings not stored; 4: the Fisher
-is a per-cell mean with the cells it represents; 5: each version's drift rows are Parquet parts in its directory.
+is a per-cell mean with the cells it represents; 5: each version keeps its drift rows as Parquet parts and the
+checksums of the cells it added in its directory.
 Each step up has a migration in ``migrations/layout/``."""
 MANIFEST_NAME = "manifest.json"
 

@@ -22,10 +22,10 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from atlasengine.errors import AtlasFormatError
+from atlasengine.errors import AtlasFormatError, AtlasIntegrityError
 from atlasengine.faults import fault_point
 from atlasengine.store.atlas_store import AtlasStore
-from atlasengine.store.cells import joinids_of
+from atlasengine.store.cells import CellChecks, joinids_of
 from atlasengine.store.checkpoint import load_checkpoint, save_checkpoint
 from atlasengine.store.manifest import Manifest, VersionInfo
 from atlasengine.transfer.index import NeighborIndex
@@ -35,6 +35,8 @@ CHECKPOINT = "model.safetensors"
 CONFIG = "config.json"
 LATENT = "latent.npy"
 PREDICTIONS = "predictions.parquet"
+CELL_CHECKSUMS = "cell_checksums.npy"
+"""``(n, 2)`` uint64 checksums of the obs and counts of the cells this version added, as written."""
 INDEX_DIR = "index"
 DRIFT_DIR = "drift"
 """The version's drift rows, one Parquet part per table (written by ``atlasengine.api.audit``)."""
@@ -69,6 +71,7 @@ class VersionFiles:
     run_config: dict[str, Any]
     index: NeighborIndex
     calibration: NoveltyCalibration
+    cell_checksums: np.ndarray
     predictions: pd.DataFrame | None = None
 
 
@@ -87,6 +90,7 @@ def write_version_files(staged: Path, number: int, files: VersionFiles) -> None:
     (staged / CONFIG).write_text(json.dumps(files.run_config, indent=2))
     files.index.save(staged / INDEX_DIR)
     files.calibration.save(staged / CALIBRATION_FILE)
+    np.save(staged / CELL_CHECKSUMS, files.cell_checksums.astype(np.uint64, copy=False), allow_pickle=False)
     if files.predictions is not None:
         files.predictions.to_parquet(staged / PREDICTIONS)
 
@@ -165,7 +169,9 @@ class VersionReader:
         """Read the cell store's obs of every cell of this version (index: cell name), as stored."""
 
         def load() -> pd.DataFrame:
-            df = self.store.cells.read_obs(self.ranges()).reset_index(drop=True).set_index("obs_id")
+            df = self.store.cells.read_obs(self.ranges())
+            self.cell_checks().verify(df.index.to_numpy(), obs=df)
+            df = df.reset_index(drop=True).set_index("obs_id")
             df.index.name = "cell"
             return df
 
@@ -198,7 +204,26 @@ class VersionReader:
     def counts(self) -> sp.csr_matrix:
         """Raw counts of every cell of this version (CSR, cells x genes, rows aligned to :meth:`obs`)."""
         ids = joinids_of(self.ranges())
-        return self.store.cells.read_counts(ids, self.manifest.n_genes)
+        counts = self.store.cells.read_counts(ids, self.manifest.n_genes)
+        self.cell_checks().verify(ids, counts=counts)
+        return counts
+
+    def cell_checks(self) -> CellChecks:
+        """Return the checksums written with every cell of this version, to check cells read from the store."""
+        return self._cached("cell_checks", self._load_cell_checks)
+
+    def _load_cell_checks(self) -> CellChecks:
+        datasets = self.manifest.datasets_until(self.number)
+        parts = []
+        for number in sorted({d.version for d in datasets}):
+            values = np.load(self.file(CELL_CHECKSUMS, number), allow_pickle=False)
+            expected = sum(d.n_cells for d in datasets if d.version == number)
+            if values.shape != (expected, 2) or values.dtype != np.uint64:
+                raise AtlasIntegrityError(f"file {self.manifest.version(number).files[CELL_CHECKSUMS].path} holds "
+                                          f"{values.shape} {values.dtype} checksums, not ({expected}, 2) uint64")
+            parts.append(values)
+        ranges = [(d.joinid_start, d.joinid_stop, d.name) for d in datasets]
+        return CellChecks(ranges, np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.uint64))
 
     # -------------------------------------------------------------- embeddings
     def latent(self, number: int | None = None) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Atlas format 4 -> 5: each version keeps its drift rows in its own directory, as Parquet parts.
+"""Atlas format 4 -> 5: drift rows as Parquet parts in each version's directory; checksums of every cell.
 
 Format 4 kept the drift rows of every version in one DuckDB file beside the versions,
 ``drift.duckdb``: a reader holding it open made every ingest fail, and a deleted file was
@@ -8,6 +8,10 @@ files and loaded into an in-memory database when read. This step copies each ver
 out of ``drift.duckdb`` as they are; where the database is missing, unreadable or lacks the
 version, the rows are recomputed from the stored embeddings. ``drift.duckdb`` is deleted once
 the new manifest is committed.
+
+Format 5 also keeps, with each version, the checksums of the obs and counts of the cells it
+added (``cell_checksums.npy``), checked whenever cells are read. Cells written by format 4 had
+none: this step computes them from the cells as they are now.
 
 Format 5 removes only folders its staging marked. Leftovers of failed format-4 attempts carry
 no mark, so this step removes them as the format-4 engine would have: ``versions/vNNNN``
@@ -57,6 +61,21 @@ def old_rows(path: Path, tables: tuple[str, ...]) -> dict[int, dict]:
         return {}
 
 
+def record_cell_checksums(reader):
+    """Write each version's ``cell_checksums.npy`` from its cells as stored; return a reader of the new manifest."""
+    import numpy as np
+
+    from atlasengine.store.version import CELL_CHECKSUMS, VersionReader
+
+    manifest, versions = reader.manifest, []
+    for info in manifest.versions:
+        added = [(d.joinid_start, d.joinid_stop) for d in manifest.datasets if d.version == info.number]
+        staged = reader.store.stage()
+        np.save(staged / CELL_CHECKSUMS, reader.store.cells.checksums_of(added, manifest.n_genes), allow_pickle=False)
+        versions.append(info.model_copy(update={"files": {**info.files, **reader.store.replace_files(staged, info)}}))
+    return VersionReader(reader.store, manifest.model_copy(update={"versions": versions}))
+
+
 def upgrade_files(reader, root: Path):
     """Write every version's drift parts (copied from ``drift.duckdb``, else recomputed); return the manifest."""
     from atlasengine.api.audit import stored_drift_rows, write_drift
@@ -64,6 +83,7 @@ def upgrade_files(reader, root: Path):
     from atlasengine.store.version import DRIFT_DIR
 
     remove_format4_leftovers(reader.manifest, root)
+    reader = record_cell_checksums(reader)
     stored = old_rows(root / OLD_DATABASE, VERSIONED_TABLES)
     versions = []
     for info in reader.manifest.versions:
