@@ -9,11 +9,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "atlasengine"
 
 # What each part may import from the engine (besides itself). The torch module knows nothing of
 # training, storage or files; the training plan nothing of storage; only the API composes all.
-CORE = {"config", "errors", "numerics", "progress", "faults", "version"}
+CORE = {"config", "errors", "numerics", "progress", "faults", "version", "figures"}
 ALLOWED = {
     "errors": set(),
     "version": set(),
     "faults": set(),
+    "figures": set(),
     "progress": set(),
     "config": {"errors"},
     "numerics": {"errors"},

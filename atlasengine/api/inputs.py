@@ -6,6 +6,7 @@ atlas is touched.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -15,6 +16,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from atlasengine.errors import InputError
+from atlasengine.transfer import UNKNOWN
+
+log = logging.getLogger("atlasengine")
 
 
 @dataclass
@@ -51,19 +55,55 @@ def _column(adata: ad.AnnData, key: str, role: str) -> pd.Series:
     return adata.obs[key]
 
 
+MAX_NAME_LENGTH = 1000
+"""The longest label, batch or dataset name accepted (longer ones broke figures and memory)."""
+MISSING_TEXT = frozenset({"", "nan", "none", "null", "<na>", "na"})
+"""Texts that stand for a missing value (``.astype(str)`` turns NaN into "nan", None into "None")."""
+
+
+def _is_missing(value: object) -> bool:
+    if value is None or value is pd.NA or (isinstance(value, float) and not np.isfinite(value)):
+        return True
+    return isinstance(value, str) and value.strip().lower() in MISSING_TEXT
+
+
 def _as_names(values: pd.Series, role: str, allow_missing: bool) -> list[str | None]:
-    """Return the string values of an obs column; missing values are refused or become None."""
-    out: list[str | None] = []
-    missing = 0
-    for v in values.tolist():
-        if v is None or (isinstance(v, float) and not np.isfinite(v)) or v is pd.NA or (isinstance(v, str) and not v.strip()):
-            missing += 1
-            out.append(None)
-        else:
-            out.append(str(v))
-    if missing and not allow_missing:
-        raise InputError(f"{role} has {missing} missing or empty value(s); every cell needs one")
+    """Return an obs column's values as plain text; missing ones (also "nan", "None", "") are refused or None."""
+    raw = values.tolist()
+    out: list[str | None] = [None if _is_missing(v) else str(v) for v in raw]
+    missing = [v for v, o in zip(raw, out) if o is None]
+    if missing:
+        texts = sorted({repr(v) for v in missing if isinstance(v, str)})
+        said = f" ({', '.join(texts[:5])} count as missing)" if texts else ""
+        if not allow_missing:
+            raise InputError(f"{role} has {len(missing)} missing or empty value(s){said}; every cell needs one")
+        if texts:
+            log.warning("%s: %d value(s) treated as missing%s", role, len(missing), said)
+    long = sorted({v for v in out if v is not None and len(v) > MAX_NAME_LENGTH})
+    if long:
+        raise InputError(f"{role} has values longer than {MAX_NAME_LENGTH} characters: "
+                         f"{_examples([v[:40] + '...' for v in long])}; shorten them")
     return out
+
+
+def _refuse_reserved_labels(labels: list[str | None], role: str) -> None:
+    """Refuse a cell type named like the Unknown call (it could not be told from it), saying how to fix it."""
+    n = sum(1 for v in labels if v == UNKNOWN)
+    if n:
+        raise InputError(
+            f"{role} names {n} cell(s) {UNKNOWN!r}, which is the label the engine gives cells it calls Unknown; "
+            f"rename that type (e.g. 'unknown_type') or, if those cells are unannotated, set them to None"
+        )
+
+
+def _refuse_empty_cells(counts: sp.csr_matrix, cells: list[str], where: str) -> None:
+    """Refuse cells with no counts at all: there is nothing to embed, yet they would get a confident label."""
+    empty = np.flatnonzero(np.diff(counts.indptr) == 0)
+    if len(empty):
+        raise InputError(
+            f"{len(empty)} cell(s) have no counts {where} (e.g. {_examples([cells[i] for i in empty[:5]])}); remove "
+            "them first (e.g. scanpy.pp.filter_cells(adata, min_counts=1))"
+        )
 
 
 def count_matrix(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix:
@@ -145,6 +185,18 @@ def check_names(adata: ad.AnnData) -> tuple[list[str], list[str]]:
     return cells, genes
 
 
+def _warn_of_letter_case(genes: Sequence[str], atlas_genes: Sequence[str], present: np.ndarray) -> None:
+    """Warn when atlas genes missing from the data are there under another letter case (padded with zeros)."""
+    by_lower = {g.lower(): g for g in genes}
+    differ = [(a, by_lower[a.lower()]) for a, p in zip(atlas_genes, present) if not p and a.lower() in by_lower]
+    if differ:
+        log.warning(
+            "%d of the atlas's %d genes are in the data only with other letter case (e.g. %s) and count as absent "
+            "(zero counts); rename them to the atlas's spelling if they are the same genes", len(differ),
+            len(atlas_genes), ", ".join(f"{data!r} for {atlas!r}" for atlas, data in differ[:3]),
+        )
+
+
 def align_genes(
     counts: sp.csr_matrix, genes: Sequence[str], atlas_genes: Sequence[str], min_overlap: float
 ) -> tuple[sp.csr_matrix, int, int, int]:
@@ -162,6 +214,7 @@ def align_genes(
             f"below the required {min_overlap:.0%}; missing e.g. {_examples(missing)}. Are the gene names "
             "of the same kind (symbols vs Ensembl ids)?"
         )
+    _warn_of_letter_case(genes, atlas_genes, present)
     cols = np.flatnonzero(present)
     select = sp.csr_matrix(
         (np.ones(len(cols), dtype=np.float32), (pos[present], cols)), shape=(counts.shape[1], len(atlas_genes))
@@ -190,14 +243,15 @@ def prepare_input(
         labels = _as_names(_column(adata, label_key, "label_key"), f"label column {label_key!r}", allow_missing=True)
         if all(v is None for v in labels):
             raise InputError(f"label column {label_key!r} holds no labels at all")
-    long = [b for b in set(batch) if len(b) > 1000]
-    if long:
-        raise InputError(f"batch names longer than 1000 characters are not accepted: {_examples([b[:40] + '...' for b in long])}")
+        _refuse_reserved_labels(labels, f"label column {label_key!r}")
+    if not isinstance(dataset, str) or _is_missing(dataset) or len(dataset) > MAX_NAME_LENGTH:
+        raise InputError(f"dataset name must be a text of 1 to {MAX_NAME_LENGTH} characters, got {str(dataset)[:60]!r}")
     counts = count_matrix(adata, layer)
     if atlas_genes is None:
         aligned, matched, padded, dropped = counts, len(genes), 0, 0
     else:
         aligned, matched, padded, dropped = align_genes(counts, genes, atlas_genes, min_gene_overlap)
+    _refuse_empty_cells(aligned, cells, "in the atlas's genes" if atlas_genes is not None else "at all")
     batches = list(dict.fromkeys(batch))
     if new_batches_only:
         clash = [b for b in batches if b in set(existing_batches)]

@@ -1,5 +1,8 @@
 """A single self-contained HTML audit report of drift across versions.
 
+Every name (cell type, batch, dataset) is plain text: HTML-escaped in the page, literal in the
+figures (see :mod:`atlasengine.figures`).
+
 Figures are matplotlib PNGs (drawn on ``matplotlib.figure.Figure``, i.e. the Agg canvas,
 without touching pyplot's global backend) embedded as base64 data URIs; CSS is inline; the
 file references nothing outside itself.
@@ -19,6 +22,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from atlasengine.errors import InputError
+from atlasengine.figures import plain_text
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
@@ -176,12 +180,13 @@ def _scatter(umap: pd.DataFrame, column: str, method: str) -> bytes:
         cats = values.astype(object).where(values.notna(), "(missing)").astype(str)
         names = sorted(cats.unique(), key=lambda s: (s == "(missing)", s))
         cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+        handles = []
         for i, name in enumerate(names):
             m = (cats == name).to_numpy()
             color = "#cccccc" if name == "(missing)" else cmap(i % cmap.N)
-            ax.scatter(umap["x"][m], umap["y"][m], s=point, color=color, label=name, linewidths=0)
-        if len(names) <= 20:
-            ax.legend(fontsize=7, markerscale=3, loc="center left", bbox_to_anchor=(1.0, 0.5))
+            handles.append(ax.scatter(umap["x"][m], umap["y"][m], s=point, color=color, linewidths=0))
+        if len(names) <= 20:  # names given explicitly: a name starting with "_" would be dropped otherwise
+            ax.legend(handles, names, fontsize=7, markerscale=3, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_title(f"{method}: coloured by {column.replace('_', ' ')}")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -246,6 +251,7 @@ def _figs(images: list[tuple[str, bytes]]) -> str:
     return '<div class="figs">' + "".join(_img(data, alt) for alt, data in images) + "</div>"
 
 
+@plain_text
 def render_report(
     path: str | Path,
     tables_by_name: dict[str, pd.DataFrame],

@@ -1,6 +1,7 @@
 """Figures of a label transfer: uncertainty and calibrated novelty per query type, the assignment heatmap.
 
-Figures are drawn on Agg canvases directly (no pyplot state, no global backend switch).
+Figures are drawn on Agg canvases directly (no pyplot state, no global backend switch); names
+are plain text (see :mod:`atlasengine.figures`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from atlasengine.config import TransferConfig
+from atlasengine.figures import plain_text
 from atlasengine.transfer.evaluate import aligned_truth
 from atlasengine.transfer.knn import UNKNOWN
 
@@ -63,6 +65,7 @@ def _violins(values: np.ndarray, truth: np.ndarray, novel: set[str], line: float
     return fig
 
 
+@plain_text
 def plot_uncertainty_violin(
     predictions: pd.DataFrame,
     true_labels: Iterable[str] | pd.Series,
@@ -83,6 +86,7 @@ def plot_uncertainty_violin(
     return _save(fig, path)
 
 
+@plain_text
 def plot_novelty_violin(
     predictions: pd.DataFrame,
     true_labels: Iterable[str] | pd.Series,
@@ -102,6 +106,7 @@ def plot_novelty_violin(
     return _save(fig, path)
 
 
+@plain_text
 def plot_assignment_heatmap(
     predictions: pd.DataFrame, true_labels: Iterable[str] | pd.Series, path: Path
 ) -> Path:
@@ -134,6 +139,7 @@ def plot_assignment_heatmap(
     return _save(fig, path)
 
 
+@plain_text
 def plot_transfer(
     predictions: pd.DataFrame,
     true_labels: Iterable[str] | pd.Series,
