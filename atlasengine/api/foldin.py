@@ -48,7 +48,7 @@ from atlasengine.store.cells import CellChecks, CellStore, cell_checksums, joini
 from atlasengine.store.lock import WriteLock
 from atlasengine.store.manifest import DatasetRecord, Manifest, VersionInfo
 from atlasengine.store.version import DRIFT_DIR, Checkpoint, VersionFiles, VersionReader, write_version_files
-from atlasengine.training import CellData, TrainResult, embed_cells, fit
+from atlasengine.training import CellData, TrainResult, check_runtime, embed_cells, fit
 from atlasengine.transfer import NeighborIndex
 from atlasengine.transfer.predict import calibrate, predict
 
@@ -163,6 +163,7 @@ def create(
 
     The atlas is built beside ``root`` and renamed into place when complete.
     """
+    check_runtime(runtime)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise InputError(f"{root} already exists; choose a new path or open it with Atlas.open")
     prep = prepare_input(adata, batch_key=batch_key, label_key=label_key, layer=layer, dataset=dataset,
@@ -217,6 +218,7 @@ def ingest(
     runtime: RuntimeConfig,
 ) -> Committed:
     """Fold ``adata`` into the atlas at ``store`` as the version after its newest one."""
+    check_runtime(runtime)
     with WriteLock(store.root) as lock:
         manifest, started_from, parent = _start_writing(store)
         number = parent.number + 1

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from torch import nn
 
 from atlasengine.config import RuntimeConfig, TrainingConfig
-from atlasengine.errors import TrainingError
+from atlasengine.errors import InputError, TrainingError
 from atlasengine.progress import Phase, phase
 from atlasengine.training.data import CellData, CellSource, iter_chunks, make_loaders
 from atlasengine.training.plan import Penalty, TrainingPlan
@@ -78,6 +78,33 @@ def quiet_lightning() -> Iterator[None]:
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
+
+
+def check_runtime(runtime: RuntimeConfig) -> None:
+    """Refuse, before anything is written, machine settings that cannot train here in this one process.
+
+    Lightning checks the accelerator and devices when its Trainer is built (cheap; nothing runs).
+    Several devices mean distributed training, which Lightning starts by launching the calling
+    script again as another process: that copy would run the whole script a second time.
+
+    Raises
+    ------
+    InputError
+        Naming the setting.
+    """
+    with quiet_lightning():
+        try:
+            trainer = L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, logger=False,
+                                enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+        except Exception as exc:  # Lightning raises ValueError, MisconfigurationException, TypeError
+            raise InputError(f"runtime accelerator={runtime.accelerator!r}, devices={runtime.devices!r} cannot run "
+                             f"here: {exc}") from exc
+    if trainer.world_size > 1:
+        raise InputError(
+            f"runtime devices={runtime.devices!r} means {trainer.world_size} training processes: multi-device "
+            "(distributed) training is not supported, since Lightning would start this script again for each; use "
+            "devices=1"
+        )
 
 
 def fit(
