@@ -43,7 +43,7 @@ from atlasengine.faults import fault_point
 from atlasengine.model import CVAE
 from atlasengine.numerics import sorted_sample
 from atlasengine.progress import phase
-from atlasengine.store.atlas_store import AtlasStore
+from atlasengine.store.atlas_store import AtlasStore, check_atlas_path
 from atlasengine.store.cells import CellChecks, CellStore, cell_checksums, joinids_of
 from atlasengine.store.lock import WriteLock
 from atlasengine.store.manifest import DatasetRecord, Manifest, VersionInfo
@@ -163,6 +163,7 @@ def create(
 
     The atlas is built beside ``root`` and renamed into place when complete.
     """
+    check_atlas_path(root)
     check_runtime(runtime)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise InputError(f"{root} already exists; choose a new path or open it with Atlas.open")

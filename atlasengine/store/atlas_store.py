@@ -32,6 +32,7 @@ from atlasengine.errors import (
     AtlasFormatError,
     AtlasIntegrityError,
     AtlasWriteError,
+    InputError,
 )
 from atlasengine.store.cells import CellStore
 from atlasengine.store.files import apply_umask, fsync_dir, sha256_file
@@ -57,6 +58,20 @@ def version_dirname(number: int) -> str:
     return f"v{number:04d}"
 
 
+URI_CHARACTERS = ("?", "#")
+"""Characters TileDB reads as parts of a URI (query, fragment) even in a plain path."""
+
+
+def check_atlas_path(root: Path) -> None:
+    """Refuse an atlas path the cell store cannot use (``?`` or ``#`` in it), with the reason."""
+    found = [c for c in URI_CHARACTERS if c in str(root)]
+    if found:
+        raise InputError(
+            f"the atlas path {root} contains {' and '.join(repr(c) for c in found)}: the cell store (TileDB) reads "
+            "these as parts of a URI and would write elsewhere; choose a path without them"
+        )
+
+
 def _is_engine_dir(path: Path) -> bool:
     """Whether ``path`` is a real directory (not a link) that the engine's staging made."""
     return path.is_dir() and not path.is_symlink() and (path / STAGED_MARK).is_file()
@@ -70,6 +85,7 @@ class AtlasStore:
     """Paths, integrity checks and commits of one atlas directory."""
 
     def __init__(self, root: Path) -> None:
+        check_atlas_path(Path(root))
         self.root = Path(root)
         self.cells = CellStore(str(self.root / CELLS))
         self._verified: set[tuple[int, str, str]] = set()

@@ -1,0 +1,41 @@
+"""Atlas paths with characters URIs give a meaning to: refused at once with the reason, or working."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+from conftest import TINY
+
+from atlasengine import Atlas, InputError
+
+
+def _small(adata, n=150):
+    return adata[np.sort(np.random.default_rng(0).permutation(adata.n_obs)[:n])].copy()
+
+
+@pytest.mark.parametrize("char", ["?", "#"])
+def test_uri_characters_are_refused_before_anything_is_written(tmp_path, reference_atlas, pancreas_ref, char):
+    message = f"contains {re.escape(repr(char))}: the cell store \\(TileDB\\) reads these as parts of a URI"
+    with pytest.raises(InputError, match=message):
+        Atlas.create(tmp_path / f"lab{char}1.atlas", _small(pancreas_ref), batch_key="tech", label_key="celltype",
+                     config=TINY)
+    assert list(tmp_path.iterdir()) == []
+    moved = tmp_path / f"moved{char}.atlas"
+    shutil.copytree(reference_atlas, moved)
+    with pytest.raises(InputError, match=message):
+        Atlas.open(moved)
+
+
+def test_a_backslash_in_the_path_works_end_to_end(tmp_path, pancreas_ref, pancreas_query):
+    path = tmp_path / "lab\\2024.atlas"
+    atlas = Atlas.create(path, _small(pancreas_ref), batch_key="tech", label_key="celltype",
+                         config={**TINY, "reference_training": {"max_epochs": 2}})
+    q = pancreas_query[pancreas_query.obs["tech"] == "smartseq2"].copy()
+    atlas.ingest(q, batch_key="tech", strategy="surgery", training={"max_epochs": 1})
+    reopened = Atlas.open(path)
+    assert reopened.version == 2 and len(reopened.obs()) == 250 and reopened.counts().shape == (250, 2000)
+    assert sorted(set(reopened.drift()["version"])) == [1, 2]
+    assert reopened.sql("select count(*) as n from versions")["n"].item() == 2
