@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from atlasengine.errors import InputError
 
@@ -194,6 +194,24 @@ class AtlasConfig(_Strict):
         return data
 
 
+def validation_problems(exc: ValidationError, model: str) -> str:
+    """Return pydantic's errors on one line, each naming its setting (``section.key: problem (got value)``).
+
+    Example
+    -------
+    >>> try:
+    ...     AtlasConfig.model_validate({"model": {"n_hidden": 0}})
+    ... except ValidationError as exc:
+    ...     print(validation_problems(exc, "AtlasConfig"))
+    model.n_hidden: Input should be greater than or equal to 1 (got 0)
+    """
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or model
+        problems.append(f"{where}: {error['msg']} (got {repr(error.get('input'))[:60]})")
+    return "; ".join(problems)
+
+
 def merged(base: BaseModel, override: BaseModel | dict | None) -> BaseModel:
     """Return ``base`` with the keys of ``override`` changed (an instance of the same model replaces it).
 
@@ -210,5 +228,5 @@ def merged(base: BaseModel, override: BaseModel | dict | None) -> BaseModel:
         raise InputError(f"expected {type(base).__name__} or dict, got {type(override).__name__}")
     try:
         return type(base).model_validate({**base.model_dump(), **override})
-    except ValueError as exc:
-        raise InputError(f"invalid {type(base).__name__}: {exc}") from exc
+    except ValidationError as exc:
+        raise InputError(f"invalid {type(base).__name__}: {validation_problems(exc, type(base).__name__)}") from exc

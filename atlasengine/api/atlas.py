@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from pydantic import ValidationError
 
 from atlasengine.api import foldin
 from atlasengine.api.audit import drift_store, render_atlas_report
@@ -44,6 +45,7 @@ from atlasengine.config import (
     TrainingConfig,
     TransferConfig,
     merged,
+    validation_problems,
 )
 from atlasengine.drift import tables_named_in
 from atlasengine.errors import AtlasFormatError, InputError, ReadOnlyError
@@ -126,8 +128,8 @@ class Atlas:
         """
         try:
             cfg = config if isinstance(config, AtlasConfig) else AtlasConfig.model_validate(config or {})
-        except ValueError as exc:
-            raise InputError(f"invalid atlas config: {exc}") from exc
+        except ValidationError as exc:
+            raise InputError(f"invalid atlas config: {validation_problems(exc, 'AtlasConfig')}") from exc
         committed = foldin.create(Path(path), adata, batch_key=batch_key, label_key=label_key, dataset=dataset,
                                   layer=layer, config=cfg, runtime=merged(RuntimeConfig(), runtime))
         return cls(committed.reader(), read_only=False)

@@ -30,7 +30,7 @@ from atlasengine.drift import (
     render_report,
     umap_coordinates,
 )
-from atlasengine.errors import AtlasIntegrityError
+from atlasengine.errors import AtlasIntegrityError, InputError
 from atlasengine.numerics import sorted_sample
 from atlasengine.progress import Phase, phase
 from atlasengine.store.atlas_store import AtlasStore
@@ -185,9 +185,20 @@ def rebuild_drift(store: AtlasStore, reader: VersionReader) -> Manifest | None:
 def render_atlas_report(reader: VersionReader, path: str | Path, max_umap_cells: int = 20_000, seed: int = 0,
                         progress: bool | None = None) -> Path:
     """Write the drift audit report of the version ``reader`` reads to ``path``."""
+    _check_writable(Path(path))
     with phase("report", total=2, unit="steps", progress=progress) as p:
         path = _render(reader, path, max_umap_cells, seed, p)
     return path
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse a report path that cannot be written before anything is computed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot write the report to {path}: {exc.strerror or exc}") from exc
+    if path.is_dir():
+        raise InputError(f"cannot write the report to {path}: it is a folder")
 
 
 def _render(reader: VersionReader, path: str | Path, max_umap_cells: int, seed: int, p: Phase) -> Path:

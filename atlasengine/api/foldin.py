@@ -38,7 +38,7 @@ from atlasengine.api.audit import drift_rows, rebuild_drift, transfer_summary, w
 from atlasengine.api.inputs import PreparedInput, prepare_input
 from atlasengine.config import AtlasConfig, ContinualConfig, FoldInStrategy, RuntimeConfig, TrainingConfig
 from atlasengine.continual import AccumulatedFisher, fold_in, version_fisher
-from atlasengine.errors import InputError
+from atlasengine.errors import AtlasWriteError, InputError
 from atlasengine.faults import fault_point
 from atlasengine.model import CVAE
 from atlasengine.numerics import sorted_sample
@@ -171,13 +171,11 @@ def create(
                          atlas_genes=None, min_gene_overlap=config.continual.min_gene_overlap)
     genes = [str(g) for g in adata.var_names]
     tmp = root.with_name(f".{root.name}.creating-{uuid.uuid4().hex[:8]}")
+    _make_folder(tmp)
     try:
-        tmp.mkdir(parents=True)
         with WriteLock(tmp):  # the build is private; this leaves the (empty) lock file every atlas has
             committed = _build_reference(AtlasStore(tmp), prep, genes, batch_key, label_key, dataset, config, runtime)
-        if root.exists():
-            root.rmdir()
-        tmp.rename(root)
+        _move_into_place(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -202,6 +200,26 @@ def _build_reference(store: AtlasStore, prep: PreparedInput, genes: list[str], b
     module = CVAE(len(genes), len(prep.batches), config.model)
     result = fit(module, plan.new_cells(), config.reference_training, runtime=runtime, name="training reference")
     return _build_and_commit(plan, module, "reference", result, previous_fisher=None)
+
+
+def _make_folder(path: Path) -> None:
+    try:
+        path.mkdir(parents=True)
+    except OSError as exc:
+        raise AtlasWriteError(f"cannot create {path}: {exc.strerror}; nothing was written") from exc
+
+
+def _move_into_place(built: Path, root: Path) -> None:
+    """Rename the finished atlas to ``root``; refuse if another process created ``root`` meanwhile."""
+    try:
+        if root.exists():
+            root.rmdir()  # an empty folder the user made; a non-empty one raises
+        built.rename(root)
+    except OSError as exc:
+        raise InputError(
+            f"{root} was created by another process while this create ran ({exc.strerror}); this create's atlas "
+            "was discarded and the other one left as it is"
+        ) from exc
 
 
 # ----------------------------------------------------------------------------- ingest

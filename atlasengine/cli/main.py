@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 from atlasengine.cli.output import configure_logging, versions_table
@@ -36,7 +37,7 @@ def cmd_create(args) -> None:
     """Train a reference on ``args.input`` and write version 1 of a new atlas at ``args.path``."""
     from atlasengine import Atlas
 
-    config = {"reference_training": {"max_epochs": args.epochs}} if args.epochs else None
+    config = {"reference_training": {"max_epochs": args.epochs}} if args.epochs is not None else None
     atlas = Atlas.create(args.path, _read(args.input), batch_key=args.batch_key, label_key=args.label_key,
                          dataset=args.dataset, layer=args.layer, config=config)
     print(f"created {atlas}")
@@ -47,7 +48,7 @@ def cmd_ingest(args) -> None:
     from atlasengine import Atlas
 
     atlas = Atlas.open(args.path)
-    training = {"max_epochs": args.epochs} if args.epochs else None
+    training = {"max_epochs": args.epochs} if args.epochs is not None else None
     res = atlas.ingest(_read(args.input), batch_key=args.batch_key, strategy=args.strategy, label_key=args.label_key,
                        dataset=args.dataset, layer=args.layer, training=training)
     unknown = float(res.predictions["is_unknown"].mean())
@@ -64,7 +65,10 @@ def cmd_transfer(args) -> None:
             "novelty_calibration": args.novelty_calibration}
     pred = atlas.transfer_labels(_read(args.input), batch_key=args.batch_key, layer=args.layer,
                                  config={k: v for k, v in rule.items() if v is not None})
-    pred.to_csv(args.output)
+    try:
+        pred.to_csv(args.output)
+    except OSError as exc:
+        raise AtlasError(f"cannot write the predictions to {args.output}: {exc.strerror or exc}") from exc
     print(f"wrote {len(pred)} predictions to {args.output} ({pred['is_unknown'].mean():.1%} Unknown, "
           f"rule: {pred.attrs.get('unknown_rule', 'uncertainty')})")
     if pred.attrs.get("novelty_note"):
@@ -104,7 +108,7 @@ def cmd_demo(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of the ``atlasengine`` command and its subcommands."""
     p = argparse.ArgumentParser(prog="atlasengine", description="A versioned single-cell reference atlas with continual (EWC) fold-in.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details; tracebacks of errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="build an atlas from real data and fold in two queries")
@@ -154,16 +158,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line on ``argv``; return the exit status (2 after an :class:`AtlasError`, else 0)."""
+    """Run the command line on ``argv``; return the exit status.
+
+    An error is one line on stderr, without a traceback (``-v`` adds it): status 2 for the
+    engine's own errors (:class:`AtlasError`), 1 for anything else, 130 when interrupted.
+    """
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     try:
         args.func(args)
+        return 0
     except AtlasError as exc:
-        print(f"atlasengine: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        error, status, line = exc, 2, f"atlasengine: error: {_one_line(exc)}"
+    except KeyboardInterrupt as exc:
+        error, status, line = exc, 130, "atlasengine: interrupted; nothing was committed unless the command said so"
+    except Exception as exc:  # a bug or a library failure: still one line, the traceback with -v
+        error, status, line = exc, 1, f"atlasengine: unexpected error ({type(exc).__name__}): {_one_line(exc)}"
+    if args.verbose:
+        traceback.print_exception(error)
+    elif status == 1:
+        line += " (-v shows the traceback)"
+    print(line, file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

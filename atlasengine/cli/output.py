@@ -19,12 +19,24 @@ def versions_table(atlas: Atlas) -> str:
     return "\n".join(rows)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a line is logged (it may be replaced later)."""
+
+    @property
+    def stream(self):  # noqa: D102 - the attribute logging.StreamHandler reads
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(verbose: bool) -> None:
     """Send the engine's lines (one per long phase when no bar is shown) to stderr; ``verbose`` adds detail.
 
     Other libraries log only warnings and errors.
     """
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.setFormatter(logging.Formatter("%(message)s"))
     engine = logging.getLogger("atlasengine")
     engine.handlers[:] = [handler]

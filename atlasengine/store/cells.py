@@ -20,7 +20,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 import tiledbsoma
 
-from atlasengine.errors import AtlasFormatError, AtlasIntegrityError
+from atlasengine.errors import AtlasFormatError, AtlasIntegrityError, AtlasWriteError
 from atlasengine.faults import fault_point
 
 MEASUREMENT = "RNA"
@@ -238,7 +238,11 @@ class CellStore:
         joinids = np.arange(start, start + n, dtype=np.int64)
         table = obs_table(obs, joinids)
         counts = sp.csr_matrix(counts)
-        self._write(table, counts, joinids)
+        try:
+            self._write(table, counts, joinids)
+        except (OSError, tiledbsoma.SOMAError) as exc:  # disk full, permissions
+            raise AtlasWriteError(f"cannot write cells to the cell store at {self.uri}: {exc}; nothing was "
+                                  "committed") from exc
         return start, start + n
 
     def _write(self, table: pa.Table, counts: sp.csr_matrix, joinids: np.ndarray) -> None:

@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from atlasengine.errors import AtlasIntegrityError
+from atlasengine.errors import AtlasIntegrityError, AtlasWriteError
 
 _GROUPS = ("weights", "fisher", "anchor")
 FORMAT = "atlasengine-checkpoint-2"
@@ -30,7 +30,10 @@ def save_checkpoint(
     for group, d in zip(_GROUPS, (weights, fisher, anchor)):
         for name, t in d.items():
             tensors[f"{group}/{name}"] = t.detach().cpu().clone().contiguous()
-    save_file(tensors, str(path), metadata={**(metadata or {}), "format": FORMAT})
+    try:
+        save_file(tensors, str(path), metadata={**(metadata or {}), "format": FORMAT})
+    except (SafetensorError, OSError) as exc:  # disk full, quota, permissions
+        raise AtlasWriteError(f"cannot write checkpoint {path}: {exc}") from exc
 
 
 def load_checkpoint(

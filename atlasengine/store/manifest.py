@@ -136,7 +136,7 @@ def read_raw_manifest(root: Path) -> dict[str, Any]:
         raise AtlasFormatError(f"{root} is not an atlas: it has no {MANIFEST_NAME}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 (a flipped byte)
         raise AtlasFormatError(f"{path} is not a readable atlas manifest: {exc}") from exc
     fmt = raw.get("format_version") if isinstance(raw, dict) else None
     if not isinstance(fmt, int):

@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from atlasengine.errors import AtlasFormatError, AtlasIntegrityError
+from atlasengine.errors import AtlasFormatError, AtlasIntegrityError, AtlasWriteError
 from atlasengine.faults import fault_point
 from atlasengine.store.atlas_store import AtlasStore
 from atlasengine.store.cells import CellChecks, joinids_of
@@ -81,6 +81,14 @@ def write_version_files(staged: Path, number: int, files: VersionFiles) -> None:
     The folder is published and committed by the caller; until the manifest lists it, readers
     never look at it, and the next writer removes it if the commit never comes.
     """
+    try:
+        _write_files(staged, number, files)
+    except OSError as exc:  # disk full, quota, permissions
+        raise AtlasWriteError(f"cannot write the files of version {number} in {staged}: {exc}; "
+                              "nothing was committed") from exc
+
+
+def _write_files(staged: Path, number: int, files: VersionFiles) -> None:
     fault_point("checkpoint")
     ck = files.checkpoint
     header = {"fisher_kind": PER_CELL_MEAN, "fisher_cells": repr(float(ck.fisher_cells)), "fisher_version": str(number)}
@@ -229,8 +237,20 @@ class VersionReader:
     def latent(self, number: int | None = None) -> np.ndarray:
         """Embeddings of all cells of version ``number`` (default: this one) under its model (a copy)."""
         n = self.number if number is None else number
-        z = self._cached(("latent", n), lambda: np.load(self.file(LATENT, n), allow_pickle=False))
-        return z.copy()
+        return self._cached(("latent", n), lambda: self._load_latent(n)).copy()
+
+    def _load_latent(self, number: int) -> np.ndarray:
+        """Load a version's embeddings, checked to hold one row per cell the manifest records."""
+        info = self.manifest.version(number)
+        path = self.file(LATENT, number)
+        z = np.load(path, allow_pickle=False)
+        in_datasets = sum(d.n_cells for d in self.manifest.datasets_until(number))
+        if z.ndim != 2 or z.shape[0] != info.n_cells or in_datasets != info.n_cells:
+            raise AtlasIntegrityError(
+                f"file {info.files[LATENT].path} of version {number} holds {z.shape[0] if z.ndim else 0} rows; the "
+                f"manifest records {info.n_cells} cells for the version and {in_datasets} in its datasets"
+            )
+        return z
 
     def first_latent(self, number: int | None = None) -> np.ndarray:
         """Each cell of version ``number`` (default: this one) embedded by the version that added it."""

@@ -1,0 +1,150 @@
+"""Every failure a user can meet is the engine's own error, naming the file, version or setting; the CLI says it in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import DATA, TINY, snapshot
+
+from atlasengine import Atlas, AtlasFormatError, AtlasIntegrityError, InputError
+from atlasengine.cli.main import main
+
+OUT_OF_SPACE = """
+import resource, signal, sys, anndata as ad
+from atlasengine import Atlas, AtlasError
+resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))  # no file may grow past 1 MB: a full disk
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+a = ad.read_h5ad(sys.argv[2])
+q = a[a.obs["tech"] == "smartseq2"].copy()
+try:
+    Atlas.open(sys.argv[1]).ingest(q, batch_key="tech", strategy="surgery", training={"max_epochs": 1})
+except AtlasError as exc:
+    print(type(exc).__name__, exc)
+"""
+
+CREATE_SLOWLY = """
+import sys, anndata as ad
+from atlasengine import Atlas, AtlasError
+a = ad.read_h5ad(sys.argv[2])
+ref = a[a.obs["tech"] == "indrop"][:150].copy()
+tiny = {"model": {"n_hidden": 16}, "reference_training": {"max_epochs": 1}}
+try:
+    Atlas.create(sys.argv[1], ref, batch_key="tech", label_key="celltype", config=tiny)
+except AtlasError as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def _errors(capsys) -> str:
+    return capsys.readouterr().err
+
+
+def test_the_cli_says_an_error_in_one_line_and_v_shows_the_traceback(atlas_path, capsys):
+    manifest = atlas_path / "manifest.json"
+    data = bytearray(manifest.read_bytes())
+    data[40] = 0xFF  # one flipped byte: not UTF-8 any more
+    manifest.write_bytes(bytes(data))
+    assert main(["versions", str(atlas_path)]) == 2
+    err = _errors(capsys)
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{manifest} is not a readable atlas manifest" in err
+    assert main(["-v", "versions", str(atlas_path)]) == 2
+    err = _errors(capsys)
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("atlasengine: error:")
+
+
+def test_cli_epochs_zero_is_refused_not_taken_for_the_default(atlas_path, tmp_path, pancreas_query, capsys):
+    q = tmp_path / "q.h5ad"
+    pancreas_query[pancreas_query.obs["tech"] == "smartseq2"].copy().write_h5ad(q)
+    before = snapshot(atlas_path)
+    assert main(["ingest", str(atlas_path), "-i", str(q), "--batch-key", "tech", "--epochs", "0"]) == 2
+    err = _errors(capsys)
+    assert err.count("\n") == 1 and "max_epochs" in err and "greater than or equal to 1" in err
+    assert snapshot(atlas_path) == before
+
+
+@pytest.mark.parametrize(("config", "setting"), [
+    ({"model": {"n_hidden": 0}}, "model.n_hidden"),
+    ({"reference_training": {"max_epochs": "many"}}, "reference_training.max_epochs"),
+    ({"transfer": {"unknown_rule": "guess"}}, "transfer.unknown_rule"),
+    ({"no_such_section": {}}, "no_such_section"),
+    ("not a config", "AtlasConfig"),
+])
+def test_an_invalid_config_in_create_names_the_setting_and_writes_nothing(tmp_path, pancreas_ref, config, setting):
+    with pytest.raises(InputError, match=f"invalid atlas config: {setting}: "):
+        Atlas.create(tmp_path / "a.atlas", pancreas_ref, batch_key="tech", label_key="celltype", config=config)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("version", ["x", True, 1.9, None])
+def test_open_takes_a_version_number_only(reference_atlas, version):
+    if version is None:
+        with pytest.raises(AtlasFormatError, match="version 99 does not exist in this atlas \\(versions: \\[1\\]\\)"):
+            Atlas.open(reference_atlas, version=99)
+        return
+    with pytest.raises(InputError, match=f"version must be a version number \\(an integer\\), got {version!r}"):
+        Atlas.open(reference_atlas, version=version)
+
+
+def test_report_and_transfer_to_a_path_that_cannot_be_written_say_which(two_version_atlas, tmp_path, pancreas_query,
+                                                                       capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file where a folder was expected")
+    with pytest.raises(InputError, match=f"cannot write the report to {blocker}/audit.html"):
+        Atlas.open(two_version_atlas).report(blocker / "audit.html")
+    with pytest.raises(InputError, match=f"cannot write the report to {tmp_path}: it is a folder"):
+        Atlas.open(two_version_atlas).report(tmp_path)
+    capsys.readouterr()
+    q = tmp_path / "q.h5ad"
+    pancreas_query.write_h5ad(q)
+    out = blocker / "pred.csv"
+    assert main(["transfer", str(two_version_atlas), "-i", str(q), "--batch-key", "tech", "-o", str(out)]) == 2
+    err = _errors(capsys)
+    assert err.count("\n") == 1 and f"cannot write the predictions to {out}" in err
+
+
+def test_a_write_that_runs_out_of_space_commits_nothing_and_names_the_file(atlas_path):
+    before = Atlas.open(atlas_path).latent()
+    proc = subprocess.run([sys.executable, "-c", OUT_OF_SPACE, str(atlas_path), str(DATA / "pancreas_panc8_small.h5ad")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.stdout.startswith("AtlasWriteError cannot write checkpoint "), proc.stdout + proc.stderr[-2000:]
+    assert "model.safetensors" in proc.stdout and "File too large" in proc.stdout
+    atlas = Atlas.open(atlas_path)
+    assert atlas.version == 1 and np.array_equal(atlas.latent(), before)
+    assert not any((atlas_path / ".staging").iterdir()) and Atlas.lock_holder(atlas_path) is None
+
+
+def test_two_creates_on_one_path_one_wins_the_other_says_so(tmp_path, pancreas_ref):
+    path = tmp_path / "lab.atlas"
+    env = {**os.environ, "ATLASENGINE_FAULT": "before_manifest:sleep8"}
+    slow = subprocess.Popen([sys.executable, "-c", CREATE_SLOWLY, str(path), str(DATA / "pancreas_panc8_small.h5ad")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".lab.atlas.creating-*")):  # the slow one is building
+        assert slow.poll() is None and time.time() < deadline, slow.communicate()[1][-2000:]
+        time.sleep(0.2)
+    fast = Atlas.create(path, pancreas_ref[:150].copy(), batch_key="tech", label_key="celltype",
+                        config={**TINY, "reference_training": {"max_epochs": 1}})
+    out, err = slow.communicate(timeout=300)
+    assert out.startswith(f"InputError {path} was created by another process while this create ran"), out + err[-2000:]
+    assert np.array_equal(Atlas.open(path).latent(), fast.latent())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lab.atlas"]
+
+
+def test_a_manifest_edited_to_point_at_a_latent_of_the_wrong_size_is_caught(two_version_atlas, tmp_path):
+    path = tmp_path / "a.atlas"
+    shutil.copytree(two_version_atlas, path)
+    raw = json.loads((path / "manifest.json").read_text())
+    v1, v2 = raw["versions"]
+    v2["files"]["latent.npy"] = v1["files"]["latent.npy"]  # a valid file, with its own checksum, of 300 cells
+    (path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(AtlasIntegrityError, match="versions/v0001/latent.npy of version 2 holds 300 rows; the manifest "
+                                                  "records 500 cells"):
+        Atlas.open(path).latent()
