@@ -1,5 +1,9 @@
 """Property-based hostile input: every AnnData either works or raises the engine's own error
-with a message naming the problem; the atlas is never changed by a refused input."""
+with a message naming the problem; the atlas is never changed by a refused input.
+
+1,100 generated cases (1,000 label transfers, 100 ingests), marked ``slow``: the README's test
+command (what CI runs) includes them; ``-m "not slow"`` leaves them out of a quick local run.
+``derandomize``: the same cases every run, so a failure repeats."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import shutil
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 from conftest import snapshot
 from hypothesis import HealthCheck, given, settings
@@ -17,29 +22,36 @@ from atlasengine import Atlas, AtlasError, InputError
 
 NAMES = st.one_of(
     st.text(min_size=0, max_size=12),
-    st.sampled_from(["", " ", "é細胞", "\u200b", "x" * 2000, "celseq", "indrop"]),
+    st.sampled_from(["", " ", "é細胞", "\u200b", "x" * 2000, "celseq", "indrop", "$\\foo$", "_hidden", "nan", "None",
+                     "Unknown", "<script>", "a\\b", "?#"]),
 )
+LABELS = st.one_of(NAMES, st.sampled_from([1.5, "alpha", None, float("nan")]))
 
 
 @st.composite
 def hostile_anndata(draw, atlas_genes: list[str], atlas_cells: list[str]):
-    n = draw(st.integers(0, 25))
-    share = draw(st.sampled_from([0.0, 0.3, 0.79, 0.85, 1.0, 1.0, 1.0]))
+    hostile = draw(st.booleans())  # else only the names are hostile: half the cases get past the counts checks
+    n = draw(st.integers(0 if hostile else 1, 25))
+    share = draw(st.sampled_from([0.0, 0.3, 0.79, 0.85, 1.0, 1.0, 1.0] if hostile else [0.85, 1.0]))
     k = int(len(atlas_genes) * share)
     genes = list(np.random.default_rng(draw(st.integers(0, 99))).permutation(atlas_genes)[:k])
     genes += [f"foreign{i}" for i in range(draw(st.integers(0, 5)))]
-    if draw(st.integers(0, 3)) == 0 and genes:
+    if hostile and draw(st.integers(0, 3)) == 0 and genes:
         genes[-1] = genes[0]  # duplicated gene name
     g = len(genes)
     rng = np.random.default_rng(draw(st.integers(0, 10_000)))
     X = rng.poisson(1.0, size=(n, g)).astype(draw(st.sampled_from([np.int32, np.int64, np.float32, np.float64])))
-    poison = draw(st.sampled_from(["none"] * 5 + ["nan", "inf", "negative", "fraction"]))
-    if poison != "none" and X.size:
+    poisons = ["none"] * 5 + ["nan", "inf", "negative", "fraction", "empty cells"] if hostile else ["none"]
+    poison = draw(st.sampled_from(poisons))
+    if poison == "empty cells" and X.size:
+        X[: draw(st.integers(1, n))] = 0
+    elif poison != "none" and X.size:
         X = X.astype(np.float64)
         X.flat[0] = {"nan": np.nan, "inf": np.inf, "negative": -3, "fraction": 0.5}[poison]
     if draw(st.booleans()):
         X = sp.csr_matrix(X)
-    cell_kind = draw(st.sampled_from(["unique"] * 3 + ["duplicate", "empty", "atlas", "unicode"]))
+    cell_kind = draw(st.sampled_from(["unique"] * 3 + ["duplicate", "empty", "atlas", "unicode"] if hostile
+                                     else ["unique", "unicode"]))
     cells = [f"hostile_{i}" for i in range(n)]
     if n:
         if cell_kind == "duplicate" and n > 1:
@@ -50,7 +62,8 @@ def hostile_anndata(draw, atlas_genes: list[str], atlas_cells: list[str]):
             cells[0] = atlas_cells[0]
         elif cell_kind == "unicode":
             cells = [f"細胞-{i}-é" for i in range(n)]
-    batch_kind = draw(st.sampled_from(["string"] * 3 + ["int", "nan", "missing", "existing", "long", "mixed"]))
+    batch_kind = draw(st.sampled_from(["string"] * 3 + ["int", "nan", "missing", "existing", "long", "mixed"] if hostile
+                                      else ["string", "int"]))
     obs = pd.DataFrame(index=pd.Index(cells, dtype=object))
     if batch_kind == "string":
         obs["b"] = draw(NAMES.filter(lambda s: s.strip() != "")) or "x"
@@ -65,7 +78,7 @@ def hostile_anndata(draw, atlas_genes: list[str], atlas_cells: list[str]):
     elif batch_kind == "mixed":
         obs["b"] = [i if i % 2 else f"s{i}" for i in range(n)]
     if draw(st.booleans()):
-        obs["lab"] = draw(st.sampled_from([1.5, "alpha", None]))
+        obs["lab"] = [draw(LABELS) for _ in range(n)] if draw(st.booleans()) else draw(LABELS)
     a = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=object)))
     return a
 
@@ -82,12 +95,13 @@ def _check(fn, adata) -> str:
     return "worked"
 
 
+@pytest.mark.slow
 def test_hostile_inputs_to_transfer_never_crash_deep(reference_atlas):
     atlas = Atlas.open(reference_atlas)
     genes, cells = atlas.genes, list(atlas.obs().index)
     outcomes: list[str] = []
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(hostile_anndata(genes, cells), st.sampled_from(["b", "b", "b", "nope"]))
     def run(adata, key):
         def call(a):
@@ -97,15 +111,16 @@ def test_hostile_inputs_to_transfer_never_crash_deep(reference_atlas):
         outcomes.append(_check(call, adata))
 
     run()
-    assert "refused" in outcomes and "worked" in outcomes  # the generator reaches both sides
+    assert outcomes.count("worked") >= 200 and outcomes.count("refused") >= 200  # both sides, often
 
 
+@pytest.mark.slow
 def test_hostile_inputs_to_ingest_leave_the_atlas_unchanged(reference_atlas, tmp_path_factory):
     base = Atlas.open(reference_atlas)
     genes, cells = base.genes, list(base.obs().index)
     outcomes: list[str] = []
 
-    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(hostile_anndata(genes, cells), st.sampled_from(["surgery", "ewc"]), st.booleans())
     def run(adata, strategy, with_labels):
         path = tmp_path_factory.mktemp("hostile") / "a.atlas"
@@ -117,6 +132,7 @@ def test_hostile_inputs_to_ingest_leave_the_atlas_unchanged(reference_atlas, tmp
             res = atlas.ingest(a, batch_key="b", strategy=strategy, label_key="lab" if with_labels else None,
                                training={"max_epochs": 1})
             assert res.version.number == 2 and len(atlas.obs()) == 300 + a.n_obs
+            assert not {"nan", "None", "Unknown", ""} & set(Atlas.open(path).labels)  # missing or reserved
 
         outcome = _check(call, adata)
         if outcome == "refused":
@@ -126,4 +142,4 @@ def test_hostile_inputs_to_ingest_leave_the_atlas_unchanged(reference_atlas, tmp
         shutil.rmtree(path.parent)
 
     run()
-    assert outcomes.count("refused") >= 1
+    assert outcomes.count("refused") >= 20 and outcomes.count("worked") >= 20
