@@ -103,7 +103,7 @@ def test_a_reader_polling_drift_and_sql_through_a_whole_ingest_never_fails_or_bl
 
 
 def test_unlock_force_beside_a_live_writer_is_refused_and_no_version_is_lost(atlas_path, pancreas_query, capsys):
-    writer = _start_training_writer(atlas_path, 10)
+    writer = _start_training_writer(atlas_path, 6)
     assert main(["unlock", str(atlas_path), "--force"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"held by pid {writer.pid}" in err and "not broken" in err
@@ -117,7 +117,7 @@ def test_unlock_force_beside_a_live_writer_is_refused_and_no_version_is_lost(atl
 
 
 def test_a_writer_whose_lock_file_was_deleted_commits_nothing_and_loses_nothing(atlas_path, pancreas_query):
-    writer = _start_training_writer(atlas_path, 15)
+    writer = _start_training_writer(atlas_path, 10)
     (atlas_path / LOCK_NAME).unlink()  # what the old `unlock --force` did beside a live writer
     celseq2 = _query(pancreas_query, "celseq2")
     second = Atlas.open(atlas_path).ingest(celseq2, batch_key="tech", strategy="surgery", training={"max_epochs": 1})

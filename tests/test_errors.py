@@ -123,7 +123,7 @@ def test_a_write_that_runs_out_of_space_commits_nothing_and_names_the_file(atlas
 
 def test_two_creates_on_one_path_one_wins_the_other_says_so(tmp_path, pancreas_ref):
     path = tmp_path / "lab.atlas"
-    env = {**os.environ, "ATLASENGINE_FAULT": "before_manifest:sleep8"}
+    env = {**os.environ, "ATLASENGINE_FAULT": "before_manifest:sleep6"}
     slow = subprocess.Popen([sys.executable, "-c", CREATE_SLOWLY, str(path), str(DATA / "pancreas_panc8_small.h5ad")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
