@@ -1,7 +1,7 @@
 """Property-based hostile input: every AnnData either works or raises the engine's own error
 with a message naming the problem; the atlas is never changed by a refused input.
 
-1,050 generated cases (1,000 label transfers, 50 ingests), marked ``slow``: the README's test
+1,030 generated cases (1,000 label transfers, 30 ingests), marked ``slow``: the README's test
 command (what CI runs) includes them; ``-m "not slow"`` leaves them out of a quick local run.
 ``derandomize``: the same cases every run, so a failure repeats."""
 
@@ -120,7 +120,7 @@ def test_hostile_inputs_to_ingest_leave_the_atlas_unchanged(reference_atlas, tmp
     genes, cells = base.genes, list(base.obs().index)
     outcomes: list[str] = []
 
-    @settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(hostile_anndata(genes, cells), st.sampled_from(["surgery", "ewc"]), st.booleans())
     def run(adata, strategy, with_labels):
         path = tmp_path_factory.mktemp("hostile") / "a.atlas"
@@ -142,4 +142,4 @@ def test_hostile_inputs_to_ingest_leave_the_atlas_unchanged(reference_atlas, tmp
         shutil.rmtree(path.parent)
 
     run()
-    assert outcomes.count("refused") >= 10 and outcomes.count("worked") >= 10
+    assert outcomes.count("refused") >= 5 and outcomes.count("worked") >= 5
