@@ -133,6 +133,62 @@ class Atlas:
         return cls(committed.reader(), read_only=False)
 
     @classmethod
+    def from_scvi(
+        cls,
+        path: str | Path,
+        model_dir: str | Path,
+        adata: ad.AnnData,
+        label_key: str,
+        *,
+        dataset: str = "reference",
+        layer: str | None = None,
+        config: AtlasConfig | dict | None = None,
+        runtime: RuntimeConfig | dict | None = None,
+    ) -> Atlas:
+        """Start an atlas from an scvi-tools ``SCVI`` reference saved with ``model.save``.
+
+        The model's weights become version 1 (no training); the Fisher, embeddings, index and
+        calibration are computed on ``adata``, the reference data the model was trained on.
+        Embeddings equal scvi-tools' ``get_latent_representation``. Settings the engine cannot
+        represent (batch norm, extra covariates, another dispersion, a model class other than
+        SCVI) are refused, naming the setting; the checkpoint is read without unpickling code.
+
+        Parameters
+        ----------
+        path
+            A new (or empty) directory for the atlas.
+        model_dir
+            The folder ``model.save`` wrote (it holds ``model.pt``).
+        adata
+            The reference cells with raw counts, the model's genes, and the batch column the
+            model was set up with.
+        label_key
+            Obs column of the cell type.
+        dataset, layer, config, runtime
+            As for :meth:`create`; ``config["model"]`` is taken from the scvi-tools model.
+
+        Returns
+        -------
+        Atlas
+            The new atlas at version 1.
+        """
+        from atlasengine.api.scvi_import import model_config, origin, read_scvi, to_module
+
+        ref = read_scvi(model_dir)
+        module = to_module(ref)
+        try:
+            base = config.model_dump() if isinstance(config, AtlasConfig) else dict(config or {})
+            cfg = AtlasConfig.model_validate({**base, "model": model_config(ref).model_dump()})
+        except ValueError as exc:
+            raise InputError(f"invalid atlas config: {exc}") from exc
+        committed = foldin.create(
+            Path(path), adata, batch_key=ref.batch_key, label_key=label_key, dataset=dataset, layer=layer, config=cfg,
+            runtime=merged(RuntimeConfig(), runtime),
+            pretrained=foldin.Pretrained(module, ref.genes, ref.batches, origin(ref, model_dir)),
+        )
+        return cls(committed.reader(), read_only=False)
+
+    @classmethod
     def open(cls, path: str | Path, version: int | None = None, read_only: bool | None = None) -> Atlas:
         """Open an atlas at its newest version, or read-only at an earlier ``version``.
 
