@@ -21,6 +21,7 @@ Example
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import scipy.sparse as sp
 import torch
 
 from atlasengine.api import foldin
+from atlasengine.api.anndata_out import atlas_anndata, query_anndata
 from atlasengine.api.audit import render_atlas_report
 from atlasengine.api.inputs import prepare_input
 from atlasengine.api.upgrade import upgrade_atlas
@@ -72,6 +74,19 @@ class IngestResult:
     genes_padded: int
     genes_dropped: int
     history: list[dict[str, float]] = field(default_factory=list)
+    query: ad.AnnData | None = field(default=None, repr=False)
+    atlas_path: str = ""
+
+    def to_anndata(self) -> ad.AnnData:
+        """Return the folded-in AnnData (a copy) with the predictions in ``obs`` and the embedding in ``obsm``.
+
+        ``obsm["X_atlasengine"]`` holds the embedding (``sc.pp.neighbors(adata,
+        use_rep="X_atlasengine")``); ``obs`` gains ``label``, ``predicted_label``,
+        ``uncertainty``, ``is_unknown``, the novelty columns and ``p_<label>``.
+        """
+        if self.query is None:
+            raise InputError("this result does not hold the AnnData that was folded in")
+        return query_anndata(self.query, self.predictions, self.latent, self.atlas_path, self.version.number)
 
 
 class Atlas:
@@ -321,6 +336,30 @@ class Atlas:
         """
         return self._reader.predictions(version)
 
+    def to_anndata(
+        self, version: int | None = None, counts: bool = False, cells: Sequence[str] | np.ndarray | None = None
+    ) -> ad.AnnData:
+        """Return the atlas (or some of its cells) as an AnnData for scanpy.
+
+        Parameters
+        ----------
+        version
+            A committed version up to this one (default: this one).
+        counts
+            Read the raw counts into ``X`` from the cell store (default: no ``X``).
+        cells
+            Cell names, or a boolean mask over :meth:`obs` rows (default: every cell).
+
+        Returns
+        -------
+        anndata.AnnData
+            ``obs`` as :meth:`obs`, ``obsm["X_atlasengine"]`` the embedding under that version's
+            model, ``uns["atlasengine"]`` the atlas and version.
+        """
+        reader = self._reader if version is None or version == self.version else VersionReader(
+            self._reader.store, self._reader.manifest, version)
+        return atlas_anndata(reader, counts=counts, cells=cells)
+
     def model(self) -> CVAE:
         """Return the model of this version (eval mode)."""
         module = CVAE(self._reader.manifest.n_genes, len(self.info.batches), self.config.model)
@@ -478,6 +517,8 @@ class Atlas:
             genes_padded=committed.prepared.genes_padded,
             genes_dropped=committed.prepared.genes_dropped,
             history=committed.train.history,
+            query=adata,
+            atlas_path=str(self.path),
         )
 
     # -------------------------------------------------------------------- drift
