@@ -21,6 +21,7 @@ Example
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import torch
 from pydantic import ValidationError
 
 from atlasengine.api import foldin
+from atlasengine.api.anndata_out import atlas_anndata, query_anndata
 from atlasengine.api.audit import drift_store, render_atlas_report
 from atlasengine.api.inputs import prepare_input
 from atlasengine.api.upgrade import upgrade_atlas
@@ -74,6 +76,19 @@ class IngestResult:
     genes_padded: int
     genes_dropped: int
     history: list[dict[str, float]] = field(default_factory=list)
+    query: ad.AnnData | None = field(default=None, repr=False)
+    atlas_path: str = ""
+
+    def to_anndata(self) -> ad.AnnData:
+        """Return the folded-in AnnData (a copy) with the predictions in ``obs`` and the embedding in ``obsm``.
+
+        ``obsm["X_atlasengine"]`` holds the embedding (``sc.pp.neighbors(adata,
+        use_rep="X_atlasengine")``); ``obs`` gains ``label``, ``predicted_label``,
+        ``uncertainty``, ``is_unknown``, the novelty columns and ``p_<label>``.
+        """
+        if self.query is None:
+            raise InputError("this result does not hold the AnnData that was folded in")
+        return query_anndata(self.query, self.predictions, self.latent, self.atlas_path, self.version.number)
 
 
 class Atlas:
@@ -132,6 +147,62 @@ class Atlas:
             raise InputError(f"invalid atlas config: {validation_problems(exc, 'AtlasConfig')}") from exc
         committed = foldin.create(Path(path), adata, batch_key=batch_key, label_key=label_key, dataset=dataset,
                                   layer=layer, config=cfg, runtime=merged(RuntimeConfig(), runtime))
+        return cls(committed.reader(), read_only=False)
+
+    @classmethod
+    def from_scvi(
+        cls,
+        path: str | Path,
+        model_dir: str | Path,
+        adata: ad.AnnData,
+        label_key: str,
+        *,
+        dataset: str = "reference",
+        layer: str | None = None,
+        config: AtlasConfig | dict | None = None,
+        runtime: RuntimeConfig | dict | None = None,
+    ) -> Atlas:
+        """Start an atlas from an scvi-tools ``SCVI`` reference saved with ``model.save``.
+
+        The model's weights become version 1 (no training); the Fisher, embeddings, index and
+        calibration are computed on ``adata``, the reference data the model was trained on.
+        Embeddings equal scvi-tools' ``get_latent_representation``. Settings the engine cannot
+        represent (batch norm, extra covariates, another dispersion, a model class other than
+        SCVI) are refused, naming the setting; the checkpoint is read without unpickling code.
+
+        Parameters
+        ----------
+        path
+            A new (or empty) directory for the atlas.
+        model_dir
+            The folder ``model.save`` wrote (it holds ``model.pt``).
+        adata
+            The reference cells with raw counts, the model's genes, and the batch column the
+            model was set up with.
+        label_key
+            Obs column of the cell type.
+        dataset, layer, config, runtime
+            As for :meth:`create`; ``config["model"]`` is taken from the scvi-tools model.
+
+        Returns
+        -------
+        Atlas
+            The new atlas at version 1.
+        """
+        from atlasengine.api.scvi_import import model_config, origin, read_scvi, to_module
+
+        ref = read_scvi(model_dir)
+        module = to_module(ref)
+        try:
+            base = config.model_dump() if isinstance(config, AtlasConfig) else dict(config or {})
+            cfg = AtlasConfig.model_validate({**base, "model": model_config(ref).model_dump()})
+        except ValueError as exc:
+            raise InputError(f"invalid atlas config: {exc}") from exc
+        committed = foldin.create(
+            Path(path), adata, batch_key=ref.batch_key, label_key=label_key, dataset=dataset, layer=layer, config=cfg,
+            runtime=merged(RuntimeConfig(), runtime),
+            pretrained=foldin.Pretrained(module, ref.genes, ref.batches, origin(ref, model_dir)),
+        )
         return cls(committed.reader(), read_only=False)
 
     @classmethod
@@ -270,6 +341,30 @@ class Atlas:
             None for version 1 (the reference).
         """
         return self._reader.predictions(version)
+
+    def to_anndata(
+        self, version: int | None = None, counts: bool = False, cells: Sequence[str] | np.ndarray | None = None
+    ) -> ad.AnnData:
+        """Return the atlas (or some of its cells) as an AnnData for scanpy.
+
+        Parameters
+        ----------
+        version
+            A committed version up to this one (default: this one).
+        counts
+            Read the raw counts into ``X`` from the cell store (default: no ``X``).
+        cells
+            Cell names, or a boolean mask over :meth:`obs` rows (default: every cell).
+
+        Returns
+        -------
+        anndata.AnnData
+            ``obs`` as :meth:`obs`, ``obsm["X_atlasengine"]`` the embedding under that version's
+            model, ``uns["atlasengine"]`` the atlas and version.
+        """
+        reader = self._reader if version is None or version == self.version else VersionReader(
+            self._reader.store, self._reader.manifest, version)
+        return atlas_anndata(reader, counts=counts, cells=cells)
 
     def model(self) -> CVAE:
         """Return the model of this version (eval mode)."""
@@ -428,6 +523,8 @@ class Atlas:
             genes_padded=committed.prepared.genes_padded,
             genes_dropped=committed.prepared.genes_dropped,
             history=committed.train.history,
+            query=adata,
+            atlas_path=str(self.path),
         )
 
     # -------------------------------------------------------------------- drift

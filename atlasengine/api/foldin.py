@@ -148,6 +148,16 @@ class _Plan:
 
 
 # ----------------------------------------------------------------------------- create
+@dataclass
+class Pretrained:
+    """A reference model trained elsewhere (an scvi-tools SCVI): its weights, genes, batch order and origin."""
+
+    module: CVAE
+    genes: list[str]
+    batches: list[str]
+    origin: dict[str, Any]
+
+
 def create(
     root: Path,
     adata: ad.AnnData,
@@ -158,8 +168,9 @@ def create(
     layer: str | None,
     config: AtlasConfig,
     runtime: RuntimeConfig,
+    pretrained: Pretrained | None = None,
 ) -> Committed:
-    """Train the reference model on ``adata`` and write version 1 of a new atlas at ``root``.
+    """Train the reference model on ``adata`` (or take ``pretrained``) and write version 1 at ``root``.
 
     The atlas is built beside ``root`` and renamed into place when complete.
     """
@@ -167,14 +178,23 @@ def create(
     check_runtime(runtime)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise InputError(f"{root} already exists; choose a new path or open it with Atlas.open")
+    genes = pretrained.genes if pretrained else None
     prep = prepare_input(adata, batch_key=batch_key, label_key=label_key, layer=layer, dataset=dataset,
-                         atlas_genes=None, min_gene_overlap=config.continual.min_gene_overlap)
-    genes = [str(g) for g in adata.var_names]
+                         atlas_genes=genes, min_gene_overlap=1.0 if pretrained else config.continual.min_gene_overlap)
+    genes = genes or [str(g) for g in adata.var_names]
+    batches = prep.batches
+    if pretrained is not None:
+        unknown = [b for b in prep.batches if b not in pretrained.batches]
+        if unknown:
+            raise InputError(f"batch value(s) {unknown[:5]} in {batch_key!r} are not among the model's batches "
+                             f"{pretrained.batches[:10]}: pass the AnnData the reference was trained on")
+        batches = list(pretrained.batches)
     tmp = root.with_name(f".{root.name}.creating-{uuid.uuid4().hex[:8]}")
     _make_folder(tmp)
     try:
         with WriteLock(tmp):  # the build is private; this leaves the (empty) lock file every atlas has
-            committed = _build_reference(AtlasStore(tmp), prep, genes, batch_key, label_key, dataset, config, runtime)
+            committed = _build_reference(AtlasStore(tmp), prep, genes, batches, config, runtime, pretrained,
+                                         dataset=dataset, batch_key=batch_key, label_key=label_key)
         _move_into_place(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -183,22 +203,26 @@ def create(
     return committed
 
 
-def _build_reference(store: AtlasStore, prep: PreparedInput, genes: list[str], batch_key: str, label_key: str,
-                     dataset: str, config: AtlasConfig, runtime: RuntimeConfig) -> Committed:
-    """Write the reference cells into a new cell store, train the reference model and commit version 1."""
+def _build_reference(store: AtlasStore, prep: PreparedInput, genes: list[str], batches: list[str],
+                     config: AtlasConfig, runtime: RuntimeConfig, pretrained: Pretrained | None, *, dataset: str,
+                     batch_key: str, label_key: str) -> Committed:
+    """Write the reference cells into a new cell store, train (or take) the reference model and commit version 1."""
     CellStore.create(str(store.root / "cells"), genes)
     prep.obs["version_added"] = 1
     start, stop = store.cells.append(prep.obs, prep.counts)
     record = DatasetRecord(
         name=dataset, version=1, joinid_start=start, joinid_stop=stop, batch_key=batch_key, label_key=label_key,
-        batches=prep.batches, genes_matched=prep.genes_matched, genes_padded=0,
+        batches=batches, genes_matched=prep.genes_matched, genes_padded=0,
     )
     manifest = Manifest(n_genes=len(genes), label_key=label_key, config=config, datasets=[record])
-    plan = _Plan(store, manifest, 1, None, record, prep, prep.batches, config, config.continual,
-                 {"training": config.reference_training.model_dump()}, runtime)
-    torch.manual_seed(config.reference_training.seed)  # initial weights follow the seed
-    module = CVAE(len(genes), len(prep.batches), config.model)
-    result = fit(module, plan.new_cells(), config.reference_training, runtime=runtime, name="training reference")
+    run = {"imported": pretrained.origin} if pretrained else {"training": config.reference_training.model_dump()}
+    plan = _Plan(store, manifest, 1, None, record, prep, batches, config, config.continual, run, runtime)
+    if pretrained is not None:
+        module, result = pretrained.module, TrainResult(0, 0.0, 0.0)
+    else:
+        torch.manual_seed(config.reference_training.seed)  # initial weights follow the seed
+        module = CVAE(len(genes), len(batches), config.model)
+        result = fit(module, plan.new_cells(), config.reference_training, runtime=runtime, name="training reference")
     return _build_and_commit(plan, module, "reference", result, previous_fisher=None)
 
 

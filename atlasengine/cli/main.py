@@ -6,6 +6,7 @@ atlasengine ingest PATH -i query.h5ad --batch-key tech --strategy ewc
 atlasengine transfer PATH -i query.h5ad --batch-key tech -o predictions.csv [--unknown-rule novelty]
 atlasengine versions PATH
 atlasengine report PATH -o audit.html
+atlasengine export PATH -o atlas.h5ad [--counts] [--version N]
 atlasengine unlock PATH [--force]
 """
 
@@ -90,6 +91,19 @@ def cmd_report(args) -> None:
     print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
 
 
+def cmd_export(args) -> None:
+    """Write the atlas (metadata, predictions, embedding; counts with --counts) to an .h5ad file."""
+    from atlasengine import Atlas
+
+    adata = Atlas.open(args.path, version=args.version).to_anndata(counts=args.counts)
+    try:
+        adata.write_h5ad(args.output)
+    except OSError as exc:
+        raise AtlasError(f"cannot write {args.output}: {exc}") from exc
+    print(f"wrote {args.output}: {adata.n_obs} cells, embedding in obsm['X_atlasengine']"
+          + (", counts in X" if args.counts else ""))
+
+
 def cmd_unlock(args) -> None:
     """Say whether the atlas's write lock is held; a lock a live process holds is never broken (``--force`` too)."""
     from atlasengine import Atlas
@@ -149,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="write the drift audit report (HTML)")
     r.add_argument("path"); r.add_argument("-o", "--output", required=True); r.add_argument("--version", type=int)
     r.set_defaults(func=cmd_report)
+
+    e = sub.add_parser("export", help="write the atlas as an .h5ad file (obs, embedding; counts with --counts)")
+    e.add_argument("path"); e.add_argument("-o", "--output", required=True); e.add_argument("--version", type=int)
+    e.add_argument("--counts", action="store_true", help="also read every cell's raw counts into X")
+    e.set_defaults(func=cmd_export)
 
     u = sub.add_parser("unlock", help="check the write lock: a dead writer holds none, a live one's is not broken")
     u.add_argument("path")

@@ -40,7 +40,7 @@ CELL_CHECKSUMS = "cell_checksums.npy"
 INDEX_DIR = "index"
 DRIFT_DIR = "drift"
 """The version's drift rows, one Parquet part per table (written by ``atlasengine.api.audit``)."""
-PREDICTION_COLUMNS = ("predicted_label", "uncertainty", "is_unknown")
+PREDICTION_COLUMNS = ("predicted_label", "uncertainty", "is_unknown", "novelty", "novelty_pvalue", "is_novel")
 
 Tensors = dict[str, torch.Tensor]
 
@@ -189,22 +189,23 @@ class VersionReader:
         """Every cell with the predictions of the version that added it (a copy).
 
         Columns: dataset, batch, label (None when unlabelled), version_added, and for ingested
-        cells ``predicted_label``, ``uncertainty``, ``is_unknown``.
+        cells ``predicted_label``, ``uncertainty``, ``is_unknown``, ``novelty``,
+        ``novelty_pvalue`` and ``is_novel``.
         """
 
         def load() -> pd.DataFrame:
             df = self.cell_obs().copy()
             df["label"] = df["label"].astype(object).where(df["label"].notna(), None)
-            df["predicted_label"] = None
-            df["uncertainty"] = np.nan
-            df["is_unknown"] = None
+            for col in PREDICTION_COLUMNS:
+                df[col] = np.nan if col in ("uncertainty", "novelty", "novelty_pvalue") else None
             parts = [self.predictions(v.number) for v in self.manifest.versions if v.number > 1]
             parts = [p for p in parts if p is not None]
             if parts:
                 p = pd.concat(parts)
                 common = df.index.intersection(p.index)
                 for col in PREDICTION_COLUMNS:
-                    df.loc[common, col] = p.loc[common, col].to_numpy()
+                    if col in p.columns:  # versions written before novelty scores lack them
+                        df.loc[common, col] = p.loc[common, col].to_numpy()
             return df
 
         return self._cached("obs", load).copy()

@@ -1,0 +1,86 @@
+"""Results as AnnData, the way scanpy reads them: metadata and predictions in ``obs``, the embedding in ``obsm``.
+
+The embedding goes to ``obsm["X_atlasengine"]`` (scanpy's ``X_<name>`` convention, so
+``sc.pp.neighbors(adata, use_rep="X_atlasengine")`` works); ``uns["atlasengine"]`` says which
+atlas and version the numbers come from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from atlasengine.errors import InputError
+from atlasengine.store.version import VersionReader
+from atlasengine.version import __version__
+
+EMBEDDING = "X_atlasengine"
+
+
+def _provenance(path: str, version: int) -> dict:
+    return {"atlas": path, "version": int(version), "engine_version": __version__, "embedding": EMBEDDING}
+
+
+def query_anndata(adata: ad.AnnData, predictions: pd.DataFrame, latent: np.ndarray, path: str,
+                  version: int) -> ad.AnnData:
+    """Return a copy of the folded-in ``adata`` with its predictions in ``obs`` and its embedding in ``obsm``.
+
+    ``predictions`` and ``latent`` rows follow ``predictions.index`` (cell names); they are put
+    in ``adata``'s order. Existing obs columns of the same names are replaced.
+    """
+    out = adata.copy()
+    names = pd.Index([str(c) for c in out.obs_names])
+    rows = pd.Index(predictions.index).get_indexer(names)
+    if (rows < 0).any():
+        raise InputError(f"{int((rows < 0).sum())} cells of the AnnData have no prediction")
+    for col in predictions.columns:
+        out.obs[col] = predictions[col].to_numpy()[rows]
+    out.obsm[EMBEDDING] = np.asarray(latent)[rows]
+    out.uns["atlasengine"] = _provenance(path, version)
+    return out
+
+
+def atlas_anndata(reader: VersionReader, counts: bool = False, cells: Sequence[str] | np.ndarray | None = None
+                  ) -> ad.AnnData:
+    """Return the atlas at ``reader``'s version as an AnnData: every cell (or ``cells``) with its metadata.
+
+    ``obs``: what :meth:`VersionReader.obs` holds (dataset, batch, label, version_added and the
+    predictions of the version that added each cell); ``obsm["X_atlasengine"]``: the embedding
+    under this version's model; ``X``: raw counts read from the cell store when ``counts``,
+    else none. ``cells``: cell names, or a boolean mask over :meth:`VersionReader.obs` rows.
+    """
+    obs = reader.obs()
+    rows = np.arange(len(obs))
+    if cells is not None:
+        sel = np.asarray(cells)
+        if sel.dtype == bool:
+            if len(sel) != len(obs):
+                raise InputError(f"the cell mask has {len(sel)} entries for {len(obs)} atlas cells")
+            rows = np.flatnonzero(sel)
+        else:
+            rows = obs.index.get_indexer(pd.Index([str(c) for c in sel]))
+            if (rows < 0).any():
+                missing = [str(c) for c, r in zip(sel, rows) if r < 0][:5]
+                raise InputError(f"cell(s) not in the atlas at version {reader.number}: {missing}")
+    x = reader.counts()[rows] if counts else None
+    genes = pd.DataFrame(index=pd.Index(reader.genes(), name="gene"))
+    out = ad.AnnData(X=x, obs=_plain(obs.iloc[rows]), var=genes)
+    out.obsm[EMBEDDING] = reader.latent()[rows]
+    out.uns["atlasengine"] = _provenance(str(reader.store.root), reader.number)
+    return out
+
+
+def _plain(obs: pd.DataFrame) -> pd.DataFrame:
+    """Obs columns h5ad can write: object columns of text (None kept as missing) become strings or categories."""
+    out = obs.copy()
+    for col in out.columns:
+        if out[col].dtype == object:
+            values = out[col]
+            if values.map(lambda v: v is None or isinstance(v, (bool, np.bool_))).all():
+                out[col] = values.astype("boolean")
+            else:
+                out[col] = pd.Categorical(values.where(values.notna(), None))
+    return out

@@ -1,0 +1,59 @@
+"""Results as AnnData for scanpy: the query with its predictions, the atlas with its metadata and embedding."""
+
+from __future__ import annotations
+
+import shutil
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+
+from atlasengine import Atlas
+from atlasengine.cli.main import main
+
+
+def test_ingest_result_and_atlas_come_out_as_anndata_scanpy_reads(atlas_path, pancreas_query, tmp_path):
+    query = pancreas_query.copy()
+    query.obs["disease"] = np.where(np.arange(query.n_obs) % 2 == 0, "case", "control")
+    atlas = Atlas.open(atlas_path)
+    res = atlas.ingest(query, batch_key="tech", training={"max_epochs": 2})
+
+    out = res.to_anndata()
+    assert out.n_obs == query.n_obs and list(out.obs_names) == list(query.obs_names)
+    assert {"label", "predicted_label", "uncertainty", "is_unknown", "is_novel", "disease"} <= set(out.obs.columns)
+    rows = res.predictions.index.get_indexer(out.obs_names)
+    np.testing.assert_array_equal(out.obsm["X_atlasengine"], res.latent[rows])
+    assert out.uns["atlasengine"]["version"] == 2
+    assert "X_atlasengine" not in query.obsm  # the caller's AnnData is not changed
+
+    whole = atlas.to_anndata(counts=True)
+    obs = atlas.obs()
+    assert whole.n_obs == len(obs) and whole.n_vars == len(atlas.genes)
+    np.testing.assert_array_equal(whole.obsm["X_atlasengine"], atlas.latent())
+    np.testing.assert_array_equal(whole[list(query.obs_names)].X.toarray(), query.X.toarray())
+    path = tmp_path / "atlas.h5ad"
+    whole.write_h5ad(path)
+    back = ad.read_h5ad(path)
+    text = lambda s: s.astype(object).where(s.notna(), "<missing>").astype(str).to_numpy()  # noqa: E731
+    for col in ("dataset", "batch", "label", "version_added", "predicted_label", "is_unknown"):
+        np.testing.assert_array_equal(text(back.obs[col]), text(obs[col]), err_msg=col)
+    sc.pp.neighbors(back, use_rep="X_atlasengine")
+    sc.tl.umap(back)
+    assert back.obsm["X_umap"].shape == (len(obs), 2)
+
+    v1 = atlas.to_anndata(version=1)
+    assert v1.X is None and v1.n_obs == 300 and (v1.obs["version_added"] == 1).all()
+    some = atlas.to_anndata(cells=(obs["version_added"] == 2).to_numpy())
+    assert list(some.obs_names) == list(obs.index[obs["version_added"] == 2])
+    assert atlas.to_anndata(cells=list(query.obs_names[:3])).n_obs == 3
+
+
+def test_export_command_writes_h5ad(two_version_atlas, tmp_path, capsys):
+    path = tmp_path / "copy.atlas"
+    shutil.copytree(two_version_atlas, path)
+    out = tmp_path / "atlas.h5ad"
+    assert main(["export", str(path), "-o", str(out), "--counts"]) == 0
+    assert "X_atlasengine" in capsys.readouterr().out
+    back = ad.read_h5ad(out)
+    assert back.n_obs == 500 and back.X is not None and "X_atlasengine" in back.obsm
+    assert main(["export", str(path), "-o", str(tmp_path / "no" / "dir" / "x.h5ad")]) == 2
