@@ -19,6 +19,7 @@ import time
 import numpy as np
 import pandas as pd
 
+from atlasengine.config import STRATEGIES
 from benchmarks import common as C
 from benchmarks import scvi_baseline as S
 
@@ -60,7 +61,7 @@ def training_speed(cfg: dict, out, have_scvi: bool) -> tuple[list[dict], dict]:
     rows.append({"phase": "reference", "method": "ours", "epochs": tr["epochs"], "train_seconds": tr["seconds"],
                  "seconds_per_epoch": tr["seconds"] / tr["epochs"], "cells_per_second": n_train * tr["epochs"] / tr["seconds"],
                  "wall_seconds": create_wall, "fisher_seconds": tr.get("fisher_seconds")})
-    for strat in C.STRATEGIES:
+    for strat in STRATEGIES:
         atlas, res, wall = C.fold_in(work / "ref.atlas", work / f"{strat}.atlas", query, SC, strat)
         t = res.version.training
         rows.append({"phase": "fold-in", "method": strat, "epochs": t["epochs"], "train_seconds": t["seconds"],
