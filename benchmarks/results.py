@@ -69,6 +69,18 @@ NOTES = [
 ]
 
 
+def previous_page() -> str | None:
+    """Return the commit (short hash and date) of the last committed ``RESULTS.md``, for sections not re-run."""
+    import subprocess
+
+    try:
+        log = subprocess.run(["git", "log", "-1", "--format=%h (%ad)", "--date=short", "--", "RESULTS.md"],
+                             cwd=C.BENCH_DIR, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return log or None
+
+
 def load(out: Path) -> dict[str, tuple[dict, str]]:
     found = {}
     for name in ORDER:
@@ -198,8 +210,16 @@ def main() -> None:
     for name, (js, _) in found.items():
         lines.append(f"| {name} | `{js['command']}` (venv `{Path(js['env']['executable']).parents[1].name}`) | "
                      f"{'QUICK' if js.get('quick') else 'full'} | {js.get('wall_seconds', float('nan')) / 60:.1f} min |")
-    lines += ["", "## The method's checks", "", *method_checks(found), "", "## Speed and memory targets", "",
-              *targets(found), "", "## Notes", "", *[f"- {n}" for n in NOTES], ""]
+    missing = [n for n in ORDER if n not in found]
+    if missing:
+        last = previous_page()
+        lines += ["", f"Not re-run for this page: {', '.join(missing)}. Their last figures are in the previous "
+                  f"`benchmarks/RESULTS.md`" + (f", commit {last}" if last else "") + " (`git show <commit>:benchmarks/"
+                  "RESULTS.md`), measured at the engine state that page names."]
+    lines += ["", "## The method's checks", "", *method_checks(found)]
+    if "speed" in found or "scale" in found:
+        lines += ["", "## Speed and memory targets", "", *targets(found)]
+    lines += ["", "## Notes", "", *[f"- {n}" for n in NOTES], ""]
     for name, (js, md) in found.items():
         md = re.sub(r"^## ", "### ", md, flags=re.M)
         md = re.sub(r"^# ", "## ", md, flags=re.M)
