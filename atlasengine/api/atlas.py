@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from atlasengine.api import foldin
 from atlasengine.api.anndata_out import atlas_anndata, query_anndata
 from atlasengine.api.audit import drift_store, query_atlas, render_atlas_report
+from atlasengine.api.groups import unknown_groups
 from atlasengine.api.inputs import prepare_input
 from atlasengine.api.upgrade import upgrade_atlas
 from atlasengine.config import (
@@ -460,6 +461,30 @@ class Atlas:
         if not matches(calibration, tcfg):
             calibration = self._calibration(tcfg)
         return predict(self.neighbor_index(), calibration, z, tcfg, [str(c) for c in adata.obs_names])
+
+    def unknown_groups(self, version: int | None = None, min_size: int | None = None,
+                       n_markers: int = 10) -> pd.DataFrame:
+        """Group the cells a version called Unknown (or novel) and say what each group looks like.
+
+        Parameters
+        ----------
+        version
+            The version whose new cells are grouped (default: this one; not 1, the reference).
+        min_size
+            The smallest group (default: 2% of the cells, at least 5); cells in no group are left out.
+        n_markers
+            Marker genes per group.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per group (largest first): ``n_cells``, ``closest_type`` (the label its
+            cells' reference neighbours point to most) and ``closest_share``, ``distance`` (of
+            the embedding centroids), ``markers`` (top genes against the closest type's cells,
+            Wilcoxon rank-sum on log-normalised stored counts) and ``cells``;
+            ``.attrs["markers"][group]`` holds each group's marker table.
+        """
+        return unknown_groups(self._reader, version, min_size, n_markers)
 
     # ------------------------------------------------------------------ writing
     def ingest(
