@@ -3,7 +3,8 @@
 ``ATLASENGINE_FAULT=<point>:raise`` raises at that point; ``<point>:kill`` sends SIGKILL to the
 process there (a real crash: no cleanup, no ``finally``); ``<point>:sleep<seconds>`` pauses
 there (to hold the write lock in concurrency tests). Points, in ingest order: ``cells_x``
-(counts written, obs not yet), ``after_cells``, ``training``, ``training_epoch`` (inside the
+(counts written, obs not yet), ``cells_metadata`` (the dataset's own obs columns written, obs not
+yet), ``after_cells``, ``training``, ``training_epoch`` (inside the
 Lightning loop), ``checkpoint``, ``checkpoint_written``, ``drift``, ``drift_write`` (after each
 drift part is written), ``before_manifest``.
 """

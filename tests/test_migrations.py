@@ -98,7 +98,7 @@ def test_format4_atlas_keeps_its_drift_rows_as_parts_of_each_version(tmp_path, p
     (path / ".staging" / ("ab" * 16)).mkdir(parents=True)
 
     atlas = Atlas.open(path)
-    assert json.loads((path / "manifest.json").read_text())["format_version"] == FORMAT_VERSION == 5
+    assert json.loads((path / "manifest.json").read_text())["format_version"] == FORMAT_VERSION == 6
     assert not (path / "drift.duckdb").exists()
     assert sorted(p.name for p in (path / "versions").iterdir()) == ["v0001", "v0002", "v0002_backup"]
     assert not any((path / ".staging").iterdir())
@@ -122,3 +122,38 @@ def test_format4_atlas_without_its_drift_database_gets_the_history_recomputed_no
     assert drift[["version", "scope"]].equals(old[["version", "scope"]])
     numbers = [c for c in old.columns if c not in ("version", "scope")]
     np.testing.assert_allclose(drift[numbers].to_numpy(float), old[numbers].to_numpy(float), rtol=1e-4, atol=1e-6)
+
+
+def test_format5_atlas_reads_as_before_and_takes_datasets_with_their_own_obs_columns(tmp_path, pancreas):
+    path = tmp_path / "old5.atlas"
+    shutil.copytree(FIXTURE.with_name("format5.atlas"), path)
+    raw = json.loads((path / "manifest.json").read_text())
+    assert raw["format_version"] == 5 and all("obs_columns" not in d for d in raw["datasets"])
+    z_file = np.load(path / "versions" / "v0002" / "latent.npy")
+    predictions_file = pd.read_parquet(path / "versions" / "v0002" / "predictions.parquet")
+    old_checksums = np.load(path / "versions" / "v0001" / "cell_checksums.npy")
+    assert old_checksums.shape == (40, 2)
+
+    atlas = Atlas.open(path)
+    raw = json.loads((path / "manifest.json").read_text())
+    assert raw["format_version"] == FORMAT_VERSION == 6 and all(d["obs_columns"] == {} for d in raw["datasets"])
+    padded = np.load(path / "versions" / "v0001" / "cell_checksums.npy")
+    np.testing.assert_array_equal(padded[:, :2], old_checksums)
+    assert padded.shape == (40, 3) and not padded[:, 2].any()
+    obs = atlas.obs()
+    assert list(obs.columns[:4]) == ["dataset", "batch", "label", "version_added"] and len(obs) == 60
+    assert (obs["version_added"] == 1).sum() == 40
+    np.testing.assert_array_equal(atlas.latent(), z_file)
+    pd.testing.assert_frame_equal(atlas.predictions(), predictions_file)
+    assert atlas.counts().shape == (60, 200)  # the cells still pass their (old) checksums
+    assert atlas.sql("select count(*) as n from cells where version_added = 2")["n"].item() == 20
+
+    q = pancreas[pancreas.obs["tech"] == "smartseq2"][:15, atlas.genes].copy()
+    q.obs["disease"] = ["T2D" if k % 2 else "healthy" for k in range(15)]
+    res = atlas.ingest(q, batch_key="tech", strategy="ewc", training={"max_epochs": 1})
+    assert res.version.number == 3
+    obs = Atlas.open(path).obs()
+    assert obs["disease"].iloc[:60].isna().all()  # the old cells never had the column
+    assert obs["disease"].iloc[60:].tolist() == q.obs["disease"].tolist()
+    assert obs["user_dataset"].iloc[60:].tolist() == q.obs["dataset"].astype(str).tolist()
+    assert "disease" not in Atlas.open(path, version=2).obs().columns

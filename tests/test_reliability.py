@@ -11,7 +11,7 @@ from conftest import ingest_in_subprocess
 
 from atlasengine import Atlas, AtlasFormatError, AtlasIntegrityError, TrainingError
 
-KILL_POINTS = ["cells_x", "training_epoch", "checkpoint_written", "drift_write", "before_manifest"]
+KILL_POINTS = ["cells_x", "cells_metadata", "training_epoch", "checkpoint_written", "drift_write", "before_manifest"]
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
@@ -39,6 +39,7 @@ def test_a_sigkilled_ingest_just_runs_again(reference_atlas, tmp_path, pancreas_
     atlas = Atlas.open(atlas_path)
     assert [v.number for v in atlas.versions] == [1, 2] and len(atlas.obs()) == 400
     np.testing.assert_array_equal(atlas.obs().index[300:], smartseq2.obs_names)
+    assert (atlas.obs()["tech"].iloc[300:] == "smartseq2").all()  # its own obs columns, not a killed run's
     assert set(atlas.drift()["version"]) == {1, 2}
     np.testing.assert_array_equal(Atlas.open(atlas_path, version=1).latent(), z1)
     assert sorted(p.name for p in (atlas_path / "versions").iterdir()) == ["v0001", "v0002"]

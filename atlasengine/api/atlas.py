@@ -35,7 +35,8 @@ from pydantic import ValidationError
 
 from atlasengine.api import foldin
 from atlasengine.api.anndata_out import atlas_anndata, query_anndata
-from atlasengine.api.audit import drift_store, render_atlas_report
+from atlasengine.api.audit import drift_store, query_atlas, render_atlas_report
+from atlasengine.api.groups import unknown_groups
 from atlasengine.api.inputs import prepare_input
 from atlasengine.api.upgrade import upgrade_atlas
 from atlasengine.config import (
@@ -49,7 +50,6 @@ from atlasengine.config import (
     merged,
     validation_problems,
 )
-from atlasengine.drift import tables_named_in
 from atlasengine.errors import AtlasFormatError, InputError, ReadOnlyError
 from atlasengine.model import CVAE
 from atlasengine.store.atlas_store import AtlasStore
@@ -317,9 +317,12 @@ class Atlas:
         Returns
         -------
         pandas.DataFrame
-            Index: cell name. Columns: dataset, batch, label, version_added, and for ingested
-            cells the transferred ``predicted_label``, its ``uncertainty`` and ``is_unknown`` as
-            computed by the version that added them.
+            Index: cell name. Columns: dataset, batch, label, version_added, for ingested cells
+            the transferred ``predicted_label``, its ``uncertainty``, ``is_unknown`` and the
+            novelty columns as computed by the version that added them, then every obs column
+            the datasets brought (missing for cells of a dataset without it; text as strings,
+            integers ``Int64``, floats ``float64``, booleans ``boolean``; names the engine uses
+            prefixed ``user_``).
         """
         return self._reader.obs()
 
@@ -459,6 +462,30 @@ class Atlas:
             calibration = self._calibration(tcfg)
         return predict(self.neighbor_index(), calibration, z, tcfg, [str(c) for c in adata.obs_names])
 
+    def unknown_groups(self, version: int | None = None, min_size: int | None = None,
+                       n_markers: int = 10) -> pd.DataFrame:
+        """Group the cells a version called Unknown (or novel) and say what each group looks like.
+
+        Parameters
+        ----------
+        version
+            The version whose new cells are grouped (default: this one; not 1, the reference).
+        min_size
+            The smallest group (default: 2% of the cells, at least 5); cells in no group are left out.
+        n_markers
+            Marker genes per group.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per group (largest first): ``n_cells``, ``closest_type`` (the label its
+            cells' reference neighbours point to most) and ``closest_share``, ``distance`` (of
+            the embedding centroids), ``markers`` (top genes against the closest type's cells,
+            Wilcoxon rank-sum on log-normalised stored counts) and ``cells``;
+            ``.attrs["markers"][group]`` holds each group's marker table.
+        """
+        return unknown_groups(self._reader, version, min_size, n_markers)
+
     # ------------------------------------------------------------------ writing
     def ingest(
         self,
@@ -549,13 +576,14 @@ class Atlas:
             return db.read(DRIFT_TABLES[by], self.version)
 
     def sql(self, query: str) -> pd.DataFrame:
-        """Run a read-only SQL query over the drift tables (as of this version).
+        """Run a read-only SQL query over the drift tables and the atlas's cells (as of this version).
 
         Tables: versions, version_drift, celltype_drift, batch_drift, cell_drift, drift_flags,
-        transfer_summary.
+        transfer_summary, and ``cells``: one row per cell, ``cell`` (its name, as in
+        ``cell_drift``) and the columns of :meth:`obs`, the user's own obs columns included,
+        e.g. ``select disease, count(*) from cells where is_unknown group by disease``.
         """
-        with drift_store(self._reader, tables_named_in(query)) as db:
-            return db.sql(query, self.version)
+        return query_atlas(self._reader, query)
 
     def report(self, path: str | Path) -> Path:
         """Write the drift audit report (one self-contained HTML file) to ``path``; returns its path."""

@@ -10,6 +10,7 @@ embeddings, and rewritten by the next writer.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from atlasengine.drift import (
     flags,
     part_name,
     render_report,
+    tables_named_in,
     umap_coordinates,
 )
 from atlasengine.errors import AtlasIntegrityError, InputError
@@ -161,6 +163,34 @@ def drift_store(reader: VersionReader, tables: Sequence[str] = VERSIONED_TABLES)
     return db
 
 
+FLAG_COLUMNS = ("is_unknown", "is_novel")
+CELLS_TABLE = "cells"
+"""The SQL table of every cell of the version: ``cell``, the engine's columns, predictions and the user's columns."""
+
+
+def cells_table(reader: VersionReader) -> pd.DataFrame:
+    """Return every cell of ``reader``'s version as the ``cells`` SQL table sees it (text as strings, flags as booleans).
+
+    Columns: ``cell`` (its name, as in ``cell_drift``), then :meth:`VersionReader.obs`'s columns.
+    """
+    df = reader.obs()
+    for col in df.columns:
+        if col in FLAG_COLUMNS:
+            df[col] = df[col].astype("boolean")
+        elif df[col].dtype == object:  # the engine's and the user's text columns (None: missing)
+            df[col] = df[col].astype("string")
+    df.index = df.index.astype("string")
+    return df.rename_axis("cell").reset_index()
+
+
+def query_atlas(reader: VersionReader, query: str) -> pd.DataFrame:
+    """Run a read-only SQL query over the drift tables and the ``cells`` table of ``reader``'s version."""
+    with drift_store(reader, tables_named_in(query)) as db:
+        if re.search(rf"\b{CELLS_TABLE}\b", query, flags=re.IGNORECASE):
+            db.add_table(CELLS_TABLE, cells_table(reader))
+        return db.sql(query, reader.number)
+
+
 def rebuild_drift(store: AtlasStore, reader: VersionReader) -> Manifest | None:
     """Rewrite the drift parts of committed versions that are missing or fail their checksum.
 
@@ -244,5 +274,5 @@ def _render(reader: VersionReader, path: str | Path, max_umap_cells: int, seed: 
     return out
 
 
-__all__ = ["UNKNOWN", "drift_rows", "drift_store", "rebuild_drift", "render_atlas_report", "stored_drift_rows",
+__all__ = ["CELLS_TABLE", "UNKNOWN", "cells_table", "drift_rows", "query_atlas", "drift_store", "rebuild_drift", "render_atlas_report", "stored_drift_rows",
            "transfer_summary", "version_record", "write_drift"]

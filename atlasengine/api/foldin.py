@@ -35,7 +35,7 @@ import scipy.sparse as sp
 import torch
 
 from atlasengine.api.audit import drift_rows, rebuild_drift, transfer_summary, write_drift
-from atlasengine.api.inputs import PreparedInput, prepare_input
+from atlasengine.api.inputs import PreparedInput, prepare_input, prepare_metadata
 from atlasengine.config import AtlasConfig, ContinualConfig, FoldInStrategy, RuntimeConfig, TrainingConfig
 from atlasengine.continual import AccumulatedFisher, fold_in, version_fisher
 from atlasengine.errors import AtlasWriteError, InputError
@@ -143,7 +143,7 @@ class _Plan:
         return CellData(self.prepared.counts, pd.Index(self.batches).get_indexer(self.prepared.obs["batch"]))
 
     def stored_cells(self) -> StoredCells:
-        checks = self.parent.cell_checks() if self.parent is not None else CellChecks([], np.zeros((0, 2), np.uint64))
+        checks = self.parent.cell_checks() if self.parent is not None else CellChecks([], np.zeros((0, 3), np.uint64))
         return StoredCells(self.store.cells, checks, self.batches, self.manifest.n_genes)
 
 
@@ -181,6 +181,7 @@ def create(
     genes = pretrained.genes if pretrained else None
     prep = prepare_input(adata, batch_key=batch_key, label_key=label_key, layer=layer, dataset=dataset,
                          atlas_genes=genes, min_gene_overlap=1.0 if pretrained else config.continual.min_gene_overlap)
+    prep.metadata = prepare_metadata(adata.obs, {})
     genes = genes or [str(g) for g in adata.var_names]
     batches = prep.batches
     if pretrained is not None:
@@ -209,10 +210,10 @@ def _build_reference(store: AtlasStore, prep: PreparedInput, genes: list[str], b
     """Write the reference cells into a new cell store, train (or take) the reference model and commit version 1."""
     CellStore.create(str(store.root / "cells"), genes)
     prep.obs["version_added"] = 1
-    start, stop = store.cells.append(prep.obs, prep.counts)
+    start, stop = store.cells.append(prep.obs, prep.counts, prep.metadata.table, prep.metadata.columns)
     record = DatasetRecord(
         name=dataset, version=1, joinid_start=start, joinid_stop=stop, batch_key=batch_key, label_key=label_key,
-        batches=batches, genes_matched=prep.genes_matched, genes_padded=0,
+        batches=batches, genes_matched=prep.genes_matched, genes_padded=0, obs_columns=prep.metadata.columns,
     )
     manifest = Manifest(n_genes=len(genes), label_key=label_key, config=config, datasets=[record])
     run = {"imported": pretrained.origin} if pretrained else {"training": config.reference_training.model_dump()}
@@ -273,14 +274,16 @@ def ingest(
             min_gene_overlap=continual.min_gene_overlap, existing_batches=parent.info.batches, new_batches_only=True,
         )
         _refuse_known_cell_names(store.cells, parent.ranges(), prep.obs["obs_id"])
+        prep.metadata = prepare_metadata(adata.obs, manifest.obs_columns())
         batches = [*parent.info.batches, *prep.batches]
         prep.obs["version_added"] = number
         lock.check_held()  # a writer whose lock file was deleted must not write cells beside the next one
-        start, stop = store.cells.append(prep.obs, prep.counts)
+        start, stop = store.cells.append(prep.obs, prep.counts, prep.metadata.table, prep.metadata.columns)
         fault_point("after_cells")
         record = DatasetRecord(
             name=dataset, version=number, joinid_start=start, joinid_stop=stop, batch_key=batch_key,
             label_key=label_key, batches=prep.batches, genes_matched=prep.genes_matched, genes_padded=prep.genes_padded,
+            obs_columns=prep.metadata.columns,
         )
         run_config = {"training": training.model_dump(), "continual": continual.model_dump(), "strategy": strategy}
         plan = _Plan(store, manifest.model_copy(update={"datasets": [*manifest.datasets, record]}), number, parent,
@@ -390,7 +393,8 @@ def _build_and_commit(
         run_config={"model": plan.config.model.model_dump(), **plan.run_config},
         index=index,
         calibration=calibration,
-        cell_checksums=cell_checksums(plan.prepared.obs, plan.prepared.counts),
+        cell_checksums=cell_checksums(plan.prepared.obs, plan.prepared.counts,
+                                      plan.prepared.metadata.table if plan.prepared.metadata else None),
         predictions=predictions,
     )
     info = VersionInfo(

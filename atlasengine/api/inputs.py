@@ -7,18 +7,35 @@ atlas is touched.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import scipy.sparse as sp
 
 from atlasengine.errors import InputError
+from atlasengine.store.cells import OBS_COLUMNS
+from atlasengine.store.metadata import ARROW_TYPES
+from atlasengine.store.version import PREDICTION_COLUMNS
 from atlasengine.transfer import UNKNOWN
 
 log = logging.getLogger("atlasengine")
+
+
+@dataclass
+class Metadata:
+    """The user's own obs columns of a dataset, as the cell store will hold them."""
+
+    table: pa.Table
+    """One column per obs column (stored names), rows in the AnnData's order."""
+    columns: dict[str, str]
+    """Stored name -> kind (text, int, float, bool), in the AnnData's column order."""
+    renamed: dict[str, str]
+    """The user's name -> stored name, for names the engine uses itself (kept under ``user_``)."""
 
 
 @dataclass
@@ -32,6 +49,7 @@ class PreparedInput:
     genes_padded: int
     genes_dropped: int
     extra: dict = field(default_factory=dict)
+    metadata: Metadata | None = None
 
     @property
     def n_cells(self) -> int:
@@ -262,3 +280,129 @@ def prepare_input(
             )
     obs = pd.DataFrame({"obs_id": cells, "dataset": dataset, "batch": batch, "label": labels})
     return PreparedInput(aligned, obs, batches, matched, padded, dropped)
+
+
+# ----------------------------------------------------------------------------- own obs columns
+ENGINE_COLUMNS = frozenset({"soma_joinid", "cell", *OBS_COLUMNS, *PREDICTION_COLUMNS})
+"""Names of the engine's own columns in ``obs()``, ``to_anndata()`` and the ``cells`` SQL view."""
+PREFIX = "user_"
+"""A user's obs column named like an engine column (letter case aside) is kept as ``user_<name>``."""
+
+
+def _reserved(name: str) -> bool:
+    low = name.lower()
+    return low in ENGINE_COLUMNS or low.startswith("soma_")  # soma_ names are SOMA's own
+
+
+def _missing_value(v: object) -> bool:
+    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, (float, np.floating)) and np.isnan(v))
+
+
+def _object_kind(values: list) -> str | None:
+    """Kind of an object column's non-missing values: text, bool, int or float; None when all are missing."""
+    present = [v for v in values if not _missing_value(v)]
+    if not present:
+        return None
+    if all(isinstance(v, str) for v in present):
+        return "text"
+    if all(isinstance(v, (bool, np.bool_)) for v in present):
+        return "bool"
+    numbers = [v for v in present if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
+        v, (bool, np.bool_))]
+    if len(numbers) == len(present):
+        return "int" if all(isinstance(v, (int, np.integer)) for v in numbers) else "float"
+    kinds = sorted({type(v).__name__ for v in present})
+    return "mixed: " + ", ".join(kinds[:4])
+
+
+def _column_values(series: pd.Series, name: str) -> tuple[str | None, list | np.ndarray]:
+    """Return the kind of an obs column (None: every value missing, of no type) and its values to store."""
+    dtype = series.dtype
+    if isinstance(dtype, pd.CategoricalDtype):
+        return "text", [None if _missing_value(v) else str(v) for v in series.astype(object).tolist()]
+    if pd.api.types.is_bool_dtype(dtype):
+        return "bool", series.to_numpy(dtype=object, na_value=None).tolist()
+    if pd.api.types.is_integer_dtype(dtype):
+        return "int", series.to_numpy(dtype=object, na_value=None).tolist()
+    if pd.api.types.is_float_dtype(dtype):
+        return "float", series.to_numpy(dtype=np.float64, na_value=np.nan)
+    if pd.api.types.is_string_dtype(dtype) or dtype == object:
+        values = series.to_numpy(dtype=object).tolist()
+        kind = _object_kind(values)
+        if kind is not None and kind.startswith("mixed"):
+            raise InputError(f"obs column {name!r} holds values of several types ({kind[7:]}); the atlas keeps a "
+                             f"column of one type: convert it (e.g. adata.obs[{name!r}] = "
+                             f"adata.obs[{name!r}].astype(str)); nothing was written")
+        return kind, [None if _missing_value(v) else v for v in values]
+    raise InputError(f"obs column {name!r} has dtype {dtype}, which the atlas does not store (text, categories, "
+                     f"integers, floats and booleans are kept): convert it (e.g. adata.obs[{name!r}] = "
+                     f"adata.obs[{name!r}].astype(str)); nothing was written")
+
+
+def _to_arrow(values: list | np.ndarray, kind: str, name: str) -> pa.Array:
+    try:
+        if kind == "float":
+            return pa.array(np.asarray(values, dtype=np.float64), type=pa.float64(), from_pandas=True)  # NaN -> null
+        if kind == "text":
+            return pa.array([None if v is None else str(v) for v in values], type=pa.large_string())
+        return pa.array([None if v is None else (bool(v) if kind == "bool" else int(v)) for v in values],
+                        type=ARROW_TYPES[kind])
+    except (OverflowError, pa.ArrowException, ValueError, TypeError) as exc:
+        raise InputError(f"obs column {name!r} cannot be stored as {kind}: {exc}; nothing was written") from exc
+
+
+def prepare_metadata(obs: pd.DataFrame, stored: dict[str, str]) -> Metadata:
+    """Check the user's obs columns against the atlas's (``stored``: name -> kind) and return them as stored.
+
+    Every column is kept. Names the engine uses itself (``dataset``, ``batch``, ``label``, ...,
+    ``cell``, the prediction columns; letter case aside) and names starting with ``soma_`` are
+    kept as ``user_<name>``. Refused with :class:`InputError`, before anything is written:
+    names that are not text, empty, longer than 1,000 characters or with control characters;
+    two columns whose names differ only in letter case (SQL could not tell them apart), also
+    from a stored column; a column of another kind than the stored one (integers may join a
+    float column); dtypes other than text, categories, integers, floats and booleans; object
+    columns of mixed types.
+    """
+    bad = [n for n in obs.columns if not isinstance(n, str) or not n.strip() or len(n) > MAX_NAME_LENGTH
+           or any(ord(ch) < 32 or ord(ch) == 127 for ch in n)]
+    if bad:
+        raise InputError(f"obs column name(s) {_examples([str(b)[:40] for b in bad])} cannot be kept: names must "
+                         f"be text of 1 to {MAX_NAME_LENGTH} characters without control characters; rename them; "
+                         "nothing was written")
+    renamed = {n: PREFIX + n for n in obs.columns if _reserved(n)}
+    target = {n: renamed.get(n, n) for n in obs.columns}
+    by_lower = Counter(t.lower() for t in target.values())
+    twins = sorted(n for n, t in target.items() if by_lower[t.lower()] > 1)
+    if twins:
+        raise InputError(f"obs columns {_examples(twins)} have the same name once letter case is ignored (engine "
+                         f"names are kept as {PREFIX}<name>): SQL could not tell them apart; rename them; nothing "
+                         "was written")
+    stored_lower = {k.lower(): k for k in stored}
+    problems = []
+    columns: dict[str, str] = {}
+    arrays = []
+    for name, kept in target.items():
+        known = stored_lower.get(kept.lower())
+        if known is not None and known != kept:
+            problems.append(f"{name!r} differs only in letter case from the atlas's column {known!r}")
+            continue
+        kind, values = _column_values(obs[name], name)
+        was = stored.get(kept)
+        if kind is None:  # every value missing: the column's stored kind, or text
+            kind = was or "text"
+        elif was is not None and kind != was:
+            if not (kind == "int" and was == "float"):
+                problems.append(f"{name!r} holds {kind} values where the atlas stores {was}")
+                continue
+            kind = "float"
+        columns[kept] = kind
+        arrays.append(_to_arrow(values, kind, name))
+    if problems:
+        raise InputError(f"obs column(s) conflict with the columns stored in the atlas: {'; '.join(problems)}. "
+                         "Convert or rename them (e.g. adata.obs[name].astype(str), or a new name); nothing was "
+                         "written")
+    if renamed:
+        log.warning("obs column(s) %s are named like the engine's own columns and are kept as %s",
+                    ", ".join(repr(n) for n in renamed), ", ".join(repr(v) for v in renamed.values()))
+    table = pa.table(dict(zip(columns, arrays))) if columns else pa.table({})
+    return Metadata(table, columns, renamed)

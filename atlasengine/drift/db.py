@@ -268,6 +268,16 @@ class DriftStore:
             raise AtlasWriteError(f"cannot write the drift rows of version {version} to {folder}: {exc}") from exc
         return written
 
+    def add_table(self, name: str, frame: pd.DataFrame) -> None:
+        """Add ``frame`` as a read-only table ``name`` beside the drift tables (e.g. the atlas's ``cells``)."""
+        if name in VERSIONED_TABLES or not name.isidentifier():
+            raise InputError(f"{name!r} cannot name an added table")
+        self.con.register("_frame", frame)
+        try:
+            self.con.execute(f"CREATE TABLE {name} AS SELECT * FROM _frame")
+        finally:
+            self.con.unregister("_frame")
+
     # ------------------------------------------------------------------ loading
     def load_part(self, path: Path) -> None:
         """Add the rows of one Parquet part (named ``<table>.parquet``) to its table."""

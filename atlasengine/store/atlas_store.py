@@ -2,7 +2,8 @@
 
 ```
 <root>/manifest.json       committed versions (replaced atomically: the commit point)
-<root>/cells/              TileDB-SOMA experiment: counts + obs of every cell
+<root>/cells/              TileDB-SOMA experiment: counts + obs of every cell, and in
+                           cells/obs_columns/ each dataset's own obs columns (``metadata.py``)
 <root>/versions/v0001/     model.safetensors (weights, fisher, anchor), config.json, latent.npy
                            (all atlas cells), index files, predictions, cell checksums,
                            drift/<table>.parquet (the drift rows of this version)

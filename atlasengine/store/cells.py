@@ -3,7 +3,8 @@
 Cells are addressed by ``soma_joinid``. Each ingest writes its cells to a fresh joinid range
 above everything ever written (committed or not), and readers only read the ranges the
 manifest lists, so the leftovers of a failed ingest are never read and a retry never
-overwrites or merges with them.
+overwrites or merges with them. The user's own obs columns of each dataset are a table of
+their own beside ``obs`` (see :mod:`atlasengine.store.metadata`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tiledbsoma
 
 from atlasengine.errors import AtlasFormatError, AtlasIntegrityError, AtlasWriteError
 from atlasengine.faults import fault_point
+from atlasengine.store.metadata import COLLECTION, arrow_schema, key_range, metadata_checksums, table_key
 
 MEASUREMENT = "RNA"
 X_LAYER = "counts"
@@ -89,10 +91,15 @@ def counts_checksums(counts: sp.csr_matrix) -> np.ndarray:
         return running[m.indptr[1:]] - running[m.indptr[:-1]]
 
 
-def cell_checksums(obs: pd.DataFrame, counts: sp.csr_matrix) -> np.ndarray:
-    """Return the ``(n_cells, 2)`` checksums of new cells' obs and counts, as the store will hold them."""
+def cell_checksums(obs: pd.DataFrame, counts: sp.csr_matrix, metadata: pa.Table | None = None) -> np.ndarray:
+    """Return the ``(n_cells, 3)`` checksums of new cells' obs, counts and own obs columns, as the store holds them.
+
+    ``metadata`` holds the user's obs columns as they are written (none: the third checksum is 0).
+    """
     table = obs_table(obs, np.zeros(len(obs), dtype=np.int64))
-    return np.column_stack([obs_checksums(table), counts_checksums(counts)])
+    columns = [] if metadata is None else [c for c in metadata.column_names if c != "soma_joinid"]
+    own = metadata_checksums(metadata, columns) if columns else np.zeros(len(obs), dtype=np.uint64)
+    return np.column_stack([obs_checksums(table), counts_checksums(counts), own])
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,7 @@ class CellChecks:
     """The checksums written with every committed cell, to check cells against when they are read.
 
     ``ranges`` are the datasets' ``(start, stop, name)`` joinid ranges in joinid order, ``values``
-    their cells' ``(obs, counts)`` checksums in the same order.
+    their cells' ``(obs, counts, own obs columns)`` checksums in the same order.
     """
 
     ranges: list[tuple[int, int, str]]
@@ -132,6 +139,21 @@ class CellChecks:
                     f"the checksums written with them (first: joinid {first}): the cell store was changed or damaged "
                     "after they were written, so they are not used"
                 )
+
+    def verify_metadata(self, start: int, stop: int, table: pa.Table, columns: list[str]) -> None:
+        """Raise :class:`AtlasIntegrityError` if the own obs columns read for ``[start, stop)`` do not match."""
+        joinids = table.column("soma_joinid").to_numpy()
+        if len(joinids) != stop - start or (len(joinids) and not (joinids == np.arange(start, stop)).all()):
+            raise AtlasIntegrityError(f"the cell store's obs columns of dataset {self._dataset(start)!r} hold "
+                                      f"{len(joinids)} of its {stop - start} cells (damaged)")
+        expected = self.values[self._positions(joinids), 2]
+        bad = np.flatnonzero(metadata_checksums(table, columns) != expected)
+        if len(bad):
+            raise AtlasIntegrityError(
+                f"the cell store's obs columns of {len(bad)} cell(s) of dataset {self._dataset(start)!r} do not match "
+                f"the checksums written with them (first: joinid {int(joinids[bad[0]])}): the cell store was changed "
+                "or damaged after they were written, so they are not used"
+            )
 
 
 def joinids_of(ranges: Ranges) -> np.ndarray:
@@ -222,30 +244,41 @@ class CellStore:
         return var.sort_values("soma_joinid")["var_id"].astype(str).tolist()
 
     def high_water(self) -> int:
-        """One past the largest joinid ever written to obs or X (committed or not)."""
+        """One past the largest joinid ever written to obs, X or an obs-columns table (committed or not)."""
         with self._reading() as exp:
             top = -1
             for arr in (exp.obs, exp.ms[MEASUREMENT].X[X_LAYER]):
                 ned = arr.non_empty_domain()
                 if ned and ned[0] is not None and len(ned[0]) == 2:
                     top = max(top, int(ned[0][1]))
+            if COLLECTION in exp:
+                top = max([top, *(r[1] - 1 for r in map(key_range, exp[COLLECTION].keys()) if r is not None)])
         return top + 1
 
-    def append(self, obs: pd.DataFrame, counts: sp.csr_matrix) -> tuple[int, int]:
-        """Write cells to a fresh joinid range; returns ``(start, stop)``."""
+    def append(self, obs: pd.DataFrame, counts: sp.csr_matrix, metadata: pa.Table | None = None,
+               columns: dict[str, str] | None = None) -> tuple[int, int]:
+        """Write cells to a fresh joinid range; returns ``(start, stop)``.
+
+        ``metadata`` (with ``columns``: name -> kind) holds the cells' own obs columns, written to
+        a table of their own (see :mod:`atlasengine.store.metadata`).
+        """
         start = self.high_water()
         n = counts.shape[0]
         joinids = np.arange(start, start + n, dtype=np.int64)
         table = obs_table(obs, joinids)
         counts = sp.csr_matrix(counts)
+        own = None
+        if columns:
+            own = pa.table([pa.array(joinids), *(metadata.column(c) for c in columns)],
+                           schema=arrow_schema(columns))
         try:
-            self._write(table, counts, joinids)
+            self._write(table, counts, joinids, own)
         except (OSError, tiledbsoma.SOMAError) as exc:  # disk full, permissions
             raise AtlasWriteError(f"cannot write cells to the cell store at {self.uri}: {exc}; nothing was "
                                   "committed") from exc
         return start, start + n
 
-    def _write(self, table: pa.Table, counts: sp.csr_matrix, joinids: np.ndarray) -> None:
+    def _write(self, table: pa.Table, counts: sp.csr_matrix, joinids: np.ndarray, own: pa.Table | None) -> None:
         with tiledbsoma.Experiment.open(self.uri, "w") as exp:
             # X first, obs second: a cell is only listed once its counts are on disk.
             for a, b in row_chunks(counts.indptr, WRITE_CHUNK_NNZ):
@@ -262,7 +295,26 @@ class CellStore:
                     )
                 )
                 fault_point("cells_x")
+            if own is not None:  # after X (the high water is past these cells), before obs
+                if COLLECTION not in exp:
+                    exp.add_new_collection(COLLECTION)
+                start, stop = int(joinids[0]), int(joinids[-1]) + 1
+                exp[COLLECTION].add_new_dataframe(
+                    table_key(start, stop), schema=own.schema, index_column_names=["soma_joinid"],
+                    domain=[(start, stop - 1)],
+                ).write(own)
+                fault_point("cells_metadata")
             exp.obs.write(table)
+
+    def read_metadata(self, start: int, stop: int) -> pa.Table:
+        """Read the own obs columns of the dataset in ``[start, stop)`` (rows in joinid order)."""
+        with self._reading() as exp:
+            key = table_key(start, stop)
+            if COLLECTION not in exp or key not in exp[COLLECTION]:
+                raise AtlasIntegrityError(f"the cell store at {self.uri} has no obs-columns table {key!r} for the "
+                                          f"cells in [{start}, {stop}) that the manifest lists (deleted?)")
+            table = exp[COLLECTION][key].read().concat()
+        return table.sort_by("soma_joinid")
 
     def read_obs(self, ranges: Ranges) -> pd.DataFrame:
         """Obs of the cells in ``ranges`` (index: soma_joinid, in range order)."""
@@ -325,14 +377,15 @@ class CellStore:
         return obs, counts
 
     def checksums_of(self, ranges: Ranges, n_genes: int) -> np.ndarray:
-        """Compute the ``(obs, counts)`` checksums of the stored cells in ``ranges`` as they are now.
+        """Compute the ``(obs, counts, 0)`` checksums of the stored cells in ``ranges`` as they are now.
 
-        Only for recording them the first time (an atlas from before checksums): reading checks
-        cells against the checksums written with them instead.
+        Only for recording them the first time (an atlas from before checksums, whose cells have
+        no obs columns of their own: the third checksum is 0): reading checks cells against the
+        checksums written with them instead.
         """
-        parts = [np.column_stack([obs_checksums(obs), counts_checksums(counts)])
+        parts = [np.column_stack([obs_checksums(obs), counts_checksums(counts), np.zeros(len(obs), np.uint64)])
                  for obs, counts in self.iter_cells(ranges, n_genes, columns=OBS_COLUMNS)]
-        return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.uint64)
+        return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.uint64)
 
     def iter_cells(
         self, ranges: Ranges, n_genes: int, chunk_size: int = 20_000, columns: Sequence[str] = ("batch",)

@@ -16,12 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from atlasengine.config import AtlasConfig, FoldInStrategy
 from atlasengine.errors import AtlasFormatError
 from atlasengine.store.files import atomic_write_text
+from atlasengine.store.metadata import Kind
 from atlasengine.version import __version__
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 """1: no drift database (before 2026-11-27); 2: drift.duckdb; 3: machine settings not stored; 4: the Fisher
 is a per-cell mean with the cells it represents; 5: each version keeps its drift rows as Parquet parts and the
-checksums of the cells it added in its directory.
+checksums of the cells it added in its directory; 6: every obs column of the user's data is kept (a table per
+dataset in the cell store, its columns in the dataset's record) and checksummed with the cells.
 Each step up has a migration in ``migrations/layout/``."""
 MANIFEST_NAME = "manifest.json"
 
@@ -56,6 +58,8 @@ class DatasetRecord(_Record):
     batches: list[str]
     genes_matched: int
     genes_padded: int
+    obs_columns: dict[str, Kind] = Field(default_factory=dict)
+    """The dataset's own obs columns as stored (name -> kind), in its order; see ``store/metadata.py``."""
 
     @property
     def n_cells(self) -> int:
@@ -108,6 +112,14 @@ class Manifest(_Record):
     def datasets_until(self, number: int) -> list[DatasetRecord]:
         """Datasets whose cells belong to the atlas at version ``number``, in joinid order."""
         return [d for d in self.datasets if d.version <= number]
+
+    def obs_columns(self, number: int | None = None) -> dict[str, Kind]:
+        """Own obs columns of the datasets up to version ``number`` (default: all), name -> kind, first seen first."""
+        out: dict[str, Kind] = {}
+        for d in self.datasets if number is None else self.datasets_until(number):
+            for name, kind in d.obs_columns.items():
+                out.setdefault(name, kind)
+        return out
 
     def truncated(self, number: int) -> "Manifest":
         """Return this manifest as it was when ``number`` was the newest version."""

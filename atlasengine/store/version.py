@@ -28,6 +28,7 @@ from atlasengine.store.atlas_store import AtlasStore
 from atlasengine.store.cells import CellChecks, joinids_of
 from atlasengine.store.checkpoint import load_checkpoint, save_checkpoint
 from atlasengine.store.manifest import Manifest, VersionInfo
+from atlasengine.store.metadata import metadata_frame
 from atlasengine.transfer.index import NeighborIndex
 from atlasengine.transfer.novelty import CALIBRATION_FILE, NoveltyCalibration
 
@@ -36,7 +37,7 @@ CONFIG = "config.json"
 LATENT = "latent.npy"
 PREDICTIONS = "predictions.parquet"
 CELL_CHECKSUMS = "cell_checksums.npy"
-"""``(n, 2)`` uint64 checksums of the obs and counts of the cells this version added, as written."""
+"""``(n, 3)`` uint64 checksums of the obs, counts and own obs columns of the cells this version added, as written."""
 INDEX_DIR = "index"
 DRIFT_DIR = "drift"
 """The version's drift rows, one Parquet part per table (written by ``atlasengine.api.audit``)."""
@@ -185,12 +186,35 @@ class VersionReader:
 
         return self._cached("cell_obs", load)
 
-    def obs(self) -> pd.DataFrame:
-        """Every cell with the predictions of the version that added it (a copy).
+    def cell_metadata(self) -> pd.DataFrame:
+        """Read the own obs columns of every cell of this version (index: cell name), checked against their checksums.
 
-        Columns: dataset, batch, label (None when unlabelled), version_added, and for ingested
+        One column per column any dataset brought (see :mod:`atlasengine.store.metadata` for
+        the dtypes); cells of a dataset without it read it as missing.
+        """
+
+        def load() -> pd.DataFrame:
+            columns = self.manifest.obs_columns(self.number)
+            parts = []
+            for d in self.manifest.datasets_until(self.number):
+                table = None
+                if d.obs_columns:
+                    table = self.store.cells.read_metadata(d.joinid_start, d.joinid_stop)
+                    self.cell_checks().verify_metadata(d.joinid_start, d.joinid_stop, table, list(d.obs_columns))
+                parts.append(metadata_frame(table, columns, d.n_cells))
+            df = pd.concat(parts, ignore_index=True) if parts else metadata_frame(None, columns, 0)
+            df.index = self.cell_obs().index
+            return df
+
+        return self._cached("cell_metadata", load)
+
+    def obs(self) -> pd.DataFrame:
+        """Every cell with the predictions of the version that added it and its own obs columns (a copy).
+
+        Columns: dataset, batch, label (None when unlabelled), version_added, for ingested
         cells ``predicted_label``, ``uncertainty``, ``is_unknown``, ``novelty``,
-        ``novelty_pvalue`` and ``is_novel``.
+        ``novelty_pvalue`` and ``is_novel``, then the obs columns the user's datasets brought
+        (:meth:`cell_metadata`).
         """
 
         def load() -> pd.DataFrame:
@@ -206,7 +230,7 @@ class VersionReader:
                 for col in PREDICTION_COLUMNS:
                     if col in p.columns:  # versions written before novelty scores lack them
                         df.loc[common, col] = p.loc[common, col].to_numpy()
-            return df
+            return pd.concat([df, self.cell_metadata()], axis=1)
 
         return self._cached("obs", load).copy()
 
@@ -227,12 +251,12 @@ class VersionReader:
         for number in sorted({d.version for d in datasets}):
             values = np.load(self.file(CELL_CHECKSUMS, number), allow_pickle=False)
             expected = sum(d.n_cells for d in datasets if d.version == number)
-            if values.shape != (expected, 2) or values.dtype != np.uint64:
+            if values.shape != (expected, 3) or values.dtype != np.uint64:
                 raise AtlasIntegrityError(f"file {self.manifest.version(number).files[CELL_CHECKSUMS].path} holds "
-                                          f"{values.shape} {values.dtype} checksums, not ({expected}, 2) uint64")
+                                          f"{values.shape} {values.dtype} checksums, not ({expected}, 3) uint64")
             parts.append(values)
         ranges = [(d.joinid_start, d.joinid_stop, d.name) for d in datasets]
-        return CellChecks(ranges, np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.uint64))
+        return CellChecks(ranges, np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.uint64))
 
     # -------------------------------------------------------------- embeddings
     def latent(self, number: int | None = None) -> np.ndarray:

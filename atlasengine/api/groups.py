@@ -1,0 +1,81 @@
+"""Unknown groups: the cells a version called Unknown, clustered on the atlas embedding, with their markers.
+
+Composes :mod:`atlasengine.transfer.groups` with what a version stores: its predictions, the
+embedding of every cell under the atlas's model, and counts read (checked) from the cell store.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from atlasengine.errors import InputError
+from atlasengine.numerics import sorted_sample
+from atlasengine.store.cells import joinids_of
+from atlasengine.store.version import VersionReader
+from atlasengine.transfer.groups import cluster, log_normalise, rank_markers
+
+GROUP_COLUMNS = ["n_cells", "closest_type", "closest_share", "distance", "markers", "cells"]
+
+
+def unknown_groups(reader: VersionReader, version: int | None = None, min_size: int | None = None,
+                   n_markers: int = 10, max_other_cells: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Cluster the cells ``version`` (default: the reader's) called Unknown or novel; one row per group, largest first.
+
+    The cells are clustered on their embedding under the reader's model (HDBSCAN, groups of at
+    least ``min_size`` cells, default 2% of them and at least 5; cells in no group are left
+    out). For each group: ``n_cells``, the ``closest_type`` (the label its cells' reference
+    neighbours point to most: the most common kNN guess), the share of its cells with that
+    guess (``closest_share``), the ``distance`` between the group's and the type's embedding
+    centroids, ``markers`` (the top ``n_markers`` genes against the closest type's cells, at most
+    ``max_other_cells`` of them, by the Wilcoxon rank-sum statistic on log-normalised counts)
+    and the group's ``cells``. ``result.attrs["markers"][group]`` holds each marker table.
+    """
+    number = reader.number if version is None else int(version)
+    if number > reader.number:
+        raise InputError(f"version {number} is after the version shown ({reader.number})")
+    predictions = reader.predictions(number)
+    if predictions is None:
+        raise InputError(f"version {number} added the reference cells: it called no cell Unknown")
+    called = predictions["is_unknown"].astype(bool).to_numpy()
+    if "is_novel" in predictions.columns:  # versions written before novelty scores lack it
+        called |= predictions["is_novel"].astype(bool).to_numpy()
+    unknown = predictions.index[called]
+    obs = reader.obs()
+    z = reader.latent()
+    rows = obs.index.get_indexer(unknown)
+    size = min_size if min_size is not None else max(5, int(round(0.02 * len(rows))))
+    if size < 2:
+        raise InputError(f"min_size must be at least 2, got {min_size}")
+    groups = cluster(z[rows], size)
+    result = pd.DataFrame(columns=GROUP_COLUMNS, index=pd.Index([], name="group"))
+    result.attrs["markers"] = {}
+    if (groups < 0).all():
+        return result
+    labels = obs["label"]
+    labelled = labels.notna().to_numpy()
+    types = sorted(set(labels[labelled].astype(str)))
+    type_rows = {t: np.flatnonzero((labels == t).to_numpy()) for t in types}
+    n_groups = int(groups.max()) + 1
+    joinids = joinids_of(reader.ranges())
+    genes = reader.genes()
+    records = []
+    for g in range(n_groups):
+        members = rows[groups == g]
+        guesses = obs["predicted_label"].iloc[members].astype(str).value_counts()
+        closest = guesses.index[0]
+        distance = float(np.linalg.norm(z[members].mean(axis=0) - z[type_rows[closest]].mean(axis=0)))
+        pool = np.setdiff1d(type_rows[closest], members)
+        others = pool[sorted_sample(len(pool), max_other_cells, seed)]
+        both = np.concatenate([members, others])
+        _, counts = reader.store.cells.read_checked(joinids[both], reader.manifest.n_genes, reader.cell_checks())
+        counts = log_normalise(counts)
+        markers = rank_markers(counts[: len(members)], counts[len(members):], genes, n_markers)
+        result.attrs["markers"][g] = markers
+        records.append({
+            "n_cells": len(members), "closest_type": closest, "closest_share": float(guesses.iloc[0] / len(members)),
+            "distance": distance, "markers": markers["gene"].tolist(), "cells": obs.index[members].tolist(),
+        })
+    out = pd.DataFrame(records, columns=GROUP_COLUMNS, index=pd.Index(range(n_groups), name="group"))
+    out.attrs["markers"] = result.attrs["markers"]
+    return out
