@@ -47,6 +47,8 @@ def run_demo(out: Path, quick: bool = False) -> None:
 
     t0 = time.perf_counter()
     data = pancreas()
+    # the set's own 'dataset' column names each cell's sample; the atlas's 'dataset' is the fold-in
+    data.obs = data.obs.rename(columns={"dataset": "sample"})
     tech = data.obs["tech"].astype(str)
     ref = data[(tech.isin(REFERENCE) & (data.obs["celltype"] != HELD_OUT)).to_numpy()].copy()
     print(f"data: the pancreas set the package carries ({data.n_obs} cells, {data.n_vars} genes, 5 technologies); "
