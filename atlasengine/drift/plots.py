@@ -38,7 +38,9 @@ def plain(value: object) -> str:
 
 
 def _layout(fig: go.Figure, title: str, height: int, **more: object) -> go.Figure:
-    fig.update_layout(**_LAYOUT, title=dict(text=plain(title), x=0.01, font=dict(size=14)), height=height, **more)
+    fig.update_layout(**{**_LAYOUT, **more}, title=dict(text=plain(title), x=0.01, font=dict(size=14)), height=height)
+    fig.update_xaxes(automargin=True)
+    fig.update_yaxes(automargin=True)  # long names push the plot over instead of being cut
     return fig
 
 
@@ -127,10 +129,11 @@ def embedding_figure(umap: pd.DataFrame, method: str, colourings: dict[str, str]
     drawn = f"{len(umap):,} of {n_cells:,} cells drawn (a random sample)" if len(umap) < n_cells \
         else f"all {n_cells:,} cells"
     _layout(fig, f"{method} of the atlas: {drawn}", 620,
-            updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.12, yanchor="top",
+            updatemenus=[dict(buttons=buttons, direction="down", x=0.07, xanchor="left", y=1.02, yanchor="bottom",
                               showactive=True)],
-            annotations=[dict(text="colour by", x=0.78, xref="paper", y=1.1, yref="paper", showarrow=False,
-                              xanchor="right")],
+            annotations=[dict(text="colour by", x=0.0, xref="paper", y=1.035, yref="paper", showarrow=False,
+                              xanchor="left", yanchor="bottom")],
+            margin=dict(l=60, r=20, t=100, b=50),
             xaxis=dict(showticklabels=False, showgrid=False, zeroline=False, title=f"{method} 1"),
             yaxis=dict(showticklabels=False, showgrid=False, zeroline=False, title=f"{method} 2"),
             hovermode="closest")

@@ -255,14 +255,16 @@ def _rule_text(p: pd.DataFrame) -> str:
 def _group_items(groups: pd.DataFrame, method: str, limit: int = 5) -> str:
     items = []
     for g in groups.head(limit).itertuples(index=False):
-        where = (f"; they sit around ({g.x:.1f}, {g.y:.1f}) in the {method}" if np.isfinite(g.x) else "")
+        where = f"; they sit around ({g.x:.1f}, {g.y:.1f}) in the {method}" if np.isfinite(g.x) else ""
         annotated = f"; annotated by the query as {_e(g.annotated_as)}" if g.annotated_as else ""
         items.append(f"<li><b>{int(g.n_cells):,}</b> cells nearest to <b>{_e(g.nearest_label)}</b> "
                      f"({g.share:.0%} of the Unknown cells), median uncertainty {g.uncertainty_median:.2f}"
                      f"{annotated}{where}</li>")
     more = f'<p class="muted">{len(groups) - limit} smaller group(s) in the query\'s section.</p>' \
         if len(groups) > limit else ""
-    return f'<ol class="groups">{"".join(items)}</ol>{more}'
+    see = (f'<p class="note">Colour the {_e(method)} below by "transfer call" to see where the Unknown cells '
+           "sit.</p>")
+    return f'<ol class="groups">{"".join(items)}</ol>{more}{see}'
 
 
 def _headline_query(q: QueryView | None, groups: pd.DataFrame | None, method: str) -> tuple[str, list[str]]:
@@ -454,7 +456,7 @@ def _query_section(q: QueryView, ts: pd.DataFrame | None, groups: pd.DataFrame, 
     if ts is not None and not ts.empty:
         body += "<h3>Transfer summary</h3>" + _transfer_table(ts)
         grid = ts.pivot_table(index="query_cell_type", columns="assigned_label", values="share", fill_value=0.0)
-        if grid.shape[0] > 1 or grid.shape[1] > 1:
+        if grid.size > 1:
             body += _plot(heatmap(grid, "Assignment: share of each query cell type given each label", "share",
                                   "assigned label", "query cell type", scale="Blues", reverse=False, zmax=1.0),
                           f"{anchor}-assignment")
