@@ -83,7 +83,7 @@ def test_report_opens_on_a_summary_and_is_self_contained(tmp_path: Path, monkeyp
     # the summary comes first: the version, the checks against their thresholds, the query's headline
     summary = text.index('id="summary"')
     assert summary < text.index('id="fig-embedding"') < text.index('id="versions"')
-    assert "version <b>3</b> of 3" in text and "added <b>q3</b>" in text
+    assert "version <b>3</b> (versions 1 to 3 shown)" in text and "added <b>q3</b>" in text
     assert report.version == 3 and [c.measure for c in report.checks] == [
         "displacement_mean_aligned", "knn_preservation_mean", "label_accuracy_drop", "ilisi_norm_drop"]
     assert report.status == "red" and report.checks[0].status == "red"  # version 3 is scrambled

@@ -296,7 +296,7 @@ def _summary(version: int | None, versions: pd.DataFrame | None, checks: list[Ch
     if versions is not None and version is not None and (versions["version"] == version).any():
         row = versions[versions["version"] == version].iloc[0]
     if version is not None:
-        sub.append(f"version <b>{version}</b> of {n_versions}")
+        sub.append(f"version <b>{version}</b>" + (f" (versions 1 to {n_versions} shown)" if n_versions > 1 else ""))
     if row is not None:
         sub.append(f"made {pd.Timestamp(row['created_at']):%Y-%m-%d %H:%M} UTC with <b>{_e(row['strategy'])}</b>")
         added = _added(versions, version)
