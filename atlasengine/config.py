@@ -165,6 +165,11 @@ class DriftConfig(_Strict):
     flag_mean_displacement_aligned: float = Field(0.5, ge=0)
     flag_knn_preservation_min: float = Field(0.5, ge=0, le=1)
     flag_label_accuracy_drop: float = Field(0.05, ge=0, le=1)
+    flag_ilisi_norm_drop: float = Field(
+        0.1, ge=0, le=1,
+        description="batch mixing: the largest fall of the normalised iLISI below version 1's before the "
+        "report marks the check red (the report's own check; drift_flags records the other three)",
+    )
 
 
 class AtlasConfig(_Strict):

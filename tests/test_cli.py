@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from atlasengine.cli.main import main
@@ -14,6 +16,9 @@ def test_versions_report_and_errors(two_version_atlas, tmp_path, capsys):
     report = tmp_path / "audit.html"
     assert main(["report", str(two_version_atlas), "-o", str(report), "--version", "1"]) == 0
     assert report.exists() and report.stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert f"wrote {report.resolve()}" in out and report.resolve().as_uri() in out
+    assert re.search(r"status (green|amber|red): reference drift (green|amber|red) \(", out), out
     assert main(["versions", str(tmp_path)]) == 2
     assert "is not an atlas" in capsys.readouterr().err
     assert main(["ingest", str(two_version_atlas), "-i", str(tmp_path / "missing.h5ad"), "--batch-key", "tech"]) == 2

@@ -1,8 +1,7 @@
-"""The HTML audit report is one self-contained file."""
+"""The HTML audit report: one self-contained file that opens on a summary with a status per check."""
 
 from __future__ import annotations
 
-import base64
 import re
 import sys
 import types
@@ -15,16 +14,14 @@ import pytest
 from atlasengine.config import DriftConfig
 from atlasengine.drift import (
     DriftStore,
+    QueryView,
     compute_initial_drift,
     compute_version_drift,
     flags,
     render_report,
     umap_coordinates,
-)
-
-# a 1x1 PNG, standing in for a label-transfer figure made elsewhere
-TINY_PNG = base64.b64decode(
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+    unknown_groups,
+    version_checks,
 )
 
 
@@ -49,32 +46,102 @@ def _history(tmp_path: Path) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
         store.write_version({"version": v, "strategy": "ewc", "datasets": [f"q{v}"], "n_cells": n}, t,
                             flags(t, cfg), ts)
     coords, method = umap_coordinates(embeddings[-1], seed=0, return_method=True)
-    umap = pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], "version_added": obs["version_added"].to_numpy(),
+    umap = pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], "cell": obs.index.to_numpy(),
+                         "version_added": obs["version_added"].to_numpy(),
                          "batch": obs["batch"].to_numpy(), "label": obs["label"].to_numpy(),
                          "displacement": np.r_[np.nan, rng.random(n - 1)]})
     umap.attrs["method"] = method
     return store.report_tables(3), umap
 
 
-def test_report_is_self_contained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _query(version: int) -> QueryView:
+    """A transfer of 60 cells: 20 of a type the reference lacks, called Unknown and nearest to 'beta'."""
+    cells = [f"q{version}_{i}" for i in range(60)]
+    unknown = np.r_[np.zeros(40, bool), np.ones(20, bool)]
+    preds = pd.DataFrame({"label": np.where(unknown, "Unknown", "alpha"), "predicted_label": ["alpha"] * 40 + ["beta"] * 20,
+                          "uncertainty": np.r_[np.full(40, 0.1), np.full(20, 0.6)], "is_unknown": unknown,
+                          "novelty": np.r_[np.full(40, 1.0), np.full(20, 9.0)], "is_novel": unknown}, index=cells)
+    preds.attrs.update(uncertainty_threshold=0.3, unknown_rule="uncertainty", novelty_threshold=5.0)
+    annotation = pd.Series(["alpha"] * 40 + ["<delta>"] * 20, index=cells)
+    return QueryView(version, f"q{version}", preds, annotation)
+
+
+def test_report_opens_on_a_summary_and_is_self_contained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "umap", None)  # PCA keeps this test fast
     tables, umap = _history(tmp_path)
     assert not tables["drift_flags"].empty
-    out = render_report(tmp_path / "out" / "report.html", tables, umap, {"query q2": TINY_PNG}, "Drift <audit>")
+    report = render_report(tmp_path / "out" / "report.html", tables, umap, [_query(2), _query(3)], "Drift <audit>",
+                           config=DriftConfig(), atlas_name="a&b", n_cells=10_000)
+    out = report.path
     assert out.exists() and list(out.parent.iterdir()) == [out]
     text = out.read_text(encoding="utf-8")
-    assert text.count('<img src="data:image/png;base64,') >= 10  # 4 lines, heatmap, 4 embeddings, 1 transfer
-    assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", text, flags=re.I)
-    assert not re.search(r"https?://|url\(|@import|<script|<link", text, flags=re.I)
-    assert "Drift &lt;audit&gt;" in text and "&lt;gamma&gt;" in text and "<gamma>" not in text
-    assert 'class="flag"' in text and "threshold" in text
-    assert "query q2" in text and "<h2>Embedding (PCA)</h2>" in text and 'alt="PCA coloured by label"' in text
+    # one Plotly bundle, inlined; no MathJax; nothing the page would fetch
+    assert text.count("<script") == 1 + text.count("Plotly.newPlot") and text.count("Plotly.newPlot") == 5
+    assert "mathjax" not in text.lower().split("</head>")[1] and "cdn.plot.ly/plotly" not in text
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)\s*=", text, flags=re.I)
+    assert "default-src 'none'" in text and "<img" not in text
+    # the summary comes first: the version, the checks against their thresholds, the query's headline
+    summary = text.index('id="summary"')
+    assert summary < text.index('id="fig-embedding"') < text.index('id="versions"')
+    assert "version <b>3</b> (versions 1 to 3 shown)" in text and "added <b>q3</b>" in text
+    assert report.version == 3 and [c.measure for c in report.checks] == [
+        "displacement_mean_aligned", "knn_preservation_mean", "label_accuracy_drop", "ilisi_norm_drop"]
+    assert report.status == "red" and report.checks[0].status == "red"  # version 3 is scrambled
+    for c in report.checks:
+        assert f'data-check="{c.measure}" data-status="{c.status}"' in text
+    assert "red above 0.5" in text and "red below 0.5" in text
+    assert "33.3%" in text and "20</b> cells nearest to <b>beta</b>" in text and "&lt;delta&gt; (100%)" in text
+    assert any("33.3% called Unknown" in line for line in report.headline)
+    # names are plain text: escaped in the page and for Plotly's pseudo-HTML
+    assert "Drift &lt;audit&gt;" in text and "a&amp;b" in text and "<gamma>" not in text
+    assert "&lt;gamma&gt;" in text and "<delta>" not in text
+    # subsampling said, tables rounded and collapsed, flagged rows first, settings as key-value lists
+    assert "150 of 10,000 cells are drawn (a random sample" in text
+    assert "<details><summary>Per cell type table (" in text and 'class="flag"' in text
+    assert re.search(r"<td>\d\.\d{3}</td>", text) and not re.search(r"<td>\d\.\d{5,}", text)
+    cell_table = text[text.index("Per cell type table"):]
+    assert cell_table.index('class="flag"') < cell_table.index("<tr>", cell_table.index("<tbody>"))
+    body = text.split("</head>")[1]
+    assert "&quot;" not in body and ">None<" not in body  # no raw JSON, no None
+    for q in ("query-v2", "query-v3"):
+        assert f'id="{q}"' in text and f'id="fig-{q}-distributions"' in text
 
 
 def test_report_without_optional_parts(tmp_path: Path) -> None:
-    out = render_report(tmp_path / "empty.html", {}, None, None, "Nothing yet")
-    text = out.read_text(encoding="utf-8")
-    assert "No version crossed a flag threshold" in text and "<img" not in text
+    report = render_report(tmp_path / "empty.html", {}, None, None, "Nothing yet")
+    text = report.path.read_text(encoding="utf-8")
+    assert "No drift rows for this version" in text and "Plotly.newPlot" not in text
+    assert report.checks == [] and report.status == "grey"
+
+
+def test_checks_compare_the_tables_numbers_with_the_thresholds() -> None:
+    vd = pd.DataFrame({"version": [1, 2, 2], "scope": ["vs_first", "vs_previous", "vs_first"],
+                       "displacement_mean_aligned": [0.0, 0.2, 0.45], "knn_preservation_mean": [1.0, 0.9, 0.4],
+                       "label_accuracy_current": [0.9, 0.9, 0.9], "label_accuracy_compared": [0.9, 0.91, 0.92],
+                       "ilisi_norm_mean": [0.5, 0.35, 0.35]})
+    fl = pd.DataFrame({"version": [2], "scope": ["vs_first"], "cell_type": ["beta"],
+                       "measure": ["label_accuracy_drop"], "value": [0.2], "threshold": [0.05]})
+    checks = {c.measure: c for c in version_checks(vd, fl, DriftConfig(), 2)}
+    assert checks["displacement_mean_aligned"].status == "amber"  # 0.45 is within 20% of 0.5
+    assert checks["displacement_mean_aligned"].value == 0.45
+    assert checks["knn_preservation_mean"].status == "red" and checks["knn_preservation_mean"].value == 0.4
+    assert checks["label_accuracy_drop"].status == "amber" and "beta" in checks["label_accuracy_drop"].note
+    assert checks["label_accuracy_drop"].value == pytest.approx(0.02)
+    assert checks["ilisi_norm_drop"].status == "red" and checks["ilisi_norm_drop"].value == pytest.approx(0.15)
+    assert {c.status for c in version_checks(vd, None, DriftConfig(), 1)} == {"green"}
+    one_batch = vd.assign(ilisi_norm_mean=np.nan)
+    assert {c.measure: c for c in version_checks(one_batch, None, DriftConfig(), 2)}["ilisi_norm_drop"].status == "grey"
+    assert version_checks(vd, None, DriftConfig(), 5) == []
+
+
+def test_unknown_groups_by_nearest_label() -> None:
+    q = _query(2)
+    coords = pd.DataFrame({"x": np.arange(60.0), "y": np.ones(60)}, index=q.predictions.index)
+    groups = unknown_groups(q.predictions, q.annotation, coords.iloc[::2])
+    assert groups["nearest_label"].tolist() == ["beta"] and groups["n_cells"].tolist() == [20]
+    assert groups.loc[0, "annotated_as"] == "<delta> (100%)" and groups.loc[0, "x"] == 49.0
+    assert groups.loc[0, "uncertainty_median"] == 0.6 and groups.loc[0, "share"] == 1.0
+    assert unknown_groups(q.predictions.assign(is_unknown=False)).empty
 
 
 def test_projection_falls_back_to_pca(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 from conftest import TINY, snapshot
-from matplotlib.axes import Axes
 
 from atlasengine import Atlas, InputError
 
@@ -20,7 +20,7 @@ def _small_reference(pancreas_ref):
     return pancreas_ref[np.sort(keep)].copy()
 
 
-def test_names_are_plain_text_in_the_report_html_and_figures(tmp_path, pancreas_ref, pancreas_query, monkeypatch):
+def test_names_are_plain_text_in_the_report_html_and_figures(tmp_path, pancreas_ref, pancreas_query):
     ref = _small_reference(pancreas_ref)
     ref.obs["celltype"] = ref.obs["celltype"].astype(str).replace(HOSTILE)
     ref.obs["tech"] = ref.obs["tech"].astype(str).replace({"indrop": "$b_1$"})
@@ -31,19 +31,28 @@ def test_names_are_plain_text_in_the_report_html_and_figures(tmp_path, pancreas_
     atlas.ingest(q, batch_key="tech", strategy="surgery", label_key="celltype", training={"max_epochs": 1})
     assert set(HOSTILE.values()) <= set(atlas.labels)
 
-    legends: list[str] = []
-    original = Axes.legend
-
-    def legend(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        legends.extend(t.get_text() for t in out.get_texts())
-        return out
-
-    monkeypatch.setattr(Axes, "legend", legend)
     html = atlas.report(tmp_path / "audit.html").read_text()
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "a &amp; b" in html and "$\\foo$" in html
-    assert {"_beta", "$\\foo$", "$b_1$"} <= set(legends)  # shown as written, none dropped from a legend
+    # in the interactive embedding every name is a tick of the colour menu, escaped for Plotly's text
+    data, layout = _figure(html, "fig-embedding")
+    ticks = {t for b in layout["updatemenus"][0]["buttons"] for bar in b["args"][0]["marker.colorbar"]
+             for t in bar.get("ticktext") or []}
+    assert {"_beta", "$\\foo$", "$b_1$", "&lt;script&gt;alert(1)&lt;/script&gt;", "a &amp; b"} <= ticks
+    assert not any("<" in t for t in ticks)
+    hover = {str(v) for row in data[0]["customdata"] for v in row}
+    assert {"$\\foo$", "$b_1$", "_beta"} <= hover and not any("<" in v for v in hover)
+
+
+def _figure(html: str, div_id: str) -> tuple[list, dict]:
+    """The data and layout a report passes to Plotly.newPlot for the figure in ``div_id``."""
+    call = html.index("Plotly.newPlot(", html.index(f'id="{div_id}"'))
+    at = html.index(f'"{div_id}"', call) + len(div_id) + 2
+    decoder = json.JSONDecoder()
+    at = html.index("[", at)
+    data, end = decoder.raw_decode(html, at)
+    layout, _ = decoder.raw_decode(html, html.index("{", end))
+    return data, layout
 
 
 def test_names_longer_than_the_limit_are_refused(tmp_path, pancreas_ref):

@@ -50,6 +50,7 @@ from atlasengine.config import (
     merged,
     validation_problems,
 )
+from atlasengine.drift import Report
 from atlasengine.errors import AtlasFormatError, InputError, ReadOnlyError
 from atlasengine.model import CVAE
 from atlasengine.store.atlas_store import AtlasStore
@@ -587,4 +588,12 @@ class Atlas:
 
     def report(self, path: str | Path) -> Path:
         """Write the drift audit report (one self-contained HTML file) to ``path``; returns its path."""
+        return render_atlas_report(self._reader, path).path
+
+    def audit(self, path: str | Path) -> Report:
+        """Write the drift audit report to ``path`` and return it with its checks and headline.
+
+        ``Report.status`` is the worst of the version's checks (green, amber, red);
+        ``Report.headline`` the lines the report's summary opens with.
+        """
         return render_atlas_report(self._reader, path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,8 @@ from atlasengine.drift import (
     VERSIONED_TABLES,
     DriftStore,
     DriftTables,
+    QueryView,
+    Report,
     compute_initial_drift,
     compute_version_drift,
     flags,
@@ -38,7 +39,7 @@ from atlasengine.progress import Phase, phase
 from atlasengine.store.atlas_store import AtlasStore
 from atlasengine.store.manifest import Manifest, VersionInfo
 from atlasengine.store.version import DRIFT_DIR, VersionReader
-from atlasengine.transfer import UNKNOWN, plot_transfer
+from atlasengine.transfer import UNKNOWN
 
 log = logging.getLogger("atlasengine")
 UNLABELLED = "(unlabelled)"
@@ -213,12 +214,16 @@ def rebuild_drift(store: AtlasStore, reader: VersionReader) -> Manifest | None:
 
 
 def render_atlas_report(reader: VersionReader, path: str | Path, max_umap_cells: int = 20_000, seed: int = 0,
-                        progress: bool | None = None) -> Path:
-    """Write the drift audit report of the version ``reader`` reads to ``path``."""
+                        progress: bool | None = None) -> Report:
+    """Write the drift audit report of the version ``reader`` reads to ``path``; return it with its checks.
+
+    At most ``max_umap_cells`` cells (a seeded sample) are drawn in the 2-d embedding; the
+    report says so.
+    """
     _check_writable(Path(path))
     with phase("report", total=2, unit="steps", progress=progress) as p:
-        path = _render(reader, path, max_umap_cells, seed, p)
-    return path
+        report = _render(reader, path, max_umap_cells, seed, p)
+    return report
 
 
 def _check_writable(path: Path) -> None:
@@ -231,7 +236,52 @@ def _check_writable(path: Path) -> None:
         raise InputError(f"cannot write the report to {path}: it is a folder")
 
 
-def _render(reader: VersionReader, path: str | Path, max_umap_cells: int, seed: int, p: Phase) -> Path:
+def _queries(reader: VersionReader, obs: pd.DataFrame) -> list[QueryView]:
+    """Return each version's transfer with the query's own labels (None when it came without)."""
+    out = []
+    for info in reader.manifest.versions:
+        preds = reader.predictions(info.number)
+        if preds is None or preds.empty:
+            continue
+        annotation = obs["label"].reindex(preds.index)
+        out.append(QueryView(info.number, info.datasets[-1] if info.datasets else f"version {info.number}", preds,
+                             annotation if annotation.notna().any() else None))
+    return out
+
+
+def _umap_frame(obs: pd.DataFrame, keep: np.ndarray, coords: np.ndarray, cell_drift: pd.DataFrame,
+                queries: list[QueryView]) -> pd.DataFrame:
+    """Return the drawn cells: position, names for hover and the columns the colour menu offers."""
+    sub = obs.iloc[keep]
+    last = cell_drift[cell_drift["version"] == cell_drift["version"].max()] if len(cell_drift) else cell_drift
+    disp = (
+        last.set_index("cell")["displacement_aligned_vs_first"].reindex(sub.index).to_numpy()
+        if len(last)
+        else np.full(len(sub), np.nan)
+    )
+    preds = pd.concat([q.predictions[["label", "predicted_label", "uncertainty", "is_unknown"]] for q in queries]) \
+        if queries else pd.DataFrame(columns=["label", "predicted_label", "uncertainty", "is_unknown"])
+    preds = preds[~preds.index.duplicated(keep="last")].reindex(sub.index)
+    queried = preds["predicted_label"].notna().to_numpy()
+    call = np.where(~queried, "reference (no transfer)",
+                    np.where(preds["is_unknown"].eq(True).to_numpy(), UNKNOWN, "label assigned"))
+    return pd.DataFrame(
+        {
+            "x": coords[:, 0],
+            "y": coords[:, 1],
+            "cell": sub.index.astype(str).to_numpy(),
+            "label": sub["label"].fillna(UNLABELLED).astype(str).to_numpy(),
+            "batch": sub["batch"].astype(str).to_numpy(),
+            "version_added": sub["version_added"].astype(str).to_numpy(),
+            "predicted": preds["predicted_label"].astype(object).to_numpy(),
+            "call": call,
+            "uncertainty": preds["uncertainty"].astype(float).to_numpy(),
+            "displacement": disp,
+        }
+    )
+
+
+def _render(reader: VersionReader, path: str | Path, max_umap_cells: int, seed: int, p: Phase) -> Report:
     with drift_store(reader) as db:
         tables = db.report_tables(reader.number)
         cell_drift = db.read("cell_drift", reader.number)
@@ -240,36 +290,12 @@ def _render(reader: VersionReader, path: str | Path, max_umap_cells: int, seed: 
     keep = sorted_sample(len(z), max_umap_cells, seed)
     coords, method = umap_coordinates(z[keep], seed=seed, return_method=True)
     p.advance()
-    sub = obs.iloc[keep]
-    last = cell_drift[cell_drift["version"] == cell_drift["version"].max()] if len(cell_drift) else cell_drift
-    disp = (
-        last.set_index("cell")["displacement_aligned_vs_first"].reindex(sub.index).to_numpy()
-        if len(last)
-        else np.full(len(sub), np.nan)
-    )
-    umap = pd.DataFrame(
-        {
-            "x": coords[:, 0],
-            "y": coords[:, 1],
-            "version_added": sub["version_added"].astype(str).to_numpy(),
-            "batch": sub["batch"].astype(str).to_numpy(),
-            "label": sub["label"].fillna(UNLABELLED).astype(str).to_numpy(),
-            "displacement": disp,
-        }
-    )
-    figures: dict[str, bytes] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for info in reader.manifest.versions:
-            preds = reader.predictions(info.number)
-            if preds is None or preds.empty:
-                continue
-            truth = obs["label"].reindex(preds.index).fillna(UNLABELLED).astype(str)
-            paths = plot_transfer(preds, truth, Path(tmp) / f"v{info.number}",
-                                  novelty_target=reader.manifest.config.transfer.novelty_target)
-            for name, file in paths.items():
-                figures[f"version {info.number} ({', '.join(info.datasets[-1:])}): {name}"] = Path(file).read_bytes()
-    title = f"Drift audit of {reader.store.root.name} (version {reader.number})"
-    out = render_report(path, tables, umap, figures, title, umap_method=method)
+    queries = _queries(reader, obs)
+    umap = _umap_frame(obs, keep, coords, cell_drift, queries)
+    name = reader.store.root.name
+    out = render_report(path, tables, umap, queries, f"Drift audit of {name} (version {reader.number})",
+                        umap_method=method, config=reader.manifest.config.drift, atlas_name=name,
+                        version=reader.number, n_cells=len(z))
     p.advance()
     return out
 

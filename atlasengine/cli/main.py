@@ -87,8 +87,11 @@ def cmd_report(args) -> None:
     """Write the drift audit report (HTML) of the atlas to ``args.output``."""
     from atlasengine import Atlas
 
-    path = Atlas.open(args.path, version=args.version).report(args.output)
-    print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
+    report = Atlas.open(args.path, version=args.version).audit(args.output)
+    path = report.path.resolve()
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); open {path.as_uri()} in a browser")
+    for line in report.headline:
+        print(f"  {line}")
 
 
 def cmd_export(args) -> None:

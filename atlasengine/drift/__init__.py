@@ -1,7 +1,7 @@
 """Drift tracking: how far reference cells move between model versions.
 
 The measures are stored as Parquet parts, queried with DuckDB in memory, and summarised in an HTML audit report. Depends only on
-numpy/pandas/faiss/duckdb/matplotlib and ``atlasengine.config`` / ``atlasengine.errors``.
+numpy/pandas/faiss/duckdb/plotly and ``atlasengine.config`` / ``atlasengine.errors``.
 """
 
 from atlasengine.drift.db import VERSIONED_TABLES, DriftStore, migrations, migrations_dir, part_name, tables_named_in
@@ -19,10 +19,14 @@ from atlasengine.drift.measures import (
     missing_labels,
     procrustes_align,
 )
-from atlasengine.drift.report import render_report, umap_coordinates
+from atlasengine.drift.report import QueryView, Report, render_report, umap_coordinates
+from atlasengine.drift.summary import Check, unknown_groups, version_checks
 
 __all__ = [
     "SCOPES",
+    "Check",
+    "QueryView",
+    "Report",
     "VERSIONED_TABLES",
     "DriftStore",
     "DriftTables",
@@ -42,4 +46,6 @@ __all__ = [
     "render_report",
     "tables_named_in",
     "umap_coordinates",
+    "unknown_groups",
+    "version_checks",
 ]

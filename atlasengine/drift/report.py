@@ -1,37 +1,64 @@
-"""A single self-contained HTML audit report of drift across versions.
+"""A single self-contained HTML audit report: a summary with a status per check, then interactive figures.
 
-Every name (cell type, batch, dataset) is plain text: HTML-escaped in the page, literal in the
-figures (see :mod:`atlasengine.figures`).
+The report opens on what a reader needs first: the atlas, the version and what it added; a
+green / amber / red status per drift check against :class:`~atlasengine.config.DriftConfig`
+(see :mod:`atlasengine.drift.summary`); and the query's headline (cells, share called Unknown
+or novel, the largest groups of Unknown cells). Then come the interactive figures (Plotly: the
+2-d embedding with a colour menu and hover, drift over versions, heatmaps), one section per
+ingested query, and the tables, rounded and collapsed.
 
-Figures are matplotlib PNGs (drawn on ``matplotlib.figure.Figure``, i.e. the Agg canvas,
-without touching pyplot's global backend) embedded as base64 data URIs; CSS is inline; the
-file references nothing outside itself.
+The file needs nothing outside itself: Plotly's JavaScript is inlined once, no MathJax is
+loaded, and a Content-Security-Policy forbids the page any request. Every name (cell type,
+batch, dataset, cell) is plain text: HTML-escaped in the page and escaped for Plotly's text in
+the figures. Numbers come from the drift tables and the predictions; nothing is recomputed.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
+import json
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
+import plotly.io as pio
+from plotly.offline import get_plotlyjs
 
+from atlasengine.config import DriftConfig
+from atlasengine.drift.plots import CONFIG, distributions_figure, drift_figure, embedding_figure, heatmap
+from atlasengine.drift.summary import Check, unknown_groups, version_checks, worst
 from atlasengine.errors import InputError
-from atlasengine.figures import plain_text
+
+CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
+       "font-src data:; connect-src 'none'")
+"""The page's Content-Security-Policy: inline script and style only, no request of any kind."""
 
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
-th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}
-th{background:#f2f2f2}td.s{text-align:left}tr.flag td{background:#ffd9d6}
-.figs{display:flex;flex-wrap:wrap;gap:10px}.figs img{max-width:560px;border:1px solid #eee}
-.flaglist li{margin:.2em 0}.ok{color:#2a7a2a}.muted{color:#777}
+body{font-family:system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
+main{max-width:1200px;margin:0 auto;padding:1.2em 2em 3em;background:#fff}
+h1{font-size:1.55em;margin:.2em 0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+h3{margin:1.2em 0 .4em}.sub{color:#555;margin:.2em 0 1em}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(250px,1fr));gap:12px;margin:.8em 0}
+.card{border:1px solid #ddd;border-left:8px solid #999;border-radius:6px;padding:.6em .8em;background:#fff}
+.card .name{font-weight:600}.card .value{font-size:1.7em;font-weight:600;margin:.1em 0}
+.card .rule,.card .note{font-size:.85em;color:#555}.card .badge{float:right;font-size:.75em;font-weight:700;
+padding:1px 8px;border-radius:10px;color:#fff;background:#999;text-transform:uppercase}
+.status-green{border-left-color:#2e9d4b}.status-green .badge{background:#2e9d4b}
+.status-amber{border-left-color:#e3a21a}.status-amber .badge{background:#e3a21a}
+.status-red{border-left-color:#d0392b}.status-red .badge{background:#d0392b}
+.kpis{display:flex;flex-wrap:wrap;gap:12px;list-style:none;padding:0;margin:.6em 0}
+.kpis li{background:#f3f5f8;border-radius:6px;padding:.5em .9em}.kpis b{font-size:1.4em;display:block}
+.scroll{overflow:auto;max-height:480px;border:1px solid #eee;margin:.4em 0}
+table{border-collapse:collapse;font-size:.85em;margin:0}
+th,td{border:1px solid #e3e3e3;padding:3px 8px;text-align:right;white-space:nowrap}
+th{background:#f2f2f2;position:sticky;top:0}td.s{text-align:left;white-space:normal}tr.flag td{background:#ffe1de}
+ul.kv{list-style:none;margin:0;padding:0;text-align:left}ul.kv li{white-space:nowrap}ul.kv span{color:#666}
+details{margin:.6em 0}summary{cursor:pointer;color:#1a5fb4}.muted{color:#777}.ok{color:#2a7a2a}
+.plot{border:1px solid #eee;margin:.6em 0}.note{color:#555;font-size:.9em}
+nav a{margin-right:1em}
 """
 
 _FLAG_TEXT = {
@@ -39,6 +66,42 @@ _FLAG_TEXT = {
     "knn_preservation_mean": ("mean kNN preservation", "<"),
     "label_accuracy_drop": ("drop in leave-one-out label accuracy", ">"),
 }
+_STATUS_TEXT = {"green": "ok", "amber": "watch", "red": "flag", "grey": "no value"}
+UMAP_COLOURINGS = {
+    "label": "cell type", "batch": "batch", "version_added": "version added", "predicted": "predicted label",
+    "call": "transfer call", "uncertainty": "uncertainty", "displacement": "displacement from version 1",
+}
+"""Columns of the ``umap`` frame the colour menu offers (those present), and their menu labels."""
+
+
+@dataclass
+class QueryView:
+    """One ingested query as the report shows it.
+
+    ``predictions`` is the transfer's table (``label``, ``predicted_label``, ``uncertainty``,
+    ``is_unknown``, optional ``novelty`` / ``is_novel``; thresholds and rule in ``attrs``),
+    indexed by cell; ``annotation`` the query's own labels by cell (None: none given).
+    """
+
+    version: int
+    dataset: str
+    predictions: pd.DataFrame
+    annotation: pd.Series | None = None
+
+
+@dataclass
+class Report:
+    """A written report: its file, the checks of its version, the worst status and the headline lines."""
+
+    path: Path
+    version: int | None
+    checks: list[Check] = field(default_factory=list)
+    headline: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """Return the worst status of the checks: green, amber, red (grey when there is none)."""
+        return worst(self.checks)
 
 
 # --------------------------------------------------------------------------- 2-d coordinates
@@ -78,235 +141,450 @@ def _pca2(x: np.ndarray) -> np.ndarray:
     return np.pad(out, ((0, 0), (0, 2 - out.shape[1]))) if out.shape[1] < 2 else out
 
 
-# --------------------------------------------------------------------------- figures
+# --------------------------------------------------------------------------- text and numbers
 
 
-def _data_uri(data: bytes) -> str:
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        mime = "image/png"
-    elif data[:3] == b"\xff\xd8\xff":
-        mime = "image/jpeg"
-    else:
-        raise InputError("figures must be PNG or JPEG bytes")
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+def _e(value: object) -> str:
+    return html.escape(str(value))
 
 
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def _img(data: bytes, alt: str) -> str:
-    return f'<img src="{_data_uri(data)}" alt="{html.escape(alt)}">'
-
-
-def _line_figures(vd: pd.DataFrame, bd: pd.DataFrame) -> list[tuple[str, bytes]]:
-    """Measures over versions: displacement, preservation, label accuracy, iLISI."""
-    out: list[tuple[str, bytes]] = []
-    vd = vd.sort_values("version")
-    by_scope = {s: g for s, g in vd.groupby("scope")}
-    first = by_scope.get("vs_first", vd.iloc[:0])
-    prev = by_scope.get("vs_previous", vd.iloc[:0])
-
-    def figure(title: str, ylabel: str, series: list[tuple[str, pd.DataFrame, str, dict]]) -> bytes:
-        fig = Figure(figsize=(5.6, 3.4))
-        ax = fig.subplots()
-        for label, df, column, style in series:
-            if len(df) and df[column].notna().any():
-                ax.plot(df["version"], df[column], marker="o", label=label, **style)
-        ax.set_title(title)
-        ax.set_xlabel("version")
-        ax.set_ylabel(ylabel)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        return _png(fig)
-
-    out.append(("mean aligned displacement", figure(
-        "Mean displacement after Procrustes alignment", "latent distance",
-        [("vs version 1", first, "displacement_mean_aligned", {}),
-         ("vs previous version", prev, "displacement_mean_aligned", {})])))
-    out.append(("kNN preservation", figure(
-        "Mean kNN preservation", "share of neighbours kept",
-        [("vs version 1", first, "knn_preservation_mean", {}),
-         ("vs previous version", prev, "knn_preservation_mean", {})])))
-    out.append(("label accuracy", figure(
-        "Leave-one-out kNN label accuracy", "accuracy",
-        [("current embedding", first if len(first) else prev, "label_accuracy_current", {}),
-         ("version 1 embedding", first, "label_accuracy_compared", {"linestyle": "--"}),
-         ("previous embedding", prev, "label_accuracy_compared", {"linestyle": ":"})])))
-    series = [("all cells", first if len(first) else prev, "ilisi_mean", {"linewidth": 2.5, "color": "k"})]
-    if bd is not None and not bd.empty:
-        for batch, g in bd.sort_values("version").groupby("batch"):
-            series.append((f"batch {batch}", g, "ilisi_mean", {"linewidth": 1, "alpha": 0.7}))
-    out.append(("iLISI", figure("Batch mixing (iLISI, 1 = one batch)", "iLISI", series[:21])))
-    return out
-
-
-def _heatmap(cd: pd.DataFrame) -> bytes | None:
-    """Aligned displacement vs version 1 per cell type x version."""
-    if cd is None or cd.empty:
-        return None
-    sub = cd[cd["scope"] == "vs_first"]
-    if sub.empty:
-        return None
-    grid = sub.pivot_table(index="cell_type", columns="version", values="displacement_mean_aligned")
-    fig = Figure(figsize=(1.2 + 0.7 * grid.shape[1], 1.0 + 0.32 * grid.shape[0]))
-    ax = fig.subplots()
-    im = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", cmap="magma_r")
-    ax.set_xticks(range(grid.shape[1]), [str(v) for v in grid.columns])
-    ax.set_yticks(range(grid.shape[0]), [str(v) for v in grid.index])
-    ax.set_xlabel("version")
-    ax.set_title("Mean aligned displacement vs version 1")
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    return _png(fig)
-
-
-def _scatter(umap: pd.DataFrame, column: str, method: str) -> bytes:
-    fig = Figure(figsize=(5.4, 4.4))
-    ax = fig.subplots()
-    values = umap[column]
-    point = max(1.0, min(12.0, 3000.0 / max(len(umap), 1)))
-    if column == "displacement":
-        v = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
-        nan = ~np.isfinite(v)
-        ax.scatter(umap["x"][nan], umap["y"][nan], s=point, c="#cccccc", label="no value", linewidths=0)
-        sc = ax.scatter(umap["x"][~nan], umap["y"][~nan], s=point, c=v[~nan], cmap="viridis", linewidths=0)
-        fig.colorbar(sc, ax=ax, shrink=0.8, label="aligned displacement")
-        if nan.any():
-            ax.legend(fontsize=7, markerscale=3)
-    else:
-        cats = values.astype(object).where(values.notna(), "(missing)").astype(str)
-        names = sorted(cats.unique(), key=lambda s: (s == "(missing)", s))
-        cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
-        handles = []
-        for i, name in enumerate(names):
-            m = (cats == name).to_numpy()
-            color = "#cccccc" if name == "(missing)" else cmap(i % cmap.N)
-            handles.append(ax.scatter(umap["x"][m], umap["y"][m], s=point, color=color, linewidths=0))
-        if len(names) <= 20:  # names given explicitly: a name starting with "_" would be dropped otherwise
-            ax.legend(handles, names, fontsize=7, markerscale=3, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    ax.set_title(f"{method}: coloured by {column.replace('_', ' ')}")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    return _png(fig)
-
-
-# --------------------------------------------------------------------------- tables
-
-
-def _cell(value: object) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
-        return '<td class="muted">–</td>'
-    if isinstance(value, (float, np.floating)):
-        return f"<td>{float(value):.4g}</td>"
+def _num(value: object) -> str:
+    """Format a number as the tables show it: integers with separators, other numbers to 3 decimals or fewer."""
+    if value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and not np.isfinite(value)):
+        return "–"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
     if isinstance(value, (int, np.integer)):
-        return f"<td>{int(value)}</td>"
-    return f'<td class="s">{html.escape(str(value))}</td>'
+        return f"{int(value):,}"
+    v = float(value)
+    if v == int(v) and abs(v) >= 1000:
+        return f"{int(v):,}"
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.2f}" if abs(v) >= 10 else f"{v:.3f}"
 
 
-def _table(df: pd.DataFrame | None, highlight: np.ndarray | None = None) -> str:
+def _pct(value: float) -> str:
+    return "–" if value is None or not np.isfinite(value) else f"{100 * value:.1f}%"
+
+
+def _kv(value: object) -> str:
+    """Render a JSON object (or dict) as a key-value list; anything else as text."""
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        return '<span class="muted">–</span>'
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return _e(value)
+    if isinstance(value, dict):
+        if not value:
+            return '<span class="muted">–</span>'
+        items = "".join(f"<li><span>{_e(k)}</span> {_e(_num(v) if isinstance(v, (int, float)) else v)}</li>"
+                        for k, v in value.items())
+        return f'<ul class="kv">{items}</ul>'
+    if isinstance(value, list):
+        return _e(", ".join(str(v) for v in value))
+    return _e(value)
+
+
+def _cell(value: object, kind: str) -> str:
+    if kind == "html":
+        return f'<td class="s">{value}</td>'
+    if kind == "pct":
+        return f"<td>{_pct(float(value)) if value is not None and not pd.isna(value) else '–'}</td>"
+    if isinstance(value, (int, float, np.integer, np.floating, bool, np.bool_)) or value is None or value is pd.NA:
+        text = _num(value)
+        return f'<td class="muted">{text}</td>' if text == "–" else f"<td>{text}</td>"
+    return f'<td class="s">{_e(value)}</td>'
+
+
+def _table(df: pd.DataFrame | None, names: dict[str, str] | None = None, kinds: dict[str, str] | None = None,
+           flagged: np.ndarray | None = None, scroll: bool = True) -> str:
+    """Render ``df`` (columns renamed by ``names``; ``kinds``: "pct" or "html" per column) as an HTML table."""
     if df is None or df.empty:
         return '<p class="muted">No rows.</p>'
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    names, kinds = names or {}, kinds or {}
+    columns = [c for c in (names or df.columns) if c in df.columns]
+    head = "".join(f"<th>{_e(names.get(c, c))}</th>" for c in columns)
     rows = []
-    for i, values in enumerate(df.itertuples(index=False)):
-        cls = ' class="flag"' if highlight is not None and highlight[i] else ""
-        rows.append(f"<tr{cls}>{''.join(_cell(v) for v in values)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    for i, values in enumerate(df[columns].itertuples(index=False)):
+        cls = ' class="flag"' if flagged is not None and flagged[i] else ""
+        rows.append(f"<tr{cls}>{''.join(_cell(v, kinds.get(c, '')) for c, v in zip(columns, values))}</tr>")
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return f'<div class="scroll">{table}</div>' if scroll else table
+
+
+def _details(summary: str, body: str, open_: bool = False) -> str:
+    return f"<details{' open' if open_ else ''}><summary>{_e(summary)}</summary>{body}</details>"
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{_e(title)}</h2>\n{body}\n</section>\n'
+
+
+def _plot(fig, name: str) -> str:
+    """One figure as a div (id ``fig-<name>``) and its script; Plotly's JavaScript is in the page head once."""
+    return '<div class="plot">' + pio.to_html(fig, include_plotlyjs=False, include_mathjax=False, full_html=False,
+                                               config=CONFIG, div_id=f"fig-{name}", default_height=f"{fig.layout.height}px",
+                                               default_width="100%") + "</div>"
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _card(check: Check) -> str:
+    value = "–" if not np.isfinite(check.value) else f"{check.value:.3f}"
+    return (f'<div class="card status-{check.status}" data-check="{_e(check.measure)}" data-status="{check.status}">'
+            f'<span class="badge">{_STATUS_TEXT[check.status]}</span><div class="name">{_e(check.name)}</div>'
+            f'<div class="value">{value}</div><div class="rule">{_e(check.rule)}</div>'
+            f'<div class="note">{_e(check.note)}</div></div>')
+
+
+def _query_numbers(q: QueryView) -> tuple[int, float, float]:
+    p = q.predictions
+    novel = float(p["is_novel"].astype(float).mean()) if "is_novel" in p.columns and p["is_novel"].notna().any() \
+        else float("nan")
+    return len(p), float(p["is_unknown"].astype(bool).mean()) if len(p) else float("nan"), novel
+
+
+def _rule_text(p: pd.DataFrame) -> str:
+    if p.attrs.get("unknown_rule") == "novelty":
+        return f"calibrated novelty, {p.attrs.get('novelty_target', float('nan')):.0%} false-alarm target"
+    return f"kNN uncertainty above {p.attrs.get('uncertainty_threshold', float('nan')):.2g}"
+
+
+def _group_items(groups: pd.DataFrame, method: str, limit: int = 5) -> str:
+    items = []
+    for g in groups.head(limit).itertuples(index=False):
+        where = f"; they sit around ({g.x:.1f}, {g.y:.1f}) in the {method}" if np.isfinite(g.x) else ""
+        annotated = f"; annotated by the query as {_e(g.annotated_as)}" if g.annotated_as else ""
+        items.append(f"<li><b>{int(g.n_cells):,}</b> cells nearest to <b>{_e(g.nearest_label)}</b> "
+                     f"({g.share:.0%} of the Unknown cells), median uncertainty {g.uncertainty_median:.2f}"
+                     f"{annotated}{where}</li>")
+    more = f'<p class="muted">{len(groups) - limit} smaller group(s) in the query\'s section.</p>' \
+        if len(groups) > limit else ""
+    see = (f'<p class="note">Colour the {_e(method)} below by "transfer call" to see where the Unknown cells '
+           "sit.</p>")
+    return f'<ol class="groups">{"".join(items)}</ol>{more}{see}'
+
+
+def _headline_query(q: QueryView | None, groups: pd.DataFrame | None, method: str) -> tuple[str, list[str]]:
+    if q is None:
+        return ('<p class="muted">This version folded in no query (the reference has no transfer); see the query '
+                "sections below for earlier ones.</p>"), []
+    n, unknown, novel = _query_numbers(q)
+    kpis = [f"<li><b>{n:,}</b>cells of {_e(q.dataset)}</li>",
+            f'<li data-kpi="unknown"><b>{_pct(unknown)}</b>called Unknown ({_e(_rule_text(q.predictions))})</li>']
+    if np.isfinite(novel):
+        kpis.append(f'<li data-kpi="novel"><b>{_pct(novel)}</b>novel (calibrated novelty score)</li>')
+    lines = [f"query {q.dataset}: {n:,} cells, {_pct(unknown)} called Unknown"
+             + (f", {_pct(novel)} novel" if np.isfinite(novel) else "")]
+    body = f'<h3>What the query brought: {_e(q.dataset)}</h3><ul class="kpis">{"".join(kpis)}</ul>'
+    if groups is not None and len(groups):
+        body += ("<p>Largest groups of Unknown cells, by the reference label they were nearest to before the "
+                 "cut-off:</p>" + _group_items(groups, method))
+        top = groups.iloc[0]
+        lines.append(f"largest Unknown group: {int(top.n_cells)} cells nearest to {top.nearest_label}")
+    else:
+        body += '<p class="ok">No cell of this query was called Unknown.</p>'
+    return body, lines
+
+
+def _summary(version: int | None, versions: pd.DataFrame | None, checks: list[Check], atlas: str, title: str,
+             n_versions: int) -> str:
+    sub = [f"Atlas <b>{_e(atlas)}</b>"]
+    row = None
+    if versions is not None and version is not None and (versions["version"] == version).any():
+        row = versions[versions["version"] == version].iloc[0]
+    if version is not None:
+        sub.append(f"version <b>{version}</b>" + (f" (versions 1 to {n_versions} shown)" if n_versions > 1 else ""))
+    if row is not None:
+        sub.append(f"made {pd.Timestamp(row['created_at']):%Y-%m-%d %H:%M} UTC with <b>{_e(row['strategy'])}</b>")
+        added = _added(versions, version)
+        if added:
+            sub.append(f"added <b>{_e(', '.join(added))}</b> ({_num(row['n_new_cells'])} cells)")
+        sub.append(f"{_num(row['n_cells'])} cells in all")
+    cards = "".join(_card(c) for c in checks) or '<p class="muted">No drift rows for this version.</p>'
+    legend = ('<p class="note">Green: within the threshold. Amber: within it, but some cell type is past it or the '
+              "value is within 20% of it. Red: past it. Thresholds are the atlas's drift settings.</p>")
+    return (f"<h1>{_e(title)}</h1><p class=\"sub\">{' · '.join(sub)}</p>"
+            f'<section id="summary"><h2>Summary</h2><div class="cards" id="checks" data-status="{worst(checks)}">'
+            f"{cards}</div>{legend}")
+
+
+def _added(versions: pd.DataFrame, version: int) -> list[str]:
+    def names(v: int) -> list[str]:
+        rows = versions[versions["version"] == v]
+        if rows.empty or rows.iloc[0]["datasets"] is None or pd.isna(rows.iloc[0]["datasets"]):
+            return []
+        value = rows.iloc[0]["datasets"]
+        try:
+            parsed = json.loads(value) if isinstance(value, str) else value
+        except ValueError:
+            return [str(value)]
+        return [str(d) for d in parsed] if isinstance(parsed, list) else [str(parsed)]
+
+    before = set(names(version - 1))
+    return [d for d in names(version) if d not in before]
+
+
+# --------------------------------------------------------------------------- sections
+
+_VD_NAMES = {
+    "version": "version", "scope": "compared with", "n_cells": "cells", "n_cells_knn": "cells in kNN sample",
+    "displacement_mean_aligned": "displacement (mean, aligned)",
+    "displacement_median_aligned": "displacement (median, aligned)",
+    "displacement_mean_raw": "displacement (mean, raw)", "knn_preservation_mean": "kNN preservation",
+    "label_accuracy_current": "label accuracy now", "label_accuracy_compared": "label accuracy then",
+    "ilisi_mean": "iLISI", "ilisi_norm_mean": "iLISI (normalised)",
+}
+_CD_NAMES = {
+    "version": "version", "scope": "compared with", "cell_type": "cell type", "n_cells": "cells",
+    "displacement_mean_aligned": "displacement (mean, aligned)", "centroid_shift_aligned": "centroid shift (aligned)",
+    "knn_preservation_mean": "kNN preservation", "label_accuracy_current": "label accuracy now",
+    "label_accuracy_compared": "label accuracy then",
+}
+_BD_NAMES = {
+    "version": "version", "batch": "batch", "n_cells": "cells", "ilisi_mean": "iLISI",
+    "ilisi_norm_mean": "iLISI (normalised)", "displacement_aligned_vs_previous_mean": "displacement vs previous",
+    "displacement_aligned_vs_first_mean": "displacement vs version 1",
+}
+_SCOPE = {"vs_first": "version 1", "vs_previous": "previous version"}
 
 
 def _flag_list(fl: pd.DataFrame | None) -> str:
     if fl is None or fl.empty:
         return '<p class="ok">No version crossed a flag threshold.</p>'
-    items = []
     order = fl.assign(_whole=fl["cell_type"].isna()).sort_values(
-        ["version", "scope", "_whole", "measure", "cell_type"], ascending=[True, True, False, True, True]
-    )
-    for r in order.drop(columns="_whole").itertuples(index=False):
-        what, op = _FLAG_TEXT.get(r.measure, (r.measure, "vs"))
-        scope = "vs version 1" if r.scope == "vs_first" else "vs previous version"
-        where = "all cells" if r.cell_type is None or pd.isna(r.cell_type) else f"cell type {r.cell_type}"
-        items.append(
-            f"<li>Version {int(r.version)}, {html.escape(where)} ({scope}): {html.escape(what)} "
-            f"<b>{float(r.value):.4g}</b> {html.escape(op)} threshold {float(r.threshold):.4g}</li>"
-        )
-    return f'<ul class="flaglist">{"".join(items)}</ul>'
+        ["version", "_whole", "measure", "scope", "cell_type"], ascending=[False, False, True, True, True])
+    rows = pd.DataFrame({
+        "version": order["version"].astype(int).to_numpy(),
+        "where": ["all cells" if c is None or pd.isna(c) else f"cell type {c}" for c in order["cell_type"]],
+        "compared with": order["scope"].map(_SCOPE).fillna(order["scope"]).to_numpy(),
+        "measure": [_FLAG_TEXT.get(m, (m, ""))[0] for m in order["measure"]],
+        "value": order["value"].to_numpy(dtype=float),
+        "rule": [f"{_FLAG_TEXT.get(m, (m, 'vs'))[1]} {t:.3g}" for m, t in zip(order["measure"], order["threshold"])],
+    })
+    whole = int(order["_whole"].sum())
+    text = f"{len(rows)} flag(s): {whole} for whole versions, {len(rows) - whole} for cell types"
+    return _details(text, _table(rows), open_=len(rows) <= 8)
 
 
-def _flagged_rows(cd: pd.DataFrame, fl: pd.DataFrame | None) -> np.ndarray:
-    if fl is None or fl.empty or cd.empty:
-        return np.zeros(len(cd), dtype=bool)
-    typed = fl[fl["cell_type"].notna()]
-    keys = set(zip(typed["version"].astype(int), typed["scope"], typed["cell_type"].astype(str)))
-    return np.array([(int(v), s, str(c)) in keys for v, s, c in zip(cd["version"], cd["scope"], cd["cell_type"])])
+def _drift_section(vd: pd.DataFrame | None, bd: pd.DataFrame | None, cd: pd.DataFrame | None,
+                   fl: pd.DataFrame | None, config: DriftConfig) -> str:
+    if vd is None or vd.empty:
+        return ""
+    body = _plot(drift_figure(vd, bd, config), "drift-over-versions") + "<h3>Flags</h3>" + _flag_list(fl)
+    whole = set() if fl is None or fl.empty else set(
+        zip(fl.loc[fl["cell_type"].isna(), "version"].astype(int), fl.loc[fl["cell_type"].isna(), "scope"]))
+    vd = vd.assign(_flag=[(int(v), s) in whole for v, s in zip(vd["version"], vd["scope"])])
+    vd = vd.sort_values(["_flag", "version", "scope"], ascending=[False, False, True]).reset_index(drop=True)
+    shown = vd.assign(scope=vd["scope"].map(_SCOPE).fillna(vd["scope"]))
+    body += _details(f"Drift measures per version ({len(vd)} rows, flagged first)",
+                     _table(shown, _VD_NAMES, flagged=vd["_flag"].to_numpy()))
+    return _section("drift", "Drift over versions", body)
 
 
-def _section(title: str, body: str) -> str:
-    return f"<h2>{html.escape(title)}</h2>\n{body}\n"
+def _celltype_section(cd: pd.DataFrame | None, fl: pd.DataFrame | None) -> str:
+    if cd is None or cd.empty:
+        return ""
+    body = ""
+    sub = cd[cd["scope"] == "vs_first"]
+    if not sub.empty and sub["version"].nunique() > 1:
+        grid = sub.pivot_table(index="cell_type", columns="version", values="displacement_mean_aligned")
+        body += _plot(heatmap(grid, "Mean aligned displacement from version 1, per cell type", "displacement",
+                              "version", "cell type"), "celltype-heatmap")
+    typed = set() if fl is None or fl.empty else set(zip(
+        fl.loc[fl["cell_type"].notna(), "version"].astype(int), fl.loc[fl["cell_type"].notna(), "scope"],
+        fl.loc[fl["cell_type"].notna(), "cell_type"].astype(str)))
+    cd = cd.assign(_flag=[(int(v), s, str(c)) in typed for v, s, c in zip(cd["version"], cd["scope"],
+                                                                             cd["cell_type"])])
+    cd = cd.sort_values(["_flag", "version", "scope", "cell_type"], ascending=[False, False, True, True])
+    cd = cd.reset_index(drop=True)
+    n_flag = int(cd["_flag"].sum())
+    shown = cd.assign(scope=cd["scope"].map(_SCOPE).fillna(cd["scope"]))
+    body += _details(f"Per cell type table ({len(cd)} rows, {n_flag} flagged, shown first)",
+                     _table(shown, _CD_NAMES, flagged=cd["_flag"].to_numpy()))
+    return _section("celltypes", "Per cell type", body)
 
 
-def _figs(images: list[tuple[str, bytes]]) -> str:
-    return '<div class="figs">' + "".join(_img(data, alt) for alt, data in images) + "</div>"
+def _batch_section(bd: pd.DataFrame | None) -> str:
+    if bd is None or bd.empty:
+        return ""
+    bd = bd.sort_values(["version", "batch"], ascending=[False, True])
+    return _section("batches", "Per batch", _details(f"Per batch table ({len(bd)} rows)", _table(bd, _BD_NAMES)))
 
 
-@plain_text
+def _versions_section(versions: pd.DataFrame | None) -> str:
+    if versions is None or versions.empty:
+        return ""
+    v = versions.sort_values("version", ascending=False)
+    shown = pd.DataFrame({
+        "version": v["version"].astype(int).to_numpy(),
+        "made (UTC)": [f"{pd.Timestamp(t):%Y-%m-%d %H:%M}" if pd.notna(t) else "–" for t in v["created_at"]],
+        "strategy": v["strategy"].to_numpy(),
+        "added": [_e(", ".join(_added(versions, int(n)))) for n in v["version"]],
+        "cells": v["n_cells"].to_numpy(), "new cells": v["n_new_cells"].to_numpy(),
+        "training (s)": v["train_seconds"].to_numpy(dtype=float),
+        "settings": [_kv(p) for p in v["parameters"]],
+    })
+    return _section("versions", "Version history",
+                    _table(shown, kinds={"added": "html", "settings": "html"}))
+
+
+def _transfer_table(ts: pd.DataFrame) -> str:
+    """Per query cell type: cells, where most went, and the share called Unknown."""
+    rows = []
+    for qtype, g in ts.groupby("query_cell_type", dropna=False, sort=True):
+        g = g.sort_values("n_cells", ascending=False)
+        unknown = g.loc[g["assigned_label"] == "Unknown", "share"].sum()
+        top = g.iloc[0]
+        rows.append({"query cell type": "(unlabelled)" if pd.isna(qtype) else qtype,
+                     "cells": int(g["n_cells"].sum()), "mostly assigned": top["assigned_label"],
+                     "share": float(top["share"]), "called Unknown": float(unknown)})
+    df = pd.DataFrame(rows).sort_values("cells", ascending=False)
+    return _table(df, kinds={"share": "pct", "called Unknown": "pct"})
+
+
+def _query_section(q: QueryView, ts: pd.DataFrame | None, groups: pd.DataFrame, method: str) -> str:
+    p = q.predictions
+    n, unknown, novel = _query_numbers(q)
+    anchor = f"query-v{q.version}"
+    kpis = [f"<li><b>{n:,}</b>cells</li>", f"<li><b>{_pct(unknown)}</b>called Unknown ({_e(_rule_text(p))})</li>"]
+    if np.isfinite(novel):
+        kpis.append(f"<li><b>{_pct(novel)}</b>novel</li>")
+    body = f'<ul class="kpis">{"".join(kpis)}</ul>'
+    if ts is not None and not ts.empty:
+        body += "<h3>Transfer summary</h3>" + _transfer_table(ts)
+        grid = ts.pivot_table(index="query_cell_type", columns="assigned_label", values="share", fill_value=0.0)
+        if grid.size > 1:
+            body += _plot(heatmap(grid, "Assignment: share of each query cell type given each label", "share",
+                                  "assigned label", "query cell type", scale="Blues", reverse=False, zmax=1.0),
+                          f"{anchor}-assignment")
+    note = p.attrs.get("novelty_threshold")
+    body += _plot(distributions_figure(p, q.annotation, float(p.attrs.get("uncertainty_threshold", np.nan)),
+                                       float(note) if note is not None else None), f"{anchor}-distributions")
+    body += "<h3>Unknown groups</h3>"
+    if groups.empty:
+        body += '<p class="ok">No cell was called Unknown.</p>'
+    else:
+        body += ("<p class=\"note\">Cells called Unknown, grouped by the reference label nearest to them before "
+                 f"the cut-off; position: the median of the group's cells drawn in the {_e(method)}.</p>")
+        body += _table(groups, {"nearest_label": "nearest label", "n_cells": "cells", "share": "share of Unknown",
+                                "uncertainty_median": "median uncertainty", "novelty_median": "median novelty",
+                                "annotated_as": "annotated by the query as", "x": f"{method} x", "y": f"{method} y"},
+                       kinds={"share": "pct"})
+    return _section(anchor, f"Query of version {q.version}: {q.dataset}", body)
+
+
+def _umap_section(umap: pd.DataFrame, method: str, n_cells: int) -> str:
+    missing = {"x", "y"} - set(umap.columns)
+    if missing:
+        raise InputError(f"umap frame lacks column(s) {sorted(missing)}")
+    colourings = {c: label for c, label in UMAP_COLOURINGS.items() if c in umap.columns}
+    if not colourings:
+        umap = umap.assign(version_added="–")
+        colourings = {"version_added": "version added"}
+    note = (f'<p class="note">Hover a point for its cell, type, batch, predicted label and uncertainty; the menu '
+            f"switches what colours the points. {len(umap):,} of {n_cells:,} cells are drawn"
+            + (" (a random sample, to keep the file small)." if len(umap) < n_cells else ".") + "</p>")
+    return _section("embedding", f"Embedding ({method})",
+                    note + _plot(embedding_figure(umap, method, colourings, n_cells), "embedding"))
+
+
 def render_report(
     path: str | Path,
     tables_by_name: dict[str, pd.DataFrame],
     umap: pd.DataFrame | None,
-    transfer_figures: dict[str, bytes] | None,
+    queries: Sequence[QueryView] | None,
     title: str,
     umap_method: str | None = None,
-) -> Path:
-    """Write the drift audit report to ``path`` (one HTML file) and return the path.
+    config: DriftConfig | None = None,
+    atlas_name: str = "",
+    version: int | None = None,
+    n_cells: int | None = None,
+) -> Report:
+    """Write the drift audit report to ``path`` (one self-contained HTML file).
 
-    ``tables_by_name`` uses the DriftStore table names (``versions``, ``version_drift``,
-    ``celltype_drift``, ``batch_drift``, ``drift_flags``, ``transfer_summary``); missing ones
-    are left out. ``umap`` has columns x, y, version_added, batch, label, displacement;
-    ``umap_method`` (else ``umap.attrs["method"]``, else "UMAP") names the projection.
-    ``transfer_figures`` maps a caption to PNG bytes.
+    Parameters
+    ----------
+    path
+        The file to write.
+    tables_by_name
+        DriftStore tables by name (``versions``, ``version_drift``, ``celltype_drift``,
+        ``batch_drift``, ``drift_flags``, ``transfer_summary``); missing ones are left out.
+    umap
+        The drawn cells: ``x``, ``y`` and any of ``cell``, ``label``, ``batch``,
+        ``version_added``, ``predicted``, ``call``, ``uncertainty``, ``displacement``.
+    queries
+        The ingested queries, one per version that folded one in.
+    title
+        The page's title.
+    umap_method
+        The projection's name (else ``umap.attrs["method"]``, else "UMAP").
+    config
+        The thresholds of the checks (default: :class:`DriftConfig` defaults).
+    atlas_name
+        The atlas as the summary names it.
+    version
+        The version the summary describes (default: the newest in ``versions``).
+    n_cells
+        Cells in the atlas, when ``umap`` draws a sample of them.
+
+    Returns
+    -------
+    Report
+        The file, the checks of ``version`` and the headline lines.
     """
-    get = lambda name: tables_by_name.get(name)  # noqa: E731
+    config = config or DriftConfig()
+    get = tables_by_name.get
     versions, vd, cd = get("versions"), get("version_drift"), get("celltype_drift")
     bd, fl, ts = get("batch_drift"), get("drift_flags"), get("transfer_summary")
-    parts = [f"<h1>{html.escape(title)}</h1>"]
-
-    parts.append(_section("Version history", _table(versions)))
-    parts.append(_section("Flags", _flag_list(fl)))
-    if vd is not None and not vd.empty:
-        body = _figs(_line_figures(vd, bd)) + _table(vd.sort_values(["version", "scope"]))
-        parts.append(_section("Drift measures over versions", body))
-    if cd is not None and not cd.empty:
-        cd = cd.sort_values(["version", "scope", "cell_type"]).reset_index(drop=True)
-        heat = _heatmap(cd)
-        body = (_figs([("cell type heatmap", heat)]) if heat else "") + _table(cd, _flagged_rows(cd, fl))
-        parts.append(_section("Per cell type (flagged rows highlighted)", body))
-    if bd is not None and not bd.empty:
-        parts.append(_section("Per batch", _table(bd.sort_values(["version", "batch"]))))
+    if version is None and versions is not None and not versions.empty:
+        version = int(versions["version"].max())
+    method = umap_method or (umap.attrs.get("method", "UMAP") if umap is not None else "UMAP")
+    checks = version_checks(vd, fl, config, version) if version is not None else []
+    queries = sorted(queries or [], key=lambda q: q.version)
+    coords = None
+    if umap is not None and "cell" in umap.columns:
+        coords = umap.set_index(umap["cell"].astype(str))[["x", "y"]]
+    groups = {q.version: unknown_groups(q.predictions, q.annotation, coords) for q in queries}
+    current = next((q for q in queries if q.version == version), None)
+    query_html, query_lines = _headline_query(current, groups.get(version), method)
+    n_versions = int(versions["version"].nunique()) if versions is not None and not versions.empty else 0
+    headline = [f"status {worst(checks)}: "
+                + ", ".join(f"{c.name[0].lower() + c.name[1:]} {c.status} ({'–' if not np.isfinite(c.value) else f'{c.value:.3g}'})"
+                            for c in checks)] + query_lines
+    parts = [_summary(version, versions, checks, atlas_name, title, n_versions) + query_html + "</section>"]
+    nav = ['<a href="#summary">Summary</a>']
     if umap is not None and not umap.empty:
-        missing = {"x", "y"} - set(umap.columns)
-        if missing:
-            raise InputError(f"umap frame lacks column(s) {sorted(missing)}")
-        method = umap_method or umap.attrs.get("method", "UMAP")
-        columns = [c for c in ("version_added", "batch", "label", "displacement") if c in umap.columns]
-        images = [(f"{method} coloured by {c}", _scatter(umap, c, method)) for c in columns]
-        parts.append(_section(f"Embedding ({method})", _figs(images)))
-    if ts is not None and not ts.empty:
-        parts.append(_section("Label transfer summary", _table(ts)))
-    if transfer_figures:
-        body = "".join(
-            f"<figure>{_img(data, name)}<figcaption>{html.escape(name)}</figcaption></figure>"
-            for name, data in transfer_figures.items()
-        )
-        parts.append(_section("Label transfer per query", body))
+        parts.append(_umap_section(umap, method, max(n_cells or len(umap), len(umap))))
+        nav.append('<a href="#embedding">Embedding</a>')
+    drift = _drift_section(vd, bd, cd, fl, config)
+    if drift:
+        parts.append(drift)
+        nav.append('<a href="#drift">Drift</a>')
+    celltypes = _celltype_section(cd, fl)
+    if celltypes:
+        parts.append(celltypes)
+        nav.append('<a href="#celltypes">Cell types</a>')
+    parts.append(_batch_section(bd))
+    for q in reversed(queries):
+        rows = None if ts is None or ts.empty else ts[ts["version"] == q.version]
+        parts.append(_query_section(q, rows, groups[q.version], method))
+        nav.append(f'<a href="#query-v{q.version}">Query v{q.version}</a>')
+    parts.append(_versions_section(versions))
+    nav.append('<a href="#versions">Versions</a>')
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        plotly_js = get_plotlyjs()
     doc = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
-        + "\n".join(parts)
-        + "\n</body></html>\n"
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style>"
+        f'<script type="text/javascript">{plotly_js}</script></head><body><main>\n'
+        f"<nav>{''.join(nav)}</nav>\n" + "\n".join(p for p in parts if p) + "\n</main></body></html>\n"
     )
     path = Path(path)
     try:
@@ -314,4 +592,4 @@ def render_report(
         path.write_text(doc, encoding="utf-8")
     except OSError as exc:
         raise InputError(f"cannot write the report to {path}: {exc.strerror or exc}") from exc
-    return path
+    return Report(path, version, checks, headline)
