@@ -181,3 +181,17 @@ def test_after_naming_the_unknown_ductal_cells_the_next_query_labels_its_ductal_
     assert (nxt["predicted_label"][~second_ductal] == "ductal").mean() < 0.2
     assert Atlas.open(path, version=3).obs().loc[named, "label"].eq("ductal").all()  # the ingest kept the name
     assert Atlas.open(path).obs().loc[named, "label"].eq("ductal").all()
+
+
+def test_a_damaged_label_file_is_caught_by_its_checksum(two):
+    from atlasengine import AtlasIntegrityError
+
+    atlas = Atlas.open(two)
+    atlas.relabel(_new_cells(atlas, 3), "x")
+    path = two / "versions" / "v0003" / LABELS
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(AtlasIntegrityError, match="versions/v0003/labels.parquet of version 3 does not match"):
+        Atlas.open(two)
+    assert Atlas.open(two, version=2).obs()["label"].notna().sum() == 300  # the versions before it read as they were
