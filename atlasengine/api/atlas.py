@@ -38,6 +38,7 @@ from atlasengine.api.anndata_out import atlas_anndata, query_anndata
 from atlasengine.api.audit import drift_store, query_atlas, render_atlas_report
 from atlasengine.api.groups import unknown_groups
 from atlasengine.api.inputs import prepare_input
+from atlasengine.api.relabel import CellSelection, relabel
 from atlasengine.api.upgrade import upgrade_atlas
 from atlasengine.config import (
     STRATEGIES,
@@ -470,7 +471,8 @@ class Atlas:
         Parameters
         ----------
         version
-            The version whose new cells are grouped (default: this one; not 1, the reference).
+            The version whose new cells are grouped (default: the newest up to this one that added
+            cells; not 1, the reference). Cells a relabel has named since are left out.
         min_size
             The smallest group (default: 2% of the cells, at least 5); cells in no group are left out.
         n_markers
@@ -554,6 +556,36 @@ class Atlas:
             query=adata,
             atlas_path=str(self.path),
         )
+
+    def relabel(self, cells: CellSelection, label: str, *, note: str | None = None) -> VersionInfo:
+        """Give ``cells`` the cell type ``label`` in a new version that changes labels only.
+
+        Nothing is retrained: the new version has this version's weights, accumulated Fisher,
+        anchor and embeddings; its neighbour index and novelty calibration are rebuilt from the
+        new labels, so the next ingest labels cells of that type with it (cells ingested without
+        a label join the index once they carry one). Earlier versions keep their labels.
+
+        Parameters
+        ----------
+        cells
+            Cell names (the index of :meth:`obs`), e.g. a group's ``cells`` from
+            :meth:`unknown_groups`, or a boolean mask aligned to :meth:`obs`.
+        label
+            A new or existing type name (plain text; not ``"Unknown"``, not empty).
+        note
+            Why, kept with the version's record.
+
+        Returns
+        -------
+        VersionInfo
+            The new version's record; ``.relabel`` says how many cells were renamed and from which labels.
+        """
+        if self._read_only:
+            raise ReadOnlyError(f"this Atlas shows version {self.version} read-only; open the newest version to relabel")
+        done = relabel(self._reader.store, self.version, cells, label, note)
+        self._reader = done.reader()
+        self._calibrations.clear()
+        return done.info
 
     # -------------------------------------------------------------------- drift
     def drift(self, by: str | None = None) -> pd.DataFrame:

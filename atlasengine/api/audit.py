@@ -74,6 +74,7 @@ def version_record(info: VersionInfo, parameters: dict[str, Any]) -> dict[str, A
         "fisher_nonzero_share": info.fisher.get("nonzero_share"),
         "epochs": info.training.get("epochs"),
         "cells_per_second": info.training.get("cells_per_second"),
+        **({"relabel": info.relabel.model_dump(exclude_none=True)} if info.relabel is not None else {}),
     }
 
 

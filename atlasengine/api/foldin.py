@@ -264,7 +264,7 @@ def ingest(
     """Fold ``adata`` into the atlas at ``store`` as the version after its newest one."""
     check_runtime(runtime)
     with WriteLock(store.root) as lock:
-        manifest, started_from, parent = _start_writing(store)
+        manifest, started_from, parent = start_writing(store)
         number = parent.number + 1
         dataset = dataset or f"dataset_v{number}"
         if any(d.name == dataset for d in manifest.datasets):
@@ -304,8 +304,8 @@ def ingest(
         return _build_and_commit(plan, module, strategy, result, previous_fisher=previous)
 
 
-def _start_writing(store: AtlasStore) -> tuple[Manifest, str, VersionReader]:
-    """Under the write lock: read the manifest, remove leftovers, rebuild damaged drift parts.
+def start_writing(store: AtlasStore) -> tuple[Manifest, str, VersionReader]:
+    """Under the write lock: read the manifest, remove leftovers, rebuild damaged drift parts (any new version).
 
     Returns the manifest, its digest (what the commit checks against) and a reader of its newest version.
     """
@@ -429,12 +429,21 @@ def _write_version_drift(plan: _Plan, staged: Path, info: VersionInfo, files: Ve
 
 
 def _publish_and_commit(plan: _Plan, staged: Path, info: VersionInfo) -> tuple[Manifest, VersionInfo]:
-    """Move the staged version into place and switch the manifest, if nobody else committed meanwhile."""
-    records = plan.store.publish(staged, plan.number, expected=plan.started_from)
+    return publish_and_commit(plan.store, plan.manifest, staged, info, plan.started_from, plan.lock)
+
+
+def publish_and_commit(store: AtlasStore, manifest: Manifest, staged: Path, info: VersionInfo,
+                       started_from: str | None, lock: WriteLock | None) -> tuple[Manifest, VersionInfo]:
+    """Move the staged version ``info`` into place and switch the manifest, if nobody else committed meanwhile.
+
+    ``manifest`` is the one the new version is added to; ``started_from`` the digest of the
+    manifest file the writer read under ``lock``. Returns the committed manifest and record.
+    """
+    records = store.publish(staged, info.number, expected=started_from)
     info = info.model_copy(update={"files": records})
-    final = plan.manifest.model_copy(update={"versions": [*plan.manifest.versions, info]})
+    final = manifest.model_copy(update={"versions": [*manifest.versions, info]})
     fault_point("before_manifest")
-    if plan.lock is not None:
-        plan.lock.check_held()
-    plan.store.commit(final, expected=plan.started_from)
+    if lock is not None:
+        lock.check_held()
+    store.commit(final, expected=started_from)
     return final, info

@@ -15,12 +15,22 @@ from atlasengine.store.cells import joinids_of
 from atlasengine.store.version import VersionReader
 from atlasengine.transfer.groups import cluster, log_normalise, rank_markers
 
+
+def _newest_ingest(reader: VersionReader) -> int:
+    """Return the newest version up to the reader's that added cells (a relabel adds none); 1 if none did."""
+    added = [v.number for v in reader.manifest.versions if v.n_new_cells > 0]
+    return added[-1] if added else 1
+
+
 GROUP_COLUMNS = ["n_cells", "closest_type", "closest_share", "distance", "markers", "cells"]
 
 
 def unknown_groups(reader: VersionReader, version: int | None = None, min_size: int | None = None,
                    n_markers: int = 10, max_other_cells: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Cluster the cells ``version`` (default: the reader's) called Unknown or novel; one row per group, largest first.
+    """Cluster the cells ``version`` called Unknown or novel; one row per group, largest first.
+
+    ``version`` defaults to the newest version up to the reader's that added cells. Cells a
+    relabel has named since are left out.
 
     The cells are clustered on their embedding under the reader's model (HDBSCAN, groups of at
     least ``min_size`` cells, default 2% of them and at least 5; cells in no group are left
@@ -31,16 +41,19 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
     ``max_other_cells`` of them, by the Wilcoxon rank-sum statistic on log-normalised counts)
     and the group's ``cells``. ``result.attrs["markers"][group]`` holds each marker table.
     """
-    number = reader.number if version is None else int(version)
+    number = _newest_ingest(reader) if version is None else int(version)
     if number > reader.number:
         raise InputError(f"version {number} is after the version shown ({reader.number})")
     predictions = reader.predictions(number)
     if predictions is None:
-        raise InputError(f"version {number} added the reference cells: it called no cell Unknown")
+        info = reader.manifest.version(number)
+        what = "relabelled cells and added none" if info.strategy == "relabel" else "added the reference cells"
+        raise InputError(f"version {number} {what}: it called no cell Unknown")
     called = predictions["is_unknown"].astype(bool).to_numpy()
     if "is_novel" in predictions.columns:  # versions written before novelty scores lack it
         called |= predictions["is_novel"].astype(bool).to_numpy()
-    unknown = predictions.index[called]
+    named = set(reader.label_overrides()["cell"])  # a relabel has given these a type since
+    unknown = predictions.index[called & ~predictions.index.isin(named)]
     obs = reader.obs()
     z = reader.latent()
     rows = obs.index.get_indexer(unknown)

@@ -114,6 +114,23 @@ def _refuse_reserved_labels(labels: list[str | None], role: str) -> None:
         )
 
 
+def check_label_name(label: object, role: str = "the new label") -> str:
+    """Return ``label`` if it can name a cell type: text, not missing ("nan", "None", blank), short, not "Unknown".
+
+    >>> check_label_name("ductal")
+    'ductal'
+    """
+    if not isinstance(label, str):
+        raise InputError(f"{role} must be a text, got {type(label).__name__} {str(label)[:60]!r}")
+    if _is_missing(label):
+        raise InputError(f"{role} {label!r} is empty or reads as a missing value; give the type a name")
+    _as_names(pd.Series([label], dtype=object), role, allow_missing=False)  # its length
+    if label == UNKNOWN:
+        raise InputError(f"{role} cannot be {UNKNOWN!r}: it is the label the engine gives cells it calls Unknown, "
+                         "and cells named so could not be told from that call; choose another name")
+    return label
+
+
 def _refuse_empty_cells(counts: sp.csr_matrix, cells: list[str], where: str) -> None:
     """Refuse cells with no counts at all: there is nothing to embed, yet they would get a confident label."""
     empty = np.flatnonzero(np.diff(counts.indptr) == 0)

@@ -7,6 +7,7 @@ atlasengine transfer PATH -i query.h5ad --batch-key tech -o predictions.csv [--u
 atlasengine versions PATH
 atlasengine report PATH -o audit.html
 atlasengine export PATH -o atlas.h5ad [--counts] [--version N]
+atlasengine relabel PATH --cells cells.txt --label NAME [--note TEXT]
 atlasengine unlock PATH [--force]
 """
 
@@ -107,6 +108,28 @@ def cmd_export(args) -> None:
           + (", counts in X" if args.counts else ""))
 
 
+def _cell_names(path: str) -> list[str]:
+    p = Path(path)
+    if not p.exists():
+        raise AtlasError(f"cell list {p} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AtlasError(f"cannot read the cell list {p}: {exc}") from exc
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def cmd_relabel(args) -> None:
+    """Give the cells named in ``args.cells`` (one a line) the label ``args.label`` in a new version."""
+    from atlasengine import Atlas
+
+    info = Atlas.open(args.path).relabel(_cell_names(args.cells), args.label, note=args.note)
+    r = info.relabel
+    before = [f"{n} {label}" for label, n in r.from_labels.items()]
+    before += [f"{r.from_unlabelled} unlabelled"] if r.from_unlabelled else []
+    print(f"version {info.number} (relabel): {r.n_cells} cells labelled {r.label!r} (before: {', '.join(before)})")
+
+
 def cmd_unlock(args) -> None:
     """Say whether the atlas's write lock is held; a lock a live process holds is never broken (``--force`` too)."""
     from atlasengine import Atlas
@@ -171,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("path"); e.add_argument("-o", "--output", required=True); e.add_argument("--version", type=int)
     e.add_argument("--counts", action="store_true", help="also read every cell's raw counts into X")
     e.set_defaults(func=cmd_export)
+
+    lb = sub.add_parser("relabel", help="name cells (a new version that changes labels only; no retraining)")
+    lb.add_argument("path")
+    lb.add_argument("--cells", required=True, help="a text file with one cell name (atlas obs index) per line")
+    lb.add_argument("--label", required=True, help="the new or existing cell type name")
+    lb.add_argument("--note", help="why, kept with the version's record")
+    lb.set_defaults(func=cmd_relabel)
 
     u = sub.add_parser("unlock", help="check the write lock: a dead writer holds none, a live one's is not broken")
     u.add_argument("path")

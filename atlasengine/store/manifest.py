@@ -23,11 +23,12 @@ FORMAT_VERSION = 6
 """1: no drift database (before 2026-11-27); 2: drift.duckdb; 3: machine settings not stored; 4: the Fisher
 is a per-cell mean with the cells it represents; 5: each version keeps its drift rows as Parquet parts and the
 checksums of the cells it added in its directory; 6: every obs column of the user's data is kept (a table per
-dataset in the cell store, its columns in the dataset's record) and checksummed with the cells.
-Each step up has a migration in ``migrations/layout/``."""
+dataset in the cell store, its columns in the dataset's record) and checksummed with the cells; a
+``relabel`` version carries ``labels.parquet`` (label overrides; absent from every other version, so older
+format-6 atlases need no step). Each step up has a migration in ``migrations/layout/``."""
 MANIFEST_NAME = "manifest.json"
 
-Strategy = Literal["reference"] | FoldInStrategy
+Strategy = Literal["reference", "relabel"] | FoldInStrategy
 
 
 def _now() -> datetime:
@@ -67,8 +68,24 @@ class DatasetRecord(_Record):
         return self.joinid_stop - self.joinid_start
 
 
+class RelabelRecord(_Record):
+    """What a relabel version renamed: ``n_cells`` cells now labelled ``label``, and what they were before."""
+
+    label: str
+    n_cells: int
+    from_labels: dict[str, int] = Field(default_factory=dict)
+    """Each earlier label of the renamed cells -> how many of them carried it."""
+    from_unlabelled: int = 0
+    """How many of the renamed cells had no label (ingested without one)."""
+    note: str | None = None
+
+
 class VersionInfo(_Record):
-    """A committed model version: what produced it and the files that hold it."""
+    """A committed model version: what produced it and the files that hold it.
+
+    A ``relabel`` version changes labels only (``relabel`` says which); its weights, Fisher and
+    embeddings are its parent's.
+    """
 
     number: int
     created_at: datetime = Field(default_factory=_now)
@@ -82,6 +99,7 @@ class VersionInfo(_Record):
     files: dict[str, FileRecord] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
     fisher: dict[str, Any] = Field(default_factory=dict)
+    relabel: RelabelRecord | None = None
 
 
 class Manifest(_Record):

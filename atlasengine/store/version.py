@@ -13,6 +13,7 @@ committed: the manifest switch is the commit, see :mod:`atlasengine.store.atlas_
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from atlasengine.faults import fault_point
 from atlasengine.store.atlas_store import AtlasStore
 from atlasengine.store.cells import CellChecks, joinids_of
 from atlasengine.store.checkpoint import load_checkpoint, save_checkpoint
+from atlasengine.store.labels import LABELS, empty_overrides, read_label_overrides, write_label_overrides
 from atlasengine.store.manifest import Manifest, VersionInfo
 from atlasengine.store.metadata import metadata_frame
 from atlasengine.transfer.index import NeighborIndex
@@ -104,6 +106,39 @@ def _write_files(staged: Path, number: int, files: VersionFiles) -> None:
         files.predictions.to_parquet(staged / PREDICTIONS)
 
 
+@dataclass
+class RelabelFiles:
+    """What a relabel version writes: its label overrides, and the index and calibration built on them."""
+
+    overrides: pd.DataFrame
+    """Every override up to the new version (index ``soma_joinid``; ``cell``, ``label``)."""
+    index: NeighborIndex
+    calibration: NoveltyCalibration
+    run_config: dict[str, Any]
+
+
+def write_relabel_files(staged: Path, number: int, parent: VersionReader, files: RelabelFiles) -> None:
+    """Write the files of relabel version ``number`` into ``staged``: the parent's model and embeddings, new labels.
+
+    The checkpoint (weights, accumulated Fisher, anchor) and the embeddings are byte-for-byte
+    copies of the parent's, checked against their checksums first; the version adds no cells
+    (its cell checksum file has no rows).
+    """
+    try:
+        fault_point("checkpoint")
+        shutil.copyfile(parent.file(CHECKPOINT), staged / CHECKPOINT)
+        shutil.copyfile(parent.file(LATENT), staged / LATENT)
+        (staged / CONFIG).write_text(json.dumps(files.run_config, indent=2))
+        files.index.save(staged / INDEX_DIR)
+        files.calibration.save(staged / CALIBRATION_FILE)
+        np.save(staged / CELL_CHECKSUMS, np.zeros((0, 3), dtype=np.uint64), allow_pickle=False)
+        ov = files.overrides
+        write_label_overrides(staged / LABELS, ov.index.to_numpy(), ov["cell"].tolist(), ov["label"].tolist())
+    except OSError as exc:
+        raise AtlasWriteError(f"cannot write the files of version {number} in {staged}: {exc}; "
+                              "nothing was committed") from exc
+
+
 class VersionReader:
     """Read one committed version of the atlas at ``store`` (and the versions before it).
 
@@ -174,12 +209,41 @@ class VersionReader:
         n = self.number if number is None else number
         return [(d.joinid_start, d.joinid_stop) for d in self.manifest.datasets_until(n)]
 
+    def label_overrides(self) -> pd.DataFrame:
+        """Labels that relabel versions up to this one gave (index ``soma_joinid``; ``cell``, ``label``).
+
+        Read from the newest version at or before this one that has a ``labels.parquet`` (each
+        holds every override before it); empty when none has.
+        """
+
+        def load() -> pd.DataFrame:
+            for info in reversed(self.manifest.versions):
+                if LABELS in info.files:
+                    return read_label_overrides(self.file(LABELS, info.number))
+            return empty_overrides()
+
+        return self._cached("label_overrides", load).copy()
+
     def cell_obs(self) -> pd.DataFrame:
-        """Read the cell store's obs of every cell of this version (index: cell name), as stored."""
+        """Read the cell store's obs of every cell of this version (index: cell name), its labels as of this version.
+
+        The obs are checked against the cells' checksums as stored; then the labels relabel
+        versions gave (:meth:`label_overrides`) replace the stored ones.
+        """
 
         def load() -> pd.DataFrame:
             df = self.store.cells.read_obs(self.ranges())
             self.cell_checks().verify(df.index.to_numpy(), obs=df)
+            overrides = self.label_overrides()
+            if len(overrides):
+                at = df.index.get_indexer(overrides.index)
+                names = df["obs_id"].to_numpy()[np.maximum(at, 0)]
+                if (at < 0).any() or (names != overrides["cell"].to_numpy()).any():
+                    raise AtlasIntegrityError(f"the label overrides of version {self.number} name cells that are not "
+                                              "the atlas's (a damaged labels.parquet)")
+                label = df["label"].astype(object).to_numpy(copy=True)
+                label[at] = overrides["label"].to_numpy()
+                df["label"] = label
             df = df.reset_index(drop=True).set_index("obs_id")
             df.index.name = "cell"
             return df
