@@ -57,3 +57,4 @@ def test_demo_runs_on_the_data_the_package_carries(tmp_path, capsys):
     assert out.count("paper's rule (kNN uncertainty > 0.3)") == 2 and out.count("calibrated novelty") == 2
     assert "held-out ductal cells called Unknown" in out
     assert (tmp_path / "audit.html").stat().st_size > 10_000
+    assert "report status:" in out and "status" in out.split("report status:")[1].splitlines()[1].lower()

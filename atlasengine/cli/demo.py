@@ -73,6 +73,10 @@ def run_demo(out: Path, quick: bool = False) -> None:
           + ", ".join(f"v{r.version}: {r.displacement_mean_aligned:.2f}"
                       for r in drift[drift.scope == "vs_first"].itertuples()))
     print(f"drift flags raised: {len(atlas.drift(by='flags'))}")
-    report = atlas.report(out / "audit.html")
+    audit = atlas.audit(out / "audit.html")
+    report = audit.path
+    print("report status:")
+    for line in audit.headline:
+        print(f"   {line}")
     print(f"versions:\n{versions_table(atlas)}")
     print(f"report: {report}; atlas: {path}; total {time.perf_counter() - t0:.0f} s")
