@@ -64,6 +64,10 @@ NOTES = [
     "Parity (check 1) on ifnb: scvi-tools' surgery calls 42% of known cells Unknown against the engine's 36%, and "
     "known_accuracy scores only the cells called; counting Unknown calls as wrong (known_accuracy_called) the engine "
     "is ahead, 0.540 vs 0.526. On pancreas the gap is 1.1 points either way.",
+    "Sequential (check 3) is met on kang and missed on pancreas: after four technologies folded into an indrop-only "
+    "reference, ewc labels 0.652 of the cells against finetune's 0.703 (surgery 0.672) and its drift is 0.36 of "
+    "finetune's (bar 1/3). A one-technology reference of a few hundred cells explains little of the next "
+    "technology: holding it costs accuracy, and at 200 query epochs the penalty does not hold it either.",
     "scvi-tools' 'frozen' surgery still moves the ifnb reference slightly (drift 0.037); the engine's surgery keeps "
     "the reference bit-identical.",
 ]
