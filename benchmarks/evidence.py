@@ -111,7 +111,7 @@ def main() -> None:
     import argparse
     import sys
 
-    extra = argparse.ArgumentParser(add_help=False)
+    extra = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     extra.add_argument("--sizes", default=None)
     extra.add_argument("--seeds-largest", type=int, default=None)
     known, rest = extra.parse_known_args()

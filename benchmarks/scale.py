@@ -117,7 +117,7 @@ def main() -> None:
         return
     import argparse
 
-    extra = argparse.ArgumentParser(add_help=False)
+    extra = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     extra.add_argument("--sizes", type=str)
     known, rest = extra.parse_known_args()
     sys.argv = [sys.argv[0], *rest]
