@@ -312,9 +312,13 @@ def parse_args(description: str, default_seeds: int = 3) -> argparse.Namespace:
     return args
 
 
+ARGV = list(sys.argv)
+"""The command line as given, before a benchmark's own pre-parser takes its options out of ``sys.argv``."""
+
+
 def command_line() -> str:
-    mod = Path(sys.argv[0]).stem
-    return " ".join(["python -m", f"benchmarks.{mod}", *sys.argv[1:]])
+    mod = Path(ARGV[0]).stem
+    return " ".join(["python -m", f"benchmarks.{mod}", *ARGV[1:]])
 
 
 def work_dir(out: Path, name: str) -> Path:
