@@ -198,8 +198,8 @@ class Atlas:
         try:
             base = config.model_dump() if isinstance(config, AtlasConfig) else dict(config or {})
             cfg = AtlasConfig.model_validate({**base, "model": model_config(ref).model_dump()})
-        except ValueError as exc:
-            raise InputError(f"invalid atlas config: {exc}") from exc
+        except ValidationError as exc:
+            raise InputError(f"invalid atlas config: {validation_problems(exc, 'AtlasConfig')}") from exc
         committed = foldin.create(
             Path(path), adata, batch_key=ref.batch_key, label_key=label_key, dataset=dataset, layer=layer, config=cfg,
             runtime=merged(RuntimeConfig(), runtime),

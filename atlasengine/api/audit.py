@@ -207,7 +207,7 @@ def rebuild_drift(store: AtlasStore, reader: VersionReader) -> Manifest | None:
             log.warning("%s: rebuilding the drift rows of version %d from its stored embeddings", exc, info.number)
             staged = store.stage()
             write_drift(staged / DRIFT_DIR, stored_drift_rows(reader, info), info.number)
-            info = info.model_copy(update={"files": {**info.files, **store.replace_files(staged, info)}})
+            info = store.replace_files(staged, info)
         versions.append(info)
     if versions == reader.manifest.versions:
         return None

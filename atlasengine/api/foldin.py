@@ -38,7 +38,7 @@ from atlasengine.api.audit import drift_rows, rebuild_drift, transfer_summary, w
 from atlasengine.api.inputs import PreparedInput, prepare_input, prepare_metadata
 from atlasengine.config import AtlasConfig, ContinualConfig, FoldInStrategy, RuntimeConfig, TrainingConfig
 from atlasengine.continual import AccumulatedFisher, fold_in, version_fisher
-from atlasengine.errors import AtlasWriteError, InputError
+from atlasengine.errors import AtlasIntegrityError, AtlasWriteError, InputError
 from atlasengine.faults import fault_point
 from atlasengine.model import CVAE
 from atlasengine.numerics import sorted_sample
@@ -59,10 +59,13 @@ log = logging.getLogger("atlasengine")
 class StoredCells:
     """Committed cells of the atlas, read from the cell store on demand and checked (a ``CellSource``)."""
 
-    def __init__(self, cells: CellStore, checks: CellChecks, batches: list[str], n_genes: int) -> None:
+    def __init__(self, cells: CellStore, checks: CellChecks, batch_codes: np.ndarray, n_genes: int) -> None:
         self.cells, self.checks = cells, checks
         self.joinids = joinids_of([(a, b) for a, b, _ in checks.ranges])
-        self.lookup = pd.Index(batches)
+        if len(batch_codes) != len(self.joinids):
+            raise AtlasIntegrityError(f"the atlas's obs hold {len(batch_codes)} cells, its checksums "
+                                      f"{len(self.joinids)} (damaged)")
+        self.batch_codes = np.asarray(batch_codes)  # from the version's obs, read and checked once
         self.n_genes = n_genes
 
     def __len__(self) -> int:
@@ -71,9 +74,11 @@ class StoredCells:
 
     def read(self, positions: np.ndarray) -> CellData:
         """Read counts and batch indices of the cells at ``positions`` (in atlas order)."""
-        ids = self.joinids[np.asarray(positions, dtype=np.int64)]
-        obs, counts = self.cells.read_checked(ids, self.n_genes, self.checks)
-        return CellData(counts, self.lookup.get_indexer(obs["batch"]))
+        positions = np.asarray(positions, dtype=np.int64)
+        ids = self.joinids[positions]
+        counts = self.cells.read_counts(ids, self.n_genes)
+        self.checks.verify(ids, counts=counts)
+        return CellData(counts, self.batch_codes[positions])
 
 
 class VersionCells:
@@ -143,8 +148,11 @@ class _Plan:
         return CellData(self.prepared.counts, pd.Index(self.batches).get_indexer(self.prepared.obs["batch"]))
 
     def stored_cells(self) -> StoredCells:
-        checks = self.parent.cell_checks() if self.parent is not None else CellChecks([], np.zeros((0, 3), np.uint64))
-        return StoredCells(self.store.cells, checks, self.batches, self.manifest.n_genes)
+        if self.parent is None:
+            return StoredCells(self.store.cells, CellChecks([], np.zeros((0, 3), np.uint64)), np.zeros(0, np.int64),
+                               self.manifest.n_genes)
+        codes = pd.Index(self.batches).get_indexer(self.parent.cell_obs()["batch"])
+        return StoredCells(self.store.cells, self.parent.cell_checks(), codes, self.manifest.n_genes)
 
 
 # ----------------------------------------------------------------------------- create

@@ -243,7 +243,8 @@ def _scope_rows(
     """Compute the version row, the cell-type rows and each cell's aligned displacement of one comparison."""
     n_types = len(c.type_names)
     raw = np.linalg.norm(current - other, axis=1)
-    moved = procrustes_align(current, other)
+    # no cell moved (a relabel): exactly 0, not Procrustes round-off
+    moved = other if np.array_equal(current, other) else procrustes_align(current, other)
     aligned = np.linalg.norm(moved - other, axis=1)
     pres = _overlap_share(cmp.neighbours, cur.neighbours)
     row = dict(
@@ -369,20 +370,7 @@ def compute_version_drift(
     same_shape(current, first, "current and first")
     if current.shape[0] < 2:
         raise InputError("drift needs at least 2 cells")
-    tables = _tables(int(version), current, {"vs_previous": previous, "vs_first": first}, obs, config, seed)
-    for scope, other in (("vs_previous", previous), ("vs_first", first)):
-        if np.array_equal(other, current):  # no cell moved (a relabel): exactly 0, not Procrustes round-off
-            _zero_displacements(tables, scope)
-    return tables
-
-
-def _zero_displacements(tables: DriftTables, scope: str) -> None:
-    """Set every displacement and centroid shift of ``scope`` (``vs_previous`` or ``vs_first``) to exactly 0."""
-    vd, cd = tables.version_drift, tables.celltype_drift
-    vd.loc[vd["scope"] == scope, [c for c in _VERSION_COLUMNS if c.startswith("displacement")]] = 0.0
-    cd.loc[cd["scope"] == scope, ["centroid_shift_raw", "centroid_shift_aligned", "displacement_mean_aligned"]] = 0.0
-    tables.batch_drift.loc[:, f"displacement_aligned_{scope}_mean"] = 0.0
-    tables.cell_drift.loc[:, f"displacement_aligned_{scope}"] = 0.0
+    return _tables(int(version), current, {"vs_previous": previous, "vs_first": first}, obs, config, seed)
 
 
 def compute_initial_drift(

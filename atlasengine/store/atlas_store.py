@@ -202,11 +202,12 @@ class AtlasStore:
         self._verified.update((number, key, rec.sha256) for key, rec in records.items())  # just hashed
         return records
 
-    def replace_files(self, staged: Path, version: VersionInfo) -> dict[str, FileRecord]:
+    def replace_files(self, staged: Path, version: VersionInfo) -> VersionInfo:
         """Move the staged files into committed ``version``'s directory, replacing those of the same name.
 
-        Used only to rebuild files that failed their checksum; the returned records go into the
-        manifest with the next commit (until then the files fail their old checksum, as before).
+        Used only to rebuild files that failed their checksum. Returns ``version`` with the new
+        files' records, for the manifest of the next commit (until then the files fail their old
+        checksum, as before).
         """
         records = self._records(staged, version.number)
         final = self.version_dir(version.number)
@@ -217,7 +218,7 @@ class AtlasStore:
         fsync_dir(final)
         shutil.rmtree(staged, ignore_errors=True)
         self._verified.update((version.number, key, rec.sha256) for key, rec in records.items())
-        return records
+        return version.model_copy(update={"files": {**version.files, **records}})
 
     def moved_to(self, root: Path) -> "AtlasStore":
         """Return this store after its directory was renamed to ``root`` (checks already done are kept)."""

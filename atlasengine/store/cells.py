@@ -369,13 +369,6 @@ class CellStore:
         row_pos = order[found]  # where each stored row goes in the request
         return sp.csr_matrix((vals, (row_pos, cols)), shape=(len(joinids), n_genes), dtype=np.float32)
 
-    def read_checked(self, joinids: np.ndarray, n_genes: int, checks: CellChecks) -> tuple[pd.DataFrame, sp.csr_matrix]:
-        """Read obs and counts of the given cells, checked against ``checks`` (in the order of ``joinids``)."""
-        obs = self.read_obs_ids(joinids, OBS_COLUMNS)
-        counts = self.read_counts(joinids, n_genes)
-        checks.verify(joinids, obs, counts)
-        return obs, counts
-
     def checksums_of(self, ranges: Ranges, n_genes: int) -> np.ndarray:
         """Compute the ``(obs, counts, 0)`` checksums of the stored cells in ``ranges`` as they are now.
 

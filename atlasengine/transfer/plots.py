@@ -139,7 +139,6 @@ def plot_assignment_heatmap(
     return _save(fig, path)
 
 
-@plain_text
 def plot_transfer(
     predictions: pd.DataFrame,
     true_labels: Iterable[str] | pd.Series,

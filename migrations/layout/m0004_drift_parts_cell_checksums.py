@@ -72,7 +72,7 @@ def record_cell_checksums(reader):
         added = [(d.joinid_start, d.joinid_stop) for d in manifest.datasets if d.version == info.number]
         staged = reader.store.stage()
         np.save(staged / CELL_CHECKSUMS, reader.store.cells.checksums_of(added, manifest.n_genes), allow_pickle=False)
-        versions.append(info.model_copy(update={"files": {**info.files, **reader.store.replace_files(staged, info)}}))
+        versions.append(reader.store.replace_files(staged, info))
     return VersionReader(reader.store, manifest.model_copy(update={"versions": versions}))
 
 
@@ -97,5 +97,5 @@ def upgrade_files(reader, root: Path):
             log.warning("version %d has no rows in %s: its drift is recomputed from its embeddings", info.number,
                         OLD_DATABASE)
             write_drift(staged / DRIFT_DIR, stored_drift_rows(reader, info), info.number)
-        versions.append(info.model_copy(update={"files": {**info.files, **reader.store.replace_files(staged, info)}}))
+        versions.append(reader.store.replace_files(staged, info))
     return reader.manifest.model_copy(update={"versions": versions})

@@ -65,5 +65,5 @@ def upgrade_files(reader, root: Path):
         staged = reader.store.stage()
         np.save(staged / CELL_CHECKSUMS, np.column_stack([two, np.zeros(len(two), dtype=np.uint64)]).astype(np.uint64),
                 allow_pickle=False)
-        versions.append(info.model_copy(update={"files": {**info.files, **reader.store.replace_files(staged, info)}}))
+        versions.append(reader.store.replace_files(staged, info))
     return manifest.model_copy(update={"versions": versions})
