@@ -139,6 +139,12 @@ class TransferConfig(_Strict):
         description="the novelty score's distance signal: mean distance to this many nearest reference cells "
         "(10: measured against 20 and 50 in benchmarks/novelty.py; see atlasengine.transfer.novelty.DEFAULT_K)",
     )
+    novelty_smoothing: int = Field(
+        10, ge=1,
+        description="each novelty signal is averaged over the cell's this many nearest cells of its own batch "
+        "(query cells among query cells, calibration cells among calibration cells) before its p-value; 1 = no "
+        "averaging (atlases upgraded from format 6 keep 1). See atlasengine.transfer.novelty.DEFAULT_SMOOTHING",
+    )
     novelty_calibration: Literal["query", "reference"] = Field(
         "query",
         description="'query': the novelty statistic moved by the query's shift from the reference (the median "

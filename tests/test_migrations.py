@@ -98,7 +98,7 @@ def test_format4_atlas_keeps_its_drift_rows_as_parts_of_each_version(tmp_path, p
     (path / ".staging" / ("ab" * 16)).mkdir(parents=True)
 
     atlas = Atlas.open(path)
-    assert json.loads((path / "manifest.json").read_text())["format_version"] == FORMAT_VERSION == 6
+    assert json.loads((path / "manifest.json").read_text())["format_version"] == FORMAT_VERSION
     assert not (path / "drift.duckdb").exists()
     assert sorted(p.name for p in (path / "versions").iterdir()) == ["v0001", "v0002", "v0002_backup"]
     assert not any((path / ".staging").iterdir())
@@ -136,7 +136,7 @@ def test_format5_atlas_reads_as_before_and_takes_datasets_with_their_own_obs_col
 
     atlas = Atlas.open(path)
     raw = json.loads((path / "manifest.json").read_text())
-    assert raw["format_version"] == FORMAT_VERSION == 6 and all(d["obs_columns"] == {} for d in raw["datasets"])
+    assert raw["format_version"] == FORMAT_VERSION and all(d["obs_columns"] == {} for d in raw["datasets"])
     padded = np.load(path / "versions" / "v0001" / "cell_checksums.npy")
     np.testing.assert_array_equal(padded[:, :2], old_checksums)
     assert padded.shape == (40, 3) and not padded[:, 2].any()
@@ -157,3 +157,26 @@ def test_format5_atlas_reads_as_before_and_takes_datasets_with_their_own_obs_col
     assert obs["disease"].iloc[60:].tolist() == q.obs["disease"].tolist()
     assert obs["user_dataset"].iloc[60:].tolist() == q.obs["dataset"].astype(str).tolist()
     assert "disease" not in Atlas.open(path, version=2).obs().columns
+
+
+def test_format6_atlas_keeps_its_unaveraged_novelty_and_can_switch_to_averaging(tmp_path, pancreas):
+    path = tmp_path / "old6.atlas"
+    shutil.copytree(FIXTURE.with_name("format6.atlas"), path)
+    raw = json.loads((path / "manifest.json").read_text())
+    assert raw["format_version"] == 6 and "novelty_smoothing" not in raw["config"]["transfer"]
+    predictions_file = pd.read_parquet(path / "versions" / "v0002" / "predictions.parquet")
+
+    atlas = Atlas.open(path)
+    raw = json.loads((path / "manifest.json").read_text())
+    assert raw["format_version"] == FORMAT_VERSION == 7
+    assert raw["config"]["transfer"]["novelty_smoothing"] == 1 == atlas.config.transfer.novelty_smoothing
+    assert atlas.novelty_calibration().smoothing == 1  # the stored format-1 calibration file
+    pd.testing.assert_frame_equal(atlas.predictions(), predictions_file)
+    q = pancreas[pancreas.obs["tech"] == "celseq2"][:20, atlas.genes].copy()
+    q.obs_names = [f"again_{c}" for c in q.obs_names]
+    kept = atlas.transfer_labels(q, batch_key="tech", config={"unknown_rule": "novelty"})
+    averaged = atlas.transfer_labels(q, batch_key="tech", config={"unknown_rule": "novelty", "novelty_smoothing": 5})
+    assert kept.attrs["novel_share"] >= 0 and not np.allclose(kept["novelty"], averaged["novelty"])
+    res = atlas.ingest(pancreas[pancreas.obs["tech"] == "smartseq2"][:15, atlas.genes].copy(), batch_key="tech",
+                       strategy="ewc", training={"max_epochs": 1})
+    assert res.version.number == 3 and Atlas.open(path).novelty_calibration().smoothing == 1

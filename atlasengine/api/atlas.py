@@ -401,10 +401,12 @@ class Atlas:
         return self._calibration(self.config.transfer)
 
     def _calibration(self, tcfg: TransferConfig) -> NoveltyCalibration:
-        key = (tcfg.k, tcfg.kernel, tcfg.novelty_k)
+        key = (tcfg.k, tcfg.kernel, tcfg.novelty_k, tcfg.novelty_smoothing)
         if key not in self._calibrations:
-            labelled = self._reader.cell_obs()["label"].notna().to_numpy()
-            self._calibrations[key] = calibrate(self.neighbor_index(), self.latent()[labelled], tcfg)
+            obs = self._reader.cell_obs()
+            labelled = obs["label"].notna().to_numpy()
+            self._calibrations[key] = calibrate(self.neighbor_index(), self.latent()[labelled], tcfg,
+                                                obs["batch"].astype(str).to_numpy()[labelled])
         return self._calibrations[key]
 
     # ---------------------------------------------------------------- embedding
@@ -447,22 +449,24 @@ class Atlas:
             The cells, as for :meth:`embed`.
         config
             Changes to the atlas's transfer settings (e.g. ``{"unknown_rule": "novelty"}``); a
-            change of ``k``, ``kernel`` or ``novelty_k`` gets its own calibration, computed
-            once per opened version.
+            change of ``k``, ``kernel``, ``novelty_k`` or ``novelty_smoothing`` gets its own
+            calibration, computed once per opened version.
 
         Returns
         -------
         pandas.DataFrame
             Index: cell name. ``label`` (or "Unknown"), ``predicted_label``, ``uncertainty``,
-            ``is_unknown``, ``novelty``, ``novelty_pvalue``, ``is_novel``, one ``p_<label>`` per
-            reference label.
+            ``is_unknown``, ``nearest_type``, ``novelty``, ``novelty_pvalue``, ``is_novel``, one
+            ``p_<label>`` per reference label; ``attrs["novel_share"]`` and
+            ``attrs["novel_share_interval"]`` estimate the share of new cells (90% interval).
         """
         tcfg = merged(self.config.transfer, config)
         z = self.embed(adata, batch_key, layer)
         calibration = self.novelty_calibration()
         if not matches(calibration, tcfg):
             calibration = self._calibration(tcfg)
-        return predict(self.neighbor_index(), calibration, z, tcfg, [str(c) for c in adata.obs_names])
+        return predict(self.neighbor_index(), calibration, z, tcfg, [str(c) for c in adata.obs_names],
+                       batches=adata.obs[batch_key].astype(str).to_numpy())
 
     def unknown_groups(self, version: int | None = None, min_size: int | None = None,
                        n_markers: int = 10) -> pd.DataFrame:

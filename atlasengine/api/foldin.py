@@ -387,13 +387,14 @@ def _build_and_commit(
     new_cells = (obs["version_added"] == plan.number).to_numpy()
     tcfg = plan.config.transfer
     index = NeighborIndex.build(z[labelled], obs["label"][labelled].astype(str).to_numpy(), tcfg)
-    calibration = calibrate(index, z[labelled], tcfg)
+    batches = obs["batch"].astype(str).to_numpy()
+    calibration = calibrate(index, z[labelled], tcfg, batches[labelled])
     predictions = summary = None
     if plan.parent is not None:
         # new cells that came with labels are in the index: each is scored without itself
         index_position = np.where(labelled, np.cumsum(labelled) - 1, -1)[new_cells]
         predictions = predict(index, calibration, z[new_cells], tcfg, obs.index[new_cells].tolist(),
-                              exclude=index_position)
+                              exclude=index_position, batches=batches[new_cells])
         summary = transfer_summary(predictions, obs["label"][new_cells], plan.record.name)
     files = VersionFiles(
         checkpoint=Checkpoint(weights, fisher.mean, weights, fisher.cells),

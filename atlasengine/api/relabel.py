@@ -159,7 +159,7 @@ def relabel(store: AtlasStore, seen: int, cells: CellSelection, label: str, note
         labelled = new_obs["label"].notna().to_numpy()
         tcfg = manifest.config.transfer
         index = NeighborIndex.build(z[labelled], new_obs["label"][labelled].astype(str).to_numpy(), tcfg)
-        calibration = calibrate(index, z[labelled], tcfg)
+        calibration = calibrate(index, z[labelled], tcfg, new_obs["batch"].astype(str).to_numpy()[labelled])
         run_config = {"model": manifest.config.model.model_dump(), "strategy": "relabel",
                       "relabel": record.model_dump()}
         info = VersionInfo(

@@ -32,19 +32,23 @@ log = logging.getLogger("atlasengine")
 CALIBRATION_MAX_CELLS = 5000
 
 
-def calibrate(index: NeighborIndex, labelled_latent: np.ndarray, config: TransferConfig) -> NoveltyCalibration:
-    """Leave-one-out novelty calibration of the indexed cells for ``config``'s k, kernel and novelty_k.
+def calibrate(index: NeighborIndex, labelled_latent: np.ndarray, config: TransferConfig,
+              batches: np.ndarray | None = None) -> NoveltyCalibration:
+    """Leave-one-out novelty calibration of the indexed cells for ``config``'s k, kernel and novelty settings.
 
-    ``labelled_latent``: the indexed (labelled) cells' embeddings, in index order. At most
-    5,000 of them calibrate (a seeded sample).
+    ``labelled_latent``: the indexed (labelled) cells' embeddings, in index order; ``batches``
+    their batches (scores are averaged within a batch; None = one batch). At most 5,000 cells
+    calibrate (a seeded sample).
     """
     return reference_calibration(index, labelled_latent, k=config.novelty_k, k_transfer=config.k, kernel=config.kernel,
-                                 max_cells=CALIBRATION_MAX_CELLS, seed=0)
+                                 max_cells=CALIBRATION_MAX_CELLS, seed=0, groups=batches,
+                                 smoothing=config.novelty_smoothing)
 
 
 def matches(calibration: NoveltyCalibration, config: TransferConfig) -> bool:
-    """Whether ``calibration`` was made for ``config``'s neighbours and kernel."""
-    return (calibration.k_transfer, calibration.kernel, calibration.k) == (config.k, config.kernel, config.novelty_k)
+    """Whether ``calibration`` was made for ``config``'s neighbours, kernel and averaging."""
+    return ((calibration.k_transfer, calibration.kernel, calibration.k, calibration.smoothing)
+            == (config.k, config.kernel, config.novelty_k, config.novelty_smoothing))
 
 
 def predict(
@@ -54,6 +58,7 @@ def predict(
     config: TransferConfig,
     obs_names: Sequence[str],
     exclude: np.ndarray | None = None,
+    batches: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Weighted-kNN labels plus the calibrated novelty score (distance + uncertainty).
 
@@ -77,13 +82,18 @@ def predict(
     exclude
         Each cell's position in the index, -1 if not in it (a fold-in that came with labels
         puts its cells in the index): those are searched without themselves.
+    batches
+        The cells' batches: novelty signals are averaged over neighbouring cells of the same
+        batch (``config.novelty_smoothing``); None = all one batch.
 
     Returns
     -------
     pandas.DataFrame
         ``label``, ``predicted_label``, ``uncertainty``, ``is_unknown``, one ``p_<label>`` per
-        reference label, ``novelty``, ``novelty_pvalue``, ``is_novel``; the rule and the
-        novelty threshold in ``attrs``.
+        reference label, ``nearest_type`` (label of the nearest reference cell), ``novelty``,
+        ``novelty_pvalue``, ``is_novel``; the rule, the novelty threshold and the estimated
+        share of new cells with its interval (``novel_share``, ``novel_share_interval``) in
+        ``attrs``.
     """
     distances, neighbors = index.search(latent, max(calibration.k, config.k), exclude=exclude)
     probs = label_probabilities(
@@ -92,11 +102,16 @@ def predict(
     preds = prediction_table(probs, index.categories, config, obs_names)
     nov = novelty_scores(distances, preds["uncertainty"].to_numpy(), calibration, target_rate=config.novelty_target,
                          obs_names=obs_names, centre_on_query=config.novelty_calibration == "query",
-                         predicted=preds["predicted_label"].astype(str).to_numpy())
+                         predicted=preds["predicted_label"].astype(str).to_numpy(), embeddings=latent,
+                         groups=batches)
+    nearest = index.neighbor_codes(neighbors[:, :1])[:, 0]
+    preds["nearest_type"] = np.where(nearest >= 0, np.asarray(index.categories, dtype=object)[np.maximum(nearest, 0)],
+                                     None)
     for col in ("novelty", "novelty_pvalue", "is_novel"):
         preds[col] = nov[col].to_numpy()
     preds.attrs.update(unknown_rule=config.unknown_rule, novelty_target=config.novelty_target,
-                       novelty_threshold=nov.attrs["novelty_threshold"],
+                       novelty_threshold=nov.attrs["novelty_threshold"], novel_share=nov.attrs["novel_share"],
+                       novel_share_interval=nov.attrs["novel_share_interval"],
                        novelty_calibration=nov.attrs["calibration"], novelty_query_shift=nov.attrs["query_shift"])
     if config.unknown_rule == "novelty":
         note = calibration_note(nov)
