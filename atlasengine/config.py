@@ -129,9 +129,11 @@ class TransferConfig(_Strict):
     kernel: Literal["scarches", "gaussian"] = "scarches"
     uncertainty_threshold: float = Field(0.3, ge=0.0, le=1.0)
     unknown_rule: Literal["uncertainty", "novelty"] = Field(
-        "uncertainty",
-        description="'uncertainty': Unknown when uncertainty > uncertainty_threshold (the paper's rule); "
-        "'novelty': Unknown when the calibrated novelty score is above its threshold for novelty_target",
+        "novelty",
+        description="'novelty' (default): Unknown when the calibrated novelty score is above its threshold for "
+        "novelty_target; 'uncertainty': Unknown when uncertainty > uncertainty_threshold (the paper's and scArches' "
+        "rule); the two are compared on six scenarios in benchmarks/RESULTS.md (section 'Novelty rules side by side'). "
+        "Atlases made before format 7 keep the rule they stored",
     )
     novelty_target: float = Field(0.05, gt=0.0, lt=1.0, description="target share of known cells called novel")
     novelty_k: int = Field(

@@ -34,13 +34,17 @@ def test_transfer_command_writes_predictions(two_version_atlas, tmp_path, pancre
 
     pred = pd.read_csv(out, index_col=0)
     assert len(pred) == pancreas_query.n_obs and {"label", "uncertainty", "is_unknown"} <= set(pred.columns)
-    assert (pred["is_unknown"] == (pred["uncertainty"] > 0.3)).all()
-    # the calibrated rule from the command line: Unknown exactly where the novelty score says so
+    assert (pred["is_unknown"] == pred["is_novel"]).all()  # the default rule: the calibrated novelty
+    assert (pred.loc[pred["is_unknown"], "label"] == "Unknown").all()
+    # the paper's rule and another target from the command line
     assert main(["transfer", str(two_version_atlas), "-i", str(q), "--batch-key", "tech", "-o", str(out),
-                 "--unknown-rule", "novelty", "--novelty-target", "0.1"]) == 0
-    novelty = pd.read_csv(out, index_col=0)
-    assert (novelty["is_unknown"] == novelty["is_novel"]).all()
-    assert (novelty.loc[novelty["is_unknown"], "label"] == "Unknown").all()
+                 "--unknown-rule", "uncertainty"]) == 0
+    paper = pd.read_csv(out, index_col=0)
+    assert (paper["is_unknown"] == (paper["uncertainty"] > 0.3)).all()
+    assert main(["transfer", str(two_version_atlas), "-i", str(q), "--batch-key", "tech", "-o", str(out),
+                 "--unknown-rule", "novelty", "--novelty-target", "0.2"]) == 0
+    wider = pd.read_csv(out, index_col=0)
+    assert (wider["is_unknown"] == wider["is_novel"]).all() and wider["is_novel"].sum() >= pred["is_novel"].sum()
     assert main(["transfer", str(two_version_atlas), "-i", str(q), "--batch-key", "tech", "-o", str(out),
                  "--novelty-target", "1.5"]) != 0  # refused with a clear message, not a traceback
 

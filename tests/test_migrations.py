@@ -171,6 +171,7 @@ def test_format6_atlas_keeps_its_unaveraged_novelty_and_can_switch_to_averaging(
     assert raw["format_version"] == FORMAT_VERSION == 7
     assert raw["config"]["transfer"]["novelty_smoothing"] == 1 == atlas.config.transfer.novelty_smoothing
     assert atlas.novelty_calibration().smoothing == 1  # the stored format-1 calibration file
+    assert atlas.var().columns.empty and list(atlas.var().index) == atlas.genes  # format 6 kept no gene columns
     pd.testing.assert_frame_equal(atlas.predictions(), predictions_file)
     q = pancreas[pancreas.obs["tech"] == "celseq2"][:20, atlas.genes].copy()
     q.obs_names = [f"again_{c}" for c in q.obs_names]

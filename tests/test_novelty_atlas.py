@@ -88,7 +88,7 @@ def test_a_transfer_config_with_other_neighbours_gets_its_own_calibration_once(t
     calibrate = api.calibrate
 
     def counted(*args):
-        calls.append(args[-1].novelty_k)
+        calls.append(args[2].novelty_k)
         return calibrate(*args)
 
     monkeypatch.setattr(api, "calibrate", counted)

@@ -46,3 +46,31 @@ def test_pbmc_mono_cd16_left_out_of_the_reference_form_a_group_with_fcgr3a_among
         atlas.unknown_groups(version=1)
     with pytest.raises(InputError, match="min_size must be at least 2"):
         atlas.unknown_groups(min_size=1)
+
+
+def test_gene_columns_of_the_reference_are_kept_and_name_the_markers(tmp_path, pancreas_ref, pancreas_query, caplog):
+    from conftest import TINY
+
+    from atlasengine import Atlas
+
+    ref = pancreas_ref[:, :300].copy()
+    ref.var["symbol"] = [f"sym-{g.lower()}" for g in ref.var_names]
+    ref.var.loc[ref.var_names[5], "symbol"] = None  # a gene without a symbol keeps its atlas name
+    ref.var["var_id"] = "clash"  # the store's own name: kept as user_var_id
+    ref.var["length"] = np.arange(300)
+    ref.var["mixed"] = [1, "a"] * 150  # of no one kind: left out, with a warning
+    atlas = Atlas.create(tmp_path / "a.atlas", ref[ref.obs["celltype"] != "ductal"].copy(), batch_key="tech",
+                         label_key="celltype", config=TINY)
+    assert "mixed" in caplog.text
+    var = atlas.var()
+    assert list(var.index) == atlas.genes and list(var.columns) == ["symbol", "user_var_id", "length"]
+    assert var["symbol"].iloc[0] == "sym-" + atlas.genes[0].lower() and var["length"].tolist() == list(range(300))
+    atlas.ingest(pancreas_query[:, :300].copy(), batch_key="tech", strategy="ewc", training={"max_epochs": 2})
+    plain = atlas.unknown_groups(min_size=3)
+    named = atlas.unknown_groups(min_size=3, gene_key="symbol")
+    assert len(plain) and len(plain) == len(named)
+    lookup = var["symbol"].where(var["symbol"].notna(), var.index.to_series()).to_dict()
+    assert named["markers"].tolist() == [[lookup[g] for g in genes] for genes in plain["markers"]]
+    assert {"symbol", "length"} <= set(named.attrs["markers"][0].columns)
+    with pytest.raises(InputError, match="'nope' is not a gene column of this atlas"):
+        atlas.unknown_groups(gene_key="nope")

@@ -291,6 +291,14 @@ class Atlas:
         """The atlas's genes, in the order of the model's input."""
         return self._reader.genes()
 
+    def var(self) -> pd.DataFrame:
+        """The atlas's genes with the reference AnnData's own gene columns (e.g. ``gene_symbol``).
+
+        Index: the gene names, in the order of the model's input. Atlases made before format 7
+        kept no gene columns (an empty frame with the genes as index).
+        """
+        return self._reader.gene_annotations()
+
     @property
     def batches(self) -> list[str]:
         """Batch categories known to the model, in the order of its batch input."""
@@ -469,7 +477,7 @@ class Atlas:
                        batches=adata.obs[batch_key].astype(str).to_numpy())
 
     def unknown_groups(self, version: int | None = None, min_size: int | None = None,
-                       n_markers: int = 10) -> pd.DataFrame:
+                       n_markers: int = 10, gene_key: str | None = None) -> pd.DataFrame:
         """Group the cells a version called Unknown (or novel) and say what each group looks like.
 
         Parameters
@@ -481,6 +489,9 @@ class Atlas:
             The smallest group (default: 2% of the cells, at least 5); cells in no group are left out.
         n_markers
             Marker genes per group.
+        gene_key
+            A gene column of :meth:`var` to name the markers by (e.g. ``"gene_symbol"`` where the
+            genes are Ensembl IDs); default: the atlas's gene names.
 
         Returns
         -------
@@ -489,9 +500,9 @@ class Atlas:
             cells' reference neighbours point to most) and ``closest_share``, ``distance`` (of
             the embedding centroids), ``markers`` (top genes against the closest type's cells,
             Wilcoxon rank-sum on log-normalised stored counts) and ``cells``;
-            ``.attrs["markers"][group]`` holds each group's marker table.
+            ``.attrs["markers"][group]`` holds each group's marker table, with the gene columns.
         """
-        return unknown_groups(self._reader, version, min_size, n_markers)
+        return unknown_groups(self._reader, version, min_size, n_markers, gene_key=gene_key)
 
     # ------------------------------------------------------------------ writing
     def ingest(

@@ -35,7 +35,7 @@ import scipy.sparse as sp
 import torch
 
 from atlasengine.api.audit import drift_rows, rebuild_drift, transfer_summary, write_drift
-from atlasengine.api.inputs import PreparedInput, prepare_input, prepare_metadata
+from atlasengine.api.inputs import PreparedInput, prepare_gene_columns, prepare_input, prepare_metadata
 from atlasengine.config import AtlasConfig, ContinualConfig, FoldInStrategy, RuntimeConfig, TrainingConfig
 from atlasengine.continual import AccumulatedFisher, fold_in, version_fisher
 from atlasengine.errors import AtlasIntegrityError, AtlasWriteError, InputError
@@ -191,6 +191,7 @@ def create(
                          atlas_genes=genes, min_gene_overlap=1.0 if pretrained else config.continual.min_gene_overlap)
     prep.metadata = prepare_metadata(adata.obs, {})
     genes = genes or [str(g) for g in adata.var_names]
+    prep.gene_annotations = prepare_gene_columns(adata.var, genes)
     batches = prep.batches
     if pretrained is not None:
         unknown = [b for b in prep.batches if b not in pretrained.batches]
@@ -216,7 +217,7 @@ def _build_reference(store: AtlasStore, prep: PreparedInput, genes: list[str], b
                      config: AtlasConfig, runtime: RuntimeConfig, pretrained: Pretrained | None, *, dataset: str,
                      batch_key: str, label_key: str) -> Committed:
     """Write the reference cells into a new cell store, train (or take) the reference model and commit version 1."""
-    CellStore.create(str(store.root / "cells"), genes)
+    CellStore.create(str(store.root / "cells"), genes, prep.gene_annotations)
     prep.obs["version_added"] = 1
     start, stop = store.cells.append(prep.obs, prep.counts, prep.metadata.table, prep.metadata.columns)
     record = DatasetRecord(

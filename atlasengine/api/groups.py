@@ -26,7 +26,8 @@ GROUP_COLUMNS = ["n_cells", "closest_type", "closest_share", "distance", "marker
 
 
 def unknown_groups(reader: VersionReader, version: int | None = None, min_size: int | None = None,
-                   n_markers: int = 10, max_other_cells: int = 2000, seed: int = 0) -> pd.DataFrame:
+                   n_markers: int = 10, max_other_cells: int = 2000, seed: int = 0,
+                   gene_key: str | None = None) -> pd.DataFrame:
     """Cluster the cells ``version`` called Unknown or novel; one row per group, largest first.
 
     ``version`` defaults to the newest version up to the reader's that added cells. Cells a
@@ -39,8 +40,15 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
     guess (``closest_share``), the ``distance`` between the group's and the type's embedding
     centroids, ``markers`` (the top ``n_markers`` genes against the closest type's cells, at most
     ``max_other_cells`` of them, by the Wilcoxon rank-sum statistic on log-normalised counts)
-    and the group's ``cells``. ``result.attrs["markers"][group]`` holds each marker table.
+    and the group's ``cells``. ``result.attrs["markers"][group]`` holds each marker table, with
+    the reference's own gene columns (:meth:`VersionReader.gene_annotations`) beside the gene.
+    ``gene_key``: the gene column ``markers`` names genes by (e.g. ``"gene_symbol"``; a gene
+    without one keeps its atlas name); None: the atlas's gene names.
     """
+    annotations = reader.gene_annotations()
+    if gene_key is not None and gene_key not in annotations.columns:
+        raise InputError(f"gene_key {gene_key!r} is not a gene column of this atlas (it has "
+                         f"{list(annotations.columns) or 'none'}: the columns of the reference AnnData's var)")
     number = _newest_ingest(reader) if version is None else int(version)
     if number > reader.number:
         raise InputError(f"version {number} is after the version shown ({reader.number})")
@@ -85,10 +93,13 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
         reader.cell_checks().verify(joinids[both], counts=counts)
         counts = log_normalise(counts)
         markers = rank_markers(counts[: len(members)], counts[len(members):], genes, n_markers)
+        markers = markers.join(annotations, on="gene")
         result.attrs["markers"][g] = markers
+        names = markers["gene"] if gene_key is None else markers[gene_key].astype(object).where(
+            markers[gene_key].notna(), markers["gene"])
         records.append({
             "n_cells": len(members), "closest_type": closest, "closest_share": float(guesses.iloc[0] / len(members)),
-            "distance": distance, "markers": markers["gene"].tolist(), "cells": obs.index[members].tolist(),
+            "distance": distance, "markers": [str(n) for n in names], "cells": obs.index[members].tolist(),
         })
     out = pd.DataFrame(records, columns=GROUP_COLUMNS, index=pd.Index(range(n_groups), name="group"))
     out.attrs["markers"] = result.attrs["markers"]

@@ -50,6 +50,8 @@ class PreparedInput:
     genes_dropped: int
     extra: dict = field(default_factory=dict)
     metadata: Metadata | None = None
+    gene_annotations: pa.Table | None = None
+    """The reference's own gene columns (create only; :func:`prepare_gene_columns`)."""
 
     @property
     def n_cells(self) -> int:
@@ -366,6 +368,34 @@ def _to_arrow(values: list | np.ndarray, kind: str, name: str) -> pa.Array:
                         type=ARROW_TYPES[kind])
     except (OverflowError, pa.ArrowException, ValueError, TypeError) as exc:
         raise InputError(f"obs column {name!r} cannot be stored as {kind}: {exc}; nothing was written") from exc
+
+
+def prepare_gene_columns(var: pd.DataFrame, genes: Sequence[str]) -> pa.Table:
+    """The reference's gene annotations (``var`` columns such as ``gene_symbol``) for the atlas's ``genes``.
+
+    Rows follow ``genes`` (a gene ``var`` lacks gets missing values). Columns of the kinds obs
+    columns may have (text, categories, integers, floats, booleans) are kept; ``var_id`` and
+    ``soma_*`` names as ``user_<name>``. Columns of other kinds are left out with a warning:
+    annotations never stop an atlas from being made.
+    """
+    frame = var.copy()
+    frame.index = frame.index.astype(str)
+    frame = frame[~frame.index.duplicated()].reindex([str(g) for g in genes])
+    arrays, skipped = {}, []
+    for name in frame.columns:
+        if not isinstance(name, str) or not name.strip():
+            skipped.append(str(name))
+            continue
+        kept = PREFIX + name if name.lower() == "var_id" or name.lower().startswith("soma_") else name
+        try:
+            kind, values = _column_values(frame[name], name)
+            arrays[kept] = _to_arrow(values, kind or "text", name)
+        except InputError:
+            skipped.append(name)
+    if skipped:
+        log.warning("var column(s) %s are not of a kind the atlas stores (text, numbers, booleans) and were left "
+                    "out of its gene annotations", ", ".join(repr(n) for n in skipped[:5]))
+    return pa.table(arrays) if arrays else pa.table({})
 
 
 def prepare_metadata(obs: pd.DataFrame, stored: dict[str, str]) -> Metadata:

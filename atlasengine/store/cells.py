@@ -21,7 +21,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 import tiledbsoma
 
-from atlasengine.errors import AtlasFormatError, AtlasIntegrityError, AtlasWriteError
+from atlasengine.errors import AtlasFormatError, AtlasIntegrityError, AtlasWriteError, InputError
 from atlasengine.faults import fault_point
 from atlasengine.store.metadata import COLLECTION, arrow_schema, key_range, metadata_checksums, table_key
 
@@ -202,8 +202,15 @@ class CellStore:
         self.uri = uri
 
     @classmethod
-    def create(cls, uri: str, genes: Sequence[str]) -> "CellStore":
-        """Create an empty experiment with a fixed gene axis."""
+    def create(cls, uri: str, genes: Sequence[str], annotations: pa.Table | None = None) -> "CellStore":
+        """Create an empty experiment with a fixed gene axis.
+
+        ``annotations``: the genes' own columns (e.g. ``gene_symbol``), rows in ``genes``'
+        order, stored in ``var`` beside ``var_id``.
+        """
+        annotations = annotations if annotations is not None else pa.table({})
+        if annotations.num_columns and annotations.num_rows != len(genes):
+            raise InputError(f"gene annotations have {annotations.num_rows} rows for {len(genes)} genes")
         with tiledbsoma.Experiment.create(uri) as exp:
             exp.add_new_dataframe(
                 "obs", schema=OBS_SCHEMA, index_column_names=["soma_joinid"], domain=[(0, MAX_CELLS - 1)]
@@ -213,11 +220,13 @@ class CellStore:
             n = len(genes)
             var = rna.add_new_dataframe(
                 "var",
-                schema=pa.schema([("soma_joinid", pa.int64()), ("var_id", pa.large_string())]),
+                schema=pa.schema([("soma_joinid", pa.int64()), ("var_id", pa.large_string()),
+                                  *annotations.schema]),
                 index_column_names=["soma_joinid"],
                 domain=[(0, max(n - 1, 0))],
             )
-            var.write(pa.table({"soma_joinid": np.arange(n, dtype=np.int64), "var_id": list(genes)}))
+            var.write(pa.table({"soma_joinid": np.arange(n, dtype=np.int64), "var_id": list(genes),
+                                **{c: annotations[c] for c in annotations.column_names}}))
             X = rna.add_new_collection("X")
             X.add_new_sparse_ndarray(X_LAYER, type=pa.float32(), shape=(MAX_CELLS, n))
         return cls(uri)
@@ -242,6 +251,14 @@ class CellStore:
         with self._reading() as exp:
             var = exp.ms[MEASUREMENT].var.read(column_names=["soma_joinid", "var_id"]).concat().to_pandas()
         return var.sort_values("soma_joinid")["var_id"].astype(str).tolist()
+
+    def gene_annotations(self) -> pd.DataFrame:
+        """Return the genes' own columns (index: the gene names, in ``soma_joinid`` order; none before format 7)."""
+        with self._reading() as exp:
+            var = exp.ms[MEASUREMENT].var.read().concat().to_pandas()
+        var = var.sort_values("soma_joinid").set_index("var_id").drop(columns="soma_joinid")
+        var.index = var.index.astype(str).rename(None)
+        return var
 
     def high_water(self) -> int:
         """One past the largest joinid ever written to obs, X or an obs-columns table (committed or not)."""

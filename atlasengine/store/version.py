@@ -204,6 +204,10 @@ class VersionReader:
         """Return the atlas's genes, in the order of the model's input."""
         return self._cached("genes", self.store.cells.genes)
 
+    def gene_annotations(self) -> pd.DataFrame:
+        """Return the reference's own gene columns (e.g. ``gene_symbol``), indexed by the atlas's genes."""
+        return self._cached("gene_annotations", self.store.cells.gene_annotations).copy()
+
     def ranges(self, number: int | None = None) -> list[tuple[int, int]]:
         """Joinid ranges of the cells of version ``number`` (default: this one), in atlas order."""
         n = self.number if number is None else number
