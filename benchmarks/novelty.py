@@ -185,7 +185,7 @@ def plot(curves: dict[str, list[dict]], means: pd.DataFrame, path) -> None:
 
 
 def checks(means: pd.DataFrame) -> dict:
-    """The issue's bar for the default rule, per scenario (means over seeds)."""
+    """Check the issue's bar for the default rule, per scenario (means over seeds)."""
     out = {}
     for name in means.index.get_level_values(0).unique():
         d, u = means.loc[(name, "novelty")], means.loc[(name, "uncertainty")]

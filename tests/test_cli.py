@@ -62,3 +62,15 @@ def test_demo_runs_on_the_data_the_package_carries(tmp_path, capsys):
     assert "held-out ductal cells called Unknown" in out
     assert (tmp_path / "audit.html").stat().st_size > 10_000
     assert "report status:" in out and "status" in out.split("report status:")[1].splitlines()[1].lower()
+
+
+def test_ingest_command_says_the_rule_and_the_share_of_new_cells(atlas_path, tmp_path, pancreas_query, capsys):
+    q = tmp_path / "q.h5ad"
+    pancreas_query[:60].copy().write_h5ad(q)
+    assert main(["ingest", str(atlas_path), "-i", str(q), "--batch-key", "tech", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    found = re.search(r"version 2 \(ewc\): 60 cells folded in, [\d.]+% called Unknown \(rule: novelty; new cells "
+                      r"found ([\d.]+)%, 90% interval ([\d.]+)%-([\d.]+)%\)", out)
+    assert found, out
+    share, low, high = (float(x) for x in found.groups())
+    assert low <= share <= high

@@ -292,7 +292,7 @@ class Atlas:
         return self._reader.genes()
 
     def var(self) -> pd.DataFrame:
-        """The atlas's genes with the reference AnnData's own gene columns (e.g. ``gene_symbol``).
+        """Return the atlas's genes with the reference AnnData's own gene columns (e.g. ``gene_symbol``).
 
         Index: the gene names, in the order of the model's input. Atlases made before format 7
         kept no gene columns (an empty frame with the genes as index).

@@ -371,7 +371,7 @@ def _to_arrow(values: list | np.ndarray, kind: str, name: str) -> pa.Array:
 
 
 def prepare_gene_columns(var: pd.DataFrame, genes: Sequence[str]) -> pa.Table:
-    """The reference's gene annotations (``var`` columns such as ``gene_symbol``) for the atlas's ``genes``.
+    """Return the reference's gene annotations (``var`` columns such as ``gene_symbol``) for the atlas's ``genes``.
 
     Rows follow ``genes`` (a gene ``var`` lacks gets missing values). Columns of the kinds obs
     columns may have (text, categories, integers, floats, booleans) are kept; ``var_id`` and

@@ -53,9 +53,12 @@ def cmd_ingest(args) -> None:
     training = {"max_epochs": args.epochs} if args.epochs is not None else None
     res = atlas.ingest(_read(args.input), batch_key=args.batch_key, strategy=args.strategy, label_key=args.label_key,
                        dataset=args.dataset, layer=args.layer, training=training)
-    unknown = float(res.predictions["is_unknown"].mean())
+    p = res.predictions
+    low, high = p.attrs["novel_share_interval"]
     print(f"version {res.version.number} ({args.strategy}): {res.version.n_new_cells} cells folded in, "
-          f"{unknown:.1%} called Unknown; {res.training['epochs']} epochs in {res.training['seconds']:.1f} s")
+          f"{float(p['is_unknown'].mean()):.1%} called Unknown (rule: {p.attrs['unknown_rule']}; new cells found "
+          f"{p.attrs['novel_share']:.1%}, 90% interval {low:.1%}-{high:.1%}); {res.training['epochs']} epochs in "
+          f"{res.training['seconds']:.1f} s")
 
 
 def cmd_transfer(args) -> None:
@@ -71,8 +74,10 @@ def cmd_transfer(args) -> None:
         pred.to_csv(args.output)
     except OSError as exc:
         raise AtlasError(f"cannot write the predictions to {args.output}: {exc.strerror or exc}") from exc
+    low, high = pred.attrs["novel_share_interval"]
     print(f"wrote {len(pred)} predictions to {args.output} ({pred['is_unknown'].mean():.1%} Unknown, "
-          f"rule: {pred.attrs.get('unknown_rule', 'uncertainty')})")
+          f"rule: {pred.attrs.get('unknown_rule', 'uncertainty')}); new cells found: {pred.attrs['novel_share']:.1%} "
+          f"(90% interval {low:.1%}-{high:.1%})")
     if pred.attrs.get("novelty_note"):
         print(f"note: {pred.attrs['novelty_note']}")
 
