@@ -74,3 +74,20 @@ def test_ingest_command_says_the_rule_and_the_share_of_new_cells(atlas_path, tmp
     assert found, out
     share, low, high = (float(x) for x in found.groups())
     assert low <= share <= high
+
+
+def test_the_demo_counts_each_rule_by_its_own_call():
+    import pandas as pd
+
+    from atlasengine.cli.demo import query_summary
+
+    truth = pd.Series(["ductal"] * 4 + ["alpha"] * 6, index=[f"c{i}" for i in range(10)])
+    pred = pd.DataFrame({"label": ["Unknown"] * 2 + ["alpha"] * 8, "predicted_label": "alpha",
+                         "uncertainty": [0.9, 0.9, 0.9, 0.1, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1],
+                         "is_novel": [True, True, False, False, False, False, False, False, False, False]},
+                        index=truth.index)
+    pred["is_unknown"] = pred["is_novel"]  # the atlas's default rule decided the labels
+    pred.attrs.update(uncertainty_threshold=0.3, novelty_target=0.05)
+    _, paper, novelty = query_summary(pred, truth)
+    assert "75% of the 4 held-out ductal cells called Unknown, 17% of known cells" in paper
+    assert "50% of the 4 held-out ductal cells called Unknown, 0% of known cells" in novelty

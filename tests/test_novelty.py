@@ -173,11 +173,18 @@ def test_pbmc_combined_score_beats_uncertainty(pbmc_fold_in, tmp_path):
     auc_novelty = roc_auc_score(novel, df["novelty"])
     assert auc_novelty > auc_unc + 0.05, (auc_novelty, auc_unc)
     assert df["is_novel"][novel].mean() > df["is_novel"][~novel].mean()
-    # what ingest reported (default combination: distance + uncertainty): the issue's bars, met on
-    # seeds 0 / 1 / 2 with AUROC 0.855 / 0.948 / 0.894 and 5.2% / 4.9% / 5.7% known cells called novel
+    # what ingest reported (default combination: distance + uncertainty, each averaged over 10
+    # neighbouring cells of the batch). Unaveraged (issue 6's bar, within 2 points of the 5% target)
+    # it called 5.2% / 4.9% / 5.7% of known cells novel on seeds 0 / 1 / 2; averaged, this fixture
+    # calls 7.5% and catches more than twice as many new cells. The benchmark's three seeds: known
+    # 6.7% -> 8.2%, new 24% -> 43% (benchmarks/RESULTS.md, 'Novelty rules side by side'): the averaging
+    # costs pbmc false alarms, which this bound keeps from growing further.
     in_preds = preds.loc[names]
     assert roc_auc_score(novel, in_preds["novelty"]) >= 0.80
-    assert abs(in_preds["is_novel"][~novel].mean() - 0.05) <= 0.02
+    assert in_preds["is_novel"][~novel].mean() <= 0.08
+    plain = N.novelty_scores(d, in_preds["uncertainty"].to_numpy(), cal, centre_on_query=True,
+                             predicted=in_preds["predicted_label"].astype(str).to_numpy())  # unaveraged
+    assert in_preds["is_novel"][novel].mean() >= plain["is_novel"].to_numpy()[novel].mean() + 0.1
 
     # the calibration round-trips through its file
     back = N.NoveltyCalibration.load(cal.save(tmp_path / N.CALIBRATION_FILE))

@@ -17,9 +17,10 @@ def test_predictions_carry_calibrated_novelty_and_the_rule_is_selectable(two_ver
     for col in ("novelty", "novelty_pvalue", "is_novel"):
         assert col in stored.columns
     assert stored["novelty_pvalue"].between(0, 1).all()
-    paper = atlas.transfer_labels(pancreas_query, batch_key="tech")
+    paper = atlas.transfer_labels(pancreas_query, batch_key="tech", config={"unknown_rule": "uncertainty"})
     assert (paper["is_unknown"] == (paper["uncertainty"] > 0.3)).all()
-    calibrated = atlas.transfer_labels(pancreas_query, batch_key="tech", config={"unknown_rule": "novelty"})
+    calibrated = atlas.transfer_labels(pancreas_query, batch_key="tech")  # the default rule since format 7
+    assert atlas.config.transfer.unknown_rule == "novelty" == calibrated.attrs["unknown_rule"]
     assert (calibrated["is_unknown"] == calibrated["is_novel"]).all()
     assert (calibrated.loc[calibrated["is_unknown"], "label"] == "Unknown").all()
     thr = calibrated.attrs["novelty_threshold"]

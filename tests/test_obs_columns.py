@@ -15,7 +15,8 @@ from atlasengine import Atlas, AtlasIntegrityError, InputError
 from atlasengine.store.metadata import metadata_checksums
 
 CONFIG = {"model": {"n_hidden": 16, "n_latent": 4}, "reference_training": {"max_epochs": 3},
-          "query_training": {"max_epochs": 2}, "continual": {"fisher_max_cells": 50, "replay_max_cells": 50}}
+          "query_training": {"max_epochs": 2}, "continual": {"fisher_max_cells": 50, "replay_max_cells": 50},
+          "transfer": {"unknown_rule": "uncertainty"}}  # a 3-epoch model: the paper's rule calls some cells Unknown
 
 
 def _everything(path) -> dict[str, bytes]:

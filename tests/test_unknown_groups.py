@@ -60,7 +60,7 @@ def test_gene_columns_of_the_reference_are_kept_and_name_the_markers(tmp_path, p
     ref.var["length"] = np.arange(300)
     ref.var["mixed"] = [1, "a"] * 150  # of no one kind: left out, with a warning
     atlas = Atlas.create(tmp_path / "a.atlas", ref[ref.obs["celltype"] != "ductal"].copy(), batch_key="tech",
-                         label_key="celltype", config=TINY)
+                         label_key="celltype", config={**TINY, "transfer": {"unknown_rule": "uncertainty"}})
     assert "mixed" in caplog.text
     var = atlas.var()
     assert list(var.index) == atlas.genes and list(var.columns) == ["symbol", "user_var_id", "length"]

@@ -25,9 +25,9 @@ def query_summary(predictions: pd.DataFrame, truth: pd.Series) -> list[str]:
     """Lines a biologist reads about one folded-in query: accuracy and the Unknown calls under both rules."""
     from atlasengine.transfer import evaluate_transfer
 
-    paper = evaluate_transfer(predictions, truth, {HELD_OUT})
-    novelty = evaluate_transfer(predictions.assign(is_unknown=predictions["is_novel"].astype(bool)), truth, {HELD_OUT})
     threshold = predictions.attrs.get("uncertainty_threshold", 0.3)
+    paper = evaluate_transfer(predictions.assign(is_unknown=predictions["uncertainty"] > threshold), truth, {HELD_OUT})
+    novelty = evaluate_transfer(predictions.assign(is_unknown=predictions["is_novel"].astype(bool)), truth, {HELD_OUT})
     target = predictions.attrs.get("novelty_target", 0.05)
 
     def rule(name: str, ev: dict) -> str:

@@ -638,13 +638,16 @@ def calibration_note(scores: pd.DataFrame) -> str | None:
     (the reference threshold is right) or the whole query is shifted from the reference (the
     query's shift should come off); the scores cannot tell which, someone who knows the sample
     can. The note says which calibration was used and how to switch. None when the reference
-    threshold calls at most twice the target.
+    threshold calls at most twice the target, or when taking the query's shift off changed the
+    share called by less than half the target (both calibrations agree: nothing to choose).
     """
     target = float(scores.attrs["target_rate"])
     ref_share = float(scores.attrs["reference_share_novel"])
     if ref_share <= 2 * target:
         return None
     share = float(scores["is_novel"].mean())
+    if scores.attrs.get("calibration") == "query" and ref_share - share < target / 2:
+        return None
     if scores.attrs.get("calibration") == "query":
         return (f"{ref_share:.0%} of the query's cells are novel against the reference alone; taking the query's shift "
                 f"off (its median difference, within the quartiles of its labels' differences) leaves {share:.0%} at "
