@@ -69,7 +69,7 @@ def atlas_anndata(reader: VersionReader, counts: bool = False, cells: Sequence[s
     genes = pd.DataFrame(index=pd.Index(reader.genes(), name="gene"))
     out = ad.AnnData(X=x, obs=_plain(obs.iloc[rows]), var=genes)
     out.obsm[EMBEDDING] = reader.latent()[rows]
-    out.uns["atlasengine"] = _provenance(str(reader.store.root), reader.number)
+    out.uns["atlasengine"] = _provenance(reader.store.source, reader.number)
     return out
 
 

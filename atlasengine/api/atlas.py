@@ -55,8 +55,10 @@ from atlasengine.drift import Report
 from atlasengine.errors import AtlasFormatError, InputError, ReadOnlyError
 from atlasengine.model import CVAE
 from atlasengine.store.atlas_store import AtlasStore
+from atlasengine.store.cells import CellStore
 from atlasengine.store.lock import break_lock, lock_holder
 from atlasengine.store.manifest import AtlasNeedsUpgrade, VersionInfo
+from atlasengine.store.remote import fetch, is_remote
 from atlasengine.store.version import VersionReader
 from atlasengine.training import CellData, embed
 from atlasengine.transfer import NeighborIndex
@@ -208,26 +210,44 @@ class Atlas:
         return cls(committed.reader(), read_only=False)
 
     @classmethod
-    def open(cls, path: str | Path, version: int | None = None, read_only: bool | None = None) -> Atlas:
+    def open(cls, path: str | Path, version: int | None = None, read_only: bool | None = None,
+             storage_options: dict | None = None) -> Atlas:
         """Open an atlas at its newest version, or read-only at an earlier ``version``.
 
         Parameters
         ----------
         path
-            The atlas directory.
+            The atlas directory, or the URL of an atlas published on object storage
+            (``"s3://bucket/atlas"``), which opens read-only: its cells are read in place
+            (TileDB), its version files fetched into a temporary folder (fsspec) and checked.
         version
             A committed version number (default: the newest).
         read_only
             Refuse writes even at the newest version.
+        storage_options
+            For a URL: fsspec's options (``key``, ``secret``, ``endpoint_url``,
+            ``client_kwargs``; the S3 ones are given to TileDB too) and ``tiledb_config``.
 
         Returns
         -------
         Atlas
             The atlas as of ``version``; every file of it checked against its checksum.
+
+        Example
+        -------
+        >>> atlas = Atlas.open("s3://lab-atlases/lung.atlas")  # doctest: +SKIP
+        >>> atlas.transfer_labels(my_cells, batch_key="sample")  # doctest: +SKIP
         """
         if version is not None and (isinstance(version, bool) or not isinstance(version, (int, np.integer))):
             raise InputError(f"version must be a version number (an integer), got {version!r}")
-        store = AtlasStore(Path(path))
+        if is_remote(path):
+            local, cells_uri, settings = fetch(str(path), storage_options, None if version is None else int(version))
+            store = AtlasStore(local, CellStore(cells_uri, settings), source=str(path))
+            read_only = True
+        elif storage_options:
+            raise InputError(f"storage_options are for atlases at a URL (s3://...), not for the folder {path}")
+        else:
+            store = AtlasStore(Path(path))
         try:
             manifest = store.read_manifest()
         except AtlasNeedsUpgrade:
@@ -258,8 +278,13 @@ class Atlas:
     # --------------------------------------------------------------- properties
     @property
     def path(self) -> Path:
-        """The atlas directory."""
+        """The atlas directory (for an atlas read from a URL: the local folder of its fetched version files)."""
         return self._reader.store.root
+
+    @property
+    def source(self) -> str:
+        """Where the atlas lives, as it was opened: its directory or its URL (``s3://...``)."""
+        return self._reader.store.source
 
     @property
     def version(self) -> int:
@@ -280,6 +305,14 @@ class Atlas:
     def config(self) -> AtlasConfig:
         """The settings stored with the atlas."""
         return self._reader.manifest.config
+
+    def _check_writable(self, what: str) -> None:
+        store = self._reader.store
+        if store.source != str(store.root):
+            raise ReadOnlyError(f"this atlas is read from {store.source}: atlases on object storage are read-only; "
+                                f"copy it to a file system to {what} (writing stays on a file system)")
+        if self._read_only:
+            raise ReadOnlyError(f"this Atlas shows version {self.version} read-only; open the newest version to {what}")
 
     @property
     def read_only(self) -> bool:
@@ -317,7 +350,7 @@ class Atlas:
     def __repr__(self) -> str:
         """Return a one-line summary: path, version, cell and batch counts, read-only flag."""
         ro = ", read-only" if self._read_only else ""
-        return (f"Atlas({str(self.path)!r}, version={self.version}, cells={self.n_cells}, "
+        return (f"Atlas({self.source!r}, version={self.version}, cells={self.n_cells}, "
                 f"batches={len(self.batches)}{ro})")
 
     # ------------------------------------------------------------------ reading
@@ -549,8 +582,7 @@ class Atlas:
         IngestResult
             The new version's record, the new cells' predictions and embeddings, the training.
         """
-        if self._read_only:
-            raise ReadOnlyError(f"this Atlas shows version {self.version} read-only; open the newest version to ingest")
+        self._check_writable("ingest")
         if strategy not in STRATEGIES:
             raise InputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         committed = foldin.ingest(
@@ -595,8 +627,7 @@ class Atlas:
         VersionInfo
             The new version's record; ``.relabel`` says how many cells were renamed and from which labels.
         """
-        if self._read_only:
-            raise ReadOnlyError(f"this Atlas shows version {self.version} read-only; open the newest version to relabel")
+        self._check_writable("relabel")
         done = relabel(self._reader.store, self.version, cells, label, note)
         self._reader = done.reader()
         self._calibrations.clear()

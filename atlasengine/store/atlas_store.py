@@ -83,12 +83,18 @@ def _relative_files(folder: Path) -> list[Path]:
 
 
 class AtlasStore:
-    """Paths, integrity checks and commits of one atlas directory."""
+    """Paths, integrity checks and commits of one atlas directory.
 
-    def __init__(self, root: Path) -> None:
+    ``cells``: the cell store when it is not ``root/cells`` (an atlas read from object storage:
+    its version files fetched into ``root``, its cells read in place); ``source``: where the
+    atlas lives, as the user named it (default ``root``).
+    """
+
+    def __init__(self, root: Path, cells: CellStore | None = None, source: str | None = None) -> None:
         check_atlas_path(Path(root))
         self.root = Path(root)
-        self.cells = CellStore(str(self.root / CELLS))
+        self.cells = cells if cells is not None else CellStore(str(self.root / CELLS))
+        self.source = source if source is not None else str(self.root)
         self._verified: set[tuple[int, str, str]] = set()
 
     # ------------------------------------------------------------------ manifest

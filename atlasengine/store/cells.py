@@ -189,17 +189,24 @@ def row_chunks(indptr: np.ndarray, max_nnz: int) -> Iterator[tuple[int, int]]:
 
 
 @functools.cache
-def _read_context() -> tiledbsoma.SOMATileDBContext:
+def _read_context(settings: tuple[tuple[str, str], ...] = ()) -> tiledbsoma.SOMATileDBContext:
+    """One context per set of settings (contexts are costly to make; ``settings``: sorted TileDB items)."""
     return tiledbsoma.SOMATileDBContext(
-        tiledb_config={"sm.mem.total_budget": READ_MEMORY_BUDGET, "soma.init_buffer_bytes": 64 * 2**20}
+        tiledb_config={"sm.mem.total_budget": READ_MEMORY_BUDGET, "soma.init_buffer_bytes": 64 * 2**20,
+                       **dict(settings)}
     )
 
 
 class CellStore:
-    """Read and append cells of a SOMA experiment at ``uri``."""
+    """Read and append cells of a SOMA experiment at ``uri``.
 
-    def __init__(self, uri: str) -> None:
+    ``settings``: TileDB settings for reading (e.g. an S3 endpoint and keys, for an experiment at
+    an ``s3://`` URI; :func:`atlasengine.store.remote.tiledb_settings`).
+    """
+
+    def __init__(self, uri: str, settings: dict[str, str] | None = None) -> None:
         self.uri = uri
+        self.settings = dict(settings or {})
 
     @classmethod
     def create(cls, uri: str, genes: Sequence[str], annotations: pa.Table | None = None) -> "CellStore":
@@ -233,7 +240,7 @@ class CellStore:
 
     def _open(self) -> tiledbsoma.Experiment:
         try:
-            return tiledbsoma.Experiment.open(self.uri, context=_read_context())
+            return tiledbsoma.Experiment.open(self.uri, context=_read_context(tuple(sorted(self.settings.items()))))
         except Exception as exc:  # tiledbsoma raises several types for a missing/corrupt store
             raise AtlasFormatError(f"cannot open the cell store at {self.uri}: {exc}") from exc
 
