@@ -235,8 +235,10 @@ class Atlas:
 
         Example
         -------
-        >>> atlas = Atlas.open("s3://lab-atlases/lung.atlas")  # doctest: +SKIP
-        >>> atlas.transfer_labels(my_cells, batch_key="sample")  # doctest: +SKIP
+        An atlas published on S3 (credentials from the environment)::
+
+            atlas = Atlas.open("s3://lab-atlases/lung.atlas")
+            predictions = atlas.transfer_labels(my_cells, batch_key="sample")
         """
         if version is not None and (isinstance(version, bool) or not isinstance(version, (int, np.integer))):
             raise InputError(f"version must be a version number (an integer), got {version!r}")
