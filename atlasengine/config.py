@@ -63,12 +63,19 @@ class RuntimeConfig(_Strict):
     """Settings of the machine a run happens on; never stored in the atlas.
 
     ``progress``: None shows a bar per long phase when stderr is a terminal and logs one line
-    per phase otherwise; True / False force the bar on or off.
+    per phase otherwise; True / False force the bar on or off. ``devices`` above 1 trains with
+    data parallelism in that many processes (``strategy``).
     """
 
     accelerator: str = "auto"
     devices: int | str = 1
     progress: bool | None = None
+    strategy: Literal["auto", "ddp_fork"] = Field(
+        "auto",
+        description="how several devices train: 'auto' is Lightning's single-device loop for devices=1 and "
+        "'ddp_fork' above; 'ddp_fork': Lightning's DistributedDataParallel with processes forked from this one "
+        "(gloo on CPU, NCCL on GPUs), so only this process runs the calling script and writes the atlas",
+    )
 
 
 class ContinualConfig(_Strict):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks import common as C
 
-ORDER = ("mapping", "lambda_sweep", "sequential", "evidence", "speed", "scale", "novelty", "naming")
+ORDER = ("mapping", "lambda_sweep", "sequential", "evidence", "speed", "scale", "novelty", "naming", "distributed")
 MAX_PNG = 200 * 1024
 
 # Why a target is missed, written after reading the measurements (keyed by target id).

@@ -80,12 +80,26 @@ def quiet_lightning() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-def check_runtime(runtime: RuntimeConfig) -> None:
-    """Refuse, before anything is written, machine settings that cannot train here in this one process.
+def _strategy(runtime: RuntimeConfig) -> str:
+    """Lightning's strategy for ``runtime``: its own choice for one device, DDP in forked processes for several.
 
-    Lightning checks the accelerator and devices when its Trainer is built (cheap; nothing runs).
-    Several devices mean distributed training, which Lightning starts by launching the calling
-    script again as another process: that copy would run the whole script a second time.
+    Lightning's default for several devices (``"ddp"``) starts the calling script again in each
+    process, so every process would run the user's whole script and write the atlas; the fork
+    launcher runs only the training in the other processes.
+    """
+    if runtime.strategy != "auto":
+        return runtime.strategy
+    devices = runtime.devices
+    several = (isinstance(devices, int) and devices > 1) or (isinstance(devices, str) and devices.strip() not in
+                                                               ("1", "auto", "0", ""))
+    return "ddp_fork" if several else "auto"
+
+
+def check_runtime(runtime: RuntimeConfig) -> None:
+    """Refuse, before anything is written, machine settings that cannot train here.
+
+    Lightning checks the accelerator, devices and strategy when its Trainer is built (cheap;
+    nothing runs).
 
     Raises
     ------
@@ -94,17 +108,11 @@ def check_runtime(runtime: RuntimeConfig) -> None:
     """
     with quiet_lightning():
         try:
-            trainer = L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, logger=False,
-                                enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+            L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, strategy=_strategy(runtime),
+                      logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
         except Exception as exc:  # Lightning raises ValueError, MisconfigurationException, TypeError
-            raise InputError(f"runtime accelerator={runtime.accelerator!r}, devices={runtime.devices!r} cannot run "
-                             f"here: {exc}") from exc
-    if trainer.world_size > 1:
-        raise InputError(
-            f"runtime devices={runtime.devices!r} means {trainer.world_size} training processes: multi-device "
-            "(distributed) training is not supported, since Lightning would start this script again for each; use "
-            "devices=1"
-        )
+            raise InputError(f"runtime accelerator={runtime.accelerator!r}, devices={runtime.devices!r}, "
+                             f"strategy={runtime.strategy!r} cannot run here: {exc}") from exc
 
 
 def fit(
@@ -162,6 +170,7 @@ def fit(
                 max_epochs=max_epochs,
                 accelerator=runtime.accelerator,
                 devices=runtime.devices,
+                strategy=_strategy(runtime),
                 logger=False,
                 enable_checkpointing=False,
                 enable_model_summary=False,
@@ -177,14 +186,29 @@ def fit(
             raise
         except Exception as exc:
             raise TrainingError(f"training failed: {exc}") from exc
-        if len(plan.history) < max_epochs:
+        history = plan.history or _history_from_workers(trainer)
+        if len(history) < max_epochs and trainer.world_size == 1:
             progress.note = f"stopped early: validation loss flat for {config.early_stopping_patience} epochs"
     seconds = time.perf_counter() - start
     device = str(next(module.parameters()).device)
     module.cpu().eval()
-    epochs = len(plan.history)
+    epochs = int(history[-1]["epoch"]) + 1 if history else 0
     cells = epochs * len(train.sampler) * (train.sampler.n_q_per + train.sampler.n_rep_per)
-    return TrainResult(epochs, seconds, cells / max(seconds, 1e-9), device, plan.history)
+    return TrainResult(epochs, seconds, cells / max(seconds, 1e-9), device, history)
+
+
+def _history_from_workers(trainer: L.Trainer) -> list[dict[str, float]]:
+    """Return the last epoch's losses as the training processes reported them (DDP: the plan ran in other processes).
+
+    Lightning brings the logged metrics back to this process; the per-epoch history stays in
+    the workers, so only the last epoch is known here.
+    """
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if "epochs_run" not in metrics:
+        return []
+    row = {"epoch": metrics.pop("epochs_run") - 1}
+    row.update({k: v for k, v in metrics.items() if k in ("train_loss", "val_loss", "penalty")})
+    return [row]
 
 
 @torch.no_grad()

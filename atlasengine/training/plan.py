@@ -68,7 +68,8 @@ class TrainingPlan(L.LightningModule):
         """Log the minibatch's negative ELBO (full KL weight) as ``val_loss``."""
         x, b = batch
         out = self.module.loss(x, b, kl_weight=1.0)
-        self.log("val_loss", out.loss, prog_bar=True, batch_size=x.shape[0], on_epoch=True)
+        self.log("val_loss", out.loss, prog_bar=True, batch_size=x.shape[0], on_epoch=True,
+                 sync_dist=self.trainer.world_size > 1)  # every process stops early on the same mean
         self._accumulate("val_loss", out.loss.item(), x.shape[0])
 
     def _accumulate(self, key: str, value: float, n: int) -> None:
@@ -82,9 +83,13 @@ class TrainingPlan(L.LightningModule):
         row.update({k: s / max(c, 1) for k, (s, c) in self._epoch_sums.items()})
         self.history.append(row)
         self._epoch_sums = {}
-        if self.on_epoch is not None:
+        if self.on_epoch is not None and self.trainer.is_global_zero:  # one progress display, not one per process
             self.on_epoch(row)
-        self.log("train_loss", row.get("train_loss", float("nan")), prog_bar=True)
+        sync = self.trainer.world_size > 1
+        self.log("train_loss", row.get("train_loss", float("nan")), prog_bar=True, sync_dist=sync)
+        if "penalty" in row:
+            self.log("penalty", row["penalty"], sync_dist=sync)
+        self.log("epochs_run", float(self.current_epoch + 1))
 
     def configure_optimizers(self):
         """Return Adam over the trainable parameters of the module (fused kernel on CPU and CUDA)."""
