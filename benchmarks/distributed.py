@@ -70,7 +70,7 @@ def main() -> None:
         "",
         f"{args.seeds} seed(s), mean ± sd. Reference {cfg['ref_epochs']} epochs, ewc fold-in {cfg['query_epochs']} epochs, "
         "atlas defaults otherwise; `devices` 2: Lightning's DistributedDataParallel in two forked CPU processes "
-        "(gloo), each taking every second minibatch, so an epoch has half the optimiser steps.",
+        "(gloo), each taking half of every minibatch (the same cells per optimiser step and steps per epoch as one process).",
         "",
         C.md_table(table),
         "",

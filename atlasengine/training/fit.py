@@ -95,6 +95,16 @@ def _strategy(runtime: RuntimeConfig) -> str:
     return "ddp_fork" if several else "auto"
 
 
+def _processes(runtime: RuntimeConfig) -> int:
+    """How many training processes ``runtime`` starts (Lightning's count of devices for the strategy)."""
+    if _strategy(runtime) == "auto":
+        return 1
+    with quiet_lightning():
+        return int(L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, strategy=_strategy(runtime),
+                             logger=False, enable_checkpointing=False, enable_model_summary=False,
+                             enable_progress_bar=False).world_size)
+
+
 def check_runtime(runtime: RuntimeConfig) -> None:
     """Refuse, before anything is written, machine settings that cannot train here.
 
@@ -156,7 +166,9 @@ def fit(
     """
     runtime = runtime or RuntimeConfig()
     L.seed_everything(config.seed, workers=False, verbose=False)
-    train, val = make_loaders(query, replay, config.batch_size, replay_fraction, config.validation_fraction, config.seed)
+    # several processes share each minibatch: the same cells per optimiser step and steps per epoch as one process
+    per_process = -(-config.batch_size // _processes(runtime))
+    train, val = make_loaders(query, replay, per_process, replay_fraction, config.validation_fraction, config.seed)
     module.train()  # dropout on; Lightning keeps whatever mode the module is in
     max_epochs = config.max_epochs or default_epochs(len(query), config.epochs_cap)
     start = time.perf_counter()
