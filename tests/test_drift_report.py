@@ -155,12 +155,20 @@ def test_projection_falls_back_to_pca(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class _FakeUMAP:
-    """Stands in for umap.UMAP: a real fit costs ~15 s of numba compilation."""
+    """Stands in for umap.UMAP: a real fit still costs seconds of numba compilation."""
 
-    def __init__(self, n_components: int, n_neighbors: int, random_state: int) -> None:
+    def __init__(self, n_components: int, n_neighbors: int, random_state: int, precomputed_knn=None) -> None:
         self.args = (n_components, n_neighbors, random_state)
+        self.knn = precomputed_knn
 
     def fit_transform(self, x: np.ndarray) -> np.ndarray:
+        # the engine hands UMAP its own exact neighbours (faiss), each cell first, nearest first
+        idx, dist, _ = self.knn
+        n, k = idx.shape
+        assert k == self.args[1] and (idx[:, 0] == np.arange(n)).all() and (dist[:, 0] == 0).all()
+        assert (np.diff(dist, axis=1) >= 0).all()
+        exact = np.sort(np.linalg.norm(x[:, None] - x[None], axis=2), axis=1)[:, :k]
+        np.testing.assert_allclose(dist, exact, rtol=1e-4, atol=1e-5)
         return x[:, :2] * 2.0
 
 

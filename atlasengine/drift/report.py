@@ -31,6 +31,7 @@ from atlasengine.config import DriftConfig
 from atlasengine.drift.plots import CONFIG, distributions_figure, drift_figure, embedding_figure, heatmap
 from atlasengine.drift.summary import Check, unknown_groups, version_checks, worst
 from atlasengine.errors import InputError
+from atlasengine.numerics import self_excluding_knn
 
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
        "font-src data:; connect-src 'none'")
@@ -123,9 +124,16 @@ def umap_coordinates(
         try:
             import umap  # type: ignore[import-not-found]
 
-            reducer = umap.UMAP(n_components=2, n_neighbors=min(15, x.shape[0] - 1), random_state=seed)
+            # the neighbours from faiss (the engine's own kNN): UMAP's own search (pynndescent) spends
+            # about 35 s compiling with numba in every new process before it finds any
+            k = min(15, x.shape[0] - 1)
+            dist, found = self_excluding_knn(x, k - 1)
+            n = x.shape[0]
+            knn = (np.column_stack([np.arange(n), found]), np.column_stack([np.zeros(n, np.float32), dist]), None)
+            reducer = umap.UMAP(n_components=2, n_neighbors=k, random_state=seed, precomputed_knn=knn)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*n_jobs.*", category=UserWarning)
+                warnings.filterwarnings("ignore", message=r".*precomputed_knn\[2\].*", category=UserWarning)
                 coords, method = np.asarray(reducer.fit_transform(x), dtype=np.float64), "UMAP"
         except ImportError:
             coords = None
