@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import anndata as ad
@@ -284,3 +285,27 @@ def test_query_shift_limit_new_cells_spread_over_most_labels_and_the_note_says_s
     assert shifted["is_novel"][is_novel].mean() < 0.5
     note = N.calibration_note(shifted)
     assert note is not None and "novelty_calibration='reference'" in note
+
+
+def test_averaged_novelty_keeps_its_target_for_any_batch_size_and_a_sampled_calibration():
+    """Known cells (drawn like the reference) are called novel at no more than the target.
+
+    Whether the query comes as one batch, as batches too small to average within (merged), or
+    as fewer cells than the averaging takes (scored unaveraged), and whether the calibration is
+    a sample of the reference (its cells averaged over neighbours among all reference cells).
+    """
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(8000, 6)).astype(np.float32)
+    labels = np.array(list("abcd"))[rng.integers(0, 4, len(ref))]
+    index = NeighborIndex.build(ref, labels, TransferConfig())
+    cal = N.reference_calibration(index, ref, k=10, k_transfer=50, groups=np.zeros(len(ref)), smoothing=10,
+                                  max_cells=2000)
+    assert cal.smoothing == 10 and cal.n == 2000 and cal.unaveraged().smoothing == 1
+    for n, batch in ((3000, 3000), (3000, 1), (3000, 4), (6, 6)):
+        q = rng.normal(size=(n, 6)).astype(np.float32)
+        d, i = index.search(q, 50)
+        unc = 1 - label_probabilities(d, index.neighbor_codes(i), 4).max(1)
+        called = N.novelty_scores(d, unc, cal, embeddings=q, groups=np.arange(n) // batch)["is_novel"].mean()
+        assert called <= 0.05 + binomial_tolerance(0.05, n), (n, batch, called)
+    back = N.NoveltyCalibration.load(cal.save(Path(tempfile.mkdtemp()) / N.CALIBRATION_FILE))
+    np.testing.assert_array_equal(back.unaveraged().distance, cal.unaveraged().distance)

@@ -73,3 +73,20 @@ def test_a_damaged_or_missing_atlas_on_s3_is_refused_by_name(s3, two_version_atl
         Atlas.open(f"s3://{BUCKET}/nothing-here", storage_options=options)
     with pytest.raises(InputError, match="storage_options are for atlases at a URL"):
         Atlas.open(two_version_atlas, storage_options=options)
+
+
+def test_a_published_manifest_cannot_make_the_reader_write_outside_its_folder(s3, two_version_atlas, tmp_path,
+                                                                              monkeypatch):
+    import json
+    import tempfile
+
+    options, fs = s3
+    uri = _publish(fs, two_version_atlas, "hostile.atlas")
+    manifest = json.loads(fs.cat_file(f"{BUCKET}/hostile.atlas/manifest.json"))
+    record = next(iter(manifest["versions"][0]["files"].values()))
+    record["path"] = "../../escaped.txt"
+    fs.pipe_file(f"{BUCKET}/hostile.atlas/manifest.json", json.dumps(manifest).encode())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the reader fetches to
+    with pytest.raises(AtlasFormatError, match="outside the atlas's versions/ folder"):
+        Atlas.open(uri, storage_options=options)
+    assert list(tmp_path.rglob("*")) == []  # nothing written, the fetch folder removed

@@ -58,12 +58,13 @@ def test_gene_columns_of_the_reference_are_kept_and_name_the_markers(tmp_path, p
     ref.var.loc[ref.var_names[5], "symbol"] = None  # a gene without a symbol keeps its atlas name
     ref.var["var_id"] = "clash"  # the store's own name: kept as user_var_id
     ref.var["length"] = np.arange(300)
+    ref.var["gene"] = "a column named like the marker tables' own"  # kept as user_gene
     ref.var["mixed"] = [1, "a"] * 150  # of no one kind: left out, with a warning
     atlas = Atlas.create(tmp_path / "a.atlas", ref[ref.obs["celltype"] != "ductal"].copy(), batch_key="tech",
                          label_key="celltype", config={**TINY, "transfer": {"unknown_rule": "uncertainty"}})
     assert "mixed" in caplog.text
     var = atlas.var()
-    assert list(var.index) == atlas.genes and list(var.columns) == ["symbol", "user_var_id", "length"]
+    assert list(var.index) == atlas.genes and list(var.columns) == ["symbol", "user_var_id", "length", "user_gene"]
     assert var["symbol"].iloc[0] == "sym-" + atlas.genes[0].lower() and var["length"].tolist() == list(range(300))
     atlas.ingest(pancreas_query[:, :300].copy(), batch_key="tech", strategy="ewc", training={"max_epochs": 2})
     plain = atlas.unknown_groups(min_size=3)

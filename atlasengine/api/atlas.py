@@ -21,6 +21,8 @@ Example
 
 from __future__ import annotations
 
+import shutil
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,18 +247,26 @@ class Atlas:
         if is_remote(path):
             local, cells_uri, settings = fetch(str(path), storage_options, None if version is None else int(version))
             store = AtlasStore(local, CellStore(cells_uri, settings), source=str(path))
-            read_only = True
-        elif storage_options:
+            try:
+                atlas = cls._open_store(store, version, True)
+            except BaseException:
+                shutil.rmtree(local.parent, ignore_errors=True)
+                raise
+            weakref.finalize(atlas, shutil.rmtree, str(local.parent), True)  # the fetched files go with the object
+            return atlas
+        if storage_options:
             raise InputError(f"storage_options are for atlases at a URL (s3://...), not for the folder {path}")
-        else:
-            store = AtlasStore(Path(path))
+        return cls._open_store(AtlasStore(Path(path)), version, read_only)
+
+    @classmethod
+    def _open_store(cls, store: AtlasStore, version: int | None, read_only: bool | None) -> Atlas:
         try:
             manifest = store.read_manifest()
         except AtlasNeedsUpgrade:
             upgrade_atlas(store.root)
             manifest = store.read_manifest()
         if not manifest.versions:
-            raise AtlasFormatError(f"{path} has no committed version")
+            raise AtlasFormatError(f"{store.source} has no committed version")
         reader = VersionReader(store, manifest, None if version is None else int(version))
         reader.verify()
         current = manifest.current

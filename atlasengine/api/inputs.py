@@ -370,12 +370,16 @@ def _to_arrow(values: list | np.ndarray, kind: str, name: str) -> pa.Array:
         raise InputError(f"obs column {name!r} cannot be stored as {kind}: {exc}; nothing was written") from exc
 
 
+GENE_TABLE_NAMES = frozenset({"var_id", "gene", "score", "log_fold_change", "pct_group", "pct_other"})
+"""Names the store's var and the marker tables use themselves: a var column so named is kept as ``user_<name>``."""
+
+
 def prepare_gene_columns(var: pd.DataFrame, genes: Sequence[str]) -> pa.Table:
     """Return the reference's gene annotations (``var`` columns such as ``gene_symbol``) for the atlas's ``genes``.
 
     Rows follow ``genes`` (a gene ``var`` lacks gets missing values). Columns of the kinds obs
-    columns may have (text, categories, integers, floats, booleans) are kept; ``var_id`` and
-    ``soma_*`` names as ``user_<name>``. Columns of other kinds are left out with a warning:
+    columns may have (text, categories, integers, floats, booleans) are kept; ``var_id``, the
+    marker tables' own names (``gene``, ``score``, ...) and ``soma_*`` names as ``user_<name>``. Columns of other kinds are left out with a warning:
     annotations never stop an atlas from being made.
     """
     frame = var.copy()
@@ -386,7 +390,7 @@ def prepare_gene_columns(var: pd.DataFrame, genes: Sequence[str]) -> pa.Table:
         if not isinstance(name, str) or not name.strip():
             skipped.append(str(name))
             continue
-        kept = PREFIX + name if name.lower() == "var_id" or name.lower().startswith("soma_") else name
+        kept = PREFIX + name if name.lower() in GENE_TABLE_NAMES or name.lower().startswith("soma_") else name
         try:
             kind, values = _column_values(frame[name], name)
             arrays[kept] = _to_arrow(values, kind or "text", name)

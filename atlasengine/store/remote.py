@@ -8,13 +8,14 @@ any atlas's files are, so a damaged or half-uploaded file is refused the same wa
 stays on a file system: publish an atlas by copying its folder (``aws s3 sync``, ``fs.put``).
 
 TileDB does not read fsspec's settings, so the S3 settings of ``storage_options`` are given to
-both: ``key`` / ``secret`` (or the environment's AWS credentials, which both libraries read
-themselves), ``endpoint_url`` (top level or in ``client_kwargs``) for an S3-compatible server,
+both: ``key`` / ``secret`` / ``token`` (or the environment's AWS credentials, which both libraries
+read themselves), ``anon``, ``profile``, ``endpoint_url`` (top level or in ``client_kwargs``) for an S3-compatible server,
 ``client_kwargs["region_name"]``; ``tiledb_config`` adds TileDB settings as they are.
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,12 @@ VERSIONS = "versions"
 
 
 def is_remote(path: str | Path) -> bool:
-    """Whether ``path`` is a URL with a scheme other than ``file`` (``s3://bucket/atlas``)."""
-    if isinstance(path, Path):
+    """Whether ``path`` is a URL of object storage (``s3://bucket/atlas``): a scheme, then ``://``, not ``file``.
+
+    >>> is_remote("s3://bucket/a.atlas"), is_remote("run:1.atlas"), is_remote("file:///tmp/a.atlas")
+    (True, False, False)
+    """
+    if isinstance(path, Path) or "://" not in str(path):
         return False
     scheme = urlparse(str(path)).scheme
     return len(scheme) > 1 and scheme != "file"  # one letter: a Windows drive
@@ -48,6 +53,12 @@ def tiledb_settings(uri: str, storage_options: dict[str, Any]) -> dict[str, str]
         found["vfs.s3.aws_access_key_id"] = str(opts["key"])
     if opts.get("secret"):
         found["vfs.s3.aws_secret_access_key"] = str(opts["secret"])
+    if opts.get("token"):
+        found["vfs.s3.aws_session_token"] = str(opts["token"])
+    if opts.get("anon"):
+        found["vfs.s3.no_sign_request"] = "true"
+    if opts.get("profile"):
+        found["vfs.s3.aws_profile"] = str(opts["profile"])
     if client.get("region_name"):
         found["vfs.s3.region"] = str(client["region_name"])
     if endpoint:
@@ -89,6 +100,15 @@ def fetch(uri: str, storage_options: dict[str, Any] | None = None, version: int 
     name = Path(urlparse(uri).path.rstrip("/")).name or "atlas"
     local = Path(tempfile.mkdtemp(prefix="atlasengine-remote-")) / name if folder is None else Path(folder) / name
     local.mkdir(parents=True, exist_ok=True)
+    try:
+        return _fetch_into(local, fs, root, uri, text, options, version)
+    except BaseException:
+        shutil.rmtree(local.parent if folder is None else local, ignore_errors=True)
+        raise
+
+
+def _fetch_into(local: Path, fs, root: str, uri: str, text: bytes, options: dict[str, Any],
+                version: int | None) -> tuple[Path, str, dict[str, str]]:
     (local / MANIFEST_NAME).write_bytes(text)
     try:
         manifest = read_manifest(local)  # refuses newer formats and damaged manifests before anything is fetched
@@ -99,11 +119,17 @@ def fetch(uri: str, storage_options: dict[str, Any] | None = None, version: int 
     except AtlasFormatError as exc:
         raise AtlasFormatError(f"{uri}: {exc}") from exc
     numbers = [v.number for v in manifest.versions if version is None or v.number <= int(version)]
+    inside = local.resolve()
     for info in manifest.versions:
         if info.number not in numbers:
             continue
         for record in info.files.values():
-            target = local / record.path
+            target = (local / record.path).resolve()
+            parts = Path(record.path).parts
+            if Path(record.path).is_absolute() or ".." in parts or not parts or parts[0] != VERSIONS \
+                    or not target.is_relative_to(inside):
+                raise AtlasFormatError(f"{uri}: the manifest names a file outside the atlas's versions/ folder "
+                                       f"({record.path!r}); refusing to fetch it")
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 fs.get_file(f"{root}/{record.path}", str(target))

@@ -89,10 +89,20 @@ def _strategy(runtime: RuntimeConfig) -> str:
     """
     if runtime.strategy != "auto":
         return runtime.strategy
+    return "ddp_fork" if _device_count(runtime) > 1 else "auto"
+
+
+def _device_count(runtime: RuntimeConfig) -> int:
+    """How many devices ``runtime.devices`` means: a count, a list of ids, or -1 / "auto" (every GPU, else one CPU)."""
     devices = runtime.devices
-    several = (isinstance(devices, int) and devices > 1) or (isinstance(devices, str) and devices.strip() not in
-                                                               ("1", "auto", "0", ""))
-    return "ddp_fork" if several else "auto"
+    if isinstance(devices, int) and devices >= 0:
+        return devices
+    if isinstance(devices, str) and devices.strip().isdigit():
+        return int(devices)
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    gpu = runtime.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    return torch.cuda.device_count() if gpu else 1
 
 
 def _processes(runtime: RuntimeConfig) -> int:
@@ -193,20 +203,41 @@ def fit(
                 log_every_n_steps=max(1, len(train)),
                 gradient_clip_val=None,
             )
-            trainer.fit(plan, train_dataloaders=train, val_dataloaders=val)
+            with _one_thread_per_process(trainer):
+                trainer.fit(plan, train_dataloaders=train, val_dataloaders=val)
         except TrainingError:
             raise
         except Exception as exc:
             raise TrainingError(f"training failed: {exc}") from exc
         history = plan.history or _history_from_workers(trainer)
-        if len(history) < max_epochs and trainer.world_size == 1:
+        epochs = int(history[-1]["epoch"]) + 1 if history else 0
+        if epochs < max_epochs:
             progress.note = f"stopped early: validation loss flat for {config.early_stopping_patience} epochs"
     seconds = time.perf_counter() - start
     device = str(next(module.parameters()).device)
+    if trainer.world_size > 1:  # the training ran in the forked processes
+        device = f"{trainer.strategy.root_device.type} x {trainer.world_size}"
     module.cpu().eval()
-    epochs = int(history[-1]["epoch"]) + 1 if history else 0
     cells = epochs * len(train.sampler) * (train.sampler.n_q_per + train.sampler.n_rep_per)
     return TrainResult(epochs, seconds, cells / max(seconds, 1e-9), device, history)
+
+
+@contextmanager
+def _one_thread_per_process(trainer: L.Trainer) -> Iterator[None]:
+    """One torch (OpenMP) thread in each forked training process on CPU, restored here afterwards.
+
+    GNU OpenMP is not safe across fork: a forked process that opens a parallel region of the
+    threads this one started hangs. With one thread each, the processes use the cores instead.
+    """
+    if trainer.world_size <= 1 or trainer.strategy.root_device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _history_from_workers(trainer: L.Trainer) -> list[dict[str, float]]:

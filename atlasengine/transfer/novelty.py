@@ -259,9 +259,40 @@ def neighbourhood_mean(
         rows = np.flatnonzero(g == group)
         index = NeighborIndex.build(emb[rows], np.zeros(len(rows), dtype=str), TransferConfig())
         _, nearest = index.search(emb[rows], min(m, len(rows)))
-        found = nearest >= 0  # an approximate index may miss some; the cell itself is always found
-        out[rows] = np.where(found, v[rows][np.maximum(nearest, 0)], 0.0).sum(1) / np.maximum(found.sum(1), 1)
+        out[rows] = _mean_of(v[rows], nearest)
     return out
+
+
+def _mean_of(values: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+    """Return the mean of ``values`` at each row's ``nearest`` positions (-1: none), finite ones only.
+
+    A row whose own value (its first neighbour, itself) is infinite stays infinite: a cell with
+    no reference neighbour found keeps that signal and does not spread it to its neighbours.
+    """
+    picked = values[np.maximum(nearest, 0)]
+    use = (nearest >= 0) & np.isfinite(picked)
+    mean = np.where(use, picked, 0.0).sum(1) / np.maximum(use.sum(1), 1)
+    return np.where(np.isfinite(picked[:, 0]) | (nearest[:, 0] < 0), mean, np.inf)
+
+
+def merge_small_groups(groups: np.ndarray | None, m: int, n: int) -> np.ndarray:
+    """Group labels (as text) with every group of fewer than ``m`` cells merged into one.
+
+    A cell is averaged over ``m`` cells of its batch; a batch too small for that joins the
+    other small batches, and if those are still fewer than ``m`` cells, every cell's
+    neighbourhood is searched among all of them. ``n``: the number of cells (for ``groups=None``).
+    """
+    g = np.zeros(n, dtype=object) if groups is None else np.asarray(groups).astype(str).astype(object)
+    if len(g) != n:
+        raise InputError(f"groups has {len(g)} entries for {n} cells")
+    values, counts = np.unique(g.astype(str), return_counts=True)
+    small = set(values[counts < m])
+    if not small:
+        return g
+    merged = np.where(np.isin(g.astype(str), list(small)), "\x00small batches", g.astype(str)).astype(object)
+    if (merged == "\x00small batches").sum() < m:
+        return np.zeros(n, dtype=object)
+    return merged
 
 
 def novel_share(called: np.ndarray, target_rate: float, confidence: float = 0.9) -> tuple[float, float, float]:
@@ -398,6 +429,8 @@ class NoveltyCalibration:
     elbo_gain_z: np.ndarray | None = None
     predicted: np.ndarray | None = None
     smoothing: int = 1
+    distance_unaveraged: np.ndarray | None = None
+    uncertainty_unaveraged: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -418,6 +451,15 @@ class NoveltyCalibration:
             return self.elbo_gain_z
         raise InputError(f"the calibration holds no {signal!r} scores (it has {self.signals()})")
 
+    def unaveraged(self) -> NoveltyCalibration:
+        """Return the same calibration without averaging (for queries of fewer cells than ``smoothing``)."""
+        if self.smoothing <= 1:
+            return self
+        if self.distance_unaveraged is None or self.uncertainty_unaveraged is None:
+            raise InputError("this calibration kept no unaveraged scores; recompute it with reference_calibration")
+        return NoveltyCalibration(self.k, self.k_transfer, self.kernel, self.cells, self.distance_unaveraged,
+                                  self.uncertainty_unaveraged, self.elbo_gain_z, self.predicted, 1)
+
     def combined(self, signals: Sequence[str] = DEFAULT_COMBINATION) -> np.ndarray:
         """Fisher statistic of every calibration cell from its leave-one-out p-values."""
         return fisher_statistic([loo_pvalues(self.scores(s)) for s in signals])
@@ -431,6 +473,9 @@ class NoveltyCalibration:
             arrays["elbo_gain_z"] = self.elbo_gain_z
         if self.predicted is not None:
             arrays["predicted"] = np.asarray(self.predicted).astype(str)  # a unicode array: no pickle
+        if self.distance_unaveraged is not None and self.uncertainty_unaveraged is not None:
+            arrays["distance_unaveraged"] = self.distance_unaveraged
+            arrays["uncertainty_unaveraged"] = self.uncertainty_unaveraged
         path = Path(path)
         with open(path, "wb") as fh:
             np.savez(fh, **arrays)
@@ -448,7 +493,9 @@ class NoveltyCalibration:
                 return cls(int(z["k"]), int(z["k_transfer"]), str(z["kernel"]), z["cells"], z["distance"], z["uncertainty"],
                            z["elbo_gain_z"] if "elbo_gain_z" in z.files else None,
                            z["predicted"] if "predicted" in z.files else None,
-                           int(z["smoothing"]) if fmt >= 2 else 1)
+                           int(z["smoothing"]) if fmt >= 2 else 1,
+                           z["distance_unaveraged"] if "distance_unaveraged" in z.files else None,
+                           z["uncertainty_unaveraged"] if "uncertainty_unaveraged" in z.files else None)
         except (OSError, KeyError, ValueError) as exc:
             raise AtlasFormatError(f"cannot read novelty calibration {path}: {exc}") from exc
 
@@ -481,28 +528,58 @@ def reference_calibration(
     and ``kernel`` must match the label transfer (``TransferConfig.k`` / ``.kernel``).
     ``cells``: which indexed cells calibrate (default: a seeded sample of ``max_cells``).
     ``elbo_gain`` / ``gain_groups``: the calibration cells' ELBO gain and batch, if any.
-    ``groups``: every indexed cell's batch (index order); ``smoothing``: how many calibration
-    cells of the same batch each score is averaged over (1: none).
+    ``groups``: every indexed cell's batch (index order); ``smoothing``: over how many cells
+    each score is averaged (1: none): the calibration cell and its nearest indexed cells of the
+    same batch, all of them, not only the sampled ones, so a sampled calibration averages at
+    the reference's density. The unaveraged scores are kept too, for queries too small to
+    average (:meth:`NoveltyCalibration.unaveraged`).
     """
     cells = calibration_cells(index.n, max_cells, seed) if cells is None else np.asarray(cells, dtype=np.int64)
-    d, i = leave_one_out_knn(index, embeddings, cells, max(k, k_transfer))
-    probs = label_probabilities(d[:, :k_transfer], index.neighbor_codes(i[:, :k_transfer]), len(index.categories), kernel)
-    unc = np.clip(1.0 - probs.max(axis=1), 0.0, None)
+
+    def loo_scores(which: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        d, i = leave_one_out_knn(index, embeddings, which, max(k, k_transfer))
+        probs = label_probabilities(d[:, :k_transfer], index.neighbor_codes(i[:, :k_transfer]), len(index.categories),
+                                    kernel)
+        return knn_distance(d, k), np.clip(1.0 - probs.max(axis=1), 0.0, None), probs.argmax(axis=1)
+
+    dist, unc, guess = loo_scores(cells)
     gz = None
     if elbo_gain is not None:
         gain = np.asarray(elbo_gain, dtype=np.float64)
         if len(gain) != len(cells):
             raise InputError(f"elbo_gain has {len(gain)} entries for {len(cells)} calibration cells")
         gz = robust_z(gain, gain_groups)
-    predicted = np.asarray(index.categories, dtype=str)[probs.argmax(axis=1)]
-    dist = knn_distance(d, k)
-    if smoothing > 1:
-        if groups is not None and len(groups) != index.n:
-            raise InputError(f"groups has {len(groups)} entries for {index.n} indexed cells")
-        g = None if groups is None else np.asarray(groups)[cells]
-        emb = as_matrix(embeddings, "embeddings", dtype=np.float32)[cells]
-        dist, unc = (neighbourhood_mean(emb, v, g, smoothing) for v in (dist, unc))
-    return NoveltyCalibration(k, k_transfer, kernel, cells, dist, unc, gz, predicted, int(smoothing))
+    predicted = np.asarray(index.categories, dtype=str)[guess]
+    if smoothing <= 1:
+        return NoveltyCalibration(k, k_transfer, kernel, cells, dist, unc, gz, predicted, 1)
+    if groups is not None and len(groups) != index.n:
+        raise InputError(f"groups has {len(groups)} entries for {index.n} indexed cells")
+    near = batch_neighbours(as_matrix(embeddings, "embeddings", dtype=np.float32), groups, cells, smoothing)
+    union = np.unique(near[near >= 0])
+    d_u, u_u, _ = loo_scores(union)
+    pos = np.where(near >= 0, np.searchsorted(union, np.maximum(near, 0)), -1)
+    averaged = [_mean_of(v, pos) for v in (d_u, u_u)]
+    return NoveltyCalibration(k, k_transfer, kernel, cells, averaged[0], averaged[1], gz, predicted, int(smoothing),
+                              distance_unaveraged=dist, uncertainty_unaveraged=unc)
+
+
+def batch_neighbours(embeddings: np.ndarray, groups: np.ndarray | None, cells: np.ndarray, m: int) -> np.ndarray:
+    """Positions of the ``m`` nearest rows of the same group as each of ``cells`` (the cell itself included).
+
+    Searched among all rows of ``embeddings``, not only ``cells``; -1 where a group has fewer
+    than ``m`` rows or an approximate index missed one.
+    """
+    from atlasengine.config import TransferConfig
+
+    g = np.zeros(len(embeddings), dtype=np.int64) if groups is None else np.asarray(groups)
+    out = np.full((len(cells), m), -1, dtype=np.int64)
+    for group in pd.unique(g[cells]):
+        rows = np.flatnonzero(g == group)
+        mine = np.flatnonzero(g[cells] == group)
+        index = NeighborIndex.build(embeddings[rows], np.zeros(len(rows), dtype=str), TransferConfig())
+        _, nearest = index.search(embeddings[cells[mine]], min(m, len(rows)))
+        out[mine, : nearest.shape[1]] = np.where(nearest >= 0, rows[np.maximum(nearest, 0)], -1)
+    return out
 
 
 # ------------------------------------------------------------------------ the scores
@@ -529,7 +606,11 @@ def signal_pvalues(
         if embeddings is None:
             raise InputError(f"this calibration averages scores over {calibration.smoothing} neighbouring cells: "
                              "pass the query cells' embeddings (and batches as groups)")
-        dist, unc = (neighbourhood_mean(embeddings, v, groups, calibration.smoothing) for v in (dist, unc))
+        if len(dist) < calibration.smoothing:
+            raise InputError(f"{len(dist)} query cells cannot be averaged over {calibration.smoothing}: score them "
+                             "with calibration.unaveraged()")
+        merged = merge_small_groups(groups, calibration.smoothing, len(dist))
+        dist, unc = (neighbourhood_mean(embeddings, v, merged, calibration.smoothing) for v in (dist, unc))
     out = {
         "distance": (dist, conformal_pvalues(calibration.distance, dist)),
         "uncertainty": (unc, conformal_pvalues(calibration.uncertainty, unc)),
@@ -593,6 +674,8 @@ def novelty_scores(
     bad = [s for s in sig if s not in SIGNALS]
     if bad or not sig:
         raise InputError(f"signals must be a non-empty subset of {SIGNALS}, got {list(sig)}")
+    if 0 < len(distances) < calibration.smoothing:  # too few cells to average: the unaveraged null
+        calibration = calibration.unaveraged()
     per = signal_pvalues(calibration, distances, uncertainty, elbo_gain, gain_groups, embeddings, groups)
     stat, cal = combine({k: v[1] for k, v in per.items()}, calibration, sig)
     shift, used, fallback = 0.0, "reference", None
@@ -639,14 +722,14 @@ def calibration_note(scores: pd.DataFrame) -> str | None:
     query's shift should come off); the scores cannot tell which, someone who knows the sample
     can. The note says which calibration was used and how to switch. None when the reference
     threshold calls at most twice the target, or when taking the query's shift off changed the
-    share called by less than half the target (both calibrations agree: nothing to choose).
+    share called by less than half the target, either way (both calibrations agree: nothing to choose).
     """
     target = float(scores.attrs["target_rate"])
     ref_share = float(scores.attrs["reference_share_novel"])
     if ref_share <= 2 * target:
         return None
     share = float(scores["is_novel"].mean())
-    if scores.attrs.get("calibration") == "query" and ref_share - share < target / 2:
+    if scores.attrs.get("calibration") == "query" and abs(ref_share - share) < target / 2:
         return None
     if scores.attrs.get("calibration") == "query":
         return (f"{ref_share:.0%} of the query's cells are novel against the reference alone; taking the query's shift "
