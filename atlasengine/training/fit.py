@@ -107,12 +107,7 @@ def _device_count(runtime: RuntimeConfig) -> int:
 
 def _processes(runtime: RuntimeConfig) -> int:
     """How many training processes ``runtime`` starts (Lightning's count of devices for the strategy)."""
-    if _strategy(runtime) == "auto":
-        return 1
-    with quiet_lightning():
-        return int(L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, strategy=_strategy(runtime),
-                             logger=False, enable_checkpointing=False, enable_model_summary=False,
-                             enable_progress_bar=False).world_size)
+    return 1 if _strategy(runtime) == "auto" else max(1, _device_count(runtime))
 
 
 def check_runtime(runtime: RuntimeConfig) -> None:

@@ -241,26 +241,17 @@ def neighbourhood_mean(
     >>> neighbourhood_mean(z, np.array([1.0, 3.0, 10.0, 20.0]), m=2).tolist()
     [2.0, 2.0, 15.0, 15.0]
     """
-    from atlasengine.config import TransferConfig
-
     v = np.asarray(values, dtype=np.float64)
     emb = as_matrix(embeddings, "embeddings", dtype=np.float32)
     if len(emb) != len(v):
         raise InputError(f"embeddings has {len(emb)} rows for {len(v)} values")
     if m < 1:
         raise InputError(f"the neighbourhood must hold at least one cell, got m = {m}")
-    g = np.zeros(len(v), dtype=np.int64) if groups is None else np.asarray(groups)
-    if len(g) != len(v):
-        raise InputError(f"groups has {len(g)} entries for {len(v)} values")
+    if groups is not None and len(groups) != len(v):
+        raise InputError(f"groups has {len(groups)} entries for {len(v)} values")
     if m == 1 or len(v) == 0:
         return v.copy()
-    out = np.empty_like(v)
-    for group in pd.unique(g):
-        rows = np.flatnonzero(g == group)
-        index = NeighborIndex.build(emb[rows], np.zeros(len(rows), dtype=str), TransferConfig())
-        _, nearest = index.search(emb[rows], min(m, len(rows)))
-        out[rows] = _mean_of(v[rows], nearest)
-    return out
+    return _mean_of(v, batch_neighbours(emb, groups, np.arange(len(v)), m))
 
 
 def _mean_of(values: np.ndarray, nearest: np.ndarray) -> np.ndarray:
@@ -609,8 +600,12 @@ def signal_pvalues(
         if len(dist) < calibration.smoothing:
             raise InputError(f"{len(dist)} query cells cannot be averaged over {calibration.smoothing}: score them "
                              "with calibration.unaveraged()")
+        emb = as_matrix(embeddings, "embeddings", dtype=np.float32)
+        if len(emb) != len(dist):
+            raise InputError(f"embeddings has {len(emb)} rows for {len(dist)} cells")
         merged = merge_small_groups(groups, calibration.smoothing, len(dist))
-        dist, unc = (neighbourhood_mean(embeddings, v, merged, calibration.smoothing) for v in (dist, unc))
+        near = batch_neighbours(emb, merged, np.arange(len(dist)), calibration.smoothing)  # one search, both signals
+        dist, unc = _mean_of(dist, near), _mean_of(unc, near)
     out = {
         "distance": (dist, conformal_pvalues(calibration.distance, dist)),
         "uncertainty": (unc, conformal_pvalues(calibration.uncertainty, unc)),
