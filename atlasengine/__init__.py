@@ -1,6 +1,6 @@
 """atlasengine: a versioned single-cell reference atlas that folds in new datasets with online EWC."""
 
-from atlasengine.api import Atlas, IngestResult
+from atlasengine.api import Atlas, IngestResult, SomaInput
 from atlasengine.config import (
     AtlasConfig,
     ContinualConfig,
@@ -40,6 +40,7 @@ __all__ = [
     "ModelConfig",
     "ReadOnlyError",
     "RuntimeConfig",
+    "SomaInput",
     "TrainingConfig",
     "TrainingError",
     "TransferConfig",

@@ -76,6 +76,12 @@ class RuntimeConfig(_Strict):
         "'ddp_fork' above; 'ddp_fork': Lightning's DistributedDataParallel with processes forked from this one "
         "(gloo on CPU, NCCL on GPUs), so only this process runs the calling script and writes the atlas",
     )
+    block_cells: int = Field(
+        65_536, ge=1,
+        description="cells read from the cell store at a time when a streamed input (a backed AnnData or a "
+        "SomaInput) trains: minibatches are shuffled within blocks of this many cells, blocks in random order "
+        "(a block of 65,536 cells of 500 non-zeros holds about 260 MB)",
+    )
 
 
 class ContinualConfig(_Strict):

@@ -5,5 +5,6 @@ tracking.
 """
 
 from atlasengine.api.atlas import Atlas, IngestResult
+from atlasengine.api.sources import SomaInput
 
-__all__ = ["Atlas", "IngestResult"]
+__all__ = ["Atlas", "IngestResult", "SomaInput"]

@@ -13,6 +13,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from atlasengine.api.sources import SomaInput, as_input
 from atlasengine.errors import InputError
 from atlasengine.store.version import VersionReader
 from atlasengine.version import __version__
@@ -24,14 +25,17 @@ def _provenance(path: str, version: int) -> dict:
     return {"atlas": path, "version": int(version), "engine_version": __version__, "embedding": EMBEDDING}
 
 
-def query_anndata(adata: ad.AnnData, predictions: pd.DataFrame, latent: np.ndarray, path: str,
+def query_anndata(adata: ad.AnnData | SomaInput, predictions: pd.DataFrame, latent: np.ndarray, path: str,
                   version: int) -> ad.AnnData:
     """Return a copy of the folded-in ``adata`` with its predictions in ``obs`` and its embedding in ``obsm``.
 
     ``predictions`` and ``latent`` rows follow ``predictions.index`` (cell names); they are put
-    in ``adata``'s order. Existing obs columns of the same names are replaced.
+    in ``adata``'s order. Existing obs columns of the same names are replaced. A streamed input
+    (backed AnnData, :class:`SomaInput`) comes back with its obs and var only, without ``X``
+    (its counts are in the atlas: ``Atlas.to_anndata(counts=True, cells=...)``).
     """
-    out = adata.copy()
+    source = as_input(adata)
+    out = ad.AnnData(obs=source.obs.copy(), var=source.var.copy()) if source.streamed else adata.copy()
     names = pd.Index([str(c) for c in out.obs_names])
     rows = pd.Index(predictions.index).get_indexer(names)
     if (rows < 0).any():

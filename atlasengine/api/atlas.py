@@ -41,6 +41,7 @@ from atlasengine.api.audit import drift_store, query_atlas, render_atlas_report
 from atlasengine.api.groups import unknown_groups
 from atlasengine.api.inputs import prepare_input
 from atlasengine.api.relabel import CellSelection, relabel
+from atlasengine.api.sources import SomaInput, as_input
 from atlasengine.api.upgrade import upgrade_atlas
 from atlasengine.config import (
     STRATEGIES,
@@ -82,7 +83,7 @@ class IngestResult:
     genes_padded: int
     genes_dropped: int
     history: list[dict[str, float]] = field(default_factory=list)
-    query: ad.AnnData | None = field(default=None, repr=False)
+    query: ad.AnnData | SomaInput | None = field(default=None, repr=False)
     atlas_path: str = ""
 
     def to_anndata(self) -> ad.AnnData:
@@ -114,7 +115,7 @@ class Atlas:
     def create(
         cls,
         path: str | Path,
-        adata: ad.AnnData,
+        adata: ad.AnnData | SomaInput,
         batch_key: str,
         label_key: str,
         *,
@@ -130,7 +131,10 @@ class Atlas:
         path
             A new (or empty) directory; the atlas appears there only when complete.
         adata
-            Raw counts in ``X`` (or ``layer``), cells x genes.
+            Raw counts in ``X`` (or ``layer``), cells x genes: an AnnData in memory, a backed one
+            (``anndata.read_h5ad(path, backed="r")``) or a :class:`SomaInput`; the last two are
+            streamed, their counts never whole in memory (training reads them back from the cell
+            store in shuffled blocks of ``runtime.block_cells``).
         batch_key, label_key
             Obs columns of the batch (the model's covariate) and of the cell type.
         dataset
@@ -486,7 +490,7 @@ class Atlas:
         prep = prepare_input(
             adata, batch_key=batch_key, label_key=None, layer=layer, dataset="embed", atlas_genes=self.genes,
             min_gene_overlap=self.config.continual.min_gene_overlap, existing_batches=self.batches,
-            new_batches_only=False,
+            new_batches_only=False, stream=False,
         )
         idx = pd.Index(self.batches).get_indexer(prep.obs["batch"])  # -1 for unknown batches
         return embed(self.model(), [CellData(prep.counts, idx)])
@@ -518,8 +522,9 @@ class Atlas:
         calibration = self.novelty_calibration()
         if not matches(calibration, tcfg):
             calibration = self._calibration(tcfg)
-        return predict(self.neighbor_index(), calibration, z, tcfg, [str(c) for c in adata.obs_names],
-                       batches=adata.obs[batch_key].astype(str).to_numpy())
+        source = as_input(adata)
+        return predict(self.neighbor_index(), calibration, z, tcfg, [str(c) for c in source.obs_names],
+                       batches=source.obs[batch_key].astype(str).to_numpy())
 
     def unknown_groups(self, version: int | None = None, min_size: int | None = None,
                        n_markers: int = 10, gene_key: str | None = None) -> pd.DataFrame:
@@ -552,7 +557,7 @@ class Atlas:
     # ------------------------------------------------------------------ writing
     def ingest(
         self,
-        adata: ad.AnnData,
+        adata: ad.AnnData | SomaInput,
         batch_key: str,
         *,
         strategy: FoldInStrategy = "ewc",
@@ -571,7 +576,8 @@ class Atlas:
         Parameters
         ----------
         adata
-            Raw counts of the new cells, with batches the atlas does not know yet.
+            Raw counts of the new cells, with batches the atlas does not know yet: an AnnData in
+            memory, a backed one or a :class:`SomaInput` (streamed, as for :meth:`create`).
         batch_key
             Obs column of the batch.
         strategy

@@ -36,6 +36,7 @@ import torch
 
 from atlasengine.api.audit import drift_rows, rebuild_drift, transfer_summary, write_drift
 from atlasengine.api.inputs import PreparedInput, prepare_gene_columns, prepare_input, prepare_metadata
+from atlasengine.api.sources import SomaInput, as_input
 from atlasengine.config import AtlasConfig, ContinualConfig, FoldInStrategy, RuntimeConfig, TrainingConfig
 from atlasengine.continual import AccumulatedFisher, fold_in, version_fisher
 from atlasengine.errors import AtlasIntegrityError, AtlasWriteError, InputError
@@ -44,7 +45,7 @@ from atlasengine.model import CVAE
 from atlasengine.numerics import sorted_sample
 from atlasengine.progress import phase
 from atlasengine.store.atlas_store import AtlasStore, check_atlas_path
-from atlasengine.store.cells import CellChecks, CellStore, cell_checksums, joinids_of
+from atlasengine.store.cells import CellChecks, CellStore, cell_checksums, counts_checksums, joinids_of
 from atlasengine.store.lock import WriteLock
 from atlasengine.store.manifest import DatasetRecord, Manifest, VersionInfo
 from atlasengine.store.version import DRIFT_DIR, Checkpoint, VersionFiles, VersionReader, write_version_files
@@ -144,8 +145,16 @@ class _Plan:
     lock: WriteLock | None = None  # the ingest's write lock (a create writes in a private folder)
     started_from: str | None = None  # digest of the manifest the ingest started from
 
-    def new_cells(self) -> CellData:
-        return CellData(self.prepared.counts, pd.Index(self.batches).get_indexer(self.prepared.obs["batch"]))
+    def new_cells(self) -> CellData | StoredCells:
+        """Return the new cells: in memory, or (a streamed input) read back from their fresh range of the store."""
+        codes = pd.Index(self.batches).get_indexer(self.prepared.obs["batch"])
+        if not self.prepared.streamed:
+            return CellData(self.prepared.counts, codes)
+        sums = self.prepared.counts_checksums
+        zeros = np.zeros(len(sums), dtype=np.uint64)
+        checks = CellChecks([(self.record.joinid_start, self.record.joinid_stop, self.record.name)],
+                            np.column_stack([zeros, sums, zeros]))
+        return StoredCells(self.store.cells, checks, codes, self.manifest.n_genes)
 
     def stored_cells(self) -> StoredCells:
         if self.parent is None:
@@ -168,7 +177,7 @@ class Pretrained:
 
 def create(
     root: Path,
-    adata: ad.AnnData,
+    adata: ad.AnnData | SomaInput,
     *,
     batch_key: str,
     label_key: str,
@@ -187,11 +196,12 @@ def create(
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise InputError(f"{root} already exists; choose a new path or open it with Atlas.open")
     genes = pretrained.genes if pretrained else None
-    prep = prepare_input(adata, batch_key=batch_key, label_key=label_key, layer=layer, dataset=dataset,
+    source = as_input(adata)
+    prep = prepare_input(source, batch_key=batch_key, label_key=label_key, layer=layer, dataset=dataset,
                          atlas_genes=genes, min_gene_overlap=1.0 if pretrained else config.continual.min_gene_overlap)
-    prep.metadata = prepare_metadata(adata.obs, {})
-    genes = genes or [str(g) for g in adata.var_names]
-    prep.gene_annotations = prepare_gene_columns(adata.var, genes)
+    prep.metadata = prepare_metadata(source.obs, {})
+    genes = genes or [str(g) for g in source.var_names]
+    prep.gene_annotations = prepare_gene_columns(source.var, genes)
     batches = prep.batches
     if pretrained is not None:
         unknown = [b for b in prep.batches if b not in pretrained.batches]
@@ -219,7 +229,7 @@ def _build_reference(store: AtlasStore, prep: PreparedInput, genes: list[str], b
     """Write the reference cells into a new cell store, train (or take) the reference model and commit version 1."""
     CellStore.create(str(store.root / "cells"), genes, prep.gene_annotations)
     prep.obs["version_added"] = 1
-    start, stop = store.cells.append(prep.obs, prep.counts, prep.metadata.table, prep.metadata.columns)
+    start, stop = store.cells.append(prep.obs, _checksummed(prep), prep.metadata.table, prep.metadata.columns)
     record = DatasetRecord(
         name=dataset, version=1, joinid_start=start, joinid_stop=stop, batch_key=batch_key, label_key=label_key,
         batches=batches, genes_matched=prep.genes_matched, genes_padded=0, obs_columns=prep.metadata.columns,
@@ -234,6 +244,15 @@ def _build_reference(store: AtlasStore, prep: PreparedInput, genes: list[str], b
         module = CVAE(len(genes), len(batches), config.model)
         result = fit(module, plan.new_cells(), config.reference_training, runtime=runtime, name="training reference")
     return _build_and_commit(plan, module, "reference", result, previous_fisher=None)
+
+
+def _checksummed(prep: PreparedInput) -> Iterator[sp.csr_matrix]:
+    """``prep``'s counts in row parts, recording each cell's counts checksum as its part goes by."""
+    sums = []
+    for part in prep.count_parts():
+        sums.append(counts_checksums(part))
+        yield part
+    prep.counts_checksums = np.concatenate(sums) if sums else np.zeros(0, dtype=np.uint64)
 
 
 def _make_folder(path: Path) -> None:
@@ -259,7 +278,7 @@ def _move_into_place(built: Path, root: Path) -> None:
 # ----------------------------------------------------------------------------- ingest
 def ingest(
     store: AtlasStore,
-    adata: ad.AnnData,
+    adata: ad.AnnData | SomaInput,
     *,
     batch_key: str,
     strategy: FoldInStrategy,
@@ -278,16 +297,17 @@ def ingest(
         dataset = dataset or f"dataset_v{number}"
         if any(d.name == dataset for d in manifest.datasets):
             raise InputError(f"a dataset named {dataset!r} is already in the atlas; pass dataset=<new name>")
+        source = as_input(adata)
         prep = prepare_input(
-            adata, batch_key=batch_key, label_key=label_key, layer=layer, dataset=dataset, atlas_genes=parent.genes(),
+            source, batch_key=batch_key, label_key=label_key, layer=layer, dataset=dataset, atlas_genes=parent.genes(),
             min_gene_overlap=continual.min_gene_overlap, existing_batches=parent.info.batches, new_batches_only=True,
         )
         _refuse_known_cell_names(store.cells, parent.ranges(), prep.obs["obs_id"])
-        prep.metadata = prepare_metadata(adata.obs, manifest.obs_columns())
+        prep.metadata = prepare_metadata(source.obs, manifest.obs_columns())
         batches = [*parent.info.batches, *prep.batches]
         prep.obs["version_added"] = number
         lock.check_held()  # a writer whose lock file was deleted must not write cells beside the next one
-        start, stop = store.cells.append(prep.obs, prep.counts, prep.metadata.table, prep.metadata.columns)
+        start, stop = store.cells.append(prep.obs, _checksummed(prep), prep.metadata.table, prep.metadata.columns)
         fault_point("after_cells")
         record = DatasetRecord(
             name=dataset, version=number, joinid_start=start, joinid_stop=stop, batch_key=batch_key,
@@ -403,7 +423,7 @@ def _build_and_commit(
         run_config={"model": plan.config.model.model_dump(), **plan.run_config},
         index=index,
         calibration=calibration,
-        cell_checksums=cell_checksums(plan.prepared.obs, plan.prepared.counts,
+        cell_checksums=cell_checksums(plan.prepared.obs, plan.prepared.counts_checksums,
                                       plan.prepared.metadata.table if plan.prepared.metadata else None),
         predictions=predictions,
     )

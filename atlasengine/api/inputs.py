@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import anndata as ad
@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
+from atlasengine.api.sources import InputData, SomaInput, as_input
 from atlasengine.errors import InputError
 from atlasengine.store.cells import OBS_COLUMNS
 from atlasengine.store.metadata import ARROW_TYPES
@@ -42,7 +43,8 @@ class Metadata:
 class PreparedInput:
     """Counts aligned to the atlas genes plus the cells' atlas metadata."""
 
-    counts: sp.csr_matrix
+    counts: sp.csr_matrix | None
+    """The aligned counts in memory; None for a streamed input (see :attr:`parts`)."""
     obs: pd.DataFrame  # columns: obs_id, dataset, batch, label
     batches: list[str]
     genes_matched: int
@@ -52,11 +54,27 @@ class PreparedInput:
     metadata: Metadata | None = None
     gene_annotations: pa.Table | None = None
     """The reference's own gene columns (create only; :func:`prepare_gene_columns`)."""
+    parts: Callable[[], Iterator[sp.csr_matrix]] | None = None
+    """A streamed input's aligned, checked counts, read again from its source in row parts."""
+    counts_checksums: np.ndarray | None = None
+    """Each cell's counts checksum, set when the cells are written."""
 
     @property
     def n_cells(self) -> int:
-        """Number of cells (rows of ``counts``)."""
-        return self.counts.shape[0]
+        """Number of cells."""
+        return len(self.obs)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the counts stay in their source (read in parts) instead of memory."""
+        return self.counts is None
+
+    def count_parts(self) -> Iterator[sp.csr_matrix]:
+        """Yield the aligned counts in consecutive row parts (the whole matrix when it is in memory)."""
+        if self.counts is not None:
+            yield self.counts
+        else:
+            yield from self.parts()
 
 
 def _examples(values: Collection, n: int = 5) -> str:
@@ -65,7 +83,7 @@ def _examples(values: Collection, n: int = 5) -> str:
     return shown + (f" (and {len(vals) - n} more)" if len(vals) > n else "")
 
 
-def _column(adata: ad.AnnData, key: str, role: str) -> pd.Series:
+def _column(adata: ad.AnnData | InputData, key: str, role: str) -> pd.Series:
     if not isinstance(key, str) or not key:
         raise InputError(f"{role} must be the name of an obs column, got {key!r}")
     if key not in adata.obs.columns:
@@ -133,26 +151,40 @@ def check_label_name(label: object, role: str = "the new label") -> str:
     return label
 
 
-def _refuse_empty_cells(counts: sp.csr_matrix, cells: list[str], where: str) -> None:
-    """Refuse cells with no counts at all: there is nothing to embed, yet they would get a confident label."""
+def _refuse_empty_cells(counts: sp.csr_matrix, cells: Sequence[str], where: str, offset: int = 0) -> None:
+    """Refuse cells with no counts at all: there is nothing to embed, yet they would get a confident label.
+
+    ``counts`` holds the rows of ``cells[offset:]`` (a part of a streamed input).
+    """
     empty = np.flatnonzero(np.diff(counts.indptr) == 0)
     if len(empty):
         raise InputError(
-            f"{len(empty)} cell(s) have no counts {where} (e.g. {_examples([cells[i] for i in empty[:5]])}); remove "
-            "them first (e.g. scanpy.pp.filter_cells(adata, min_counts=1))"
+            f"{len(empty)} cell(s) have no counts {where} (e.g. {_examples([cells[offset + i] for i in empty[:5]])}); "
+            "remove them first (e.g. scanpy.pp.filter_cells(adata, min_counts=1))"
         )
 
 
-def count_matrix(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix:
-    """Return the raw counts (``X`` or ``layers[layer]``) as float32 CSR, checked to be counts."""
+def _counts_where(source: InputData, layer: str | None) -> str:
+    """How messages name the counts; refuses a layer the input does not have."""
     if layer is None:
-        X = adata.X
-        where = "adata.X"
-    else:
-        if layer not in adata.layers:
-            raise InputError(f"layer {layer!r} is not in adata.layers (layers: {_examples(adata.layers.keys())})")
-        X = adata.layers[layer]
-        where = f"adata.layers[{layer!r}]"
+        return source.where
+    if layer not in source.layers:
+        raise InputError(f"layer {layer!r} is not in adata.layers (layers: {_examples(source.layers)})")
+    return f"adata.layers[{layer!r}]"
+
+
+def count_matrix(adata: ad.AnnData | InputData, layer: str | None) -> sp.csr_matrix:
+    """Return the raw counts (``X`` or ``layers[layer]``) as float32 CSR, checked to be counts."""
+    source = as_input(adata)
+    where = _counts_where(source, layer)
+    parts = [_as_counts(part, where) for part in source.count_parts(layer)]
+    if not parts:
+        raise InputError(f"{where} is empty (None); raw counts are needed")
+    return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+
+
+def _as_counts(X: object, where: str) -> sp.csr_matrix:
+    """One matrix (or a part of one) as float32 CSR in canonical form, checked to be counts."""
     if X is None:
         raise InputError(f"{where} is empty (None); raw counts are needed")
     try:
@@ -202,9 +234,9 @@ def _check_counts(values: np.ndarray, where: str) -> None:
         raise InputError(f"{where} holds counts above 2^24 ({top:.0f}), which float32 cannot hold exactly")
 
 
-def check_names(adata: ad.AnnData) -> tuple[list[str], list[str]]:
+def check_names(adata: ad.AnnData | InputData) -> tuple[list[str], list[str]]:
     """Cell and gene names as strings, refusing empty data and empty or duplicated names."""
-    if not isinstance(adata, ad.AnnData):
+    if not isinstance(adata, (ad.AnnData, InputData)):
         raise InputError(f"expected an AnnData, got {type(adata).__name__}")
     if adata.n_obs == 0:
         raise InputError("the AnnData has no cells (0 observations)")
@@ -234,13 +266,27 @@ def _warn_of_letter_case(genes: Sequence[str], atlas_genes: Sequence[str], prese
         )
 
 
-def align_genes(
-    counts: sp.csr_matrix, genes: Sequence[str], atlas_genes: Sequence[str], min_overlap: float
-) -> tuple[sp.csr_matrix, int, int, int]:
-    """Reorder columns to the atlas genes, padding absent genes with zeros.
+@dataclass(frozen=True)
+class GeneAlignment:
+    """How a dataset's genes map onto the atlas's: a selection matrix (data genes x atlas genes) and its counts."""
+
+    select: sp.csr_matrix | None  # None: the data's genes are the atlas's, in order
+    matched: int
+    padded: int
+    dropped: int
+
+    def apply(self, counts: sp.csr_matrix) -> sp.csr_matrix:
+        """Reorder ``counts``' columns to the atlas genes (absent genes zero)."""
+        return counts if self.select is None else sp.csr_matrix(counts @ self.select, dtype=np.float32)
+
+
+def gene_alignment(genes: Sequence[str], atlas_genes: Sequence[str] | None, min_overlap: float) -> GeneAlignment:
+    """Map ``genes`` onto ``atlas_genes`` (None: a new atlas, taken as they are).
 
     Refuses when fewer than ``min_overlap`` of the atlas genes are present.
     """
+    if atlas_genes is None:
+        return GeneAlignment(None, len(genes), 0, 0)
     pos = pd.Index(genes).get_indexer(list(atlas_genes))
     present = pos >= 0
     share = present.mean() if len(atlas_genes) else 0.0
@@ -254,14 +300,24 @@ def align_genes(
     _warn_of_letter_case(genes, atlas_genes, present)
     cols = np.flatnonzero(present)
     select = sp.csr_matrix(
-        (np.ones(len(cols), dtype=np.float32), (pos[present], cols)), shape=(counts.shape[1], len(atlas_genes))
+        (np.ones(len(cols), dtype=np.float32), (pos[present], cols)), shape=(len(genes), len(atlas_genes))
     )
-    aligned = sp.csr_matrix(counts @ select, dtype=np.float32)
-    return aligned, int(present.sum()), int((~present).sum()), len(genes) - int(present.sum())
+    return GeneAlignment(select, int(present.sum()), int((~present).sum()), len(genes) - int(present.sum()))
+
+
+def align_genes(
+    counts: sp.csr_matrix, genes: Sequence[str], atlas_genes: Sequence[str], min_overlap: float
+) -> tuple[sp.csr_matrix, int, int, int]:
+    """Reorder columns to the atlas genes, padding absent genes with zeros.
+
+    Refuses when fewer than ``min_overlap`` of the atlas genes are present.
+    """
+    al = gene_alignment(genes, atlas_genes, min_overlap)
+    return al.apply(counts), al.matched, al.padded, al.dropped
 
 
 def prepare_input(
-    adata: ad.AnnData,
+    adata: ad.AnnData | SomaInput | InputData,
     *,
     batch_key: str,
     label_key: str | None,
@@ -271,24 +327,42 @@ def prepare_input(
     min_gene_overlap: float,
     existing_batches: Collection[str] = (),
     new_batches_only: bool = True,
+    stream: bool = True,
 ) -> PreparedInput:
-    """Validate ``adata`` and return what the store and the model need."""
-    cells, genes = check_names(adata)
-    batch = _as_names(_column(adata, batch_key, "batch_key"), f"batch column {batch_key!r}", allow_missing=False)
+    """Validate ``adata`` and return what the store and the model need.
+
+    A backed AnnData or a :class:`~atlasengine.api.sources.SomaInput` is read in parts twice:
+    once here, to check every value before anything is written, and again when the cells are
+    written (:meth:`PreparedInput.count_parts`); its counts are never whole in memory. With
+    ``stream=False`` they are gathered into memory (a query to embed, not to store).
+    """
+    source = as_input(adata)
+    cells, genes = check_names(source)
+    batch = _as_names(_column(source, batch_key, "batch_key"), f"batch column {batch_key!r}", allow_missing=False)
     labels: list[str | None] = [None] * len(cells)
     if label_key is not None:
-        labels = _as_names(_column(adata, label_key, "label_key"), f"label column {label_key!r}", allow_missing=True)
+        labels = _as_names(_column(source, label_key, "label_key"), f"label column {label_key!r}", allow_missing=True)
         if all(v is None for v in labels):
             raise InputError(f"label column {label_key!r} holds no labels at all")
         _refuse_reserved_labels(labels, f"label column {label_key!r}")
     if not isinstance(dataset, str) or _is_missing(dataset) or len(dataset) > MAX_NAME_LENGTH:
         raise InputError(f"dataset name must be a text of 1 to {MAX_NAME_LENGTH} characters, got {str(dataset)[:60]!r}")
-    counts = count_matrix(adata, layer)
-    if atlas_genes is None:
-        aligned, matched, padded, dropped = counts, len(genes), 0, 0
-    else:
-        aligned, matched, padded, dropped = align_genes(counts, genes, atlas_genes, min_gene_overlap)
-    _refuse_empty_cells(aligned, cells, "in the atlas's genes" if atlas_genes is not None else "at all")
+    where = _counts_where(source, layer)
+    alignment = gene_alignment(genes, atlas_genes, min_gene_overlap)
+    empty_where = "in the atlas's genes" if atlas_genes is not None else "at all"
+
+    def aligned_parts() -> Iterator[sp.csr_matrix]:
+        offset = 0
+        for raw in source.count_parts(layer):
+            part = alignment.apply(_as_counts(raw, where))
+            if part.shape[1] != (len(atlas_genes) if atlas_genes is not None else len(genes)):
+                raise InputError(f"{where} has {part.shape[1]} columns for {len(genes)} genes")
+            _refuse_empty_cells(part, cells, empty_where, offset)
+            offset += part.shape[0]
+            yield part
+        if offset != len(cells):
+            raise InputError(f"{where} holds {offset} rows for {len(cells)} cells")
+
     batches = list(dict.fromkeys(batch))
     if new_batches_only:
         clash = [b for b in batches if b in set(existing_batches)]
@@ -297,8 +371,16 @@ def prepare_input(
                 f"batch name(s) already in the atlas: {_examples(clash)}; a folded-in dataset brings new batches "
                 "(rename them, e.g. prefix with the dataset name)"
             )
+    if source.streamed and stream:
+        n_parts = sum(1 for _ in aligned_parts())  # the checking pass: nothing is kept
+        log.debug("%s checked in %d part(s)", where, n_parts)
+        counts = None
+    else:
+        parts = list(aligned_parts())
+        counts = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
     obs = pd.DataFrame({"obs_id": cells, "dataset": dataset, "batch": batch, "label": labels})
-    return PreparedInput(aligned, obs, batches, matched, padded, dropped)
+    return PreparedInput(counts, obs, batches, alignment.matched, alignment.padded, alignment.dropped,
+                         parts=aligned_parts)
 
 
 # ----------------------------------------------------------------------------- own obs columns

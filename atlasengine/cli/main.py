@@ -1,7 +1,8 @@
 """The ``atlasengine`` command line.
 
 atlasengine demo                      build an atlas from real data, fold in two queries
-atlasengine create PATH -i ref.h5ad --batch-key tech --label-key celltype
+atlasengine create PATH -i ref.h5ad --batch-key tech --label-key celltype [--backed]
+atlasengine create PATH -i census.soma --soma --obs-filter "tissue == 'lung'" --batch-key ... --label-key ...
 atlasengine ingest PATH -i query.h5ad --batch-key tech --strategy ewc
 atlasengine transfer PATH -i query.h5ad --batch-key tech -o predictions.csv [--unknown-rule novelty]
 atlasengine versions PATH
@@ -23,16 +24,30 @@ from atlasengine.config import STRATEGIES
 from atlasengine.errors import AtlasError
 
 
-def _read(path: str):
+def _read(path: str, backed: bool = False):
     import anndata as ad
 
     p = Path(path)
     if not p.exists():
         raise AtlasError(f"input file {p} does not exist")
     try:
-        return ad.read_h5ad(p)
+        return ad.read_h5ad(p, backed="r" if backed else None)
     except Exception as exc:  # h5py/anndata raise many types for a bad file
         raise AtlasError(f"cannot read {p} as an .h5ad file: {exc}") from exc
+
+
+def _source(args):
+    """Return the input of create / ingest: an .h5ad file (in memory, or backed with --backed) or a SOMA experiment.
+
+    Returns the data and the layer argument for the call (a SOMA experiment's layer goes into its SomaInput).
+    """
+    from atlasengine import SomaInput
+
+    if args.soma:
+        return SomaInput(args.input, obs_filter=args.obs_filter, layer=args.layer), None
+    if args.obs_filter:
+        raise AtlasError("--obs-filter selects cells of a SOMA experiment: pass --soma with it")
+    return _read(args.input, backed=args.backed), args.layer
 
 
 def cmd_create(args) -> None:
@@ -40,8 +55,9 @@ def cmd_create(args) -> None:
     from atlasengine import Atlas
 
     config = {"reference_training": {"max_epochs": args.epochs}} if args.epochs is not None else None
-    atlas = Atlas.create(args.path, _read(args.input), batch_key=args.batch_key, label_key=args.label_key,
-                         dataset=args.dataset, layer=args.layer, config=config)
+    data, layer = _source(args)
+    atlas = Atlas.create(args.path, data, batch_key=args.batch_key, label_key=args.label_key,
+                         dataset=args.dataset, layer=layer, config=config)
     print(f"created {atlas}")
 
 
@@ -51,8 +67,9 @@ def cmd_ingest(args) -> None:
 
     atlas = Atlas.open(args.path)
     training = {"max_epochs": args.epochs} if args.epochs is not None else None
-    res = atlas.ingest(_read(args.input), batch_key=args.batch_key, strategy=args.strategy, label_key=args.label_key,
-                       dataset=args.dataset, layer=args.layer, training=training)
+    data, layer = _source(args)
+    res = atlas.ingest(data, batch_key=args.batch_key, strategy=args.strategy, label_key=args.label_key,
+                       dataset=args.dataset, layer=layer, training=training)
     p = res.predictions
     low, high = p.attrs["novel_share_interval"]
     print(f"version {res.version.number} ({args.strategy}): {res.version.n_new_cells} cells folded in, "
@@ -150,6 +167,14 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), quick=args.quick)
 
 
+def _streaming_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backed", action="store_true",
+                   help="read the .h5ad backed: counts in parts, never whole in memory (for data larger than memory)")
+    p.add_argument("--soma", action="store_true",
+                   help="the input is a TileDB-SOMA experiment (a folder or URI); --layer names its X layer")
+    p.add_argument("--obs-filter", help="with --soma: a SOMA value filter selecting cells, e.g. \"tissue == 'lung'\"")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of the ``atlasengine`` command and its subcommands."""
     p = argparse.ArgumentParser(prog="atlasengine", description="A versioned single-cell reference atlas with continual (EWC) fold-in.")
@@ -166,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-key", required=True); c.add_argument("--label-key", required=True)
     c.add_argument("--dataset", default="reference"); c.add_argument("--layer")
     c.add_argument("--epochs", type=int)
+    _streaming_options(c)
     c.set_defaults(func=cmd_create)
 
     i = sub.add_parser("ingest", help="fold a query into the atlas as a new version")
@@ -173,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--batch-key", required=True); i.add_argument("--label-key")
     i.add_argument("--strategy", choices=list(STRATEGIES), default="ewc")
     i.add_argument("--dataset"); i.add_argument("--layer"); i.add_argument("--epochs", type=int)
+    _streaming_options(i)
     i.set_defaults(func=cmd_ingest)
 
     t = sub.add_parser("transfer", help="label cells without folding them in")

@@ -18,7 +18,7 @@ from atlasengine.continual.ewc import EWCPenalty
 from atlasengine.continual.fisher import AccumulatedFisher, Tensors
 from atlasengine.errors import InputError
 from atlasengine.model import CVAE
-from atlasengine.training import CellData, TrainResult, fit
+from atlasengine.training import CellData, CellSource, TrainResult, fit
 
 __all__ = ["STRATEGIES", "FoldInStrategy", "fold_in", "surgery_mode"]
 
@@ -53,7 +53,7 @@ def surgery_mode(module: CVAE, n_old_batches: int) -> Iterator[None]:
 def fold_in(
     module: CVAE,
     strategy: FoldInStrategy,
-    query: CellData,
+    query: CellSource,
     *,
     n_old_batches: int,
     training: TrainingConfig,

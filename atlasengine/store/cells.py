@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -91,15 +91,19 @@ def counts_checksums(counts: sp.csr_matrix) -> np.ndarray:
         return running[m.indptr[1:]] - running[m.indptr[:-1]]
 
 
-def cell_checksums(obs: pd.DataFrame, counts: sp.csr_matrix, metadata: pa.Table | None = None) -> np.ndarray:
+def cell_checksums(obs: pd.DataFrame, counts: sp.csr_matrix | np.ndarray,
+                   metadata: pa.Table | None = None) -> np.ndarray:
     """Return the ``(n_cells, 3)`` checksums of new cells' obs, counts and own obs columns, as the store holds them.
 
-    ``metadata`` holds the user's obs columns as they are written (none: the third checksum is 0).
+    ``counts`` is the count matrix, or its rows' :func:`counts_checksums` when they were computed
+    as the counts streamed past. ``metadata`` holds the user's obs columns as they are written
+    (none: the third checksum is 0).
     """
     table = obs_table(obs, np.zeros(len(obs), dtype=np.int64))
     columns = [] if metadata is None else [c for c in metadata.column_names if c != "soma_joinid"]
     own = metadata_checksums(metadata, columns) if columns else np.zeros(len(obs), dtype=np.uint64)
-    return np.column_stack([obs_checksums(table), counts_checksums(counts), own])
+    sums = counts if isinstance(counts, np.ndarray) else counts_checksums(counts)
+    return np.column_stack([obs_checksums(table), sums, own])
 
 
 @dataclass(frozen=True)
@@ -279,46 +283,56 @@ class CellStore:
                 top = max([top, *(r[1] - 1 for r in map(key_range, exp[COLLECTION].keys()) if r is not None)])
         return top + 1
 
-    def append(self, obs: pd.DataFrame, counts: sp.csr_matrix, metadata: pa.Table | None = None,
-               columns: dict[str, str] | None = None) -> tuple[int, int]:
+    def append(self, obs: pd.DataFrame, counts: sp.csr_matrix | Iterable[sp.csr_matrix],
+               metadata: pa.Table | None = None, columns: dict[str, str] | None = None) -> tuple[int, int]:
         """Write cells to a fresh joinid range; returns ``(start, stop)``.
 
-        ``metadata`` (with ``columns``: name -> kind) holds the cells' own obs columns, written to
-        a table of their own (see :mod:`atlasengine.store.metadata`).
+        ``counts`` is one CSR matrix or consecutive CSR row parts (a streamed input: each part
+        is written and let go). ``metadata`` (with ``columns``: name -> kind) holds the cells'
+        own obs columns, written to a table of their own (see :mod:`atlasengine.store.metadata`).
         """
         start = self.high_water()
-        n = counts.shape[0]
+        n = len(obs)
         joinids = np.arange(start, start + n, dtype=np.int64)
         table = obs_table(obs, joinids)
-        counts = sp.csr_matrix(counts)
+        parts = [counts] if sp.issparse(counts) else counts
         own = None
         if columns:
             own = pa.table([pa.array(joinids), *(metadata.column(c) for c in columns)],
                            schema=arrow_schema(columns))
         try:
-            self._write(table, counts, joinids, own)
+            self._write(table, parts, joinids, own)
         except (OSError, tiledbsoma.SOMAError) as exc:  # disk full, permissions
             raise AtlasWriteError(f"cannot write cells to the cell store at {self.uri}: {exc}; nothing was "
                                   "committed") from exc
         return start, start + n
 
-    def _write(self, table: pa.Table, counts: sp.csr_matrix, joinids: np.ndarray, own: pa.Table | None) -> None:
+    def _write(self, table: pa.Table, parts: Iterable[sp.csr_matrix], joinids: np.ndarray,
+               own: pa.Table | None) -> None:
         with tiledbsoma.Experiment.open(self.uri, "w") as exp:
             # X first, obs second: a cell is only listed once its counts are on disk.
-            for a, b in row_chunks(counts.indptr, WRITE_CHUNK_NNZ):
-                coo = counts[a:b].tocoo()
-                if not coo.nnz:  # rows without counts: nothing to write
-                    continue
-                exp.ms[MEASUREMENT].X[X_LAYER].write(
-                    pa.table(
-                        {
-                            "soma_dim_0": joinids[a + coo.row],
-                            "soma_dim_1": coo.col.astype(np.int64),
-                            "soma_data": coo.data.astype(np.float32),
-                        }
+            offset = 0
+            for part in parts:
+                part = sp.csr_matrix(part)
+                if offset + part.shape[0] > len(joinids):
+                    raise InputError(f"the counts hold more rows than the {len(joinids)} cells given")
+                for a, b in row_chunks(part.indptr, WRITE_CHUNK_NNZ):
+                    coo = part[a:b].tocoo()
+                    if not coo.nnz:  # rows without counts: nothing to write
+                        continue
+                    exp.ms[MEASUREMENT].X[X_LAYER].write(
+                        pa.table(
+                            {
+                                "soma_dim_0": joinids[offset + a + coo.row],
+                                "soma_dim_1": coo.col.astype(np.int64),
+                                "soma_data": coo.data.astype(np.float32),
+                            }
+                        )
                     )
-                )
-                fault_point("cells_x")
+                    fault_point("cells_x")
+                offset += part.shape[0]
+            if offset != len(joinids):
+                raise InputError(f"the counts hold {offset} rows for {len(joinids)} cells")
             if own is not None:  # after X (the high water is past these cells), before obs
                 if COLLECTION not in exp:
                     exp.add_new_collection(COLLECTION)
@@ -378,8 +392,11 @@ class CellStore:
         joinids = np.asarray(joinids, dtype=np.int64)
         if len(joinids) == 0:
             return sp.csr_matrix((0, n_genes), dtype=np.float32)
-        contiguous = bool(np.all(np.diff(joinids) == 1))
-        coords = slice(int(joinids[0]), int(joinids[-1])) if contiguous else np.unique(joinids)
+        low, high = int(joinids.min()), int(joinids.max())
+        # a dense run of cells (a training block, a chunk of consecutive cells) is one range read,
+        # the cells between those asked for dropped after; scattered cells are read point by point
+        span = high - low + 1 <= 2 * len(joinids)
+        coords = slice(low, high) if span else np.unique(joinids)
         with self._reading() as exp:
             tbl = exp.ms[MEASUREMENT].X[X_LAYER].read(coords=(coords,)).tables().concat()
         rows = tbl.column("soma_dim_0").to_numpy()
@@ -387,6 +404,9 @@ class CellStore:
         vals = tbl.column("soma_data").to_numpy()
         order = np.argsort(joinids, kind="stable")
         found = np.minimum(np.searchsorted(joinids[order], rows), len(joinids) - 1)
+        if span and len(joinids) < high - low + 1:
+            asked = joinids[order][found] == rows
+            rows, cols, vals, found = rows[asked], cols[asked], vals[asked], found[asked]
         if not (joinids[order][found] == rows).all() or (len(cols) and not 0 <= cols.min() <= cols.max() < n_genes):
             raise AtlasIntegrityError(f"the cell store at {self.uri} returned counts outside the cells and genes "
                                       "asked for (damaged)")

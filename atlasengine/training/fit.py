@@ -132,7 +132,7 @@ def check_runtime(runtime: RuntimeConfig) -> None:
 
 def fit(
     module: nn.Module,
-    query: CellData,
+    query: CellSource,
     config: TrainingConfig,
     replay: CellData | None = None,
     replay_fraction: float = 0.0,
@@ -147,7 +147,8 @@ def fit(
     module
         The torch model; trained in place, returned to the CPU in eval mode.
     query
-        The cells to fit (a 10% validation split is held out for early stopping).
+        The cells to fit (a 10% validation split is held out for early stopping): in memory, or
+        read from the cell store in shuffled blocks of ``runtime.block_cells``.
     config
         Epochs, batch size, learning rate, KL warm-up, early stopping, seed.
     replay, replay_fraction
@@ -173,7 +174,11 @@ def fit(
     L.seed_everything(config.seed, workers=False, verbose=False)
     # several processes share each minibatch: the same cells per optimiser step and steps per epoch as one process
     per_process = -(-config.batch_size // _processes(runtime))
-    train, val = make_loaders(query, replay, per_process, replay_fraction, config.validation_fraction, config.seed)
+    if _processes(runtime) > 1 and not isinstance(query, CellData):
+        raise InputError("training in several processes reads its cells from memory: a streamed input (backed "
+                            "AnnData or SomaInput) trains in one process (devices=1), or pass the AnnData in memory")
+    train, val = make_loaders(query, replay, per_process, replay_fraction, config.validation_fraction, config.seed,
+                              block=runtime.block_cells)
     module.train()  # dropout on; Lightning keeps whatever mode the module is in
     max_epochs = config.max_epochs or default_epochs(len(query), config.epochs_cap)
     start = time.perf_counter()

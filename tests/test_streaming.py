@@ -1,0 +1,181 @@
+"""Streamed input (backed AnnData, TileDB-SOMA experiment) and training in shuffled blocks read from the store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import tiledbsoma.io
+
+from atlasengine import Atlas, InputError, SomaInput
+from atlasengine.api.sources import as_input
+from atlasengine.training.data import CellData, MixedBatchSampler, RowBatches
+from tests.conftest import TINY, snapshot
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, pancreas_ref, pancreas_query):
+    """The reference and query as .h5ad files, and the whole set as a SOMA experiment."""
+    d = tmp_path_factory.mktemp("streamed")
+    ref, query = d / "ref.h5ad", d / "query.h5ad"
+    pancreas_ref.write_h5ad(ref)
+    query_csr = pancreas_query.copy()
+    query_csr.X = sp.csr_matrix(query_csr.X)
+    query_csr.write_h5ad(query)
+    soma = str(d / "pancreas.soma")
+    full = pancreas_query.copy()
+    full.obs["tech"] = full.obs["tech"].astype(str)
+    tiledbsoma.io.from_anndata(soma, full, measurement_name="RNA")
+    return {"ref": ref, "query": query, "soma": soma}
+
+
+def _read_backed(path):
+    import anndata as ad
+
+    return ad.read_h5ad(path, backed="r")
+
+
+def test_backed_create_equals_in_memory_create(tmp_path, files, pancreas_ref):
+    """A backed AnnData streams through the store and trains to the same model as the same cells in memory."""
+    a = Atlas.create(tmp_path / "memory.atlas", pancreas_ref, batch_key="tech", label_key="celltype", config=TINY)
+    backed = _read_backed(files["ref"])
+    assert as_input(backed).streamed
+    b = Atlas.create(tmp_path / "backed.atlas", backed, batch_key="tech", label_key="celltype", config=TINY)
+    np.testing.assert_allclose(b.latent(), a.latent(), atol=1e-5)
+    assert (b.counts() != a.counts()).nnz == 0
+    pd.testing.assert_frame_equal(b.obs(), a.obs())
+
+
+def test_streamed_training_in_blocks_reads_every_cell_once_per_epoch():
+    """Block-wise shuffling: each epoch visits every query cell exactly once, each block in one run."""
+    sampler = MixedBatchSampler(1000, 0, 64, 0.0, seed=0, block=300)
+    order = np.concatenate(list(sampler))
+    assert sorted(order.tolist()) == list(range(1000))
+    blocks = order // 300
+    assert (np.diff(blocks) != 0).sum() == 3  # four blocks, each visited in one run
+    assert len(set(blocks[:300].tolist())) == 1 or blocks[0] == 3  # the 100-cell last block may come first
+    small = MixedBatchSampler(200, 0, 64, 0.0, seed=0, block=300)
+    plain = MixedBatchSampler(200, 0, 64, 0.0, seed=0, block=None)
+    for x, y in zip(small, plain, strict=True):  # below one block: the plain shuffle, draw for draw
+        np.testing.assert_array_equal(x, y)
+
+
+class _Counted:
+    """A cell source that is not in memory and counts its reads."""
+
+    def __init__(self, data: CellData) -> None:
+        self.data, self.reads, self.n_genes = data, [], data.n_genes
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def read(self, positions):
+        self.reads.append(len(positions))
+        return self.data.read(positions)
+
+
+def test_row_batches_read_a_block_once_and_return_the_right_rows():
+    rng = np.random.default_rng(0)
+    counts = sp.random(500, 20, density=0.3, format="csr", random_state=1, dtype=np.float32)
+    data = CellData(counts, rng.integers(0, 3, 500))
+    source = _Counted(data)
+    rows = np.sort(rng.choice(500, 400, replace=False))
+    batches = RowBatches([(source, rows)], block=128)
+    sampler = MixedBatchSampler(len(rows), 0, 32, 0.0, seed=1, block=128)
+    for positions in sampler:
+        x, b = batches[positions]
+        np.testing.assert_array_equal(x.numpy(), counts[rows[positions]].toarray())
+        np.testing.assert_array_equal(b.numpy(), data.batch[rows[positions]])
+    assert len(source.reads) == 4 and max(source.reads) <= 128  # 400 cells in blocks of 128: 4 reads
+
+
+def test_streamed_ingest_with_small_blocks(tmp_path, reference_atlas, files, pancreas_query):
+    """A backed query trains from the store in blocks smaller than itself and maps like the in-memory one."""
+    import shutil
+
+    a_path, b_path = tmp_path / "a.atlas", tmp_path / "b.atlas"
+    shutil.copytree(reference_atlas, a_path)
+    shutil.copytree(reference_atlas, b_path)
+    mem = Atlas.open(a_path).ingest(pancreas_query, batch_key="tech", label_key="celltype", strategy="ewc")
+    res = Atlas.open(b_path).ingest(_read_backed(files["query"]), batch_key="tech", label_key="celltype",
+                                    strategy="ewc", runtime={"block_cells": 64})
+    assert res.version.n_new_cells == pancreas_query.n_obs
+    known = res.predictions["label"].notna()
+    agree = (res.predictions["predicted_label"] == mem.predictions["predicted_label"]).mean()
+    assert agree > 0.8, agree  # different minibatches, the same mapping
+    out = res.to_anndata()
+    assert out.X is None and "X_atlasengine" in out.obsm and known.any()
+
+
+def test_soma_input_with_obs_filter(tmp_path, reference_atlas, files, pancreas_query):
+    """A SOMA experiment (with an obs filter) folds in the cells the filter selects, named by obs_id."""
+    import shutil
+
+    path = tmp_path / "a.atlas"
+    shutil.copytree(reference_atlas, path)
+    res = Atlas.open(path).ingest(SomaInput(files["soma"], obs_filter="tech == 'celseq2'", layer="data", chunk_cells=37),
+                                  batch_key="tech", strategy="surgery")
+    want = pancreas_query.obs_names[pancreas_query.obs["tech"] == "celseq2"]
+    assert sorted(res.predictions.index) == sorted(want)
+    atlas = Atlas.open(path)
+    stored = atlas.to_anndata(counts=True, cells=list(want))
+    np.testing.assert_array_equal(stored.X.toarray(), pancreas_query[want].X.toarray())
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (lambda f: SomaInput(f["soma"] + "_missing"), "cannot open"),
+        (lambda f: SomaInput(f["soma"]), "name the one with raw counts"),
+        (lambda f: SomaInput(f["soma"], layer="raw"), "no X layer 'raw'"),
+        (lambda f: SomaInput(f["soma"], measurement="ATAC"), "no measurement 'ATAC'"),
+        (lambda f: SomaInput(f["soma"], obs_filter="tech == 'nothing'", layer="data"), "no cells"),
+        (lambda f: SomaInput(f["soma"], obs_filter="no_such_column == 1", layer="data"), "obs filter"),
+    ],
+)
+def test_soma_input_errors_leave_the_atlas_as_it_was(atlas_path, files, source, message):
+    before = snapshot(atlas_path)
+    with pytest.raises(InputError, match=message):
+        Atlas.open(atlas_path).ingest(source(files), batch_key="tech")
+    assert snapshot(atlas_path) == before
+
+
+def test_backed_input_with_non_counts_is_refused_before_anything_is_written(tmp_path, atlas_path, pancreas_query):
+    bad = pancreas_query.copy()
+    bad.X = sp.csr_matrix(bad.X, dtype=np.float32)
+    bad.X.data[-1] = 0.5  # in the last part only
+    f = tmp_path / "bad.h5ad"
+    bad.write_h5ad(f)
+    before = snapshot(atlas_path)
+    import atlasengine.api.sources as sources
+
+    backed = _read_backed(f)
+    with pytest.raises(InputError, match="non-integer"):
+        Atlas.open(atlas_path).ingest(sources.as_input(backed, chunk_cells=50), batch_key="tech")
+    assert snapshot(atlas_path) == before
+
+
+def test_streamed_training_refuses_several_processes(tmp_path, files):
+    with pytest.raises(InputError, match="one process"):
+        Atlas.create(tmp_path / "x.atlas", _read_backed(files["ref"]), batch_key="tech", label_key="celltype",
+                     config=TINY, runtime={"devices": 2, "accelerator": "cpu", "strategy": "ddp_fork"})
+
+
+def test_command_line_streams_backed_files_and_soma_experiments(tmp_path, files, reference_atlas, capsys):
+    import shutil
+
+    from atlasengine.cli.main import main
+
+    path = tmp_path / "cli.atlas"
+    assert main(["create", str(path), "-i", str(files["ref"]), "--backed", "--batch-key", "tech",
+                 "--label-key", "celltype", "--epochs", "2"]) == 0
+    assert "created" in capsys.readouterr().out
+    copy = tmp_path / "copy.atlas"
+    shutil.copytree(reference_atlas, copy)
+    assert main(["ingest", str(copy), "-i", files["soma"], "--soma", "--layer", "data", "--obs-filter",
+                 "tech == 'smartseq2'", "--batch-key", "tech", "--strategy", "surgery", "--epochs", "1"]) == 0
+    assert "version 2 (surgery)" in capsys.readouterr().out
+    assert main(["ingest", str(copy), "-i", str(files["query"]), "--obs-filter", "tech == 'x'",
+                 "--batch-key", "tech"]) == 2
+    assert "--soma" in capsys.readouterr().err
