@@ -48,13 +48,19 @@ def test_backed_create_equals_in_memory_create(tmp_path, files, pancreas_ref):
 
 
 def test_streamed_training_in_blocks_reads_every_cell_once_per_epoch():
-    """Block-wise shuffling: each epoch visits every query cell exactly once, each block in one run."""
-    sampler = MixedBatchSampler(1000, 0, 64, 0.0, seed=0, block=300)
-    order = np.concatenate(list(sampler))
-    assert sorted(order.tolist()) == list(range(1000))
-    blocks = order // 300
-    assert (np.diff(blocks) != 0).sum() == 3  # four blocks, each visited in one run
-    assert len(set(blocks[:300].tolist())) == 1 or blocks[0] == 3  # the 100-cell last block may come first
+    """Block-wise shuffling: each epoch visits every query cell once; blocks mix chunks from all over the data."""
+    sampler = MixedBatchSampler(1000, 0, 64, 0.0, seed=0, block=256 * 1024, chunk=32)
+    sampler.block = 256  # (the chunk kept at 32: normally at most 1/1024 of a block)
+    for _ in range(2):
+        draws = list(sampler)
+        order = np.concatenate([d.positions for d in draws])
+        assert sorted(order.tolist()) == list(range(1000))
+        for d in draws:  # every position lies in a block the draw names; at most two blocks per minibatch
+            assert 1 <= len(d.blocks) <= 2
+            assert np.isin(d.positions, np.concatenate([b for _, b in d.blocks])).all()
+        first = draws[0].blocks[0][1]
+        assert len(first) == 256 and first.max() - first.min() > 500  # chunks from far apart, not one run
+        assert len(np.unique(first // 32)) == 8  # eight whole chunks of 32
     small = MixedBatchSampler(200, 0, 64, 0.0, seed=0, block=300)
     plain = MixedBatchSampler(200, 0, 64, 0.0, seed=0, block=None)
     for x, y in zip(small, plain, strict=True):  # below one block: the plain shuffle, draw for draw
@@ -75,19 +81,22 @@ class _Counted:
         return self.data.read(positions)
 
 
-def test_row_batches_read_a_block_once_and_return_the_right_rows():
+def test_row_batches_read_each_block_once_and_return_the_right_rows():
     rng = np.random.default_rng(0)
     counts = sp.random(500, 20, density=0.3, format="csr", random_state=1, dtype=np.float32)
     data = CellData(counts, rng.integers(0, 3, 500))
+    replay = CellData(counts[:50], np.zeros(50, dtype=np.int64))
     source = _Counted(data)
     rows = np.sort(rng.choice(500, 400, replace=False))
-    batches = RowBatches([(source, rows)], block=128)
-    sampler = MixedBatchSampler(len(rows), 0, 32, 0.0, seed=1, block=128)
-    for positions in sampler:
-        x, b = batches[positions]
-        np.testing.assert_array_equal(x.numpy(), counts[rows[positions]].toarray())
-        np.testing.assert_array_equal(b.numpy(), data.batch[rows[positions]])
-    assert len(source.reads) == 4 and max(source.reads) <= 128  # 400 cells in blocks of 128: 4 reads
+    batches = RowBatches([(source, rows), (replay, np.arange(50))], block=128)
+    sampler = MixedBatchSampler(len(rows), 50, 32, 0.25, seed=1, block=128)
+    for draw in sampler:
+        x, b = batches[draw]
+        q = draw.positions[draw.positions < len(rows)]
+        np.testing.assert_array_equal(x.numpy()[: len(q)], counts[rows[q]].toarray())
+        np.testing.assert_array_equal(b.numpy()[: len(q)], data.batch[rows[q]])
+        np.testing.assert_array_equal(x.numpy()[len(q):], counts[draw.positions[len(q):] - len(rows)].toarray())
+    assert len(source.reads) == 4 and max(source.reads) <= 128  # 400 cells in blocks of 128: each read once
 
 
 def test_streamed_ingest_with_small_blocks(tmp_path, reference_atlas, files, pancreas_query):

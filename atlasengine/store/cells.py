@@ -176,6 +176,7 @@ READ_MEMORY_BUDGET = 512 * 2**20
 # its peak (COO copies, the Arrow table, TileDB's sort): 10 GB for 1M cells. Rows go in parts
 # of at most this many non-zeros, each part one fragment; obs is written after all of them.
 WRITE_CHUNK_NNZ = 4_000_000
+GLOBAL_ORDER = tiledbsoma.TileDBWriteOptions(sort_coords=False)
 
 
 def row_chunks(indptr: np.ndarray, max_nnz: int) -> Iterator[tuple[int, int]]:
@@ -314,6 +315,8 @@ class CellStore:
             offset = 0
             for part in parts:
                 part = sp.csr_matrix(part)
+                if not part.has_sorted_indices:
+                    part = part.sorted_indices()
                 if offset + part.shape[0] > len(joinids):
                     raise InputError(f"the counts hold more rows than the {len(joinids)} cells given")
                 for a, b in row_chunks(part.indptr, WRITE_CHUNK_NNZ):
@@ -327,7 +330,10 @@ class CellStore:
                                 "soma_dim_1": coo.col.astype(np.int64),
                                 "soma_data": coo.data.astype(np.float32),
                             }
-                        )
+                        ),
+                        # rows ascending, genes ascending within a row: TileDB's global order, so it need not
+                        # sort (4x faster; TileDB refuses a write out of that order, and reads are checked)
+                        platform_config=GLOBAL_ORDER,
                     )
                     fault_point("cells_x")
                 offset += part.shape[0]

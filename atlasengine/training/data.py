@@ -67,10 +67,20 @@ def iter_chunks(cells: CellSource, chunk_size: int) -> Iterator[CellData]:
 
 BLOCK_CELLS = 65_536
 """Cells read from the store at a time when training on cells that are not in memory (a shuffle block)."""
+SHUFFLE_CHUNK = 64
+"""Consecutive cells that stay together when a block is put together (tiledbsoma-ml's ``shuffle_chunk_size``)."""
 
 
 def _in_memory(cells: CellSource) -> bool:
     return isinstance(cells, CellData)
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One minibatch of a block-wise epoch: its positions and the blocks (key, sorted positions) they lie in."""
+
+    positions: np.ndarray
+    blocks: tuple[tuple[int, np.ndarray], ...]
 
 
 class RowBatches(Dataset):
@@ -78,17 +88,18 @@ class RowBatches(Dataset):
 
     Positions run over ``parts`` one after another, each ``(cells, rows)`` standing for
     ``cells``' rows ``rows``. Cells in memory are read where they are, never copied (a copy of
-    a 1M-cell training split held 1.1 GB). Cells in the store are read a block of ``block``
-    consecutive positions at a time (``rows`` sorted: one contiguous read) and the block is kept
-    until a minibatch needs another, so memory holds one block whatever the atlas's size; the
-    sampler visits blocks one after another (:class:`MixedBatchSampler`).
+    a 1M-cell training split held 1.1 GB). Cells in the store are read a block at a time: a
+    :class:`Draw` names the blocks its positions lie in (the sampler's random blocks), plain
+    positions are read in blocks of ``block`` consecutive positions (the validation split). At
+    most two blocks are held (a minibatch may span the end of one and the start of the next),
+    so memory holds two blocks whatever the atlas's size.
     """
 
     def __init__(self, parts: list[tuple[CellSource, np.ndarray]], block: int = BLOCK_CELLS) -> None:
         self.parts = [(data, np.asarray(rows, dtype=np.int64)) for data, rows in parts]
         self.offsets = np.cumsum([0] + [len(rows) for _, rows in self.parts])
         self.block = block
-        self._cached: tuple[int, int, CellData] | None = None  # (part, block number, its cells)
+        self._cache: dict[tuple[int, int], tuple[np.ndarray, CellData]] = {}  # (part, key) -> (positions, cells)
         self.n_genes = self.parts[0][0].n_genes if self.parts else 0
 
     def __len__(self) -> int:
@@ -96,19 +107,21 @@ class RowBatches(Dataset):
         return int(self.offsets[-1])
 
     def __getstate__(self) -> dict:
-        """Pickle without the cached block (a DataLoader worker or a forked process reads its own)."""
-        return {**self.__dict__, "_cached": None}
+        """Pickle without the cached blocks (a DataLoader worker or a forked process reads its own)."""
+        return {**self.__dict__, "_cache": {}}
 
-    def _block_of(self, k: int, number: int) -> CellData:
-        if self._cached is None or self._cached[:2] != (k, number):
+    def _read_block(self, k: int, key: int, local: np.ndarray) -> tuple[np.ndarray, CellData]:
+        """Return the cells of part ``k`` at the sorted local positions ``local``, read once per block ``key``."""
+        if (k, key) not in self._cache:
+            while len(self._cache) >= 2:  # the oldest block goes before the next is read
+                self._cache.pop(next(iter(self._cache)))
             data, rows = self.parts[k]
-            self._cached = None  # let the old block go before reading the next
-            self._cached = (k, number, data.read(rows[number * self.block : (number + 1) * self.block]))
-        return self._cached[2]
+            self._cache[(k, key)] = (local, data.read(rows[local]))
+        return self._cache[(k, key)]
 
-    def __getitem__(self, positions) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: np.ndarray | Draw) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(x, batch)`` of the rows at ``positions``: dense float32 counts and int64 batch indices."""
-        positions = np.asarray(positions, dtype=np.int64)
+        positions = np.asarray(item.positions if isinstance(item, Draw) else item, dtype=np.int64)
         part = np.searchsorted(self.offsets, positions, side="right") - 1
         x = np.empty((len(positions), self.n_genes), dtype=np.float32)
         batch = np.empty(len(positions), dtype=np.int64)
@@ -121,35 +134,54 @@ class RowBatches(Dataset):
                 x[here] = data.counts[picked].toarray()
                 batch[here] = data.batch[picked]
                 continue
-            numbers = local // self.block
-            for number in np.unique(numbers):  # in the order the sampler reaches them
-                at = numbers == number
-                cells = self._block_of(int(k), int(number))
-                within = local[at] - number * self.block
-                x[here[at]] = cells.counts[within].toarray()
-                batch[here[at]] = cells.batch[within]
+            if isinstance(item, Draw):
+                blocks = [(-1 - key, block) for key, block in item.blocks]  # keys < 0: the sampler's blocks
+            else:
+                numbers = np.unique(local // self.block)
+                blocks = [(int(n), np.arange(n * self.block, min((n + 1) * self.block, len(rows)))) for n in numbers]
+            todo = np.ones(len(local), dtype=bool)
+            for key, block in blocks:
+                at = np.flatnonzero(todo)
+                inside = np.searchsorted(block, local[at])
+                found = (inside < len(block)) & (block[np.minimum(inside, len(block) - 1)] == local[at])
+                if not found.any():
+                    continue
+                _, cells = self._read_block(int(k), key, block)
+                take = at[found]
+                x[here[take]] = cells.counts[inside[found]].toarray()
+                batch[here[take]] = cells.batch[inside[found]]
+                todo[take] = False
+            if todo.any():
+                raise IndexError(f"{int(todo.sum())} position(s) lie in none of the minibatch's blocks")
         return torch.from_numpy(x), torch.from_numpy(batch)
 
 
-class MixedBatchSampler(Sampler[np.ndarray]):
+class MixedBatchSampler(Sampler[np.ndarray | Draw]):
     """Index batches over ``[query cells | replay cells]``.
 
     One epoch is one pass over the query cells; each batch holds ``replay_fraction`` of
     replayed cells, drawn without replacement from the replay pool (reshuffled when used up).
-    With ``block`` (query cells read from the store), the query order is shuffled block by
-    block: the blocks in random order, the cells of each block in random order, so a block is
-    read once per epoch. Below one block this is the plain shuffle, draw for draw.
+
+    With ``block`` (query cells read from the store), an epoch is shuffled as tiledbsoma-ml
+    does: the query positions are cut into chunks of ``chunk`` consecutive cells, the chunks
+    shuffled and grouped ``block // chunk`` at a time into blocks, each block read once and its
+    cells shuffled. A block so holds cells from all over the data (storage order is often one
+    batch after another: blocks of consecutive cells gave one-batch minibatches), and each
+    minibatch is a :class:`Draw` naming the blocks it lies in. Below one block this is the plain
+    shuffle, draw for draw.
     """
 
     def __init__(self, n_query: int, n_replay: int, batch_size: int, replay_fraction: float, seed: int,
-                 block: int | None = None) -> None:
+                 block: int | None = None, chunk: int = SHUFFLE_CHUNK) -> None:
         self.n_query, self.n_replay = n_query, n_replay
         r = replay_fraction if n_replay > 0 else 0.0
         self.n_rep_per = int(round(batch_size * r))
         self.n_q_per = max(1, batch_size - self.n_rep_per)
-        self.block = block
+        # at least 1,024 chunks per block (tiledbsoma-ml's defaults: 64-cell chunks, 65,536-cell blocks)
+        self.block, self.chunk = block, max(1, min(chunk, (block or 0) // 1024))
         self.rng = np.random.default_rng(seed)
         self._pool = np.zeros(0, dtype=np.int64)
+        self._blocks_drawn = 0
 
     def _replay(self, n: int) -> np.ndarray:
         while len(self._pool) < n:
@@ -157,11 +189,21 @@ class MixedBatchSampler(Sampler[np.ndarray]):
         out, self._pool = self._pool[:n], self._pool[n:]
         return out
 
-    def _order(self) -> np.ndarray:
-        if self.block is None or self.n_query <= self.block:
-            return self.rng.permutation(self.n_query)
-        starts = self.rng.permutation(np.arange(0, self.n_query, self.block))
-        return np.concatenate([s + self.rng.permutation(min(self.block, self.n_query - s)) for s in starts])
+    @property
+    def blockwise(self) -> bool:
+        """Whether epochs are drawn block by block (query cells in the store, more of them than one block)."""
+        return self.block is not None and self.n_query > self.block
+
+    def _blocks(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """One epoch's blocks: (key, sorted positions, the order they are drawn in)."""
+        starts = self.rng.permutation(np.arange(0, self.n_query, self.chunk))
+        per = max(1, self.block // self.chunk)
+        out = []
+        for g in range(0, len(starts), per):
+            cells = np.sort(np.concatenate([np.arange(s, min(s + self.chunk, self.n_query)) for s in starts[g:g + per]]))
+            out.append((self._blocks_drawn, cells, self.rng.permutation(cells)))
+            self._blocks_drawn += 1
+        return out
 
     def __len__(self) -> int:
         """Return the number of batches per epoch (a 1-cell query tail is dropped unless it is the only cell)."""
@@ -170,12 +212,19 @@ class MixedBatchSampler(Sampler[np.ndarray]):
 
     def __iter__(self):
         """Yield one epoch of index batches: shuffled query cells, each batch with its share of replay cells."""
-        order = self._order()
+        blocks = self._blocks() if self.blockwise else []
+        order = np.concatenate([b[2] for b in blocks]) if blocks else self.rng.permutation(self.n_query)
+        ends = np.cumsum([len(b[1]) for b in blocks])
         for s in range(0, self.n_query, self.n_q_per):
             q = order[s : s + self.n_q_per]
             if len(q) == 1 < self.n_q_per and self.n_query >= 2:  # a 1-cell tail gives a noisy step: skip it
                 continue
-            yield np.concatenate([q, self._replay(self.n_rep_per)]) if self.n_rep_per else q
+            positions = np.concatenate([q, self._replay(self.n_rep_per)]) if self.n_rep_per else q
+            if not blocks:
+                yield positions
+                continue
+            first, last = np.searchsorted(ends, [s, s + len(q) - 1], side="right")
+            yield Draw(positions, tuple((key, cells) for key, cells, _ in blocks[first : last + 1]))
 
 
 def train_val_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,7 +253,7 @@ def make_loaders(
     """
     train_idx, val_idx = train_val_split(len(query), validation_fraction, seed)
     stored = not _in_memory(query)
-    if stored and len(query) > block:  # storage order: a block of positions is one contiguous read
+    if stored and len(query) > block:  # storage order: a chunk of positions is one run of the store
         train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
     # (within one block the order stays as drawn: the same minibatches as the cells in memory)
     n_rep = len(replay) if replay is not None else 0
