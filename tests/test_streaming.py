@@ -188,3 +188,24 @@ def test_command_line_streams_backed_files_and_soma_experiments(tmp_path, files,
     assert main(["ingest", str(copy), "-i", str(files["query"]), "--obs-filter", "tech == 'x'",
                  "--batch-key", "tech"]) == 2
     assert "--soma" in capsys.readouterr().err
+
+
+def test_transfer_labels_from_a_soma_experiment_equals_the_anndata(two_version_atlas, files, pancreas_query):
+    atlas = Atlas.open(two_version_atlas)
+    want = atlas.transfer_labels(pancreas_query, batch_key="tech")
+    got = atlas.transfer_labels(SomaInput(files["soma"], layer="data", chunk_cells=50), batch_key="tech")
+    pd.testing.assert_frame_equal(got.loc[want.index], want)
+
+
+def test_soma_names_default_to_joinids_and_a_named_gene_column(tmp_path, pancreas_query):
+    """Without an obs_id column cells are named by their joinid; genes by the column asked for."""
+    adata = pancreas_query[:40].copy()
+    adata.var["symbol"] = [f"g_{g}" for g in adata.var_names]
+    uri = str(tmp_path / "x.soma")
+    tiledbsoma.io.from_anndata(uri, adata, measurement_name="RNA", obs_id_name="barcode", var_id_name="var_id")
+    source = as_input(SomaInput(uri, layer="data", var_name_column="symbol"))
+    assert list(source.obs_names) == [str(i) for i in range(40)]
+    assert list(source.var_names[:2]) == [f"g_{g}" for g in adata.var_names[:2]]
+    assert "barcode" in source.obs.columns  # kept as the user's own column
+    with pytest.raises(InputError, match="no column 'nope'"):
+        as_input(SomaInput(uri, layer="data", var_name_column="nope"))
