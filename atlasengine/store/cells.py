@@ -60,14 +60,21 @@ def obs_table(obs: pd.DataFrame, joinids: np.ndarray) -> pa.Table:
 
 
 # ----------------------------------------------------------------------------- checksums
+CHECKSUM_ROWS = 100_000
+"""Rows checksummed at a time (a 1M-cell matrix at once took several times its own size in temporaries)."""
+
+
 def obs_checksums(obs: pd.DataFrame | pa.Table) -> np.ndarray:
     """Return a 64-bit BLAKE2b checksum of each cell's obs row (name, dataset, batch, label, version added)."""
     table = obs if isinstance(obs, pa.Table) else pa.Table.from_pandas(obs[OBS_COLUMNS], preserve_index=False)
-    columns = [table.column(c).to_pylist() for c in OBS_COLUMNS]
     out = np.empty(table.num_rows, dtype=np.uint64)
-    for i, row in enumerate(zip(*columns)):
-        text = "\x1f".join("\x00" if v is None else str(v) for v in row)
-        out[i] = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    for s in range(0, table.num_rows, CHECKSUM_ROWS):  # in parts: Python objects of a few rows at a time
+        part = table.slice(s, CHECKSUM_ROWS)
+        columns = [part.column(c).to_pylist() for c in OBS_COLUMNS]
+        for i, row in enumerate(zip(*columns), start=s):
+            text = "\x1f".join("\x00" if v is None else str(v) for v in row)
+            out[i] = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                                    "little")
     return out
 
 
@@ -83,6 +90,12 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def counts_checksums(counts: sp.csr_matrix) -> np.ndarray:
     """Return a 64-bit checksum of each row's non-zero (gene, float32 count) pairs, independent of their order."""
     m = sp.csr_matrix(counts, dtype=np.float32)
+    if m.shape[0] > CHECKSUM_ROWS:
+        return np.concatenate([_counts_checksums(m[s : s + CHECKSUM_ROWS]) for s in range(0, m.shape[0], CHECKSUM_ROWS)])
+    return _counts_checksums(m)
+
+
+def _counts_checksums(m: sp.csr_matrix) -> np.ndarray:
     genes = m.indices.astype(np.uint64)
     values = np.ascontiguousarray(m.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
     mixed = np.where(m.data != 0, _mix64((genes << np.uint64(32)) | values), np.uint64(0))

@@ -73,11 +73,13 @@ def metadata_checksums(table: pa.Table, columns: list[str]) -> np.ndarray:
     out = np.zeros(table.num_rows, dtype=np.uint64)
     if not columns:
         return out
-    values = [table.column(c).to_pylist() for c in columns]
-    for i, row in enumerate(zip(*values)):
-        text = "\x1e".join(f"{name}\x1f{_canonical(v)}" for name, v in zip(columns, row))
-        out[i] = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                                "little")
+    for s in range(0, table.num_rows, 100_000):  # in parts: Python objects of a few rows at a time
+        part = table.slice(s, 100_000)
+        values = [part.column(c).to_pylist() for c in columns]
+        for i, row in enumerate(zip(*values), start=s):
+            text = "\x1e".join(f"{name}\x1f{_canonical(v)}" for name, v in zip(columns, row))
+            out[i] = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                                    "little")
     return out
 
 
