@@ -97,6 +97,24 @@ NOTES = [
     "halved the optimiser steps per epoch: -2.0 points and a third more drift; each process now takes its share of "
     "every minibatch. On this 2-core machine two processes are slower than one (gloo's all-reduce on a small "
     "model); the point of the test is that the result is the same.",
+    "Streaming (issue 17): the 3-seed run on this page has 7 of 9 streamed means within one in-memory sd; pancreas "
+    "AUROC (-0.002 against an sd of 0.001) and ifnb AUROC (-0.026 against 0.014) are not. In 128-cell blocks of "
+    "single-cell chunks the streamed epoch is a uniformly random order of the cells, the same distribution as the "
+    "in-memory shuffle (only the draws differ), so after that run both scenarios were run again with 8 seeds (0-7, "
+    "the same command with `--seeds 8 --scenarios ifnb,pancreas`): every measure within one sd there (ifnb AUROC "
+    "0.842 streamed vs 0.841 +- 0.054 in memory, pancreas 0.989 vs 0.990 +- 0.009; drift 0.194 vs 0.206 +- 0.030 "
+    "and 0.388 vs 0.352 +- 0.054): three seeds understated the in-memory spread (ifnb AUROC sd 0.014 at 3 seeds, "
+    "0.054 at 8). An earlier form of the streamed shuffle, blocks of consecutive stored cells, did differ: on "
+    "pancreas (stored one technology after another) every minibatch came from one technology and the drift rose to "
+    "0.36 from 0.32; blocks are now put together from chunks taken all over the data, as tiledbsoma-ml does. "
+    "(The run's '+dirty' at end: a multi-process experiment edited and reverted while it ran, in lines a "
+    "one-process run passes without effect.)",
+    "Scale (issue 17): the 3M-cell backed create meets the 4 GB bar by 0.12 GB; about 1 GB of its 3.88 GB was "
+    "there before the call (0.57 GB interpreter and torch, 0.45 GB the backed AnnData's obs). Before two fixes of "
+    "this session it peaked at 4.23 GB: checksums computed over whole matrices, and 65,536-cell training blocks "
+    "read in one query (now 100,000 rows and 8,192 cells at a time). Peaks are VmHWM from /proc; earlier pages "
+    "used getrusage's ru_maxrss, which Linux carries across exec, so a step could show its parent's peak (the "
+    "benchmark process after generating the data).",
 ]
 
 
