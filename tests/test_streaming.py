@@ -209,3 +209,21 @@ def test_soma_names_default_to_joinids_and_a_named_gene_column(tmp_path, pancrea
     assert "barcode" in source.obs.columns  # kept as the user's own column
     with pytest.raises(InputError, match="no column 'nope'"):
         as_input(SomaInput(uri, layer="data", var_name_column="nope"))
+
+
+def test_backed_dense_x_and_a_counts_layer(tmp_path, pancreas_ref):
+    """A backed file with a dense X, or with the counts in a layer, streams like a sparse X."""
+    import anndata as ad
+
+    dense = pancreas_ref.copy()
+    dense.X = np.asarray(sp.csr_matrix(dense.X).todense(), dtype=np.float32)
+    dense.layers["raw"] = sp.csr_matrix(dense.X)
+    dense.X = np.log1p(dense.X)  # not counts: only the layer is
+    f = tmp_path / "dense.h5ad"
+    dense.write_h5ad(f)
+    with pytest.raises(InputError, match="non-integer"):
+        Atlas.create(tmp_path / "x.atlas", ad.read_h5ad(f, backed="r"), batch_key="tech", label_key="celltype",
+                     config=TINY)
+    atlas = Atlas.create(tmp_path / "y.atlas", ad.read_h5ad(f, backed="r"), batch_key="tech", label_key="celltype",
+                         layer="raw", config=TINY)
+    assert (atlas.counts() != sp.csr_matrix(pancreas_ref.X)).nnz == 0
