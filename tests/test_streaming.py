@@ -150,6 +150,11 @@ def test_soma_input_errors_leave_the_atlas_as_it_was(atlas_path, files, source, 
     assert snapshot(atlas_path) == before
 
 
+def test_an_anndata_layer_argument_with_a_soma_input_says_where_the_layer_goes(atlas_path, files):
+    with pytest.raises(InputError, match=r"SomaInput\(layer=...\)"):
+        Atlas.open(atlas_path).ingest(SomaInput(files["soma"], layer="data"), batch_key="tech", layer="data")
+
+
 def test_backed_input_with_non_counts_is_refused_before_anything_is_written(tmp_path, atlas_path, pancreas_query):
     bad = pancreas_query.copy()
     bad.X = sp.csr_matrix(bad.X, dtype=np.float32)

@@ -168,6 +168,8 @@ def _counts_where(source: InputData, layer: str | None) -> str:
     """How messages name the counts; refuses a layer the input does not have."""
     if layer is None:
         return source.where
+    if source.soma:
+        raise InputError(f"layer={layer!r} names an AnnData layer; a SomaInput's X layer is SomaInput(layer=...)")
     if layer not in source.layers:
         raise InputError(f"layer {layer!r} is not in adata.layers (layers: {_examples(source.layers)})")
     return f"adata.layers[{layer!r}]"

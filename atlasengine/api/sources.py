@@ -78,6 +78,8 @@ class InputData:
     where: str
     """How messages name the counts (``adata.X``, ``the SOMA experiment ...``)."""
     layers: tuple[str, ...] = ()
+    soma: bool = False
+    """Whether the cells come from a SOMA experiment (its X layer is chosen in :class:`SomaInput`)."""
 
     @property
     def n_obs(self) -> int:
@@ -190,7 +192,7 @@ def _soma_input(source: SomaInput) -> InputData:
                 cols = var_pos[tbl.column("soma_dim_1").to_numpy()]
                 yield sp.csr_matrix((tbl.column("soma_data").to_numpy(), (rows, cols)), shape=(len(ids), n_genes))
 
-    return InputData(obs, var, True, parts, f"X layer {layer!r} of the SOMA experiment {source.uri!r}")
+    return InputData(obs, var, True, parts, f"X layer {layer!r} of the SOMA experiment {source.uri!r}", soma=True)
 
 
 def _names(frame: pd.DataFrame, column: str | None, defaults: tuple[str, ...], joinids: np.ndarray | None,
