@@ -22,10 +22,7 @@ from benchmarks import common as C
 
 
 def run(seed: int, devices: int, cfg: dict, work) -> dict:
-    from sklearn.metrics import roc_auc_score
-
     from atlasengine import Atlas
-    from atlasengine.transfer import evaluate_transfer
 
     sc = C.SCENARIOS["pancreas"]
     ref, query = C.load_scenario("pancreas")
@@ -37,13 +34,7 @@ def run(seed: int, devices: int, cfg: dict, work) -> dict:
                          config=C.atlas_config(cfg["ref_epochs"], cfg["query_epochs"], seed), runtime=runtime)
     t_ref = time.perf_counter() - t0
     res = atlas.ingest(query, batch_key=sc.batch_key, strategy="ewc", runtime=runtime)
-    ev = evaluate_transfer(res.predictions, query.obs[sc.label_key], set(sc.novel))
-    novel = query.obs[sc.label_key].astype(str).isin(sc.novel).to_numpy()
-    drift = atlas.drift()
-    moved = drift[(drift.scope == "vs_first") & (drift.version == 2)]["displacement_mean_aligned"]
-    return {"seed": seed, "devices": devices, "known_accuracy": ev["known_accuracy"],
-            "novel_auroc": float(roc_auc_score(novel, res.predictions.loc[query.obs_names, "novelty"])),
-            "reference_drift": float(moved.iloc[0]) if len(moved) else float("nan"),
+    return {"seed": seed, "devices": devices, **C.fold_in_measures(atlas, res, query, sc),
             "reference_epochs": Atlas.open(path, version=1).info.training["epochs"], "query_epochs": res.training["epochs"],
             "reference_seconds": t_ref, "query_seconds": res.training["seconds"]}
 

@@ -28,10 +28,8 @@ METRICS = ["known_accuracy", "novel_auroc", "reference_drift"]
 def run(job: tuple) -> dict:
     """One scenario x seed x mode: create, fold in with ewc, measure."""
     import anndata as ad
-    from sklearn.metrics import roc_auc_score
 
     from atlasengine import Atlas
-    from atlasengine.transfer import evaluate_transfer
 
     name, seed, mode, cfg, work = job
     sc = C.SCENARIOS[name]
@@ -53,15 +51,9 @@ def run(job: tuple) -> dict:
                          config=C.atlas_config(cfg["ref_epochs"], cfg["query_epochs"], seed), runtime=runtime)
     res = atlas.ingest(query_in, batch_key=sc.batch_key, strategy="ewc", runtime=runtime)
     seconds = time.perf_counter() - t0
-    ev = evaluate_transfer(res.predictions, query.obs[sc.label_key], set(sc.novel))
-    novel = query.obs[sc.label_key].astype(str).isin(sc.novel).to_numpy()
-    drift = atlas.drift()
-    moved = drift[(drift.scope == "vs_first") & (drift.version == 2)]["displacement_mean_aligned"]
+    measures = C.fold_in_measures(atlas, res, query, sc)
     shutil.rmtree(path, ignore_errors=True)
-    return {"scenario": name, "seed": seed, "mode": mode, "known_accuracy": ev["known_accuracy"],
-            "novel_auroc": float(roc_auc_score(novel, res.predictions.loc[query.obs_names, "novelty"])),
-            "reference_drift": float(moved.iloc[0]) if len(moved) else float("nan"),
-            "n_reference": int(ref.n_obs), "n_query": int(query.n_obs), "seconds": seconds}
+    return {"scenario": name, "seed": seed, "mode": mode, **measures, "n_reference": int(ref.n_obs), "n_query": int(query.n_obs), "seconds": seconds}
 
 
 def main() -> None:

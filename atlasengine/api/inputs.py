@@ -307,17 +307,6 @@ def gene_alignment(genes: Sequence[str], atlas_genes: Sequence[str] | None, min_
     return GeneAlignment(select, int(present.sum()), int((~present).sum()), len(genes) - int(present.sum()))
 
 
-def align_genes(
-    counts: sp.csr_matrix, genes: Sequence[str], atlas_genes: Sequence[str], min_overlap: float
-) -> tuple[sp.csr_matrix, int, int, int]:
-    """Reorder columns to the atlas genes, padding absent genes with zeros.
-
-    Refuses when fewer than ``min_overlap`` of the atlas genes are present.
-    """
-    al = gene_alignment(genes, atlas_genes, min_overlap)
-    return al.apply(counts), al.matched, al.padded, al.dropped
-
-
 def prepare_input(
     adata: ad.AnnData | SomaInput | InputData,
     *,

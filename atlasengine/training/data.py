@@ -99,7 +99,7 @@ class RowBatches(Dataset):
         self.parts = [(data, np.asarray(rows, dtype=np.int64)) for data, rows in parts]
         self.offsets = np.cumsum([0] + [len(rows) for _, rows in self.parts])
         self.block = block
-        self._cache: dict[tuple[int, int], tuple[np.ndarray, CellData]] = {}  # (part, key) -> (positions, cells)
+        self._cache: dict[tuple[int, int], CellData] = {}  # (part, block key) -> the block's cells
         self.n_genes = self.parts[0][0].n_genes if self.parts else 0
 
     def __len__(self) -> int:
@@ -110,13 +110,13 @@ class RowBatches(Dataset):
         """Pickle without the cached blocks (a DataLoader worker or a forked process reads its own)."""
         return {**self.__dict__, "_cache": {}}
 
-    def _read_block(self, k: int, key: int, local: np.ndarray) -> tuple[np.ndarray, CellData]:
+    def _read_block(self, k: int, key: int, local: np.ndarray) -> CellData:
         """Return the cells of part ``k`` at the sorted local positions ``local``, read once per block ``key``."""
         if (k, key) not in self._cache:
             while len(self._cache) >= 2:  # the oldest block goes before the next is read
                 self._cache.pop(next(iter(self._cache)))
             data, rows = self.parts[k]
-            self._cache[(k, key)] = (local, data.read(rows[local]))
+            self._cache[(k, key)] = data.read(rows[local])
         return self._cache[(k, key)]
 
     def __getitem__(self, item: np.ndarray | Draw) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +146,7 @@ class RowBatches(Dataset):
                 found = (inside < len(block)) & (block[np.minimum(inside, len(block) - 1)] == local[at])
                 if not found.any():
                     continue
-                _, cells = self._read_block(int(k), key, block)
+                cells = self._read_block(int(k), key, block)
                 take = at[found]
                 x[here[take]] = cells.counts[inside[found]].toarray()
                 batch[here[take]] = cells.batch[inside[found]]
