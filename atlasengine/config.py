@@ -70,11 +70,15 @@ class RuntimeConfig(_Strict):
     accelerator: str = "auto"
     devices: int | str = 1
     progress: bool | None = None
-    strategy: Literal["auto", "ddp_fork"] = Field(
+    strategy: Literal["auto", "ddp_fork", "ddp_spawn"] = Field(
         "auto",
-        description="how several devices train: 'auto' is Lightning's single-device loop for devices=1 and "
-        "'ddp_fork' above; 'ddp_fork': Lightning's DistributedDataParallel with processes forked from this one "
-        "(gloo on CPU, NCCL on GPUs), so only this process runs the calling script and writes the atlas",
+        description="how several devices train: 'auto' is Lightning's single-device loop for devices=1, and "
+        "above it 'ddp_fork' for cells in memory and 'ddp_spawn' for a streamed input; both are Lightning's "
+        "DistributedDataParallel (gloo on CPU, NCCL on GPUs) in processes that only train, so only this process "
+        "runs the calling script and writes the atlas. 'ddp_fork' forks them from this one (nothing is copied; "
+        "refused with a streamed input: TileDB reads hang in forked processes); 'ddp_spawn' starts fresh "
+        "interpreters that open the cell store themselves (a calling script needs the "
+        "`if __name__ == '__main__':` guard)",
     )
     block_cells: int = Field(
         65_536, ge=1,

@@ -57,7 +57,7 @@ def cmd_create(args) -> None:
     config = {"reference_training": {"max_epochs": args.epochs}} if args.epochs is not None else None
     data, layer = _source(args)
     atlas = Atlas.create(args.path, data, batch_key=args.batch_key, label_key=args.label_key,
-                         dataset=args.dataset, layer=layer, config=config)
+                         dataset=args.dataset, layer=layer, config=config, runtime=_runtime(args))
     print(f"created {atlas}")
 
 
@@ -69,7 +69,7 @@ def cmd_ingest(args) -> None:
     training = {"max_epochs": args.epochs} if args.epochs is not None else None
     data, layer = _source(args)
     res = atlas.ingest(data, batch_key=args.batch_key, strategy=args.strategy, label_key=args.label_key,
-                       dataset=args.dataset, layer=layer, training=training)
+                       dataset=args.dataset, layer=layer, training=training, runtime=_runtime(args))
     p = res.predictions
     low, high = p.attrs["novel_share_interval"]
     print(f"version {res.version.number} ({args.strategy}): {res.version.n_new_cells} cells folded in, "
@@ -167,12 +167,21 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), quick=args.quick)
 
 
+def _runtime(args) -> dict:
+    """Return the machine settings of create / ingest: accelerator and training processes."""
+    devices = args.devices.strip()
+    return {"accelerator": args.accelerator, "devices": int(devices) if devices.isdigit() else devices}
+
+
 def _streaming_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backed", action="store_true",
                    help="read the .h5ad backed: counts in parts, never whole in memory (for data larger than memory)")
     p.add_argument("--soma", action="store_true",
                    help="the input is a TileDB-SOMA experiment (a folder or URI); --layer names its X layer")
     p.add_argument("--obs-filter", help="with --soma: a SOMA value filter selecting cells, e.g. \"tissue == 'lung'\"")
+    p.add_argument("--accelerator", default="auto", help="where training runs: auto (a GPU if there is one), cpu, gpu")
+    p.add_argument("--devices", default="1",
+                   help="training processes (DDP): a count, or GPU ids such as 0,1 (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,32 +20,48 @@ from atlasengine.errors import InputError
 from atlasengine.model import CVAE
 from atlasengine.training import CellData, CellSource, TrainResult, fit
 
-__all__ = ["STRATEGIES", "FoldInStrategy", "fold_in", "surgery_mode"]
+__all__ = ["STRATEGIES", "FoldInStrategy", "NewBatchRowsOnly", "fold_in", "surgery_mode"]
+
+
+class NewBatchRowsOnly:
+    """Surgery's gradient filter: zeroes the old batch rows' gradients of the batch-covariate weights.
+
+    Called by the training plan after every backward pass (after DDP has averaged the
+    gradients). A plain object rather than a tensor hook, so it travels to spawned training
+    processes (torch drops tensor hooks when it pickles a parameter).
+
+    Example
+    -------
+    >>> from atlasengine.model import CVAE
+    >>> m = CVAE(n_genes=5, n_batches=3)
+    >>> m.loss(torch.ones(2, 5), torch.tensor([0, 2])).loss.backward()
+    >>> NewBatchRowsOnly(m.batch_parameter_names(), 2)(m)
+    >>> all(p.grad[:2].abs().sum() == 0 for n, p in m.named_parameters() if n in m.batch_parameter_names())
+    True
+    """
+
+    def __init__(self, names: list[str], n_old_batches: int) -> None:
+        self.names, self.n_old_batches = list(names), n_old_batches
+
+    def __call__(self, module: torch.nn.Module) -> None:
+        """Zero the gradient rows ``< n_old_batches`` of the named parameters."""
+        params = dict(module.named_parameters())
+        for name in self.names:
+            grad = params[name].grad
+            if grad is not None:
+                grad[: self.n_old_batches] = 0
 
 
 @contextmanager
-def surgery_mode(module: CVAE, n_old_batches: int) -> Iterator[None]:
-    """Freeze everything but the batch rows ``>= n_old_batches``; restore on exit."""
+def surgery_mode(module: CVAE, n_old_batches: int) -> Iterator[NewBatchRowsOnly]:
+    """Freeze everything but the batch-covariate weights; yield the filter that keeps their old rows; restore on exit."""
     batch_names = set(module.batch_parameter_names())
-    handles = []
     saved = {n: p.requires_grad for n, p in module.named_parameters()}
-
-    def keep_new_rows(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        grad[:n_old_batches] = 0
-        return grad
-
     try:
         for name, p in module.named_parameters():
-            if name in batch_names:
-                p.requires_grad_(True)
-                handles.append(p.register_hook(keep_new_rows))
-            else:
-                p.requires_grad_(False)
-        yield
+            p.requires_grad_(name in batch_names)
+        yield NewBatchRowsOnly(sorted(batch_names), n_old_batches)
     finally:
-        for h in handles:
-            h.remove()
         for name, p in module.named_parameters():
             p.requires_grad_(saved[name])
 
@@ -91,8 +107,9 @@ def fold_in(
     """
     name = f"training ({strategy})"
     if strategy == "surgery":
-        with surgery_mode(module, n_old_batches):
-            return fit(module, query, training.model_copy(update={"weight_decay": 0.0}), runtime=runtime, name=name)
+        with surgery_mode(module, n_old_batches) as keep_old_rows:
+            return fit(module, query, training.model_copy(update={"weight_decay": 0.0}), gradient_filter=keep_old_rows,
+                       runtime=runtime, name=name)
     if strategy == "finetune":
         return fit(module, query, training, runtime=runtime, name=name)
     if strategy == "ewc":

@@ -9,6 +9,7 @@ their own beside ``obs`` (see :mod:`atlasengine.store.metadata`).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -213,6 +214,12 @@ def _read_context(settings: tuple[tuple[str, str], ...] = ()) -> tiledbsoma.SOMA
         tiledb_config={"sm.mem.total_budget": READ_MEMORY_BUDGET, "soma.init_buffer_bytes": 64 * 2**20,
                        **dict(settings)}
     )
+
+
+# The contexts' thread pools are stopped before the interpreter tears its modules down: a context
+# left to that teardown aborted spawned training processes as they exited ("terminate called
+# without an active exception", 2 exits in 3).
+atexit.register(_read_context.cache_clear)
 
 
 class CellStore:

@@ -8,6 +8,9 @@ engine shows one bar, or one log line, for the whole training phase.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
+import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -24,7 +27,7 @@ from atlasengine.config import RuntimeConfig, TrainingConfig
 from atlasengine.errors import InputError, TrainingError
 from atlasengine.progress import Phase, phase
 from atlasengine.training.data import CellData, CellSource, iter_chunks, make_loaders
-from atlasengine.training.plan import Penalty, TrainingPlan
+from atlasengine.training.plan import GradientFilter, Penalty, TrainingPlan
 
 _LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning")
 
@@ -63,33 +66,42 @@ def _advance_per_epoch(progress: Phase) -> Callable[[dict[str, float]], None]:
     return on_epoch
 
 
+def _silence_lightning() -> None:
+    """Raise Lightning's loggers to errors and ignore its warnings and data-loader advice in this process."""
+    for name in _LIGHTNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"lightning(\.|$)")
+    warnings.filterwarnings("ignore", module=r"pytorch_lightning(\.|$)")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
 @contextmanager
 def quiet_lightning() -> Iterator[None]:
     """Keep Lightning's tips, device lines and data-loader advice out of a normal run."""
     saved = {name: logging.getLogger(name).level for name in _LIGHTNING_LOGGERS}
-    for name in _LIGHTNING_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", module=r"lightning(\.|$)")
-            warnings.filterwarnings("ignore", module=r"pytorch_lightning(\.|$)")
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            _silence_lightning()
             yield
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
 
 
-def _strategy(runtime: RuntimeConfig) -> str:
-    """Lightning's strategy for ``runtime``: its own choice for one device, DDP in forked processes for several.
+def _strategy(runtime: RuntimeConfig, streamed: bool = False) -> str:
+    """Lightning's strategy for ``runtime``: its own choice for one device, DDP in new processes for several.
 
     Lightning's default for several devices (``"ddp"``) starts the calling script again in each
-    process, so every process would run the user's whole script and write the atlas; the fork
-    launcher runs only the training in the other processes.
+    process, so every process would run the user's whole script and write the atlas. Cells in
+    memory train in processes forked from this one (``"ddp_fork"``: nothing is copied); cells read
+    from the store train in spawned processes (``"ddp_spawn"``) that open the store themselves,
+    because TileDB reads hang in a process forked from one that has used TileDB.
     """
     if runtime.strategy != "auto":
         return runtime.strategy
-    return "ddp_fork" if _device_count(runtime) > 1 else "auto"
+    if _device_count(runtime) <= 1:
+        return "auto"
+    return "ddp_spawn" if streamed else "ddp_fork"
 
 
 def _device_count(runtime: RuntimeConfig) -> int:
@@ -108,6 +120,63 @@ def _device_count(runtime: RuntimeConfig) -> int:
 def _processes(runtime: RuntimeConfig) -> int:
     """How many training processes ``runtime`` starts (Lightning's count of devices for the strategy)."""
     return 1 if _strategy(runtime) == "auto" else max(1, _device_count(runtime))
+
+
+class _EpochRelay:
+    """Carries each epoch's losses from the training process of rank 0 to this process's progress display.
+
+    A queue of the start method the training processes are made with (it travels with the
+    training plan); this process reads it in a thread while Lightning waits for the processes.
+    """
+
+    def __init__(self, start_method: str) -> None:
+        self.queue = mp.get_context(start_method).SimpleQueue()
+
+    def __call__(self, row: dict[str, float]) -> None:
+        """Send one epoch's losses (called in the training process of rank 0)."""
+        self.queue.put(row)
+
+
+@contextmanager
+def _epoch_reports(progress: Phase, strategy: str) -> Iterator[Callable[[dict[str, float]], None]]:
+    """Yield the plan's per-epoch callback: it advances ``progress`` here, or from the training processes through a queue."""
+    on_epoch = _advance_per_epoch(progress)
+    if strategy not in ("ddp_fork", "ddp_spawn"):
+        yield on_epoch
+        return
+    relay = _EpochRelay(strategy.removeprefix("ddp_"))
+
+    def drain() -> None:
+        while (row := relay.queue.get()) is not None:
+            on_epoch(row)
+
+    reader = threading.Thread(target=drain, name="epoch-reports", daemon=True)
+    reader.start()
+    try:
+        yield relay
+    finally:
+        relay.queue.put(None)
+        reader.join()
+        relay.queue.close()
+
+
+class _SpawnedProcess(L.Callback):
+    """Keeps Lightning quiet in spawned training processes, as :func:`quiet_lightning` keeps it here.
+
+    A spawned process starts a fresh interpreter and unpickles the trainer, callbacks included:
+    this callback silences Lightning's loggers and warnings as it is unpickled in another
+    process, before Lightning prints its device and process lines there. (Lightning itself
+    gives each process its share of the CPU threads.)
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+
+    def __setstate__(self, state: dict) -> None:
+        """Restore the callback; in another process than the one that made it, silence Lightning."""
+        self.__dict__.update(state)
+        if os.getpid() != self.pid:
+            _silence_lightning()
 
 
 def check_runtime(runtime: RuntimeConfig) -> None:
@@ -139,6 +208,7 @@ def fit(
     penalty: Penalty | None = None,
     runtime: RuntimeConfig | None = None,
     name: str = "training",
+    gradient_filter: GradientFilter | None = None,
 ) -> TrainResult:
     """Train ``module`` in place on ``query`` (mixed with ``replay`` cells) and return the run's record.
 
@@ -159,6 +229,8 @@ def fit(
         Accelerator, devices and progress display (never stored).
     name
         The phase's name in the progress bar or log line.
+    gradient_filter
+        ``gradient_filter(module)`` changes the gradients before each optimiser step (surgery).
 
     Returns
     -------
@@ -174,17 +246,20 @@ def fit(
     L.seed_everything(config.seed, workers=False, verbose=False)
     # several processes share each minibatch: the same cells per optimiser step and steps per epoch as one process
     per_process = -(-config.batch_size // _processes(runtime))
-    if _processes(runtime) > 1 and not isinstance(query, CellData):
-        raise InputError("training in several processes reads its cells from memory: a streamed input (backed "
-                            "AnnData or SomaInput) trains in one process (devices=1), or pass the AnnData in memory")
+    streamed = not isinstance(query, CellData)
+    strategy = _strategy(runtime, streamed)
+    if streamed and strategy == "ddp_fork":
+        raise InputError("strategy='ddp_fork' cannot train on a streamed input (backed AnnData or SomaInput): TileDB "
+                         "reads hang in forked processes; use strategy='ddp_spawn' (the default for several devices)")
     train, val = make_loaders(query, replay, per_process, replay_fraction, config.validation_fraction, config.seed,
                               block=runtime.block_cells)
     module.train()  # dropout on; Lightning keeps whatever mode the module is in
     max_epochs = config.max_epochs or default_epochs(len(query), config.epochs_cap)
     start = time.perf_counter()
     with quiet_lightning(), phase(name, total=max_epochs, unit="epochs", progress=runtime.progress) as progress:
-        plan = TrainingPlan(module, config, penalty, on_epoch=_advance_per_epoch(progress))
         callbacks: list[L.Callback] = []
+        if strategy == "ddp_spawn":
+            callbacks.append(_SpawnedProcess())
         if config.early_stopping and val is not None:
             callbacks.append(EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience, mode="min"))
         try:
@@ -192,7 +267,7 @@ def fit(
                 max_epochs=max_epochs,
                 accelerator=runtime.accelerator,
                 devices=runtime.devices,
-                strategy=_strategy(runtime),
+                strategy=strategy,
                 logger=False,
                 enable_checkpointing=False,
                 enable_model_summary=False,
@@ -203,7 +278,8 @@ def fit(
                 log_every_n_steps=max(1, len(train)),
                 gradient_clip_val=None,
             )
-            with _one_thread_per_process(trainer):
+            with _epoch_reports(progress, strategy) as on_epoch, _one_thread_per_process(trainer, strategy):
+                plan = TrainingPlan(module, config, penalty, on_epoch=on_epoch, gradient_filter=gradient_filter)
                 trainer.fit(plan, train_dataloaders=train, val_dataloaders=val)
         except TrainingError:
             raise
@@ -223,13 +299,13 @@ def fit(
 
 
 @contextmanager
-def _one_thread_per_process(trainer: L.Trainer) -> Iterator[None]:
-    """One torch (OpenMP) thread in each forked training process on CPU, restored here afterwards.
+def _one_thread_per_process(trainer: L.Trainer, strategy: str) -> Iterator[None]:
+    """One torch (OpenMP) thread in each forked training process on CPU (``ddp_fork``), restored here afterwards.
 
     GNU OpenMP is not safe across fork: a forked process that opens a parallel region of the
     threads this one started hangs. With one thread each, the processes use the cores instead.
     """
-    if trainer.world_size <= 1 or trainer.strategy.root_device.type != "cpu":
+    if strategy != "ddp_fork" or trainer.world_size <= 1 or trainer.strategy.root_device.type != "cpu":
         yield
         return
     threads = torch.get_num_threads()

@@ -17,10 +17,15 @@ from atlasengine.errors import TrainingError
 from atlasengine.faults import fault_point
 
 Penalty = Callable[[nn.Module], torch.Tensor]
+GradientFilter = Callable[[nn.Module], None]
 
 
 class TrainingPlan(L.LightningModule):
-    """Optimises ``module.loss`` (+ ``penalty``) with Adam over the trainable parameters."""
+    """Optimises ``module.loss`` (+ ``penalty``) with Adam over the trainable parameters.
+
+    ``gradient_filter(module)`` runs after each backward pass, before the optimiser step (surgery
+    zeroes the gradients of the weights it keeps).
+    """
 
     def __init__(
         self,
@@ -28,11 +33,13 @@ class TrainingPlan(L.LightningModule):
         config: TrainingConfig,
         penalty: Penalty | None = None,
         on_epoch: Callable[[dict[str, float]], None] | None = None,
+        gradient_filter: GradientFilter | None = None,
     ) -> None:
         super().__init__()
         self.module = module
         self.config = config
         self.penalty = penalty
+        self.gradient_filter = gradient_filter
         self.on_epoch = on_epoch
         self.history: list[dict[str, float]] = []
         self._epoch_sums: dict[str, float] = {}
@@ -64,6 +71,11 @@ class TrainingPlan(L.LightningModule):
             self._accumulate("penalty", pen.detach().item(), n)
         return loss
 
+    def on_after_backward(self) -> None:
+        """Let ``gradient_filter`` change the gradients (averaged over processes under DDP) before the step."""
+        if self.gradient_filter is not None:
+            self.gradient_filter(self.module)
+
     def validation_step(self, batch, batch_idx):
         """Log the minibatch's negative ELBO (full KL weight) as ``val_loss``."""
         x, b = batch
@@ -89,7 +101,7 @@ class TrainingPlan(L.LightningModule):
         self.log("train_loss", row.get("train_loss", float("nan")), prog_bar=True, sync_dist=sync)
         if "penalty" in row:
             self.log("penalty", row["penalty"], sync_dist=sync)
-        self.log("epochs_run", float(self.current_epoch + 1))
+        self.log("epochs_run", float(self.current_epoch + 1), sync_dist=sync)  # the same in every process
 
     def configure_optimizers(self):
         """Return Adam over the trainable parameters of the module (fused kernel on CPU and CUDA)."""
