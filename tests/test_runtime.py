@@ -63,3 +63,14 @@ def test_a_device_setting_that_cannot_run_is_refused_before_anything_is_written(
         Atlas.create(tmp_path / "new.atlas", pancreas_query, batch_key="tech", label_key="celltype", config=TINY,
                      runtime=runtime)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pancreas.atlas"]
+
+
+def test_a_script_started_several_times_by_torchrun_is_refused_before_anything_is_written(atlas_path, pancreas_query,
+                                                                                          monkeypatch):
+    """Under torchrun every copy of the script would fold the query in; the engine starts its own processes."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # what torch.distributed.is_torchelastic_launched reads
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    before = snapshot(atlas_path)
+    with pytest.raises(InputError, match="one of 2 started by torchrun"):
+        Atlas.open(atlas_path).ingest(pancreas_query, batch_key="tech", strategy="surgery")
+    assert snapshot(atlas_path) == before

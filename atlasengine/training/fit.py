@@ -183,13 +183,19 @@ def check_runtime(runtime: RuntimeConfig) -> None:
     """Refuse, before anything is written, machine settings that cannot train here.
 
     Lightning checks the accelerator, devices and strategy when its Trainer is built (cheap;
-    nothing runs).
+    nothing runs). A process that is one of several started by ``torchrun`` is refused: the
+    engine starts its own training processes, and every copy of the script would write the atlas.
 
     Raises
     ------
     InputError
         Naming the setting.
     """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_torchelastic_launched():
+        raise InputError(f"this process is one of {world} started by torchrun, and each would write the atlas: "
+                         "run the script once (python script.py) with runtime devices=N, and atlasengine starts the "
+                         "N training processes itself")
     with quiet_lightning():
         try:
             L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, strategy=_strategy(runtime),
