@@ -171,12 +171,17 @@ def test_backed_input_with_non_counts_is_refused_before_anything_is_written(tmp_
     assert snapshot(atlas_path) == before
 
 
-def test_streamed_training_refuses_forked_processes(tmp_path, files):
-    """TileDB reads hang in a forked process: asking for ddp_fork with a streamed input is refused up front."""
+def test_streamed_training_refuses_forked_processes(tmp_path, files, atlas_path):
+    """TileDB reads hang in a forked process: ddp_fork with a streamed input is refused before anything is written."""
+    forked = {"devices": 2, "accelerator": "cpu", "strategy": "ddp_fork"}
     with pytest.raises(InputError, match="ddp_spawn"):
         Atlas.create(tmp_path / "x.atlas", _read_backed(files["ref"]), batch_key="tech", label_key="celltype",
-                     config=TINY, runtime={"devices": 2, "accelerator": "cpu", "strategy": "ddp_fork"})
+                     config=TINY, runtime=forked)
     assert not (tmp_path / "x.atlas").exists()
+    before = snapshot(atlas_path)
+    with pytest.raises(InputError, match="ddp_spawn"):
+        Atlas.open(atlas_path).ingest(_read_backed(files["query"]), batch_key="tech", runtime=forked)
+    assert snapshot(atlas_path) == before
 
 
 SPAWNED = """

@@ -179,12 +179,19 @@ class _SpawnedProcess(L.Callback):
             _silence_lightning()
 
 
-def check_runtime(runtime: RuntimeConfig) -> None:
+def _refuse_forked_stream(strategy: str, streamed: bool) -> None:
+    if streamed and strategy == "ddp_fork":
+        raise InputError("strategy='ddp_fork' cannot train on a streamed input (backed AnnData or SomaInput): TileDB "
+                         "reads hang in forked processes; use strategy='ddp_spawn' (the default for several devices)")
+
+
+def check_runtime(runtime: RuntimeConfig, streamed: bool = False) -> None:
     """Refuse, before anything is written, machine settings that cannot train here.
 
     Lightning checks the accelerator, devices and strategy when its Trainer is built (cheap;
-    nothing runs). A process that is one of several started by ``torchrun`` is refused: the
-    engine starts its own training processes, and every copy of the script would write the atlas.
+    nothing runs); ``streamed``: the input is read from the cell store (no forked processes). A
+    process that is one of several started by ``torchrun`` is refused: the engine starts its own
+    training processes, and every copy of the script would write the atlas.
 
     Raises
     ------
@@ -196,9 +203,11 @@ def check_runtime(runtime: RuntimeConfig) -> None:
         raise InputError(f"this process is one of {world} started by torchrun, and each would write the atlas: "
                          "run the script once (python script.py) with runtime devices=N, and atlasengine starts the "
                          "N training processes itself")
+    strategy = _strategy(runtime, streamed)
+    _refuse_forked_stream(strategy, streamed)
     with quiet_lightning():
         try:
-            L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, strategy=_strategy(runtime),
+            L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, strategy=strategy,
                       logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
         except Exception as exc:  # Lightning raises ValueError, MisconfigurationException, TypeError
             raise InputError(f"runtime accelerator={runtime.accelerator!r}, devices={runtime.devices!r}, "
@@ -254,9 +263,7 @@ def fit(
     per_process = -(-config.batch_size // _processes(runtime))
     streamed = not isinstance(query, CellData)
     strategy = _strategy(runtime, streamed)
-    if streamed and strategy == "ddp_fork":
-        raise InputError("strategy='ddp_fork' cannot train on a streamed input (backed AnnData or SomaInput): TileDB "
-                         "reads hang in forked processes; use strategy='ddp_spawn' (the default for several devices)")
+    _refuse_forked_stream(strategy, streamed)
     train, val = make_loaders(query, replay, per_process, replay_fraction, config.validation_fraction, config.seed,
                               block=runtime.block_cells)
     module.train()  # dropout on; Lightning keeps whatever mode the module is in
