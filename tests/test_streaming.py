@@ -184,6 +184,18 @@ def test_streamed_training_refuses_forked_processes(tmp_path, files, atlas_path)
     assert snapshot(atlas_path) == before
 
 
+def test_streamed_training_on_several_processes_from_a_notebook_is_refused_with_why(atlas_path, files, monkeypatch):
+    """Lightning spawns no processes in an interactive session (it tests sys.ps1): say so, before anything is written."""
+    import sys
+
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)
+    before = snapshot(atlas_path)
+    with pytest.raises(InputError, match="only from a script"):
+        Atlas.open(atlas_path).ingest(_read_backed(files["query"]), batch_key="tech",
+                                      runtime={"devices": 2, "accelerator": "cpu"})
+    assert snapshot(atlas_path) == before
+
+
 SPAWNED = """
 import sys, anndata as ad, numpy as np
 from atlasengine import Atlas

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import sys
 import threading
 import time
 import warnings
@@ -180,9 +181,15 @@ class _SpawnedProcess(L.Callback):
 
 
 def _refuse_forked_stream(strategy: str, streamed: bool) -> None:
-    if streamed and strategy == "ddp_fork":
+    if not streamed:
+        return
+    if strategy == "ddp_fork":
         raise InputError("strategy='ddp_fork' cannot train on a streamed input (backed AnnData or SomaInput): TileDB "
                          "reads hang in forked processes; use strategy='ddp_spawn' (the default for several devices)")
+    if strategy == "ddp_spawn" and (hasattr(sys, "ps1") or sys.flags.interactive):  # Lightning's test of a notebook
+        raise InputError("a streamed input (backed AnnData or SomaInput) trains on several processes only from a "
+                         "script: Lightning spawns no processes in a notebook or interactive session, and TileDB "
+                         "reads hang in forked ones; use devices=1 here, or run the same code as a script")
 
 
 def check_runtime(runtime: RuntimeConfig, streamed: bool = False) -> None:
