@@ -121,24 +121,26 @@ NOTES = [
 
 
 def previous_page(name: str) -> str | None:
-    """Return the commit (short hash and date) of the last committed ``RESULTS.md`` that holds ``name``'s figures.
+    """Return the commit (short hash and date) of the last committed ``RESULTS.md`` with ``name``'s full figures.
 
-    A page holds them when its commands table has a row for ``name`` (a page that did not re-run it
-    only points further back).
+    A page holds them when its commands table has a full (not quick) row for ``name``; a page
+    that did not re-run it only points further back.
     """
     import subprocess
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=C.BENCH_DIR, capture_output=True, text=True, check=True).stdout
+    def git(*args: str) -> str | None:
+        done = subprocess.run(["git", *args], cwd=C.BENCH_DIR, capture_output=True, text=True)
+        return done.stdout if done.returncode == 0 else None
 
     try:
-        commits = git("log", "--format=%h|%ad", "--date=short", "--", "RESULTS.md").split()
-        for line in commits:
-            commit, date = line.split("|")
-            if f"\n| {name} | `" in git("show", f"{commit}:./RESULTS.md"):
-                return f"{commit} ({date})"
-    except (OSError, subprocess.CalledProcessError):
+        log = git("log", "--format=%h|%ad", "--date=short", "--", "RESULTS.md") or ""
+    except OSError:
         return None
+    for line in log.split():
+        commit, date = line.split("|")
+        page = git("show", f"{commit}:./RESULTS.md") or ""  # (a commit that deleted the page has none)
+        if re.search(rf"^\| {re.escape(name)} \| `.*\| full \|", page, flags=re.M):
+            return f"{commit} ({date})"
     return None
 
 
@@ -276,7 +278,8 @@ def main() -> None:
                      f"{'QUICK' if js.get('quick') else 'full'} | {js.get('wall_seconds', float('nan')) / 60:.1f} min |")
     missing = [n for n in ORDER if n not in found]
     if missing:
-        where = [f"{n} in commit {previous_page(n) or 'none found'}" for n in missing]
+        where = [f"{n}: commit {found_in}" if (found_in := previous_page(n)) else f"{n}: no committed page"
+                 for n in missing]
         lines += ["", f"Not re-run for this page: {', '.join(missing)}. Their last figures are in earlier pages "
                   f"of `benchmarks/RESULTS.md` ({'; '.join(where)}; `git show <commit>:benchmarks/RESULTS.md`), "
                   "measured at the engine state those pages name."]

@@ -241,6 +241,43 @@ def test_streamed_input_trains_in_two_spawned_processes(tmp_path, files):
         assert chatter not in proc.stderr, proc.stderr[-3000:]
 
 
+UNGUARDED = """
+import sys, anndata as ad
+from atlasengine import Atlas
+print("script ran", flush=True)
+Atlas.open(sys.argv[1]).ingest(ad.read_h5ad(sys.argv[2], backed="r"), batch_key="tech", training={"max_epochs": 1},
+                               runtime={"devices": 2, "accelerator": "cpu", "progress": False})
+"""
+
+
+def test_a_script_without_the_main_guard_is_refused_before_anything_is_written(tmp_path, files, atlas_path):
+    """Spawned processes import the calling script and would run its work again: refused, naming the line.
+
+    (A spawned process that fails there leaves its parent blocked writing the training's data into
+    the pipe: the parent must see it first.) The same work under the guard trains.
+    """
+    import subprocess
+    import sys
+
+    before = snapshot(atlas_path)
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED)
+    proc = subprocess.run([sys.executable, str(script), str(atlas_path), str(files["query"])],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stdout.count("script ran") == 1
+    assert f'{script}, line 5:' in proc.stderr and 'if __name__ == "__main__":' in proc.stderr, proc.stderr[-3000:]
+    assert snapshot(atlas_path) == before
+    guarded = UNGUARDED.replace("\nAtlas.open", '\nif __name__ == "__main__":\n    Atlas.open').replace(
+        "\n                               runtime", "\n                                   runtime")
+    script.write_text(guarded)
+    proc = subprocess.run([sys.executable, str(script), str(atlas_path), str(files["query"])],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("script ran") == 3  # the spawned processes import the script, and stop at the guard
+    assert len(Atlas.open(atlas_path).versions) == 2
+
+
 def test_command_line_streams_backed_files_and_soma_experiments(tmp_path, files, reference_atlas, capsys):
     import shutil
 

@@ -36,7 +36,7 @@ import torch
 
 from atlasengine.api.audit import drift_rows, rebuild_drift, transfer_summary, write_drift
 from atlasengine.api.inputs import PreparedInput, prepare_gene_columns, prepare_input, prepare_metadata
-from atlasengine.api.sources import SomaInput, as_input
+from atlasengine.api.sources import SomaInput, as_input, is_streamed
 from atlasengine.config import AtlasConfig, ContinualConfig, FoldInStrategy, RuntimeConfig, TrainingConfig
 from atlasengine.continual import AccumulatedFisher, fold_in, version_fisher
 from atlasengine.errors import AtlasIntegrityError, AtlasWriteError, InputError
@@ -205,11 +205,11 @@ def create(
     The atlas is built beside ``root`` and renamed into place when complete.
     """
     check_atlas_path(root)
-    source = as_input(adata)
-    check_runtime(runtime, streamed=source.streamed)
+    check_runtime(runtime, streamed=is_streamed(adata) and pretrained is None)  # a pretrained model trains nothing
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise InputError(f"{root} already exists; choose a new path or open it with Atlas.open")
     genes = pretrained.genes if pretrained else None
+    source = as_input(adata)
     prep = prepare_input(source, batch_key=batch_key, label_key=label_key, layer=layer, dataset=dataset,
                          atlas_genes=genes, min_gene_overlap=1.0 if pretrained else config.continual.min_gene_overlap)
     prep.metadata = prepare_metadata(source.obs, {})
@@ -303,14 +303,14 @@ def ingest(
     runtime: RuntimeConfig,
 ) -> Committed:
     """Fold ``adata`` into the atlas at ``store`` as the version after its newest one."""
-    source = as_input(adata)
-    check_runtime(runtime, streamed=source.streamed)
+    check_runtime(runtime, streamed=is_streamed(adata))
     with WriteLock(store.root) as lock:
         manifest, started_from, parent = start_writing(store)
         number = parent.number + 1
         dataset = dataset or f"dataset_v{number}"
         if any(d.name == dataset for d in manifest.datasets):
             raise InputError(f"a dataset named {dataset!r} is already in the atlas; pass dataset=<new name>")
+        source = as_input(adata)
         prep = prepare_input(
             source, batch_key=batch_key, label_key=label_key, layer=layer, dataset=dataset, atlas_genes=parent.genes(),
             min_gene_overlap=continual.min_gene_overlap, existing_batches=parent.info.batches, new_batches_only=True,

@@ -106,6 +106,13 @@ class InputData:
         return self._parts(layer)
 
 
+def is_streamed(data: object) -> bool:
+    """Whether ``data`` is read in parts (a backed AnnData or a :class:`SomaInput`), without reading it."""
+    if isinstance(data, InputData):
+        return data.streamed
+    return isinstance(data, SomaInput) or (isinstance(data, ad.AnnData) and data.isbacked)
+
+
 def as_input(data: ad.AnnData | SomaInput | InputData, chunk_cells: int = CHUNK_CELLS) -> InputData:
     """Return ``data`` (an AnnData, backed or not, or a :class:`SomaInput`) as :class:`InputData`.
 

@@ -2,7 +2,7 @@
 
 from atlasengine.continual.ewc import EWCPenalty
 from atlasengine.continual.fisher import AccumulatedFisher, diagonal_fisher, fisher_summary, version_fisher
-from atlasengine.continual.strategies import STRATEGIES, FoldInStrategy, fold_in, surgery_mode
+from atlasengine.continual.strategies import STRATEGIES, FoldInStrategy, NewBatchRowsOnly, fold_in, surgery_mode
 
 __all__ = [
     "AccumulatedFisher",
@@ -12,6 +12,7 @@ __all__ = [
     "diagonal_fisher",
     "fisher_summary",
     "fold_in",
+    "NewBatchRowsOnly",
     "surgery_mode",
     "version_fisher",
 ]

@@ -54,7 +54,13 @@ class NewBatchRowsOnly:
 
 @contextmanager
 def surgery_mode(module: CVAE, n_old_batches: int) -> Iterator[NewBatchRowsOnly]:
-    """Freeze everything but the batch-covariate weights; yield the filter that keeps their old rows; restore on exit."""
+    """Freeze everything but the batch-covariate weights; yield the filter that keeps their old rows; restore on exit.
+
+    The old rows stay fixed only where the yielded :class:`NewBatchRowsOnly` is applied after
+    each backward pass (``fit(..., gradient_filter=...)`` does). Earlier, this context registered
+    tensor hooks instead, which torch drops when it pickles a parameter for a spawned training
+    process.
+    """
     batch_names = set(module.batch_parameter_names())
     saved = {n: p.requires_grad for n, p in module.named_parameters()}
     try:

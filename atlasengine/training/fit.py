@@ -7,9 +7,12 @@ engine shows one bar, or one log line, for the whole training phase.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import logging
 import multiprocessing as mp
 import os
+import queue
 import sys
 import threading
 import time
@@ -17,6 +20,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -124,40 +128,62 @@ def _processes(runtime: RuntimeConfig) -> int:
 
 
 class _EpochRelay:
-    """Carries each epoch's losses from the training process of rank 0 to this process's progress display.
+    """Carries each epoch's losses from the training process of rank 0 to this process.
 
     A queue of the start method the training processes are made with (it travels with the
     training plan); this process reads it in a thread while Lightning waits for the processes.
     """
 
     def __init__(self, start_method: str) -> None:
-        self.queue = mp.get_context(start_method).SimpleQueue()
+        self.queue = mp.get_context(start_method).Queue()
 
     def __call__(self, row: dict[str, float]) -> None:
-        """Send one epoch's losses (called in the training process of rank 0)."""
+        """Send one epoch's losses (called in the training process of rank 0; never blocks)."""
         self.queue.put(row)
 
 
 @contextmanager
-def _epoch_reports(progress: Phase, strategy: str) -> Iterator[Callable[[dict[str, float]], None]]:
-    """Yield the plan's per-epoch callback: it advances ``progress`` here, or from the training processes through a queue."""
+def _epoch_reports(progress: Phase, strategy: str,
+                   rows: list[dict[str, float]]) -> Iterator[Callable[[dict[str, float]], None]]:
+    """Yield the plan's per-epoch callback: it advances ``progress`` here, or from the training processes.
+
+    With several processes each epoch's row also goes into ``rows`` (the run's history, which
+    the plan keeps in the processes). The reader stops when the training has ended, after the
+    rows already sent, and is never waited for more than a few seconds.
+    """
     on_epoch = _advance_per_epoch(progress)
     if strategy not in ("ddp_fork", "ddp_spawn"):
         yield on_epoch
         return
     relay = _EpochRelay(strategy.removeprefix("ddp_"))
+    stop = threading.Event()
+
+    def receive(row: dict[str, float]) -> None:
+        rows.append(row)
+        try:
+            on_epoch(row)
+        except Exception:  # a display problem must not stop the reader (rank 0 would fill the queue)
+            logging.getLogger("atlasengine").debug("progress display failed", exc_info=True)
 
     def drain() -> None:
-        while (row := relay.queue.get()) is not None:
-            on_epoch(row)
+        while not stop.is_set():
+            try:
+                receive(relay.queue.get(timeout=0.2))
+            except queue.Empty:
+                continue
+        while True:  # what rank 0 sent before the processes ended
+            try:
+                receive(relay.queue.get_nowait())
+            except queue.Empty:
+                return
 
     reader = threading.Thread(target=drain, name="epoch-reports", daemon=True)
     reader.start()
     try:
         yield relay
     finally:
-        relay.queue.put(None)
-        reader.join()
+        stop.set()
+        reader.join(timeout=5)
         relay.queue.close()
 
 
@@ -189,7 +215,42 @@ def _refuse_forked_stream(strategy: str, streamed: bool) -> None:
     if strategy == "ddp_spawn" and (hasattr(sys, "ps1") or sys.flags.interactive):  # Lightning's test of a notebook
         raise InputError("a streamed input (backed AnnData or SomaInput) trains on several processes only from a "
                          "script: Lightning spawns no processes in a notebook or interactive session, and TileDB "
-                         "reads hang in forked ones; use devices=1 here, or run the same code as a script")
+                         "reads hang in forked ones; use runtime devices=1 and strategy='auto' here, or run the same "
+                         "code as a script")
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    """Whether ``test`` is ``__name__ == "__main__"`` (either way round)."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    return any(isinstance(a, ast.Name) and a.id == "__name__" for a in sides) and \
+        any(isinstance(a, ast.Constant) and a.value == "__main__" for a in sides)
+
+
+def unguarded_script_line() -> tuple[str, int] | None:
+    """Return (script, line) when this call runs in a script's top-level code outside ``if __name__ == "__main__":``.
+
+    A spawned process imports the script it was started from and runs that code again; a
+    process that dies there leaves its parent blocked writing the process's data into a pipe
+    no one reads, so the parent must know beforehand. None when the code is guarded, or there
+    is no script file (``python -c``, a notebook).
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    frame = inspect.currentframe()
+    while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__main__"):
+        frame = frame.f_back
+    if frame is None or not path:
+        return None
+    line = frame.f_lineno
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+        return None
+    guarded = any(isinstance(node, ast.If) and _is_main_test(node.test) and node.lineno <= line <= (node.end_lineno or 0)
+                  for node in ast.walk(tree))
+    return None if guarded else (str(path), line)
 
 
 def check_runtime(runtime: RuntimeConfig, streamed: bool = False) -> None:
@@ -205,13 +266,22 @@ def check_runtime(runtime: RuntimeConfig, streamed: bool = False) -> None:
     InputError
         Naming the setting.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_torchelastic_launched():
+    if getattr(mp.current_process(), "_inheriting", False):  # what multiprocessing and Lightning test
+        raise InputError("this process was spawned (a streamed input on several devices trains in spawned "
+                         "processes) and is running the calling script's work again as it imports the script: put "
+                         "that work under `if __name__ == \"__main__\":`")
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if world.isdigit() and int(world) > 1 and torch.distributed.is_available() \
+            and torch.distributed.is_torchelastic_launched():
         raise InputError(f"this process is one of {world} started by torchrun, and each would write the atlas: "
                          "run the script once (python script.py) with runtime devices=N, and atlasengine starts the "
                          "N training processes itself")
     strategy = _strategy(runtime, streamed)
     _refuse_forked_stream(strategy, streamed)
+    if strategy == "ddp_spawn" and (where := unguarded_script_line()):
+        raise InputError(f"{where[0]}, line {where[1]}: the training processes are spawned (a streamed input on several "
+                         "devices), and each imports this script and would run this line again: put the script's "
+                         "work under `if __name__ == \"__main__\":`")
     with quiet_lightning():
         try:
             L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, strategy=strategy,
@@ -276,6 +346,7 @@ def fit(
     module.train()  # dropout on; Lightning keeps whatever mode the module is in
     max_epochs = config.max_epochs or default_epochs(len(query), config.epochs_cap)
     start = time.perf_counter()
+    relayed: list[dict[str, float]] = []  # the epochs' losses, when the training runs in other processes
     with quiet_lightning(), phase(name, total=max_epochs, unit="epochs", progress=runtime.progress) as progress:
         callbacks: list[L.Callback] = []
         if strategy == "ddp_spawn":
@@ -298,14 +369,14 @@ def fit(
                 log_every_n_steps=max(1, len(train)),
                 gradient_clip_val=None,
             )
-            with _epoch_reports(progress, strategy) as on_epoch, _one_thread_per_process(trainer, strategy):
+            with _epoch_reports(progress, strategy, relayed) as on_epoch, _one_thread_per_process(trainer, strategy):
                 plan = TrainingPlan(module, config, penalty, on_epoch=on_epoch, gradient_filter=gradient_filter)
                 trainer.fit(plan, train_dataloaders=train, val_dataloaders=val)
         except TrainingError:
             raise
         except Exception as exc:
             raise TrainingError(f"training failed: {exc}") from exc
-        history = plan.history or _history_from_workers(trainer)
+        history = plan.history or relayed or _history_from_workers(trainer)
         epochs = int(history[-1]["epoch"]) + 1 if history else 0
         if epochs < max_epochs:
             progress.note = f"stopped early: validation loss flat for {config.early_stopping_patience} epochs"
