@@ -27,8 +27,9 @@ MAX_PNG = 200 * 1024
 WHY = {
     "throughput": (
         "scvi-tools runs faster on this machine than the 4,600 cells/s quoted in the issue: 5,378, 6,118 and 6,368 "
-        "cells/s in three idle runs at the same settings, so the same-run ratio moved between 1.6x and 2.0x while ours "
-        "stayed at 10,000-11,500 cells/s (2.2-2.5x the quoted figure). Both models do the same work per cell "
+        "cells/s in three idle runs at the same settings on 2026-11-27 and 9,653 on 2026-12-05 (the same scvi-tools "
+        "1.4.2), so the same-run ratio moved between 1.5x and 2.0x while ours went from 10,000-11,500 to 14,100 "
+        "cells/s (2.2-3.1x the quoted figure). Both models do the same work per cell "
         "(2000-gene NB likelihood, 2 x 128 encoder and decoder, batch 128); the engine evaluates the terms of the NB "
         "likelihood that vanish at zero counts on non-zero counts only and steps Adam with the fused kernel. What "
         "remains is the dense 2000-wide decoder, softmax and log(theta + mu), and Lightning's per-step overhead."
@@ -36,7 +37,7 @@ WHY = {
     "ewc_epoch": (
         "Structural, not the penalty. Surgery trains only the new batch rows, so it skips every weight gradient "
         "(including the 2000 x 128 gene layers of encoder and decoder): finetune, with no penalty and no replay, "
-        "already costs 1.4-1.6x surgery per epoch. The EWC penalty itself is cheap (one foreach autograd node, about "
+        "already costs 1.4-1.6x surgery per epoch (1.5x in the run on this page). The EWC penalty itself is cheap (one foreach autograd node, about "
         "1 ms a step), and replay adds n_query / (1 - 0.25) = 1.33x the cells per epoch. No full-weight method can be "
         "within 1.3x of surgery; against finetune, the full-weight baseline, ewc costs about 1.2-1.5x per epoch."
     ),
@@ -99,18 +100,16 @@ NOTES = [
     "each process now takes its share of every minibatch. On this 2-core machine two processes are slower than one "
     "(gloo's all-reduce on a small model; a spawned process also starts a fresh interpreter, about 8 s a training "
     "here, and every process reads every block); the point of the run is that the result is the same.",
-    "Streaming (issue 17): the 3-seed run on this page has 7 of 9 streamed means within one in-memory sd; pancreas "
-    "AUROC (-0.002 against an sd of 0.001) and ifnb AUROC (-0.026 against 0.014) are not. In 128-cell blocks of "
+    "Streaming (issue 17): the run on this page has 8 seeds (0-7) of all three scenarios, every streamed mean "
+    "within one in-memory sd. An earlier 3-seed run (RESULTS.md of commit 511be5f) had 7 of 9 within: pancreas "
+    "AUROC (-0.002 against an sd of 0.001) and ifnb AUROC (-0.026 against 0.014) were not. In 128-cell blocks of "
     "single-cell chunks the streamed epoch is a uniformly random order of the cells, the same distribution as the "
-    "in-memory shuffle (only the draws differ), so after that run both scenarios were run again with 8 seeds (0-7, "
-    "the same command with `--seeds 8 --scenarios ifnb,pancreas`): every measure within one sd there (ifnb AUROC "
-    "0.842 streamed vs 0.841 +- 0.054 in memory, pancreas 0.989 vs 0.990 +- 0.009; drift 0.194 vs 0.206 +- 0.030 "
-    "and 0.388 vs 0.352 +- 0.054): three seeds understated the in-memory spread (ifnb AUROC sd 0.014 at 3 seeds, "
-    "0.054 at 8). An earlier form of the streamed shuffle, blocks of consecutive stored cells, did differ: on "
-    "pancreas (stored one technology after another) every minibatch came from one technology and the drift rose to "
-    "0.36 from 0.32; blocks are now put together from chunks taken all over the data, as tiledbsoma-ml does. "
-    "(The run's '+dirty' at end: a multi-process experiment edited and reverted while it ran, in lines a "
-    "one-process run passes without effect.)",
+    "in-memory shuffle (only the draws differ), and three seeds understated the in-memory spread (ifnb AUROC sd "
+    "0.014 at 3 seeds, 0.054 at 8); after that miss the seeds were raised to 8 for every scenario, and this run was "
+    "made with them. The largest difference here is pancreas drift, 0.388 streamed against 0.352 +- 0.054. An "
+    "earlier form of the streamed shuffle, blocks of consecutive stored cells, did differ: on pancreas (stored one "
+    "technology after another) every minibatch came from one technology and the drift rose to 0.36 from 0.32; "
+    "blocks are now put together from chunks taken all over the data, as tiledbsoma-ml does.",
     "Scale (issue 17): the 3M-cell backed create meets the 4 GB bar by 0.12 GB; about 1 GB of its 3.88 GB was "
     "there before the call (0.57 GB interpreter and torch, 0.45 GB the backed AnnData's obs). Before two fixes of "
     "this session it peaked at 4.23 GB: checksums computed over whole matrices, and 65,536-cell training blocks "
