@@ -74,3 +74,28 @@ def test_a_script_started_several_times_by_torchrun_is_refused_before_anything_i
     with pytest.raises(InputError, match="one of 2 started by torchrun"):
         Atlas.open(atlas_path).ingest(pancreas_query, batch_key="tech", strategy="surgery")
     assert snapshot(atlas_path) == before
+
+
+IN_SLURM = """
+import numpy as np, scipy.sparse as sp
+from atlasengine.config import RuntimeConfig, TrainingConfig
+from atlasengine.model import CVAE
+from atlasengine.training import CellData, fit
+rng = np.random.default_rng(0)
+cells = CellData(sp.csr_matrix(rng.poisson(1.0, (200, 30)).astype(np.float32)), rng.integers(0, 2, 200))
+res = fit(CVAE(n_genes=30, n_batches=2), cells, TrainingConfig(max_epochs=2),
+          runtime=RuntimeConfig(devices=2, accelerator="cpu", progress=False))
+print("RESULT", res.device, res.epochs, len(res.history), flush=True)
+"""
+
+
+def test_two_processes_inside_a_slurm_allocation_are_the_engines_own(tmp_path):
+    """A script run once in a SLURM job (SLURM_NTASKS=1) trains on 2 processes: ranks are not taken from SLURM."""
+    import os
+
+    env = {**os.environ, "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "atlas", "SLURM_NODELIST": "node1", "SLURM_JOB_ID": "7",
+           "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    proc = subprocess.run([sys.executable, "-c", IN_SLURM], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RESULT cpu x 2 2 2" in proc.stdout, proc.stdout

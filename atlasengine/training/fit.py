@@ -25,6 +25,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import EarlyStopping
 from torch import nn
 
@@ -107,6 +108,16 @@ def _strategy(runtime: RuntimeConfig, streamed: bool = False) -> str:
     if _device_count(runtime) <= 1:
         return "auto"
     return "ddp_spawn" if streamed else "ddp_fork"
+
+
+def _plugins(strategy: str) -> list:
+    """Lightning's cluster environment for ``strategy``: the engine's own launchers run on this machine.
+
+    With ``ddp_fork`` / ``ddp_spawn`` the engine starts the processes itself, so ranks and world
+    size are Lightning's own, not a scheduler's: inside a SLURM allocation Lightning would
+    otherwise take SLURM_NTASKS (1 for a script run once) for the world size of N devices.
+    """
+    return [LightningEnvironment()] if strategy in ("ddp_fork", "ddp_spawn") else []
 
 
 def _device_count(runtime: RuntimeConfig) -> int:
@@ -285,7 +296,8 @@ def check_runtime(runtime: RuntimeConfig, streamed: bool = False) -> None:
     with quiet_lightning():
         try:
             L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, strategy=strategy,
-                      logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+                      plugins=_plugins(strategy), logger=False, enable_checkpointing=False, enable_model_summary=False,
+                      enable_progress_bar=False)
         except Exception as exc:  # Lightning raises ValueError, MisconfigurationException, TypeError
             raise InputError(f"runtime accelerator={runtime.accelerator!r}, devices={runtime.devices!r}, "
                              f"strategy={runtime.strategy!r} cannot run here: {exc}") from exc
@@ -359,6 +371,7 @@ def fit(
                 accelerator=runtime.accelerator,
                 devices=runtime.devices,
                 strategy=strategy,
+                plugins=_plugins(strategy),
                 logger=False,
                 enable_checkpointing=False,
                 enable_model_summary=False,
