@@ -278,6 +278,38 @@ def test_a_script_without_the_main_guard_is_refused_before_anything_is_written(t
     assert len(Atlas.open(atlas_path).versions) == 2
 
 
+SPAWNED_INGEST = """
+import sys, anndata as ad
+from atlasengine import Atlas
+res = Atlas.open(sys.argv[1]).ingest(ad.read_h5ad(sys.argv[2], backed="r"), batch_key="tech", training={"max_epochs": 2},
+                                     runtime={"devices": 2, "accelerator": "cpu", "progress": False})
+print("RESULT", res.version.number, res.training["device"], flush=True)
+"""
+
+
+def test_a_spawned_training_process_killed_mid_training_leaves_the_atlas_as_it_was(tmp_path, files, atlas_path):
+    """A training process that dies (SIGKILL at its first epoch's end) fails the ingest; the same command then runs."""
+    import os
+    import subprocess
+    import sys
+
+    def run(fault: str | None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "ATLASENGINE_FAULT"}
+        if fault:
+            env["ATLASENGINE_FAULT"] = fault
+        return subprocess.run([sys.executable, "-c", SPAWNED_INGEST, str(atlas_path), str(files["query"])],
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    crashed = run("training_epoch:kill")
+    assert crashed.returncode != 0 and "RESULT" not in crashed.stdout
+    assert "training failed" in crashed.stderr, crashed.stderr[-3000:]
+    atlas = Atlas.open(atlas_path)
+    assert len(atlas.versions) == 1 and len(atlas.obs()) == 300
+    again = run(None)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "RESULT 2 cpu x 2" in again.stdout
+
+
 def test_command_line_streams_backed_files_and_soma_experiments(tmp_path, files, reference_atlas, capsys):
     import shutil
 
