@@ -99,3 +99,16 @@ def test_two_processes_inside_a_slurm_allocation_are_the_engines_own(tmp_path):
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RESULT cpu x 2 2 2" in proc.stdout, proc.stdout
+
+
+def test_forked_processes_after_cuda_was_used_here_are_refused_with_the_way_out(atlas_path, pancreas_query,
+                                                                                monkeypatch):
+    """A forked process cannot use CUDA its parent initialised (Lightning fails at launch): refused up front."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    before = snapshot(atlas_path)
+    with pytest.raises(InputError, match="strategy='ddp_spawn'"):
+        Atlas.open(atlas_path).ingest(pancreas_query, batch_key="tech", strategy="surgery",
+                                      runtime={"devices": 2, "accelerator": "cpu"})
+    assert snapshot(atlas_path) == before

@@ -289,6 +289,10 @@ def check_runtime(runtime: RuntimeConfig, streamed: bool = False) -> None:
                          "N training processes itself")
     strategy = _strategy(runtime, streamed)
     _refuse_forked_stream(strategy, streamed)
+    if strategy == "ddp_fork" and torch.cuda.is_initialized():  # Lightning refuses this at launch
+        raise InputError("CUDA is already in use in this process, and a process forked from it cannot use CUDA: "
+                         "pass runtime strategy='ddp_spawn' (processes started afresh; a script needs the "
+                         "`if __name__ == \"__main__\":` guard), or train before anything here touches the GPU")
     if strategy == "ddp_spawn" and (where := unguarded_script_line()):
         raise InputError(f"{where[0]}, line {where[1]}: the training processes are spawned (a streamed input on several "
                          "devices), and each imports this script and would run this line again: put the script's "
