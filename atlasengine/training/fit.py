@@ -239,7 +239,7 @@ def _is_main_test(test: ast.expr) -> bool:
         any(isinstance(a, ast.Constant) and a.value == "__main__" for a in sides)
 
 
-def unguarded_script_line() -> tuple[str, int] | None:
+def _unguarded_script_line() -> tuple[str, int] | None:
     """Return (script, line) when this call runs in a script's top-level code outside ``if __name__ == "__main__":``.
 
     A spawned process imports the script it was started from and runs that code again; a
@@ -293,7 +293,7 @@ def check_runtime(runtime: RuntimeConfig, streamed: bool = False) -> None:
         raise InputError("CUDA is already in use in this process, and a process forked from it cannot use CUDA: "
                          "pass runtime strategy='ddp_spawn' (processes started afresh; a script needs the "
                          "`if __name__ == \"__main__\":` guard), or train before anything here touches the GPU")
-    if strategy == "ddp_spawn" and (where := unguarded_script_line()):
+    if strategy == "ddp_spawn" and (where := _unguarded_script_line()):
         raise InputError(f"{where[0]}, line {where[1]}: the training processes are spawned (a streamed input on several "
                          "devices), and each imports this script and would run this line again: put the script's "
                          "work under `if __name__ == \"__main__\":`")
