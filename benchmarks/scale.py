@@ -36,7 +36,7 @@ GB4 = 4096
 
 
 def rss_mb() -> float:
-    """Peak resident memory of this process so far (VmHWM), in MB.
+    """Peak resident memory of this process so far (VmHWM), in MiB (2**20 bytes; "MB" in the tables).
 
     Not ``getrusage``'s ``ru_maxrss``: Linux keeps that across ``exec``, so a step's process
     would report its parent's peak (the benchmark's own, after generating the data) when that
@@ -218,8 +218,8 @@ def write(args, runs: list[tuple[str, int]], meta: dict, rows: list[dict], wall:
             if len(r) and pd.notna(r.peak_rss_mb.iloc[0]):
                 peak = float(r.peak_rss_mb.iloc[0])
                 verdicts.append(f"- {step} ({'from a backed h5ad' if step == 'create' else '10k cells'}) with {n:,} "
-                                f"cells: peak RSS {peak / 1024:.2f} GB -> {'met' if peak < GB4 else 'MISSED'} "
-                                "(target: under 4 GB)")
+                                f"cells: peak RSS {peak / 1024:.2f} GiB -> {'met' if peak < GB4 else 'MISSED'} "
+                                "(target: under 4 GiB = 4,096 MiB)")
     md = [
         "# Scale" + (" (QUICK MODE: 10k only, no report step)" if args.quick else ""),
         "",
