@@ -8,6 +8,8 @@ engine shows one bar, or one log line, for the whole training phase.
 from __future__ import annotations
 
 import ast
+import atexit
+import gc
 import inspect
 import logging
 import multiprocessing as mp
@@ -215,6 +217,19 @@ class _SpawnedProcess(L.Callback):
         self.__dict__.update(state)
         if os.getpid() != self.pid:
             _silence_lightning()
+            atexit.register(_close_process_group)
+
+
+def _close_process_group() -> None:
+    """Close the process group of a spawned training process before its interpreter is torn down.
+
+    A spawned process ends through the interpreter's full teardown (a forked one skips it);
+    gloo's threads left to that teardown can abort the process ("terminate called without an
+    active exception") after its training has finished.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    gc.collect()  # what the training left (TileDB handles among it) goes before the teardown too
 
 
 def _refuse_forked_stream(strategy: str, streamed: bool) -> None:
