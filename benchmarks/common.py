@@ -204,6 +204,16 @@ def fold_in(ref_path: Path, dest: Path, query, sc: Scenario, strategy: str, cont
     return atlas, res, time.perf_counter() - t0
 
 
+def backed_copies(folder: Path, **data):
+    """Write each AnnData to ``folder/<name>.h5ad`` and return them read back backed, in the order given."""
+    import anndata as ad
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, adata in data.items():
+        adata.write_h5ad(folder / f"{name}.h5ad")
+    return [ad.read_h5ad(folder / f"{name}.h5ad", backed="r") for name in data]
+
+
 def fold_in_measures(atlas, res, query, sc: Scenario) -> dict[str, float]:
     """Known-type accuracy, novel AUROC of the novelty score and reference drift of a version-2 fold-in of ``query``."""
     from sklearn.metrics import roc_auc_score

@@ -27,8 +27,6 @@ INPUTS = ("memory", "streamed")
 
 
 def run(seed: int, devices: int, source: str, cfg: dict, work) -> dict:
-    import anndata as ad
-
     from atlasengine import Atlas
 
     sc = C.SCENARIOS["pancreas"]
@@ -36,9 +34,7 @@ def run(seed: int, devices: int, source: str, cfg: dict, work) -> dict:
     runtime = {"devices": devices, "accelerator": "cpu", "progress": False}
     ref_in, query_in = ref, query
     if source == "streamed":
-        ref.write_h5ad(work / "ref.h5ad")
-        query.write_h5ad(work / "query.h5ad")
-        ref_in, query_in = ad.read_h5ad(work / "ref.h5ad", backed="r"), ad.read_h5ad(work / "query.h5ad", backed="r")
+        ref_in, query_in = C.backed_copies(work, ref=ref, query=query)
         runtime["block_cells"] = BLOCK
     path = work / f"s{seed}_d{devices}_{source}.atlas"
     shutil.rmtree(path, ignore_errors=True)

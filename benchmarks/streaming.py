@@ -27,8 +27,6 @@ METRICS = ["known_accuracy", "novel_auroc", "reference_drift"]
 
 def run(job: tuple) -> dict:
     """One scenario x seed x mode: create, fold in with ewc, measure."""
-    import anndata as ad
-
     from atlasengine import Atlas
 
     name, seed, mode, cfg, work = job
@@ -36,11 +34,7 @@ def run(job: tuple) -> dict:
     ref, query = C.load_scenario(name)
     runtime = {"progress": False}
     if mode == "streamed":
-        folder = work / f"{name}_s{seed}_files"
-        folder.mkdir(parents=True, exist_ok=True)
-        ref.write_h5ad(folder / "ref.h5ad")
-        query.write_h5ad(folder / "query.h5ad")
-        ref, query_in = ad.read_h5ad(folder / "ref.h5ad", backed="r"), ad.read_h5ad(folder / "query.h5ad", backed="r")
+        ref, query_in = C.backed_copies(work / f"{name}_s{seed}_files", ref=ref, query=query)
         runtime["block_cells"] = BLOCK
     else:
         query_in = query

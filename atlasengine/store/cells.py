@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +23,15 @@ import tiledbsoma
 
 from atlasengine.errors import AtlasFormatError, AtlasIntegrityError, AtlasWriteError, InputError
 from atlasengine.faults import fault_point
-from atlasengine.store.metadata import COLLECTION, arrow_schema, key_range, metadata_checksums, table_key
+from atlasengine.store.metadata import (
+    CHECKSUM_ROWS,
+    COLLECTION,
+    arrow_schema,
+    key_range,
+    metadata_checksums,
+    row_checksums,
+    table_key,
+)
 
 MEASUREMENT = "RNA"
 X_LAYER = "counts"
@@ -61,22 +68,10 @@ def obs_table(obs: pd.DataFrame, joinids: np.ndarray) -> pa.Table:
 
 
 # ----------------------------------------------------------------------------- checksums
-CHECKSUM_ROWS = 100_000
-"""Rows checksummed at a time (a 1M-cell matrix at once took several times its own size in temporaries)."""
-
-
 def obs_checksums(obs: pd.DataFrame | pa.Table) -> np.ndarray:
     """Return a 64-bit BLAKE2b checksum of each cell's obs row (name, dataset, batch, label, version added)."""
     table = obs if isinstance(obs, pa.Table) else pa.Table.from_pandas(obs[OBS_COLUMNS], preserve_index=False)
-    out = np.empty(table.num_rows, dtype=np.uint64)
-    for s in range(0, table.num_rows, CHECKSUM_ROWS):  # in parts: Python objects of a few rows at a time
-        part = table.slice(s, CHECKSUM_ROWS)
-        columns = [part.column(c).to_pylist() for c in OBS_COLUMNS]
-        for i, row in enumerate(zip(*columns), start=s):
-            text = "\x1f".join("\x00" if v is None else str(v) for v in row)
-            out[i] = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                                    "little")
-    return out
+    return row_checksums(table, OBS_COLUMNS, lambda row: "\x1f".join("\x00" if v is None else str(v) for v in row))
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:

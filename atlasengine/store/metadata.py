@@ -22,6 +22,7 @@ bool   bool                           boolean (nullable)
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -65,22 +66,34 @@ def _canonical(value: object) -> str:
     return str(value)
 
 
+CHECKSUM_ROWS = 100_000
+"""Rows checksummed at a time (a 1M-cell matrix at once took several times its own size in temporaries)."""
+
+
+def row_checksums(table: pa.Table, columns: list[str], text: Callable[[tuple], str]) -> np.ndarray:
+    """Return a 64-bit BLAKE2b checksum of ``text(row)`` for each row of ``table``'s ``columns``.
+
+    Rows become Python objects ``CHECKSUM_ROWS`` at a time, never all at once.
+    """
+    out = np.zeros(table.num_rows, dtype=np.uint64)
+    for s in range(0, table.num_rows, CHECKSUM_ROWS):
+        part = table.slice(s, CHECKSUM_ROWS)
+        values = [part.column(c).to_pylist() for c in columns]
+        for i, row in enumerate(zip(*values), start=s):
+            out[i] = int.from_bytes(
+                hashlib.blake2b(text(row).encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return out
+
+
 def metadata_checksums(table: pa.Table, columns: list[str]) -> np.ndarray:
     """Return a 64-bit BLAKE2b checksum of each row's ``columns`` (names and values); 0 for no columns.
 
     Computed from the Arrow values as stored, so the write and every read agree exactly.
     """
-    out = np.zeros(table.num_rows, dtype=np.uint64)
     if not columns:
-        return out
-    for s in range(0, table.num_rows, 100_000):  # in parts: Python objects of a few rows at a time
-        part = table.slice(s, 100_000)
-        values = [part.column(c).to_pylist() for c in columns]
-        for i, row in enumerate(zip(*values), start=s):
-            text = "\x1e".join(f"{name}\x1f{_canonical(v)}" for name, v in zip(columns, row))
-            out[i] = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                                    "little")
-    return out
+        return np.zeros(table.num_rows, dtype=np.uint64)
+    return row_checksums(table, columns,
+                         lambda row: "\x1e".join(f"{name}\x1f{_canonical(v)}" for name, v in zip(columns, row)))
 
 
 def metadata_frame(table: pa.Table | None, columns: dict[str, str], n_rows: int) -> pd.DataFrame:
