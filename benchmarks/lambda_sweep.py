@@ -1,19 +1,26 @@
 """EWC strength sweep: evidence-scaled lambda, the Fisher's form and the old fixed scale, four scenarios.
 
-    python -m benchmarks.lambda_sweep [--quick] [--out DIR] [--seeds N] [--jobs J] [--scenarios a,b]
+    python -m benchmarks.lambda_sweep [--grid strength|replay|schedule] [--quick] [--out DIR] [--seeds N] [--jobs J]
+                                      [--scenarios a,b]
 
 Per scenario and seed two references are trained with the engine's defaults (their Fisher with
 and without the posterior term), and every fold-in starts from a copy of one: surgery,
 finetune, ewc at each evidence-scaled lambda with each Fisher form, and ewc at the old default
 (fixed scale, lambda 1). The rule that picks the engine's default is written down here, before
 the run, and applied to its output (see :func:`choose_default`).
+
+``--grid replay`` (written to ``replay_sweep.*``) asks what replay does instead: ewc at lambda 0
+(replay alone), 10 and 100 with no replay and with half of every minibatch replayed, beside the
+default (lambda 100, a quarter replayed), surgery and finetune, from the reference without the
+posterior term. ``--grid schedule`` (``schedule_sweep.*``) runs surgery, finetune and the default
+ewc with the engine's query schedule and with scvi-tools' (the KL term warmed up again).
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -21,6 +28,10 @@ import pandas as pd
 from benchmarks import common as C
 
 LAMBDAS = (1.0, 3.0, 10.0, 30.0, 100.0)
+REPLAY_LAMBDAS = (0.0, 10.0, 100.0)
+REPLAY_FRACTIONS = (0.0, 0.5)
+SCVI_QUERY_KL_WARMUP = 400
+"""scvi-tools' n_epochs_kl_warmup: its query train() warms the KL term up again, to 0.5 over 200 query epochs."""
 METRICS = ["auroc_novel", "known_accuracy", "novel_unknown_share", "known_false_unknown", "drift", "drift_ratio",
            "ref_loo_before", "ref_loo_after", "epochs", "fold_in_seconds"]
 
@@ -31,35 +42,61 @@ class Setting:
     ewc_lambda: float | None = None
     penalty_scale: str = "evidence"
     posterior: bool = False
+    replay_fraction: float | None = None  # None: the engine's default
+    query_kl_warmup: int | None = None  # None: the engine's default (no warm-up in a query)
 
     @property
     def name(self) -> str:
+        warmup = "" if self.query_kl_warmup is None else f" query_kl_warmup={self.query_kl_warmup}"
         if self.strategy != "ewc":
-            return self.strategy
+            return self.strategy + warmup
         form = "elbo+posterior" if self.posterior else "elbo"
-        return f"ewc {self.penalty_scale} lambda={self.ewc_lambda:g} fisher={form}"
+        replay = "" if self.replay_fraction is None else f" replay={self.replay_fraction:g}"
+        return f"ewc {self.penalty_scale} lambda={self.ewc_lambda:g} fisher={form}{replay}{warmup}"
+
+    def training(self) -> dict:
+        """Return the fold-in's ``training`` settings."""
+        return {} if self.query_kl_warmup is None else {"kl_warmup_epochs": self.query_kl_warmup}
+
+    def continual(self) -> dict:
+        """Return the fold-in's ``continual`` settings."""
+        if self.strategy != "ewc":
+            return {}
+        out = {"ewc_lambda": self.ewc_lambda, "penalty_scale": self.penalty_scale}
+        return out if self.replay_fraction is None else {**out, "replay_fraction": self.replay_fraction}
 
 
-def settings(quick: bool) -> list[Setting]:
-    lambdas = (10.0,) if quick else LAMBDAS
+def settings(quick: bool, grid: str = "strength") -> list[Setting]:
+    from atlasengine.config import ContinualConfig
+
+    default = ContinualConfig()
     out = [Setting("surgery"), Setting("finetune")]
+    if grid == "schedule":
+        ewc = Setting("ewc", default.ewc_lambda, "evidence", False)
+        return [*out, ewc] + [replace(s, query_kl_warmup=SCVI_QUERY_KL_WARMUP) for s in (*out, ewc)]
+    if grid == "replay":
+        out.append(Setting("ewc", default.ewc_lambda, "evidence", False, default.replay_fraction))
+        lambdas = (10.0,) if quick else REPLAY_LAMBDAS
+        return out + [Setting("ewc", lam, "evidence", False, r) for r in REPLAY_FRACTIONS for lam in lambdas]
+    lambdas = (10.0,) if quick else LAMBDAS
     out += [Setting("ewc", lam, "evidence", post) for post in (False, True) for lam in lambdas]
     out.append(Setting("ewc", 1.0, "fixed", False))  # the engine's default before format 4
     return out
 
 
 def job(args: tuple) -> list[dict]:
-    """One scenario and seed: both references, every setting; returns the rows."""
-    name, seed, quick, out = args
+    """One scenario and seed: the references the grid needs, every setting; returns the rows."""
+    name, seed, quick, out, grid = args
     from atlasengine.transfer import evaluate_transfer
 
     sc = C.SCENARIOS[name]
     ref, query = C.load_scenario(name)
-    work = C.work_dir(out, f"lambda_{name}_s{seed}")
+    work = C.work_dir(out, f"{grid}_{name}_s{seed}")
     epochs = {"reference_training": {"max_epochs": 8}, "query_training": {"max_epochs": 4}} if quick else {}
     rows = []
     refs = {}
-    for posterior in (False, True):
+    grid_settings = settings(quick, grid)
+    for posterior in sorted({s.posterior for s in grid_settings}):
         path = work / f"ref_post{int(posterior)}.atlas"
         cfg = {"reference_training": {"seed": seed, **epochs.get("reference_training", {})},
                "query_training": {"seed": seed, **epochs.get("query_training", {})},
@@ -67,14 +104,16 @@ def job(args: tuple) -> list[dict]:
         t0 = time.perf_counter()
         atlas = C.create_atlas(path, sc, ref, seed, cfg)
         refs[posterior] = (path, *C.cells_of_version(atlas, 1)[1:], time.perf_counter() - t0)
-    for s in settings(quick):
+    for s in grid_settings:
         path, z_v1, labels_v1, ref_secs = refs[s.posterior]
-        cont = {} if s.strategy != "ewc" else {"ewc_lambda": s.ewc_lambda, "penalty_scale": s.penalty_scale}
-        atlas, res, wall = C.fold_in(path, work / "run.atlas", query, sc, s.strategy, continual=cont)
+        atlas, res, wall = C.fold_in(path, work / "run.atlas", query, sc, s.strategy, continual=s.continual(),
+                                     training=s.training())
         _, z, _ = C.cells_of_version(atlas, 1)
         row = {"scenario": name, "seed": seed, "setting": s.name, "strategy": s.strategy, "ewc_lambda": s.ewc_lambda,
                "penalty_scale": s.penalty_scale if s.strategy == "ewc" else None,
-               "fisher_posterior": s.posterior if s.strategy == "ewc" else None, "reference_seconds": ref_secs}
+               "fisher_posterior": s.posterior if s.strategy == "ewc" else None,
+               "replay_fraction": s.replay_fraction, "query_kl_warmup": s.query_kl_warmup,
+               "reference_seconds": ref_secs}
         row.update(evaluate_transfer(res.predictions, query.obs[sc.label_key], set(sc.novel)))
         row.update(drift=C.procrustes_displacement(z_v1, z), ref_loo_before=C.loo_knn_accuracy(z_v1, labels_v1),
                    ref_loo_after=C.loo_knn_accuracy(z, labels_v1), epochs=res.training["epochs"], fold_in_seconds=wall)
@@ -82,9 +121,11 @@ def job(args: tuple) -> list[dict]:
         shutil.rmtree(work / "run.atlas", ignore_errors=True)
         print(f"  {name} s{seed} {s.name}: auroc={row['auroc_novel']:.3f} known={row['known_accuracy']:.3f} "
               f"drift={row['drift']:.3f} {wall:.0f}s", flush=True)
-    finetune = {r["seed"]: r["drift"] for r in rows if r["strategy"] == "finetune"}
+    # each setting against finetune under the same query schedule
+    finetune = {r["query_kl_warmup"]: r["drift"] for r in rows if r["strategy"] == "finetune"}
     for r in rows:
-        r["drift_ratio"] = r["drift"] / finetune[r["seed"]] if finetune[r["seed"]] > 0 else np.nan
+        ft = finetune[r["query_kl_warmup"]]
+        r["drift_ratio"] = r["drift"] / ft if ft > 0 else np.nan
     shutil.rmtree(work, ignore_errors=True)
     return rows
 
@@ -157,49 +198,128 @@ def plot(df: pd.DataFrame, path) -> None:
     C.save_fig(fig, path)
 
 
+def plot_replay(df: pd.DataFrame, path) -> None:
+    """Novel AUROC against drift ratio per scenario: one line per replay fraction across lambda."""
+    plt = C.matplotlib_agg()
+    scen = list(dict.fromkeys(df.scenario))
+    fig, axes = plt.subplots(1, len(scen), figsize=(3.4 * len(scen), 3.0), squeeze=False)
+    for ax, s in zip(axes[0], scen):
+        d = df[df.scenario == s].groupby(["setting", "strategy", "ewc_lambda", "replay_fraction"], dropna=False)[
+            ["drift_ratio", "auroc_novel"]].mean().reset_index()
+        e = d[d.strategy == "ewc"]
+        for (frac, group), marker in zip(e.groupby("replay_fraction"), ("o-", "s-", "d-")):
+            group = group.sort_values("ewc_lambda")
+            ax.plot(group.drift_ratio, group.auroc_novel, marker, ms=4, label=f"ewc, replay {frac:g}")
+            for _, r in group.iterrows():
+                ax.annotate(f"{r.ewc_lambda:g}", (r.drift_ratio, r.auroc_novel), fontsize=6)
+        for strat, style in (("surgery", "g^"), ("finetune", "rv")):
+            v = d[d.strategy == strat]
+            ax.plot(v.drift_ratio, v.auroc_novel, style, label=strat)
+        ax.axvline(1 / 3, color="grey", ls=":", lw=0.8)
+        ax.set_title(s, fontsize=9)
+        ax.set_xlabel("reference drift / finetune's", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].set_ylabel("novel AUROC (kNN uncertainty)", fontsize=8)
+    axes[0, 0].legend(fontsize=5)
+    fig.tight_layout()
+    C.save_fig(fig, path)
+
+
 def main() -> None:
+    import argparse
+    import sys
+
+    extra = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    extra.add_argument("--grid", choices=("strength", "replay", "schedule"), default="strength")
+    known, rest = extra.parse_known_args()
+    sys.argv = [sys.argv[0], *rest]
+    grid = known.grid
     args = C.parse_args(__doc__.splitlines()[0], default_seeds=3)
     scenarios = args.scenarios.split(",") if args.scenarios else (["pancreas"] if args.quick else list(C.SCENARIOS))
     t_start = time.perf_counter()
-    jobs = [(name, seed, args.quick, args.out) for seed in range(args.seeds) for name in scenarios]
+    jobs = [(name, seed, args.quick, args.out, grid) for seed in range(args.seeds) for name in scenarios]
     rows = [r for part in C.run_jobs(job, jobs, args.jobs) for r in part]
     df = pd.DataFrame(rows)
-    chosen, why, per = choose_default(df)
-    print("DEFAULT:", why, flush=True)
+    chosen, why, per = choose_default(df) if grid != "schedule" else (None, "", pd.DataFrame())
+    if why:
+        print("DEFAULT:", why, flush=True)
     wall = time.perf_counter() - t_start
-    order = {s.name: i for i, s in enumerate(settings(args.quick))}
+    order = {s.name: i for i, s in enumerate(settings(args.quick, grid))}
     df = df.sort_values(["scenario", "setting"], key=lambda c: c.map(order) if c.name == "setting" else c)
     table = C.mean_sd(df, ["scenario", "setting"], METRICS)
-    md = [
-        "# EWC strength sweep" + (" (QUICK MODE: smoke run, numbers not meaningful)" if args.quick else ""),
-        "",
-        f"{args.seeds} seed(s), mean ± sd over seeds; engine defaults otherwise (training schedule, replay "
-        f"{C.continual_defaults()}). 'evidence': lambda multiplies the Laplace weight (the reference counts as the "
-        "cells its Fisher represents); 'fixed': lambda itself (the engine's default before format 4 was fixed 1). "
-        "fisher=elbo+posterior adds the Fisher information of q(z | x) to the encoder's. drift = mean aligned "
-        "(Procrustes) displacement of reference cells from version 1; drift_ratio = drift / finetune's drift on the "
-        "same reference. Labels by scArches weighted kNN (k=50, Unknown above uncertainty 0.3); query labels are "
-        "never given to the fold-in.",
-        "",
-        C.md_table(table),
-        "",
-        "## Default",
-        "",
-        why,
-        "",
-        "Per setting, mean over scenarios and seeds:",
-        "",
-        C.md_table(per.sort_values("ewc_lambda")),
-        "",
-        f"Total wall time {wall / 60:.1f} min ({args.jobs} parallel job(s)).",
-        "",
-        "![strength trade-off](lambda_sweep.png)",
-    ]
-    C.write_outputs(args.out, "lambda_sweep", {"quick": args.quick, "seeds": args.seeds, "scenarios": scenarios,
-                                               "records": df.to_dict("records"), "chosen": chosen,
-                                               "recommendation": why, "per_setting": per.to_dict("records"),
-                                               "wall_seconds": wall}, "\n".join(md))
-    plot(df, args.out / "lambda_sweep.png")
+    quick = " (QUICK MODE: smoke run, numbers not meaningful)" if args.quick else ""
+    common = (
+        "drift = mean aligned (Procrustes) displacement of reference cells from version 1; drift_ratio = drift / "
+        "finetune's drift on the same reference. Labels by scArches weighted kNN (k=50, Unknown above uncertainty "
+        "0.3); query labels are never given to the fold-in."
+    )
+    if grid == "schedule":
+        name = "schedule_sweep"
+        md = [
+            "# The query's KL warm-up: the engine's against scvi-tools'" + quick,
+            "",
+            f"{args.seeds} seed(s), mean ± sd over seeds; engine defaults otherwise ({C.continual_defaults()}). The "
+            "engine's query trains with the KL term at full weight from its first epoch; scvi-tools' query train() "
+            f"warms it up again over {SCVI_QUERY_KL_WARMUP} epochs (n_epochs_kl_warmup), so over 200 query epochs its "
+            "weight rises from 0 to 0.5. Each strategy runs with both (query_kl_warmup=400: scvi-tools'), from the "
+            "same reference. " + common,
+            "",
+            C.md_table(table),
+            "",
+            f"Total wall time {wall / 60:.1f} min ({args.jobs} parallel job(s)).",
+        ]
+    elif grid == "replay":
+        name = "replay_sweep"
+        md = [
+            "# What replay does" + quick,
+            "",
+            f"{args.seeds} seed(s), mean ± sd over seeds; engine defaults otherwise ({C.continual_defaults()}). ewc "
+            "at evidence-scaled lambda 0 (replay alone, no penalty), 10 and 100, each with no replay (replay=0) and "
+            "with half of every minibatch reference cells (replay=0.5; an epoch then holds twice the query's cells), "
+            "beside the default (a quarter replayed). " + common,
+            "",
+            C.md_table(table),
+            "",
+            "Per setting, mean over scenarios and seeds (the strength sweep's rule for a default, applied to this "
+            "grid for information; it did not set the default):",
+            "",
+            C.md_table(per.sort_values(["ewc_lambda", "setting"])),
+            "",
+            why,
+            "",
+            f"Total wall time {wall / 60:.1f} min ({args.jobs} parallel job(s)).",
+            "",
+            "![replay](replay_sweep.png)",
+        ]
+    else:
+        name = "lambda_sweep"
+        md = [
+            "# EWC strength sweep" + quick,
+            "",
+            f"{args.seeds} seed(s), mean ± sd over seeds; engine defaults otherwise (training schedule, replay "
+            f"{C.continual_defaults()}). 'evidence': lambda multiplies the Laplace weight (the reference counts as "
+            "the cells its Fisher represents); 'fixed': lambda itself (the engine's default before format 4 was fixed "
+            "1). fisher=elbo+posterior adds the Fisher information of q(z | x) to the encoder's. " + common,
+            "",
+            C.md_table(table),
+            "",
+            "## Default",
+            "",
+            why,
+            "",
+            "Per setting, mean over scenarios and seeds:",
+            "",
+            C.md_table(per.sort_values("ewc_lambda")),
+            "",
+            f"Total wall time {wall / 60:.1f} min ({args.jobs} parallel job(s)).",
+            "",
+            "![strength trade-off](lambda_sweep.png)",
+        ]
+    C.write_outputs(args.out, name, {"quick": args.quick, "seeds": args.seeds, "scenarios": scenarios, "grid": grid,
+                                     "records": df.to_dict("records"), "chosen": chosen, "recommendation": why,
+                                     "per_setting": per.to_dict("records"), "wall_seconds": wall}, "\n".join(md))
+    if grid != "schedule":
+        (plot_replay if grid == "replay" else plot)(df, args.out / f"{name}.png")
 
 
 if __name__ == "__main__":

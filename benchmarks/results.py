@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks import common as C
 
-ORDER = ("mapping", "lambda_sweep", "sequential", "evidence", "speed", "scale", "novelty", "naming", "distributed",
+ORDER = ("mapping", "lambda_sweep", "replay_sweep", "schedule_sweep", "sequential", "evidence", "speed", "scale", "novelty", "naming", "distributed",
          "streaming")
 MAX_PNG = 200 * 1024
 
