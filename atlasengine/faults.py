@@ -2,15 +2,18 @@
 
 ``ATLASENGINE_FAULT=<point>:raise`` raises at that point; ``<point>:kill`` sends SIGKILL to the
 process there (a real crash: no cleanup, no ``finally``); ``<point>:sleep<seconds>`` pauses
-there (to hold the write lock in concurrency tests). Points, in ingest order: ``cells_x``
+there (to hold the write lock in concurrency tests); ``<point>:abort_at_exit`` makes the process
+abort (SIGABRT) when its interpreter is torn down, as a library's threads left to the teardown
+can. Points, in ingest order: ``cells_x``
 (counts written, obs not yet), ``cells_metadata`` (the dataset's own obs columns written, obs not
-yet), ``after_cells``, ``training``, ``training_epoch`` (inside the
-Lightning loop), ``checkpoint``, ``checkpoint_written``, ``drift``, ``drift_write`` (after each
+yet), ``after_cells``, ``training``, ``training_process`` (a spawned training
+process starting), ``training_epoch`` (inside the Lightning loop), ``checkpoint``, ``checkpoint_written``, ``drift``, ``drift_write`` (after each
 drift part is written), ``before_manifest``.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import time
@@ -30,6 +33,9 @@ def fault_point(name: str) -> None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "abort_at_exit":
+        atexit.register(os.abort)
+        return
     if action.startswith("sleep"):
         time.sleep(float(action[5:] or 5))
         return

@@ -283,7 +283,7 @@ import sys, anndata as ad
 from atlasengine import Atlas
 res = Atlas.open(sys.argv[1]).ingest(ad.read_h5ad(sys.argv[2], backed="r"), batch_key="tech", training={"max_epochs": 2},
                                      runtime={"devices": 2, "accelerator": "cpu", "progress": False})
-print("RESULT", res.version.number, res.training["device"], flush=True)
+print("RESULT", res.version.number, res.training["device"], res.training["epochs"], flush=True)
 """
 
 
@@ -307,7 +307,26 @@ def test_a_spawned_training_process_killed_mid_training_leaves_the_atlas_as_it_w
     assert len(atlas.versions) == 1 and len(atlas.obs()) == 300
     again = run(None)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "RESULT 2 cpu x 2" in again.stdout
+    assert "RESULT 2 cpu x 2 2" in again.stdout
+
+
+def test_a_training_process_that_aborts_in_its_interpreter_teardown_does_not_fail_the_ingest(tmp_path, files,
+                                                                                              atlas_path):
+    """A spawned process ends once its results are sent, without the teardown where leftover threads can abort it.
+
+    The fault makes each spawned process abort (SIGABRT) if its interpreter is torn down; the
+    ingest still commits, with every epoch's report, as with forked processes.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATLASENGINE_FAULT": "training_process:abort_at_exit"}
+    proc = subprocess.run([sys.executable, "-c", SPAWNED_INGEST, str(atlas_path), str(files["query"])],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RESULT 2 cpu x 2 2" in proc.stdout, proc.stdout  # version 2, two processes, both epochs relayed
+    assert len(Atlas.open(atlas_path).versions) == 2
 
 
 def test_command_line_streams_backed_files_and_soma_experiments(tmp_path, files, reference_atlas, capsys):

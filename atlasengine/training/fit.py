@@ -23,16 +23,20 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch import nn
 
 from atlasengine.config import RuntimeConfig, TrainingConfig
 from atlasengine.errors import InputError, TrainingError
+from atlasengine.faults import fault_point
 from atlasengine.progress import Phase, phase
 from atlasengine.training.data import CellData, CellSource, iter_chunks, make_loaders
 from atlasengine.training.plan import GradientFilter, Penalty, TrainingPlan
@@ -112,14 +116,53 @@ def _strategy(runtime: RuntimeConfig, streamed: bool = False) -> str:
     return "ddp_spawn" if streamed else "ddp_fork"
 
 
-def _plugins(strategy: str) -> list:
-    """Lightning's cluster environment for ``strategy``: the engine's own launchers run on this machine.
+def _trainer_strategy(strategy: str) -> dict:
+    """Return the Trainer's ``strategy`` and ``plugins`` for ``strategy``.
 
     With ``ddp_fork`` / ``ddp_spawn`` the engine starts the processes itself, so ranks and world
-    size are Lightning's own, not a scheduler's: inside a SLURM allocation Lightning would
-    otherwise take SLURM_NTASKS (1 for a script run once) for the world size of N devices.
+    size are Lightning's own (``LightningEnvironment``), not a scheduler's: inside a SLURM
+    allocation Lightning would otherwise take SLURM_NTASKS (1 for a script run once) for the
+    world size of N devices. ``ddp_spawn`` is Lightning's DDP whose spawned processes end as
+    forked ones do (:class:`_SpawnLauncher`).
     """
-    return [LightningEnvironment()] if strategy in ("ddp_fork", "ddp_spawn") else []
+    if strategy == "ddp_spawn":
+        return {"strategy": _SpawnedDDP(start_method="spawn", cluster_environment=LightningEnvironment()),
+                "plugins": []}
+    return {"strategy": strategy, "plugins": [LightningEnvironment()] if strategy == "ddp_fork" else []}
+
+
+class _SpawnLauncher(_MultiProcessingLauncher):
+    """Lightning's launcher of spawned processes, whose processes end without the interpreter's teardown.
+
+    A forked process ends with ``os._exit`` once its work is done; a spawned one goes through the
+    interpreter's full teardown, where C++ threads the training left (gloo's, TileDB's) can abort
+    it ("terminate called without an active exception") after its results were sent, and the
+    parent then reports the training as failed. Once the process has returned its results, its
+    epoch reports are flushed and it ends as a forked process does. A process that fails still
+    ends the usual way, with its error.
+    """
+
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(*args, **kwargs)
+        _end_spawned_process()
+
+
+class _SpawnedDDP(DDPStrategy):
+    """Lightning's DDP in spawned processes, launched by :class:`_SpawnLauncher`."""
+
+    def _configure_launcher(self) -> None:
+        self._launcher = _SpawnLauncher(self, start_method=self._start_method)
+
+
+def _end_spawned_process() -> None:
+    """End this spawned training process, whose results are sent: flush what it sent, then ``os._exit(0)``."""
+    for relay in _RELAYS_HERE:
+        relay.queue.close()
+        relay.queue.join_thread()  # the epoch rows still in the queue's feeder thread reach the parent
+    _close_process_group()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def _device_count(runtime: RuntimeConfig) -> int:
@@ -140,6 +183,10 @@ def _processes(runtime: RuntimeConfig) -> int:
     return 1 if _strategy(runtime) == "auto" else max(1, _device_count(runtime))
 
 
+_RELAYS_HERE: list[_EpochRelay] = []
+"""The epoch relays unpickled in this (training) process."""
+
+
 class _EpochRelay:
     """Carries each epoch's losses from the training process of rank 0 to this process.
 
@@ -149,6 +196,11 @@ class _EpochRelay:
 
     def __init__(self, start_method: str) -> None:
         self.queue = mp.get_context(start_method).Queue()
+
+    def __setstate__(self, state: dict) -> None:
+        """Restore the relay in a training process; a spawned one flushes it before it ends."""
+        self.__dict__.update(state)
+        _RELAYS_HERE.append(self)
 
     def __call__(self, row: dict[str, float]) -> None:
         """Send one epoch's losses (called in the training process of rank 0; never blocks)."""
@@ -217,7 +269,8 @@ class _SpawnedProcess(L.Callback):
         self.__dict__.update(state)
         if os.getpid() != self.pid:
             _silence_lightning()
-            atexit.register(_close_process_group)
+            atexit.register(_close_process_group)  # a failing process still ends through the teardown
+            fault_point("training_process")
 
 
 def _close_process_group() -> None:
@@ -314,8 +367,7 @@ def check_runtime(runtime: RuntimeConfig, streamed: bool = False) -> None:
                          "work under `if __name__ == \"__main__\":`")
     with quiet_lightning():
         try:
-            L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, strategy=strategy,
-                      plugins=_plugins(strategy), logger=False, enable_checkpointing=False, enable_model_summary=False,
+            L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, **_trainer_strategy(strategy), logger=False, enable_checkpointing=False, enable_model_summary=False,
                       enable_progress_bar=False)
         except Exception as exc:  # Lightning raises ValueError, MisconfigurationException, TypeError
             raise InputError(f"runtime accelerator={runtime.accelerator!r}, devices={runtime.devices!r}, "
@@ -389,8 +441,7 @@ def fit(
                 max_epochs=max_epochs,
                 accelerator=runtime.accelerator,
                 devices=runtime.devices,
-                strategy=strategy,
-                plugins=_plugins(strategy),
+                **_trainer_strategy(strategy),
                 logger=False,
                 enable_checkpointing=False,
                 enable_model_summary=False,
