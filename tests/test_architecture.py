@@ -128,8 +128,10 @@ def test_no_module_reaches_into_another_objects_privates():
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
                 base = node.value
-                if isinstance(base, ast.Name) and base.id in ("self", "cls", "torch", "faiss"):
+                if isinstance(base, ast.Name) and base.id in ("self", "cls", "torch", "faiss", "os"):  # os._exit
                     continue
+                if isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id == "super":
+                    continue  # a subclass calling the method it overrides
                 if isinstance(base, ast.Attribute) and base.attr == "ctx":
                     continue
                 # an object of the class defined in this very module (e.g. a copy made in a method)
