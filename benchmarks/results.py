@@ -62,7 +62,20 @@ NOTES = [
     "sweep gives the cause: on pbmc and kang the AUROC falls steadily as lambda grows (kang 0.75 at 1, 0.62 at 100), "
     "so the penalty holds exactly the weights the new monocytes need to move. No lambda in the sweep meets the AUROC "
     "part and the drift part together on kang: at lambda 1 the drift is 0.40 of finetune's and the AUROC still 0.04 "
-    "under finetune's. Known accuracy and drift parts are met everywhere.",
+    "under finetune's; nor does any pair of lambda and replay share in the replay grid (next note). Known accuracy "
+    "and drift parts are met everywhere.",
+    "What replay does (`lambda_sweep --grid replay`, 3 seeds, run 2026-12-05; its surgery, finetune and default rows "
+    "equal the mapping run's to the last digit): replay keeps the model explaining the reference cells, not the "
+    "cells' places in the embedding. Alone (lambda 0), half of every minibatch replayed, it finds the new types best "
+    "of every setting on kang (AUROC 0.800 vs finetune 0.789) and pbmc (0.689 vs 0.618), but moves the reference "
+    "0.69 and 0.88 of finetune's drift. At lambda 100, no replay / a quarter (the default) / half: worst-scenario "
+    "drift 0.43 / 0.28 / 0.40 of finetune's, mean AUROC 0.728 / 0.729 / 0.734 (the penalty is scaled by the query's "
+    "share of a minibatch, 1 - r, and an epoch holds n_query / (1 - r) cells, so more replay means a weaker penalty "
+    "over more steps). On pbmc and kang half replay lifts the AUROC-drift curve (pbmc at lambda 10: 0.603 at 0.38 of "
+    "finetune's drift, against 0.560 at 0.60 without replay); on ifnb and pancreas it does not. Where the half-replay "
+    "curve crosses a third of finetune's drift (linear between the grid's points) it stays under finetune's AUROC on "
+    "pbmc (about 0.59 against 0.618) and far under on kang (about 0.67 against 0.789); the strength sweep's rule, "
+    "applied to this grid, picks the default again.",
     "Parity (check 1) on ifnb: known_accuracy scores the best label of every known cell (an Unknown call is not "
     "counted as wrong), and the engine's surgery gets it for 0.730 against scvi-tools' 0.766; counting Unknown calls "
     "as wrong (known_accuracy_called) the engine is ahead, 0.540 vs 0.526, as scvi-tools calls 42% of known cells "
