@@ -367,8 +367,8 @@ def check_runtime(runtime: RuntimeConfig, streamed: bool = False) -> None:
                          "work under `if __name__ == \"__main__\":`")
     with quiet_lightning():
         try:
-            L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, **_trainer_strategy(strategy), logger=False, enable_checkpointing=False, enable_model_summary=False,
-                      enable_progress_bar=False)
+            L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, **_trainer_strategy(strategy),
+                      logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
         except Exception as exc:  # Lightning raises ValueError, MisconfigurationException, TypeError
             raise InputError(f"runtime accelerator={runtime.accelerator!r}, devices={runtime.devices!r}, "
                              f"strategy={runtime.strategy!r} cannot run here: {exc}") from exc
