@@ -88,6 +88,10 @@ HALF_NOVEL: dict[str, Scenario] = {
 }
 """Scenarios where the new cells are about half the query (issue 16): kang's donor 1488 without CD4 T
 cells in the reference (63% of the query new), pbmc's 5p without T_CD4 (39%)."""
+SCARCHES_UNKNOWN = {"transfer": {"unknown_rule": "uncertainty"}}
+"""Atlas settings for benchmarks that compare with scvi-tools: Unknown by scArches' cut-off (uncertainty > 0.3),
+since scvi-tools' rows have no calibrated novelty rule (the atlas's default; every rule is compared in
+``benchmarks.novelty``)."""
 KANG_SEQUENCE = ("1244", "1016", "101", "107", "1039")
 """The kang donors folded in one at a time after donor 1488 (../shared/data/README.md)."""
 

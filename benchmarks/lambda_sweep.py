@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import common as C
-from benchmarks.mapping import SCARCHES_UNKNOWN
 
 LAMBDAS = (1.0, 3.0, 10.0, 30.0, 100.0)
 REPLAY_LAMBDAS = (0.0, 10.0, 100.0)
@@ -101,7 +100,7 @@ def job(args: tuple) -> list[dict]:
         path = work / f"ref_post{int(posterior)}.atlas"
         cfg = {"reference_training": {"seed": seed, **epochs.get("reference_training", {})},
                "query_training": {"seed": seed, **epochs.get("query_training", {})},
-               "continual": {"fisher_posterior": posterior}, **SCARCHES_UNKNOWN}
+               "continual": {"fisher_posterior": posterior}, **C.SCARCHES_UNKNOWN}
         t0 = time.perf_counter()
         atlas = C.create_atlas(path, sc, ref, seed, cfg)
         refs[posterior] = (path, *C.cells_of_version(atlas, 1)[1:], time.perf_counter() - t0)

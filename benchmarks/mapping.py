@@ -31,9 +31,6 @@ TIMES = ["reference_epochs", "reference_seconds", "epochs", "fold_in_seconds"]
 ENGINE = ["surgery", "finetune", "ewc"]
 SCVI = ["scvi-tools surgery", "scvi-tools finetune", "CLCVAE (paper, scvi-tools)"]
 QUICK = {"reference_training": {"max_epochs": 8}, "query_training": {"max_epochs": 4}}
-SCARCHES_UNKNOWN = {"transfer": {"unknown_rule": "uncertainty"}}
-"""Unknown by scArches' cut-off (uncertainty > 0.3) for the engine too, as for scvi-tools' rows, which have no
-calibrated novelty rule (the atlas's default; every rule is compared in ``benchmarks.novelty``)."""
 
 
 def _score(sc, query, preds, z_v1, z_ref, labels) -> dict:
@@ -51,7 +48,7 @@ def engine_job(name: str, seed: int, quick: bool, out, scib: bool) -> list[dict]
     ref, query = C.load_scenario(name)
     work = C.work_dir(out, f"mapping_{name}_s{seed}")
     t0 = time.perf_counter()
-    ref_atlas = C.create_atlas(work / "ref.atlas", sc, ref, seed, {**(QUICK if quick else {}), **SCARCHES_UNKNOWN})
+    ref_atlas = C.create_atlas(work / "ref.atlas", sc, ref, seed, {**(QUICK if quick else {}), **C.SCARCHES_UNKNOWN})
     ref_secs, ref_epochs = time.perf_counter() - t0, ref_atlas.info.training["epochs"]
     names_v1, z_v1, labels_v1 = C.cells_of_version(ref_atlas, 1)
     rows = []
