@@ -6,8 +6,9 @@ there (to hold the write lock in concurrency tests); ``<point>:abort_at_exit`` m
 abort (SIGABRT) when its interpreter is torn down, as a library's threads left to the teardown
 can. Points, in ingest order: ``cells_x``
 (counts written, obs not yet), ``cells_metadata`` (the dataset's own obs columns written, obs not
-yet), ``after_cells``, ``training``, ``training_process`` (a spawned training
-process starting), ``training_epoch`` (inside the Lightning loop), ``checkpoint``, ``checkpoint_written``, ``drift``, ``drift_write`` (after each
+yet), ``after_cells``, ``training``, ``training_process`` (a spawned training process
+starting), ``training_epoch`` (inside the Lightning loop), ``checkpoint``,
+``checkpoint_written``, ``drift``, ``drift_write`` (after each
 drift part is written), ``before_manifest``.
 """
 

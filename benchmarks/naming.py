@@ -40,24 +40,25 @@ def run_one(job: tuple) -> list[dict]:
 
     seed, cfg, out = job
     sc = C.SCENARIOS["kang"]
-    ref, _ = C.load_scenario("kang")
+    ref, query = C.load_scenario("kang")
+    full = C.read_data(sc.file)
+    nxt = full[full.obs[sc.batch_key].astype(str).eq(NEXT_DONOR).to_numpy()].copy()
+    nxt.obs[sc.label_key] = nxt.obs[sc.label_key].astype(str)
     work = C.work_dir(out, f"naming_s{seed}")
     C.create_reference(work / "kang.atlas", sc, ref, seed, cfg["ref_epochs"], cfg["query_epochs"])
     rows = []
     for strategy in STRATEGIES:
         shutil.copytree(work / "kang.atlas", work / f"{strategy}.atlas")
-        rows.append(workflow(work / f"{strategy}.atlas", strategy, seed))
+        rows.append(workflow(work / f"{strategy}.atlas", strategy, seed, query, nxt))
         shutil.rmtree(work / f"{strategy}.atlas", ignore_errors=True)
     return rows
 
 
-def workflow(path, strategy: str, seed: int) -> dict:
-    """Fold in donor 1488, name the purest unknown group, fold in donor 1244; the figures of one run."""
+def workflow(path, strategy: str, seed: int, query, nxt) -> dict:
+    """Fold in ``query`` (donor 1488), name the purest unknown group, fold in ``nxt`` (1244); one run's figures."""
     from atlasengine import Atlas
 
     sc = C.SCENARIOS["kang"]
-    full = C.read_data(sc.file)
-    _, query = C.load_scenario("kang")
     t0 = time.perf_counter()
     atlas = Atlas.open(path)
     res = atlas.ingest(query, batch_key=sc.batch_key, dataset="1488", strategy=strategy, runtime={"progress": False})
@@ -75,8 +76,6 @@ def workflow(path, strategy: str, seed: int) -> dict:
     cells = groups["cells"].iloc[best]
     markers = groups["markers"].iloc[best]
     atlas.relabel(cells, NAME, note="FCGR3A up")
-    nxt = full[full.obs[sc.batch_key].astype(str).eq(NEXT_DONOR).to_numpy()].copy()
-    nxt.obs[sc.label_key] = nxt.obs[sc.label_key].astype(str)
     res2 = atlas.ingest(nxt, batch_key=sc.batch_key, dataset=NEXT_DONOR, strategy=strategy,
                         runtime={"progress": False})
     m = nxt.obs[sc.label_key].eq(NOVEL).to_numpy()

@@ -211,9 +211,10 @@ def _read_context(settings: tuple[tuple[str, str], ...] = ()) -> tiledbsoma.SOMA
     )
 
 
-# The contexts' thread pools are stopped before the interpreter tears its modules down: a context
-# left to that teardown aborted spawned training processes as they exited ("terminate called
-# without an active exception", 2 exits in 3).
+# The contexts' thread pools are stopped before the interpreter tears its modules down (a context
+# left to that teardown could abort the process: "terminate called without an active exception").
+# Spawned training processes that finish skip the teardown (training.fit._SpawnLauncher); this
+# covers the processes that do go through it.
 atexit.register(_read_context.cache_clear)
 
 
