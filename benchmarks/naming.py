@@ -15,10 +15,10 @@ FCGR3A+ Monocytes labelled with the name, and where the others went. The bar (is
 group at least 80% FCGR3A+ Monocytes with FCGR3A among its 10 markers; at least 80% of 1244's
 FCGR3A+ Monocytes labelled with the name.
 
-The ceiling, per seed: the same donors with the type already known (a reference of donors
-1015 + 1256 with their FCGR3A+ Monocytes labelled, then 1488 and 1244 folded in with ewc): the
-share of 1244's FCGR3A+ Monocytes the atlas labels as such when nothing had to be named. It
-bounds what naming a few dozen cells can give.
+The type known from the start, per seed: a reference of donors 1015 + 1256 with their FCGR3A+
+Monocytes labelled, then 1488 and 1244 folded in with ewc: the share of 1244's FCGR3A+
+Monocytes the atlas labels as such when nothing had to be named. A reference point for what
+naming a few dozen cells can give (not a proof of a bound: another vote could do better).
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def main() -> None:
         "",
         C.md_table(df.groupby("strategy", sort=False)[[c for c in vote_columns if c in df]].mean().reset_index()),
         "",
-        f"Ceiling, with nothing to name: the same reference donors with their {NOVEL} labelled (same epochs, same "
+        f"The type known from the start, nothing to name: the same reference donors with their {NOVEL} labelled (same epochs, same "
         f"seed), then 1488 and {NEXT_DONOR} folded in with {STRATEGIES[0]}; `next_named` / `next_labelled`: share of "
         f"{NEXT_DONOR}'s {NOVEL} predicted / labelled {NOVEL}. Mean labelled {known.next_labelled.mean():.0%} "
         f"(the naming bar asks 80% of a type learnt from a few dozen named cells).",

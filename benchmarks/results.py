@@ -139,7 +139,7 @@ NOTES = [
     "embedding: the nearest labelled cell names 45% (ewc) and 60% (finetune) of 1244's FCGR3A+ monocytes against "
     "the 50-neighbour vote's 27% and 53%, so the vote costs 7-18 points; dividing the vote by each type's size, "
     "or taking the nearest type centroid, names 63-73% but labels 8-17 points fewer of the other cells correctly "
-    "(0.77-0.87 against 0.94). Second, the ceiling: with the type in the reference from the start (donors 1015 + "
+    "(0.77-0.87 against 0.94). Second, the type known: in the reference from the start (donors 1015 + "
     "1256 with their 321 FCGR3A+ monocytes labelled, 1488 and 1244 folded in with ewc), the atlas labels 70%, 64% "
     "and 68% of 1244's FCGR3A+ monocytes as such (the rest mostly CD14+), and the same vote in a PCA of the counts, "
     "with no model, 66%. Where these annotations draw the line between CD16+ and CD14+ monocytes, a neighbour "
