@@ -5,8 +5,9 @@
 
 Per scenario and seed a reference is trained without the held-out types and the query is
 folded in blind with ``ewc`` (the engine's default; ``--strategy`` folds it in with finetune or
-surgery instead, written to ``novelty_<strategy>.*``: how much of a miss is the strategy's). Every rule then scores the same fold-in
-(the same embedding, the same neighbour index); only the rule changes:
+surgery instead, written to ``novelty_<strategy>.*``: how much of a miss is the strategy's).
+Every rule then scores the same fold-in (the same embedding, the same neighbour index); only the
+rule changes:
 
 - ``novelty`` (the default): Fisher's combination of the distance to the 10 nearest reference
   cells and the kNN uncertainty, each averaged over the cell's 10 nearest cells of its batch
@@ -121,7 +122,7 @@ def storey_share(pvalues: np.ndarray, lam: float = 0.5) -> float:
     return float(np.clip(1 - (p > lam).mean() / (1 - lam), 0, 1))
 
 
-def run_one(job: tuple) -> tuple[list[dict], dict]:
+def run_one(job: tuple) -> tuple[list[dict], dict, dict | None]:
     from sklearn.metrics import roc_auc_score
 
     from atlasengine.transfer import evaluate_transfer
@@ -155,7 +156,7 @@ def run_one(job: tuple) -> tuple[list[dict], dict]:
                        share_high=s.attrs["novel_share_interval"][1], storey_estimate=storey_share(s["pvalue"]))
         rows.append(row)
         curves[rule] = operating_curve(s, novel)
-    known = types_known(work, name, seed, cfg, query) if strategy == DEFAULT_STRATEGY else None
+    known = types_known(work, name, seed, cfg, ref.var_names, query) if strategy == DEFAULT_STRATEGY else None
     shutil.rmtree(work, ignore_errors=True)
     print(f"{name} seed {seed} ({time.perf_counter() - t0:.0f}s): " + "  ".join(
         f"{r['rule']} {r['known_called']:.3f}/{r['novel_caught']:.3f}" for r in rows)
@@ -163,14 +164,13 @@ def run_one(job: tuple) -> tuple[list[dict], dict]:
     return rows, curves, known
 
 
-def types_known(work, name: str, seed: int, cfg: dict, query) -> dict:
+def types_known(work, name: str, seed: int, cfg: dict, genes, query) -> dict:
     """Fold ``query`` into a reference of the same batches with the held-out types labelled; how well they are told apart."""
     from sklearn.metrics import roc_auc_score
 
     sc = scenario(name)
-    ref_genes = C.load_scenario(name)[0].var_names
     full = C.read_data(sc.file)
-    ref = full[full.obs[sc.batch_key].astype(str).isin(sc.ref_batches).to_numpy()][:, ref_genes].copy()
+    ref = full[full.obs[sc.batch_key].astype(str).isin(sc.ref_batches).to_numpy()][:, genes].copy()
     for col in (sc.batch_key, sc.label_key):
         ref.obs[col] = ref.obs[col].astype(str)
     C.create_reference(work / "known.atlas", sc, ref, seed, cfg["ref_epochs"], cfg["query_epochs"],
