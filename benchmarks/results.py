@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks import common as C
 
 ORDER = ("mapping", "lambda_sweep", "replay_sweep", "schedule_sweep", "sequential", "evidence", "speed", "scale",
-         "novelty", "novelty_finetune", "naming", "distributed", "streaming")
+         "novelty", "novelty_finetune", "novelty_surgery", "naming", "distributed", "streaming")
 MAX_PNG = 200 * 1024
 
 # Why a target is missed, written after reading the measurements (keyed by target id).
@@ -129,6 +129,12 @@ NOTES = [
     "reference alone it catches 95% but calls 12% of known cells, as a finetune fold-in moves the known cells "
     "too. ifnb and pbmc_half do not gain. So on pbmc and kang most of issue 16's miss is the EWC penalty, which "
     "holds the new types beside known ones: the same trade-off as check 2 of 'Prove the method'.",
+    "Novelty on a surgery fold-in (`--strategy surgery`, same references and seeds, run 2026-12-05): the frozen "
+    "reference finds fewer new cells than ewc by the same rule on pbmc (AUROC 0.73 against 0.82; 6% caught "
+    "against 43%), ifnb (0.79 against 0.87; 14% against 44%) and pbmc_half (0.51 against 0.62), and as many on "
+    "kang (0.894 against 0.896), kang_half and pancreas. By the atlas's own Unknown rule, folding in with ewc "
+    "finds what the reference cannot explain better than freezing it, and finetune better than either on pbmc "
+    "and kang.",
     "Naming (issue 13, kang): the purest group of what donor 1488's fold-in called Unknown was 77%, 85% and 98% "
     "FCGR3A+ monocytes on seeds 0-2, with FCGR3A among its ten markers every time (by gene symbol); after naming it, "
     "38%, 0% and 43% of donor 1244's FCGR3A+ monocytes are predicted with the name (20%, 0%, 41% labelled with it; "
