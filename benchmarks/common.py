@@ -130,8 +130,12 @@ def highly_variable(adata, n_top: int) -> list[str]:
     return [str(adata.var_names[i]) for i in sorted(order)]
 
 
-def load_scenario(name: str):
-    """Return (reference, query) AnnData copies of a scenario (the query keeps its novel types)."""
+def load_scenario(name: str, novel_in_reference: bool = False):
+    """Return (reference, query) AnnData copies of a scenario (the query keeps its novel types).
+
+    ``novel_in_reference``: the reference keeps its cells of the held-out types too, labelled (the
+    types known from the start); the genes are the scenario's either way.
+    """
     sc = SCENARIOS[name] if name in SCENARIOS else HALF_NOVEL[name]
     a = read_data(sc.file)
     batch = a.obs[sc.batch_key].astype(str)
@@ -139,6 +143,8 @@ def load_scenario(name: str):
     ref_mask = batch.isin(sc.ref_batches) & ~label.isin(sc.novel)
     if sc.n_hvg and a.n_vars > sc.n_hvg:
         a = a[:, highly_variable(a[ref_mask.to_numpy()], sc.n_hvg)]
+    if novel_in_reference:
+        ref_mask = batch.isin(sc.ref_batches)
     ref = a[ref_mask.to_numpy()].copy()
     query = a[batch.isin(sc.query_batches).to_numpy()].copy()
     for x in (ref, query):
@@ -351,6 +357,15 @@ def parse_args(description: str, default_seeds: int = 3) -> argparse.Namespace:
 
 ARGV = list(sys.argv)
 """The command line as given, before a benchmark's own pre-parser takes its options out of ``sys.argv``."""
+
+
+def take_choice(option: str, choices: tuple[str, ...], default: str) -> str:
+    """Take a benchmark's own ``option`` (one of ``choices``) out of ``sys.argv`` before :func:`parse_args`."""
+    extra = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    extra.add_argument(option, choices=choices, default=default)
+    known, rest = extra.parse_known_args()
+    sys.argv = [sys.argv[0], *rest]
+    return getattr(known, option.lstrip("-").replace("-", "_"))
 
 
 def command_line() -> str:

@@ -226,14 +226,7 @@ def plot_replay(df: pd.DataFrame, path) -> None:
 
 
 def main() -> None:
-    import argparse
-    import sys
-
-    extra = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    extra.add_argument("--grid", choices=("strength", "replay", "schedule"), default="strength")
-    known, rest = extra.parse_known_args()
-    sys.argv = [sys.argv[0], *rest]
-    grid = known.grid
+    grid = C.take_choice("--grid", ("strength", "replay", "schedule"), "strength")
     args = C.parse_args(__doc__.splitlines()[0], default_seeds=3)
     scenarios = args.scenarios.split(",") if args.scenarios else (["pancreas"] if args.quick else list(C.SCENARIOS))
     t_start = time.perf_counter()

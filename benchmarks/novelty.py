@@ -156,7 +156,7 @@ def run_one(job: tuple) -> tuple[list[dict], dict, dict | None]:
                        share_high=s.attrs["novel_share_interval"][1], storey_estimate=storey_share(s["pvalue"]))
         rows.append(row)
         curves[rule] = operating_curve(s, novel)
-    known = types_known(work, name, seed, cfg, ref.var_names, query) if strategy == DEFAULT_STRATEGY else None
+    known = types_known(work, name, seed, cfg, query) if strategy == DEFAULT_STRATEGY else None
     shutil.rmtree(work, ignore_errors=True)
     print(f"{name} seed {seed} ({time.perf_counter() - t0:.0f}s): " + "  ".join(
         f"{r['rule']} {r['known_called']:.3f}/{r['novel_caught']:.3f}" for r in rows)
@@ -164,15 +164,12 @@ def run_one(job: tuple) -> tuple[list[dict], dict, dict | None]:
     return rows, curves, known
 
 
-def types_known(work, name: str, seed: int, cfg: dict, genes, query) -> dict:
+def types_known(work, name: str, seed: int, cfg: dict, query) -> dict:
     """Fold ``query`` into a reference of the same batches with the held-out types labelled; how well they are told apart."""
     from sklearn.metrics import roc_auc_score
 
     sc = scenario(name)
-    full = C.read_data(sc.file)
-    ref = full[full.obs[sc.batch_key].astype(str).isin(sc.ref_batches).to_numpy()][:, genes].copy()
-    for col in (sc.batch_key, sc.label_key):
-        ref.obs[col] = ref.obs[col].astype(str)
+    ref, _ = C.load_scenario(name, novel_in_reference=True)
     C.create_reference(work / "known.atlas", sc, ref, seed, cfg["ref_epochs"], cfg["query_epochs"],
                        fisher_max_cells=cfg["fisher_max_cells"])
     _, res, _ = C.fold_in(work / "known.atlas", work / "known_ewc.atlas", query, sc, "ewc",
@@ -233,14 +230,7 @@ def checks(means: pd.DataFrame) -> dict:
 
 
 def main() -> None:
-    import argparse
-    import sys
-
-    extra = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    extra.add_argument("--strategy", choices=("ewc", "finetune", "surgery"), default=DEFAULT_STRATEGY)
-    known_args, rest = extra.parse_known_args()
-    sys.argv = [sys.argv[0], *rest]
-    strategy = known_args.strategy
+    strategy = C.take_choice("--strategy", ("ewc", "finetune", "surgery"), DEFAULT_STRATEGY)
     out_name = "novelty" if strategy == DEFAULT_STRATEGY else f"novelty_{strategy}"
     args = C.parse_args(__doc__.splitlines()[0], default_seeds=3)
     cfg = ({"ref_epochs": 10, "query_epochs": 5, "fisher_max_cells": 200} if args.quick
