@@ -75,6 +75,24 @@ def test_ingest_returns_what_it_computed(atlas_path, pancreas_query):
     pd.testing.assert_frame_equal(atlas.obs(), fresh.obs())
 
 
+def test_a_query_that_brings_labels_is_predicted_from_the_cells_before_it(atlas_path, pancreas_query):
+    # every query cell carries a label no earlier cell has: if the query's own labels voted for it,
+    # the label would come back as its prediction (its labelled neighbours are its own dataset)
+    query = pancreas_query.copy()
+    query.obs["celltype"] = "query_only"
+    atlas = Atlas.open(atlas_path)
+    before = set(atlas.labels)
+    res = atlas.ingest(query, batch_key="tech", strategy="surgery", label_key="celltype", training={"max_epochs": 2})
+    assert set(res.predictions["predicted_label"]) <= before
+    assert not any(c == "p_query_only" for c in res.predictions.columns)
+    summary = atlas.sql("select assigned_label from transfer_summary where version = 2")
+    assert "query_only" not in set(summary["assigned_label"])
+    # the labels joined the atlas for the queries after it
+    assert "query_only" in atlas.neighbor_index().categories
+    later = atlas.transfer_labels(pancreas_query, batch_key="tech")
+    assert (later["predicted_label"] == "query_only").mean() > 0.5
+
+
 def test_a_partial_config_keeps_the_atlas_defaults():
     cfg = AtlasConfig.model_validate({"query_training": {"seed": 3}, "reference_training": {"max_epochs": 5}})
     # the query's own defaults: no KL warm-up, at most 200 epochs by the rule

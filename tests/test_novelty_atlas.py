@@ -58,11 +58,11 @@ def test_a_stored_calibration_without_predicted_labels_is_recomputed(two_version
     np.testing.assert_allclose(again.distance, fresh.distance)
 
 
-def test_a_labelled_fold_in_scores_its_cells_without_themselves(atlas_path, pancreas_query):
-    """Cells folded in with their labels join the index; their stored predictions (and the
-    transfer summary built from them) come from the other cells, not from a distance-0 match."""
-    from atlasengine.transfer import label_probabilities
-    from atlasengine.transfer.novelty import leave_one_out_knn
+def test_a_labelled_fold_in_is_scored_against_the_cells_before_it(atlas_path, pancreas_query):
+    """Cells folded in with their labels join the index for later queries; their stored predictions
+    (and the transfer summary built from them) come from the cells the atlas held before, under the
+    new embedding, never from their own labelled neighbours."""
+    from atlasengine.transfer import NeighborIndex, label_probabilities
 
     query = pancreas_query[pancreas_query.obs["tech"] == "smartseq2"].copy()
     res = Atlas.open(atlas_path).ingest(query, batch_key="tech", label_key="celltype", strategy="surgery",
@@ -70,13 +70,14 @@ def test_a_labelled_fold_in_scores_its_cells_without_themselves(atlas_path, panc
     atlas = Atlas.open(atlas_path)
     obs, z, index = atlas.obs(), atlas.latent(), atlas.neighbor_index()
     labelled = obs["label"].notna().to_numpy()
+    assert index.n == labelled.sum() and labelled[obs["version_added"] == 2].all()  # the query's cells joined it
+    before = labelled & (obs["version_added"] < 2).to_numpy()
+    cfg = atlas.config.transfer
+    earlier = NeighborIndex.build(z[before], obs["label"][before].astype(str).to_numpy(), cfg)
     rows = obs.index.get_indexer([str(c) for c in query.obs_names])
-    k = atlas.config.transfer.k
-    d, i = leave_one_out_knn(index, z[labelled], (np.cumsum(labelled) - 1)[rows], k)
-    expected = 1.0 - label_probabilities(d, index.neighbor_codes(i), len(index.categories)).max(axis=1)
+    d, i = earlier.search(z[rows], cfg.k)
+    expected = 1.0 - label_probabilities(d, earlier.neighbor_codes(i), len(earlier.categories)).max(axis=1)
     np.testing.assert_allclose(res.predictions.loc[obs.index[rows], "uncertainty"], expected, atol=1e-6)
-    d_self, _ = index.search(z[rows], k)
-    assert (d_self[:, 0] < 1e-5).all()  # searched with themselves, each would find itself first
 
 
 def test_a_transfer_config_with_other_neighbours_gets_its_own_calibration_once(two_version_atlas, pancreas_query,

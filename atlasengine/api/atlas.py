@@ -585,7 +585,9 @@ class Atlas:
             ``"finetune"`` (all weights, no penalty) or ``"surgery"`` (only the new batch
             columns).
         label_key
-            Obs column of known labels, if any (they join the neighbour index).
+            Obs column of known labels, if any: they join the neighbour index for later
+            queries, while this query's predictions (and the transfer summary comparing them
+            with these labels) come from the cells the atlas held before it.
         dataset
             Name of the dataset in the atlas (default ``dataset_v<N>``).
         layer

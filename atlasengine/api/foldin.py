@@ -425,10 +425,16 @@ def _build_and_commit(
     calibration = calibrate(index, z[labelled], tcfg, batches[labelled])
     predictions = summary = None
     if plan.parent is not None:
-        # new cells that came with labels are in the index: each is scored without itself
-        index_position = np.where(labelled, np.cumsum(labelled) - 1, -1)[new_cells]
-        predictions = predict(index, calibration, z[new_cells], tcfg, obs.index[new_cells].tolist(),
-                              exclude=index_position, batches=batches[new_cells])
+        # the new cells are labelled from the cells the atlas held before: labels that came with
+        # them join the index for later queries, never their own predictions
+        known = labelled & ~new_cells
+        if not (labelled & new_cells).any():
+            known_index, known_calibration = index, calibration
+        else:
+            known_index = NeighborIndex.build(z[known], obs["label"][known].astype(str).to_numpy(), tcfg)
+            known_calibration = calibrate(known_index, z[known], tcfg, batches[known])
+        predictions = predict(known_index, known_calibration, z[new_cells], tcfg, obs.index[new_cells].tolist(),
+                              batches=batches[new_cells])
         summary = transfer_summary(predictions, obs["label"][new_cells], plan.record.name)
     files = VersionFiles(
         checkpoint=Checkpoint(weights, fisher.mean, weights, fisher.cells),

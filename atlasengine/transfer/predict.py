@@ -57,7 +57,6 @@ def predict(
     latent: np.ndarray,
     config: TransferConfig,
     obs_names: Sequence[str],
-    exclude: np.ndarray | None = None,
     batches: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Weighted-kNN labels plus the calibrated novelty score (distance + uncertainty).
@@ -79,9 +78,6 @@ def predict(
         Neighbours, kernel, cut-offs and the Unknown rule.
     obs_names
         Cell names (the table's index).
-    exclude
-        Each cell's position in the index, -1 if not in it (a fold-in that came with labels
-        puts its cells in the index): those are searched without themselves.
     batches
         The cells' batches: novelty signals are averaged over neighbouring cells of the same
         batch (``config.novelty_smoothing``); None = all one batch.
@@ -95,7 +91,7 @@ def predict(
         share of new cells with its interval (``novel_share``, ``novel_share_interval``) in
         ``attrs``.
     """
-    distances, neighbors = index.search(latent, max(calibration.k, config.k), exclude=exclude)
+    distances, neighbors = index.search(latent, max(calibration.k, config.k))
     probs = label_probabilities(
         distances[:, : config.k], index.neighbor_codes(neighbors[:, : config.k]), len(index.categories), config.kernel
     )
