@@ -107,3 +107,19 @@ def test_deleted_or_damaged_drift_rows_are_recomputed_and_rebuilt_never_emptied(
     for by, frame in before.items():
         old = after[by][after[by]["version"] <= 2].reset_index(drop=True)
         assert len(old) == len(frame) and old["version"].tolist() == frame["version"].tolist()
+
+
+def test_drift_rows_rebuilt_after_a_relabel_keep_the_labels_of_their_own_version(two_version_atlas, tmp_path):
+    atlas_path = tmp_path / "a.atlas"
+    shutil.copytree(two_version_atlas, atlas_path)
+    atlas = Atlas.open(atlas_path)
+    before = atlas.drift(by="cell_type")
+    alpha = atlas.obs().index[atlas.obs()["label"] == "alpha"][:20]
+    atlas.relabel(list(alpha), "alpha_renamed")  # version 3 renames reference cells of version 1
+    for f in (atlas_path / "versions" / "v0002" / "drift").iterdir():
+        f.unlink()  # version 2's rows are lost and recomputed from its stored embeddings
+
+    now = Atlas.open(atlas_path).drift(by="cell_type")
+    old = now[now["version"] <= 2].reset_index(drop=True)
+    assert "alpha_renamed" not in set(old.astype(str).to_numpy().ravel())
+    pd.testing.assert_frame_equal(old[before.columns[:3]], before[before.columns[:3]])

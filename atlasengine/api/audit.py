@@ -120,8 +120,11 @@ def write_drift(folder: Path, rows: DriftRows, number: int) -> None:
 
 
 def stored_drift_rows(reader: VersionReader, info: VersionInfo) -> DriftRows:
-    """Recompute version ``info``'s drift rows from the embeddings and predictions stored with the atlas."""
-    obs_all = reader.obs()
+    """Recompute version ``info``'s drift rows from the embeddings and predictions stored with the atlas.
+
+    Labels are those of version ``info`` itself: a later relabel does not rewrite its history.
+    """
+    obs_all = (reader if info.number == reader.number else VersionReader(reader.store, reader.manifest, info.number)).obs()
     z = reader.latent(info.number)
     obs = obs_all.iloc[: len(z)][["batch", "label", "dataset", "version_added"]]
     previous = first = None
