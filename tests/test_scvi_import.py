@@ -57,6 +57,8 @@ REFUSED = [
     ("covariates not encoded", {"encode_covariates": False}, None, "encode_covariates"),
     ("another dispersion", {"dispersion": "gene-batch"}, None, "dispersion"),
     ("another likelihood", {"gene_likelihood": "poisson"}, None, "gene_likelihood"),
+    ("counts not log-transformed at the input", {"log_variational": False}, None, "log_variational"),
+    ("batch embedding", {"batch_representation": "embedding"}, None, "batch_representation"),
     ("extra categorical covariate", {}, {"categorical_covariate_keys": ["dataset"]}, "categorical_covariate_keys"),
     ("continuous covariate", {}, {"continuous_covariate_keys": ["nCount_RNA"]}, "continuous_covariate_keys"),
 ]

@@ -149,9 +149,16 @@ REQUIRED = {
     "dispersion": ("gene", "a gene dispersion"),
     "use_observed_lib_size": (True, "the observed library size"),
     "latent_distribution": ("normal", "a normal latent"),
+    "log_variational": (True, "log1p of the counts at the encoder input"),
+    "batch_representation": ("one-hot", "a one-hot batch input"),
+    "var_activation": (None, "exp for the posterior variance"),
+    "extra_encoder_kwargs": (None, "scvi-tools' default encoder"),
+    "extra_decoder_kwargs": (None, "scvi-tools' default decoder"),
 }
 DEFAULTS = {"deeply_inject_covariates": True, "use_observed_lib_size": True, "latent_distribution": "normal",
-            "dispersion": "gene", "use_batch_norm": "both", "use_layer_norm": "none", "encode_covariates": False}
+            "dispersion": "gene", "use_batch_norm": "both", "use_layer_norm": "none", "encode_covariates": False,
+            "log_variational": True, "batch_representation": "one-hot", "var_activation": None,
+            "extra_encoder_kwargs": None, "extra_decoder_kwargs": None}
 
 
 def model_config(ref: ScviReference) -> ModelConfig:
@@ -160,6 +167,7 @@ def model_config(ref: ScviReference) -> ModelConfig:
         raise InputError(f"the checkpoint holds a {ref.model_name} model; the engine imports scvi-tools SCVI models only")
     for key, (want, what) in REQUIRED.items():
         have = ref.init.get(key, DEFAULTS[key])
+        have = None if isinstance(have, dict) and not have else have  # {} extra kwargs are scvi-tools' default
         if have != want:
             raise InputError(f"the scvi-tools model has {key}={have!r}; the engine represents {what} ({key}={want!r}) "
                              "only: retrain the reference with scArches settings, or build the atlas from counts")
