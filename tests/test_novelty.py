@@ -309,3 +309,20 @@ def test_averaged_novelty_keeps_its_target_for_any_batch_size_and_a_sampled_cali
         assert called <= 0.05 + binomial_tolerance(0.05, n), (n, batch, called)
     back = N.NoveltyCalibration.load(cal.save(Path(tempfile.mkdtemp()) / N.CALIBRATION_FILE))
     np.testing.assert_array_equal(back.unaveraged().distance, cal.unaveraged().distance)
+
+
+def test_a_reference_batch_too_small_to_average_within_is_merged_as_a_query_batch_is():
+    rng = np.random.default_rng(4)
+    ref = rng.normal(size=(600, 5)).astype(np.float32)
+    labels = np.array(list("ab"))[rng.integers(0, 2, len(ref))]
+    index = NeighborIndex.build(ref, labels, TransferConfig())
+    groups = np.array(["big"] * 594 + ["tiny"] * 3 + ["tinier"] * 3)  # together 6 cells: fewer than 10
+    cal = N.reference_calibration(index, ref, k=10, k_transfer=50, groups=groups, smoothing=10,
+                                  cells=np.arange(590, 600))
+    # a query with these batches would be averaged as one group (the small ones together are still
+    # under 10 cells, so every cell's 10 neighbours are searched among all): so is the calibration
+    np.testing.assert_array_equal(N.merge_small_groups(groups, 10, len(ref)), np.zeros(len(ref)))
+    one = N.reference_calibration(index, ref, k=10, k_transfer=50, groups=np.zeros(len(ref)), smoothing=10,
+                                  cells=np.arange(590, 600))
+    np.testing.assert_allclose(cal.distance, one.distance)
+    np.testing.assert_allclose(cal.uncertainty, one.uncertainty)
