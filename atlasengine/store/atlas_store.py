@@ -177,10 +177,12 @@ class AtlasStore:
         records = {}
         for rel in _relative_files(staged):
             f = staged / rel
-            records[rel.as_posix()] = FileRecord(
-                path=f"{VERSIONS}/{version_dirname(number)}/{rel.as_posix()}", sha256=sha256_file(f),
+            records[rel.as_posix()] = FileRecord(  # on disk before the manifest that lists it
+                path=f"{VERSIONS}/{version_dirname(number)}/{rel.as_posix()}", sha256=sha256_file(f, sync=True),
                 size=f.stat().st_size,
             )
+        for folder in [*(d for d in staged.rglob("*") if d.is_dir()), staged]:
+            fsync_dir(folder)
         return records
 
     def publish(self, staged: Path, number: int, expected: str | None = None) -> dict[str, FileRecord]:

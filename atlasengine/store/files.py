@@ -7,10 +7,12 @@ import os
 from pathlib import Path
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
+def sha256_file(path: Path, chunk: int = 1 << 20, sync: bool = False) -> str:
+    """Hex SHA-256 of a file's bytes; ``sync`` also flushes the file's data to disk first."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
+        if sync:
+            os.fsync(fh.fileno())
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -33,11 +35,15 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so readers see either the old or the new file, never half."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
