@@ -46,6 +46,42 @@ def test_a_sigkilled_ingest_just_runs_again(reference_atlas, tmp_path, pancreas_
     assert not any((atlas_path / ".staging").glob("*"))
 
 
+CREATE = """
+import sys, anndata as ad
+from atlasengine import Atlas
+a = ad.read_h5ad(sys.argv[2])
+ref = a[a.obs["tech"].isin(["celseq", "fluidigmc1", "indrop"])].copy()
+Atlas.create(sys.argv[1], ref, batch_key="tech", label_key="celltype",
+             config={"model": {"n_hidden": 16, "n_latent": 4}, "reference_training": {"max_epochs": 2}})
+"""
+
+
+def test_a_sigkilled_create_just_runs_again_and_its_half_built_copy_goes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import DATA
+
+    from atlasengine.store.lock import WriteLock
+
+    target = tmp_path / "new.atlas"
+    cmd = [sys.executable, "-c", CREATE, str(target), str(DATA / "pancreas_panc8_small.h5ad")]
+    killed = subprocess.run(cmd, env={**os.environ, "ATLASENGINE_FAULT": "training_epoch:kill"}, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    left = list(tmp_path.glob(".new.atlas.creating-*"))
+    assert len(left) == 1 and (left[0] / "cells").is_dir() and not target.exists()
+    busy = tmp_path / ".new.atlas.creating-busy0000"  # another create still at work: never touched
+    busy.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "ATLASENGINE_FAULT"}
+    with WriteLock(busy):
+        again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+    assert Atlas.open(target).version == 1
+    assert [p.name for p in tmp_path.glob(".new.atlas.creating-*")] == [busy.name]
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 @pytest.mark.parametrize("target", ["model.safetensors", "latent.npy", "index/neighbor_index.faiss"])
 def test_corrupt_version_file_is_named_and_other_versions_stay_usable(two_version_atlas, tmp_path, damage, target):

@@ -18,6 +18,7 @@ where a crash can stop them:
 
 from __future__ import annotations
 
+import glob
 import logging
 import shutil
 import uuid
@@ -46,7 +47,8 @@ from atlasengine.numerics import sorted_sample
 from atlasengine.progress import phase
 from atlasengine.store.atlas_store import AtlasStore, check_atlas_path
 from atlasengine.store.cells import CellChecks, CellStore, cell_checksums, counts_checksums, joinids_of
-from atlasengine.store.lock import WriteLock
+from atlasengine.store.files import fsync_dir
+from atlasengine.store.lock import LOCK_NAME, WriteLock, lock_holder
 from atlasengine.store.manifest import DatasetRecord, Manifest, VersionInfo
 from atlasengine.store.version import DRIFT_DIR, Checkpoint, VersionFiles, VersionReader, write_version_files
 from atlasengine.training import CellData, TrainResult, check_runtime, embed_cells, fit
@@ -222,13 +224,14 @@ def create(
             raise InputError(f"batch value(s) {unknown[:5]} in {batch_key!r} are not among the model's batches "
                              f"{pretrained.batches[:10]}: pass the AnnData the reference was trained on")
         batches = list(pretrained.batches)
-    tmp = root.with_name(f".{root.name}.creating-{uuid.uuid4().hex[:8]}")
+    _remove_abandoned_builds(root)
+    tmp = root.with_name(f"{CREATING_PREFIX.format(name=root.name)}{uuid.uuid4().hex[:8]}")
     _make_folder(tmp)
     try:
-        with WriteLock(tmp):  # the build is private; this leaves the (empty) lock file every atlas has
+        with WriteLock(tmp):  # held until the rename: the build is private and never taken for abandoned
             committed = _build_reference(AtlasStore(tmp), prep, genes, batches, config, runtime, pretrained,
                                          dataset=dataset, batch_key=batch_key, label_key=label_key)
-        _move_into_place(tmp, root)
+            _move_into_place(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -268,6 +271,23 @@ def _checksummed(prep: PreparedInput) -> Iterator[sp.csr_matrix]:
     prep.counts_checksums = np.concatenate(sums) if sums else np.zeros(0, dtype=np.uint64)
 
 
+CREATING_PREFIX = ".{name}.creating-"
+"""Where ``create`` builds an atlas before renaming it into place (beside the target)."""
+
+
+def _remove_abandoned_builds(root: Path) -> None:
+    """Remove the build folders of earlier creates of ``root`` whose process ended (killed mid-build).
+
+    A build holds its kernel write lock from start to rename; a folder whose lock file nobody
+    holds belongs to a process that died, so the same command simply runs again without the
+    half-built copy of the cells staying on disk.
+    """
+    for folder in root.parent.glob(f"{glob.escape(CREATING_PREFIX.format(name=root.name))}*"):
+        if folder.is_dir() and not folder.is_symlink() and (folder / LOCK_NAME).is_file() and lock_holder(folder) is None:
+            log.info("removing %s, left by a create that did not finish", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _make_folder(path: Path) -> None:
     try:
         path.mkdir(parents=True)
@@ -281,6 +301,7 @@ def _move_into_place(built: Path, root: Path) -> None:
         if root.exists():
             root.rmdir()  # an empty folder the user made; a non-empty one raises
         built.rename(root)
+        fsync_dir(root.parent)
     except OSError as exc:
         raise InputError(
             f"{root} was created by another process while this create ran ({exc.strerror}); this create's atlas "
