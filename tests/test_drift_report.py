@@ -23,6 +23,7 @@ from atlasengine.drift import (
     unknown_groups,
     version_checks,
 )
+from atlasengine.drift.summary import mixing_of_first_batches
 
 
 def _history(tmp_path: Path) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
@@ -132,6 +133,27 @@ def test_checks_compare_the_tables_numbers_with_the_thresholds() -> None:
     one_batch = vd.assign(ilisi_norm_mean=np.nan)
     assert {c.measure: c for c in version_checks(one_batch, None, DriftConfig(), 2)}["ilisi_norm_drop"].status == "grey"
     assert version_checks(vd, None, DriftConfig(), 5) == []
+
+
+def test_batch_mixing_is_judged_on_the_cells_of_version_1s_batches() -> None:
+    # version 3's rows cover version 2's query batch q too: it mixes little (raw iLISI 1.0) and
+    # pulls the whole version's normalised iLISI down (0.5 -> 0.3), while the cells of a and b
+    # mix as well as before; version 4's a and b mix less
+    vd = pd.DataFrame({"version": [1, 3, 3, 4, 4], "scope": ["vs_first"] + ["vs_previous", "vs_first"] * 2,
+                       "displacement_mean_aligned": [0.0, 0.0, 0.1, 0.0, 0.1], "knn_preservation_mean": 1.0,
+                       "label_accuracy_current": 0.9, "label_accuracy_compared": 0.9,
+                       "ilisi_norm_mean": [0.5, 0.3, 0.3, 0.3, 0.3]})
+    bd = pd.DataFrame({"version": [1, 1, 3, 3, 3, 4, 4, 4], "batch": ["a", "b", "a", "b", "q", "a", "b", "q"],
+                       "n_cells_knn": [100, 300, 150, 450, 200, 150, 450, 200],
+                       "ilisi_mean": [1.6, 1.4667, 1.7, 1.5, 1.0, 1.3, 1.3, 1.0]})
+    assert mixing_of_first_batches(bd, 3) == pytest.approx((0.5, 0.55), abs=1e-4)
+    v3 = {c.measure: c for c in version_checks(vd, None, DriftConfig(), 3, bd)}["ilisi_norm_drop"]
+    assert v3.status == "green" and v3.value == pytest.approx(-0.05, abs=1e-4)
+    assert {c.measure: c for c in version_checks(vd, None, DriftConfig(), 3)}["ilisi_norm_drop"].status == "red"
+    v4 = {c.measure: c for c in version_checks(vd, None, DriftConfig(), 4, bd)}["ilisi_norm_drop"]
+    assert v4.status == "red" and v4.value == pytest.approx(0.2, abs=1e-4)
+    one_batch = bd[bd["batch"] != "b"]
+    assert np.isnan(mixing_of_first_batches(one_batch, 3)[1])
 
 
 def test_unknown_groups_by_nearest_label() -> None:

@@ -550,7 +550,7 @@ def render_report(
     if version is None and versions is not None and not versions.empty:
         version = int(versions["version"].max())
     method = umap_method or (umap.attrs.get("method", "UMAP") if umap is not None else "UMAP")
-    checks = version_checks(vd, fl, config, version) if version is not None else []
+    checks = version_checks(vd, fl, config, version, bd) if version is not None else []
     queries = sorted(queries or [], key=lambda q: q.version)
     coords = None
     if umap is not None and "cell" in umap.columns:
