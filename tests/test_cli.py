@@ -49,6 +49,31 @@ def test_transfer_command_writes_predictions(two_version_atlas, tmp_path, pancre
                  "--novelty-target", "1.5"]) != 0  # refused with a clear message, not a traceback
 
 
+def test_transfer_writes_the_format_its_output_names_and_refuses_others(two_version_atlas, tmp_path, pancreas_query,
+                                                                       capsys):
+    import anndata as ad
+    import pandas as pd
+
+    q = tmp_path / "q.h5ad"
+    pancreas_query.write_h5ad(q)
+    base = ["transfer", str(two_version_atlas), "-i", str(q), "--batch-key", "tech", "-o"]
+    assert main([*base, str(tmp_path / "p.csv")]) == 0
+    csv = pd.read_csv(tmp_path / "p.csv", index_col=0)
+    assert main([*base, str(tmp_path / "p.tsv"), "-v"]) == 0  # -v after the subcommand too
+    tsv = pd.read_csv(tmp_path / "p.tsv", index_col=0, sep="\t")
+    assert main([*base, str(tmp_path / "p.parquet")]) == 0
+    parquet = pd.read_parquet(tmp_path / "p.parquet")
+    assert main([*base, str(tmp_path / "p.h5ad")]) == 0
+    back = ad.read_h5ad(tmp_path / "p.h5ad")
+    for table in (tsv, parquet, back.obs):
+        assert list(table.index) == list(csv.index)
+        assert table["predicted_label"].astype(str).tolist() == csv["predicted_label"].astype(str).tolist()
+    assert back.X.shape == pancreas_query.shape and "tech" in back.obs  # the query, with its own columns
+    capsys.readouterr()
+    assert main([*base, str(tmp_path / "p.xlsx")]) == 2
+    assert "cannot tell the format of" in capsys.readouterr().err and not (tmp_path / "p.xlsx").exists()
+
+
 def test_demo_runs_on_the_data_the_package_carries(tmp_path, capsys):
     from atlasengine.datasets import pancreas
 

@@ -4,7 +4,7 @@ atlasengine demo                      build an atlas from real data, fold in two
 atlasengine create PATH -i ref.h5ad --batch-key tech --label-key celltype [--backed]
 atlasengine create PATH -i census.soma --soma --obs-filter "tissue == 'lung'" --batch-key ... --label-key ...
 atlasengine ingest PATH -i query.h5ad --batch-key tech --strategy ewc
-atlasengine transfer PATH -i query.h5ad --batch-key tech -o predictions.csv [--unknown-rule novelty]
+atlasengine transfer PATH -i query.h5ad --batch-key tech -o predictions.csv|.tsv|.parquet|.h5ad
 atlasengine versions PATH
 atlasengine report PATH -o audit.html
 atlasengine export PATH -o atlas.h5ad [--counts] [--version N]
@@ -85,18 +85,40 @@ def cmd_transfer(args) -> None:
     atlas = Atlas.open(args.path, version=args.version)
     rule = {"unknown_rule": args.unknown_rule, "novelty_target": args.novelty_target,
             "novelty_calibration": args.novelty_calibration}
-    pred = atlas.transfer_labels(_read(args.input), batch_key=args.batch_key, layer=args.layer,
+    suffix = Path(args.output).suffix.lower()
+    if suffix not in PREDICTION_FORMATS:
+        raise AtlasError(f"cannot tell the format of {args.output} from its extension: use one of "
+                         f"{', '.join(PREDICTION_FORMATS)}")
+    query = _read(args.input)
+    pred = atlas.transfer_labels(query, batch_key=args.batch_key, layer=args.layer,
                                  config={k: v for k, v in rule.items() if v is not None})
     try:
-        pred.to_csv(args.output)
+        _write_predictions(pred, query, args.output, suffix)
     except OSError as exc:
         raise AtlasError(f"cannot write the predictions to {args.output}: {exc.strerror or exc}") from exc
     low, high = pred.attrs["novel_share_interval"]
     print(f"wrote {len(pred)} predictions to {args.output} ({pred['is_unknown'].mean():.1%} Unknown, "
-          f"rule: {pred.attrs.get('unknown_rule', 'uncertainty')}); new cells found: {pred.attrs['novel_share']:.1%} "
-          f"(90% interval {low:.1%}-{high:.1%})")
-    if pred.attrs.get("novelty_note"):
-        print(f"note: {pred.attrs['novelty_note']}")
+          f"rule: {pred.attrs.get('unknown_rule', 'uncertainty')}); the rule finds {pred.attrs['novel_share']:.1%} "
+          f"of the cells new to the atlas (90% interval {low:.1%}-{high:.1%})")
+
+
+PREDICTION_FORMATS = {".csv": "CSV", ".tsv": "tab-separated", ".parquet": "Parquet",
+                      ".h5ad": "the input AnnData with the predictions in obs"}
+
+
+def _write_predictions(pred, query, path: str, suffix: str) -> None:
+    """Write ``pred`` (one row per cell of ``query``) in the format ``suffix`` names."""
+    if suffix == ".csv":
+        pred.to_csv(path)
+    elif suffix == ".tsv":
+        pred.to_csv(path, sep="\t")
+    elif suffix == ".parquet":
+        pred.to_parquet(path)
+    else:
+        out = query.copy()
+        clash = [c for c in pred.columns if c in out.obs.columns]
+        out.obs = out.obs.drop(columns=clash).join(pred.reindex(out.obs_names))
+        out.write_h5ad(path)
 
 
 def cmd_versions(args) -> None:
@@ -184,11 +206,21 @@ def _streaming_options(p: argparse.ArgumentParser) -> None:
                    help="training processes (DDP): a count, or GPU ids such as 0,1 (default 1)")
 
 
+PATH_HELP = "the atlas folder"
+INPUT_HELP = "an .h5ad file of raw counts (X, or --layer)"
+BATCH_HELP = "obs column of the batch (donor, sample, technology)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of the ``atlasengine`` command and its subcommands."""
     p = argparse.ArgumentParser(prog="atlasengine", description="A versioned single-cell reference atlas with continual (EWC) fold-in.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details; tracebacks of errors")
+    common = argparse.ArgumentParser(add_help=False)  # -v after the subcommand too
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress details; tracebacks of errors")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)  # type: ignore[method-assign]
 
     d = sub.add_parser("demo", help="build an atlas from real data and fold in two queries")
     d.add_argument("--out", default="atlasengine-demo", help="folder for the demo atlas and report")
@@ -196,55 +228,73 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("create", help="train a reference and write version 1")
-    c.add_argument("path"); c.add_argument("-i", "--input", required=True)
-    c.add_argument("--batch-key", required=True); c.add_argument("--label-key", required=True)
-    c.add_argument("--dataset", default="reference"); c.add_argument("--layer")
-    c.add_argument("--epochs", type=int)
+    c.add_argument("path", help="where the new atlas goes (a folder that does not exist yet, or is empty)")
+    c.add_argument("-i", "--input", required=True, help=INPUT_HELP + ", or a SOMA experiment with --soma")
+    c.add_argument("--batch-key", required=True, help=BATCH_HELP)
+    c.add_argument("--label-key", required=True, help="obs column of the cell types")
+    c.add_argument("--dataset", default="reference", help="the dataset's name in the atlas (default: reference)")
+    c.add_argument("--layer", help="the layer holding raw counts, if not X")
+    c.add_argument("--epochs", type=int, help="training epochs (default: scvi-tools' rule, at most 400)")
     _streaming_options(c)
     c.set_defaults(func=cmd_create)
 
-    i = sub.add_parser("ingest", help="fold a query into the atlas as a new version")
-    i.add_argument("path"); i.add_argument("-i", "--input", required=True)
-    i.add_argument("--batch-key", required=True); i.add_argument("--label-key")
-    i.add_argument("--strategy", choices=list(STRATEGIES), default="ewc")
-    i.add_argument("--dataset"); i.add_argument("--layer"); i.add_argument("--epochs", type=int)
+    i = sub.add_parser("ingest", help="fold a query into the atlas as a new version (predictions: atlasengine export)")
+    i.add_argument("path", help=PATH_HELP)
+    i.add_argument("-i", "--input", required=True, help=INPUT_HELP + ", or a SOMA experiment with --soma")
+    i.add_argument("--batch-key", required=True, help=BATCH_HELP + "; its values must be new to the atlas")
+    i.add_argument("--label-key", help="obs column of known labels, if any (they label later queries)")
+    i.add_argument("--strategy", choices=list(STRATEGIES), default="ewc",
+                   help="ewc: every weight trains under the EWC penalty, with reference replay (default); "
+                   "finetune: no penalty; surgery: only the new batch columns train (scArches)")
+    i.add_argument("--dataset", help="the dataset's name in the atlas (default: dataset_v<N>)")
+    i.add_argument("--layer", help="the layer holding raw counts, if not X")
+    i.add_argument("--epochs", type=int, help="training epochs (default: scvi-tools' rule, at most 200)")
     _streaming_options(i)
     i.set_defaults(func=cmd_ingest)
 
     t = sub.add_parser("transfer", help="label cells without folding them in")
-    t.add_argument("path"); t.add_argument("-i", "--input", required=True)
-    t.add_argument("--batch-key", required=True); t.add_argument("--layer")
-    t.add_argument("-o", "--output", required=True); t.add_argument("--version", type=int)
+    t.add_argument("path", help=PATH_HELP)
+    t.add_argument("-i", "--input", required=True, help=INPUT_HELP)
+    t.add_argument("--batch-key", required=True, help=BATCH_HELP)
+    t.add_argument("--layer", help="the layer holding raw counts, if not X")
+    t.add_argument("-o", "--output", required=True,
+                   help="where the predictions go, in the format its extension names: " + ", ".join(
+                       f"{k} ({v})" for k, v in PREDICTION_FORMATS.items()))
+    t.add_argument("--version", type=int, help="label with this version of the atlas (default: the newest)")
     t.add_argument("--unknown-rule", choices=["uncertainty", "novelty"],
-                   help="Unknown when uncertainty > 0.3 (the paper's rule, the atlas default) or when the calibrated "
-                   "novelty score is above its threshold for --novelty-target false alarms")
+                   help="Unknown when the calibrated novelty score is above its threshold for --novelty-target false "
+                   "alarms (novelty, the atlas default) or when the kNN uncertainty is above 0.3 (the paper's rule)")
     t.add_argument("--novelty-target", type=float, help="share of known cells allowed to be called Unknown (0.05)")
     t.add_argument("--novelty-calibration", choices=["query", "reference"],
                    help="take the query's shift from the reference off first (query, the default) or not")
     t.set_defaults(func=cmd_transfer)
 
     v = sub.add_parser("versions", help="list the committed versions")
-    v.add_argument("path")
+    v.add_argument("path", help=PATH_HELP)
     v.set_defaults(func=cmd_versions)
 
     r = sub.add_parser("report", help="write the drift audit report (HTML)")
-    r.add_argument("path"); r.add_argument("-o", "--output", required=True); r.add_argument("--version", type=int)
+    r.add_argument("path", help=PATH_HELP)
+    r.add_argument("-o", "--output", required=True, help="the HTML file to write (works offline)")
+    r.add_argument("--version", type=int, help="the version to audit (default: the newest)")
     r.set_defaults(func=cmd_report)
 
     e = sub.add_parser("export", help="write the atlas as an .h5ad file (obs, embedding; counts with --counts)")
-    e.add_argument("path"); e.add_argument("-o", "--output", required=True); e.add_argument("--version", type=int)
+    e.add_argument("path", help=PATH_HELP)
+    e.add_argument("-o", "--output", required=True, help="the .h5ad file to write")
+    e.add_argument("--version", type=int, help="the version to export (default: the newest)")
     e.add_argument("--counts", action="store_true", help="also read every cell's raw counts into X")
     e.set_defaults(func=cmd_export)
 
     lb = sub.add_parser("relabel", help="name cells (a new version that changes labels only; no retraining)")
-    lb.add_argument("path")
+    lb.add_argument("path", help=PATH_HELP)
     lb.add_argument("--cells", required=True, help="a text file with one cell name (atlas obs index) per line")
     lb.add_argument("--label", required=True, help="the new or existing cell type name")
     lb.add_argument("--note", help="why, kept with the version's record")
     lb.set_defaults(func=cmd_relabel)
 
     u = sub.add_parser("unlock", help="check the write lock: a dead writer holds none, a live one's is not broken")
-    u.add_argument("path")
+    u.add_argument("path", help=PATH_HELP)
     u.add_argument("--force", action="store_true",
                    help="accepted for old scripts; a lock that a live process holds is still not broken")
     u.set_defaults(func=cmd_unlock)
@@ -262,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     engine's own errors (:class:`AtlasError`), 1 for anything else, 130 when interrupted.
     """
     args = build_parser().parse_args(argv)
+    args.verbose = getattr(args, "verbose", False)
     configure_logging(args.verbose)
     try:
         args.func(args)
