@@ -69,6 +69,8 @@ def test_ingest_returns_what_it_computed(atlas_path, pancreas_query):
     assert (rows >= 0).all()
     np.testing.assert_array_equal(res.latent, fresh.latent()[rows])
     pd.testing.assert_frame_equal(res.predictions, fresh.predictions(), check_like=True)
+    assert "version=2" in repr(res) and len(repr(res)) < 300  # a summary, not every checksum and epoch
+    assert "sha256" not in repr(res.version) and len(repr(fresh.versions)) < 2000
     # the object that ingested shows the new version without reopening it
     assert atlas.version == fresh.version == 2
     np.testing.assert_array_equal(atlas.latent(), fresh.latent())

@@ -86,6 +86,14 @@ class IngestResult:
     query: ad.AnnData | SomaInput | None = field(default=None, repr=False)
     atlas_path: str = ""
 
+    def __repr__(self) -> str:
+        p = self.predictions
+        unknown = float(p["is_unknown"].mean()) if len(p) else 0.0
+        return (f"IngestResult(version={self.version.number}, strategy={self.version.strategy!r}, "
+                f"cells={len(p)}, unknown={unknown:.1%}, epochs={self.training.get('epochs')}, "
+                f"seconds={self.training.get('seconds', 0.0):.1f}, genes_padded={self.genes_padded}, "
+                f"genes_dropped={self.genes_dropped})")
+
     def to_anndata(self) -> ad.AnnData:
         """Return the folded-in AnnData (a copy) with the predictions in ``obs`` and the embedding in ``obsm``.
 

@@ -96,9 +96,9 @@ class VersionInfo(_Record):
     n_new_cells: int
     batches: list[str]
     labels: list[str]
-    files: dict[str, FileRecord] = Field(default_factory=dict)
-    training: dict[str, Any] = Field(default_factory=dict)
-    fisher: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, FileRecord] = Field(default_factory=dict, repr=False)  # shown in full, a version was 14 KB
+    training: dict[str, Any] = Field(default_factory=dict, repr=False)
+    fisher: dict[str, Any] = Field(default_factory=dict, repr=False)
     relabel: RelabelRecord | None = None
 
 
