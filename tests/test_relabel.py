@@ -197,3 +197,22 @@ def test_a_damaged_label_file_is_caught_by_its_checksum(two):
     with pytest.raises(AtlasIntegrityError, match="versions/v0003/labels.parquet of version 3 does not match"):
         Atlas.open(two)
     assert Atlas.open(two, version=2).obs()["label"].notna().sum() == 300  # the versions before it read as they were
+
+
+def test_the_readmes_naming_example_runs_as_written_at_the_defaults(tmp_path):
+    """README, Use: the ductal example with the engine's defaults, the first group named as it is."""
+    adata = read_data("pancreas_panc8_small.h5ad")
+    ref = adata[adata.obs.tech.isin(["fluidigmc1", "indrop", "celseq2"]) & (adata.obs.celltype != "ductal")].copy()
+    atlas = Atlas.create(tmp_path / "named.atlas", ref, batch_key="tech", label_key="celltype",
+                         runtime={"progress": False})
+    atlas.ingest(adata[adata.obs.tech == "celseq"].copy(), batch_key="tech", runtime={"progress": False})
+    groups = atlas.unknown_groups()
+    truth = adata.obs["celltype"].astype(str)
+    assert len(groups) >= 1, "no group: the README's groups['cells'][0] would fail"
+    assert truth.loc[groups["cells"][0]].eq("ductal").mean() >= 0.8, groups[["n_cells", "closest_type"]]
+    atlas.relabel(groups["cells"][0], "ductal", note="KRT18, ANXA4 up")
+    nxt = atlas.ingest(adata[adata.obs.tech == "smartseq2"].copy(), batch_key="tech", runtime={"progress": False})
+    ductal = truth.reindex(nxt.predictions.index).eq("ductal").to_numpy()
+    share = float(nxt.predictions["predicted_label"][ductal].eq("ductal").mean())
+    print(f"README example: first group {groups['n_cells'].iloc[0]} cells; smartseq2 ductal named: {share:.0%}")
+    assert share >= 0.6

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from atlasengine import InputError
-from atlasengine.transfer.groups import cluster, log_normalise, rank_markers
+from atlasengine.transfer.groups import cluster, log_normalise, neighbour_scale, rank_markers
 
 
 def test_clusters_are_found_and_numbered_by_size():
@@ -16,6 +16,30 @@ def test_clusters_are_found_and_numbered_by_size():
     groups = cluster(z, 5)
     assert (groups[:30] == 0).all() and (groups[30:42] == 1).all() and groups[42] == -1
     assert (cluster(z[:3], 5) == -1).all()
+
+
+def test_the_cells_of_one_new_type_are_one_group():
+    rng = np.random.default_rng(0)
+    blob = rng.normal(0, 1, (40, 10))  # one type: HDBSCAN alone finds no split and calls all 40 noise
+    scale = neighbour_scale(rng.normal(0, 1, (200, 10)))  # a known type drawn alike
+    groups = cluster(blob, 5, scale)
+    assert set(groups) == {-1, 0} and (groups == 0).mean() >= 0.6
+    assert (cluster(blob, 5) == -1).all()  # without the reference's scale
+    two = cluster(np.vstack([blob, blob + 20]), 5, scale)
+    assert len(set(two[two >= 0])) == 2 and not set(two[:40]) & set(two[40:]) - {-1}
+
+
+def test_the_groups_table_prints_however_it_is_truncated():
+    import pandas as pd
+
+    from atlasengine.transfer.groups import MarkerTables
+
+    table = pd.DataFrame({"n_cells": [5, 3], "markers": [list("abcdefghij")] * 2, "cells": [["c"] * 40] * 2})
+    table.attrs["markers"] = MarkerTables({0: pd.DataFrame({"gene": ["a"]}), 1: pd.DataFrame({"gene": ["b"]})})
+    with pd.option_context("display.width", 40, "display.max_columns", 2, "display.max_rows", 1):
+        assert "n_cells" in repr(table) and "n_cells" in repr(table[["n_cells", "markers"]])
+    assert table.attrs["markers"] == MarkerTables({0: pd.DataFrame({"gene": ["a"]}), 1: pd.DataFrame({"gene": ["b"]})})
+    assert table.attrs["markers"] != MarkerTables({0: pd.DataFrame({"gene": ["z"]}), 1: pd.DataFrame({"gene": ["b"]})})
 
 
 def test_the_gene_up_in_the_group_ranks_first():
@@ -66,6 +90,10 @@ def test_gene_columns_of_the_reference_are_kept_and_name_the_markers(tmp_path, p
     var = atlas.var()
     assert list(var.index) == atlas.genes and list(var.columns) == ["symbol", "user_var_id", "length", "user_gene"]
     assert var["symbol"].iloc[0] == "sym-" + atlas.genes[0].lower() and var["length"].tolist() == list(range(300))
+    out = atlas.to_anndata()  # the gene columns go out with the cells, for scanpy
+    assert list(out.var_names) == atlas.genes and out.var["length"].tolist() == list(range(300))
+    assert out.var["symbol"].astype(object).where(out.var["symbol"].notna(), None).tolist() == var["symbol"].tolist()
+    out.write_h5ad(tmp_path / "out.h5ad")
     atlas.ingest(pancreas_query[:, :300].copy(), batch_key="tech", strategy="ewc", training={"max_epochs": 2})
     plain = atlas.unknown_groups(min_size=3)
     named = atlas.unknown_groups(min_size=3, gene_key="symbol")

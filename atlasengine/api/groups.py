@@ -13,7 +13,7 @@ from atlasengine.errors import InputError
 from atlasengine.numerics import sorted_sample
 from atlasengine.store.cells import joinids_of
 from atlasengine.store.version import VersionReader
-from atlasengine.transfer.groups import cluster, log_normalise, rank_markers
+from atlasengine.transfer.groups import MarkerTables, cluster, log_normalise, neighbour_scale, rank_markers
 
 
 def _newest_ingest(reader: VersionReader) -> int:
@@ -34,8 +34,8 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
     relabel has named since are left out.
 
     The cells are clustered on their embedding under the reader's model (HDBSCAN, groups of at
-    least ``min_size`` cells, default 2% of them and at least 5; cells in no group are left
-    out). For each group: ``n_cells``, the ``closest_type`` (the label its cells' reference
+    least ``min_size`` cells, default 2% of them and at least 5, not split below the reference's
+    neighbour distances; cells in no group are left out). For each group: ``n_cells``, the ``closest_type`` (the label its cells' reference
     neighbours point to most: the most common kNN guess), the share of its cells with that
     guess (``closest_share``), the ``distance`` between the group's and the type's embedding
     centroids, ``markers`` (the top ``n_markers`` genes against the closest type's cells, at most
@@ -68,13 +68,13 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
     size = min_size if min_size is not None else max(5, int(round(0.02 * len(rows))))
     if size < 2:
         raise InputError(f"min_size must be at least 2, got {min_size}")
-    groups = cluster(z[rows], size)
-    result = pd.DataFrame(columns=GROUP_COLUMNS, index=pd.Index([], name="group"))
-    result.attrs["markers"] = {}
-    if (groups < 0).all():
-        return result
     labels = obs["label"]
     labelled = labels.notna().to_numpy()
+    groups = cluster(z[rows], size, neighbour_scale(z[labelled], seed=seed))
+    result = pd.DataFrame(columns=GROUP_COLUMNS, index=pd.Index([], name="group"))
+    result.attrs["markers"] = MarkerTables()
+    if (groups < 0).all():
+        return result
     types = sorted(set(labels[labelled].astype(str)))
     type_rows = {t: np.flatnonzero((labels == t).to_numpy()) for t in types}
     n_groups = int(groups.max()) + 1
