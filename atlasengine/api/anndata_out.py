@@ -52,7 +52,8 @@ def atlas_anndata(reader: VersionReader, counts: bool = False, cells: Sequence[s
     """Return the atlas at ``reader``'s version as an AnnData: every cell (or ``cells``) with its metadata.
 
     ``obs``: what :meth:`VersionReader.obs` holds (dataset, batch, label, version_added and the
-    predictions of the version that added each cell); ``obsm["X_atlasengine"]``: the embedding
+    predictions of the version that added each cell); ``var``: the genes with the reference's
+    own gene columns (e.g. ``gene_symbol``); ``obsm["X_atlasengine"]``: the embedding
     under this version's model; ``X``: raw counts read from the cell store when ``counts``,
     else none. ``cells``: cell names, or a boolean mask over :meth:`VersionReader.obs` rows.
     """
@@ -70,8 +71,8 @@ def atlas_anndata(reader: VersionReader, counts: bool = False, cells: Sequence[s
                 missing = [str(c) for c, r in zip(sel, rows) if r < 0][:5]
                 raise InputError(f"cell(s) not in the atlas at version {reader.number}: {missing}")
     x = reader.counts()[rows] if counts else None
-    genes = pd.DataFrame(index=pd.Index(reader.genes(), name="gene"))
-    out = ad.AnnData(X=x, obs=_plain(obs.iloc[rows]), var=genes)
+    genes = reader.gene_annotations().reindex(pd.Index(reader.genes(), name="gene"))  # the reference's gene columns
+    out = ad.AnnData(X=x, obs=_plain(obs.iloc[rows]), var=_plain(genes))
     out.obsm[EMBEDDING] = reader.latent()[rows]
     out.uns["atlasengine"] = _provenance(reader.store.source, reader.number)
     return out
