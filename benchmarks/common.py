@@ -226,16 +226,14 @@ def backed_copies(folder: Path, **data):
 
 def fold_in_measures(atlas, res, query, sc: Scenario) -> dict[str, float]:
     """Known-type accuracy, novel AUROC of the novelty score and reference drift of a version-2 fold-in of ``query``."""
-    from sklearn.metrics import roc_auc_score
-
-    from atlasengine.transfer import evaluate_transfer
+    from atlasengine.transfer import detection_scores, evaluate_transfer
 
     ev = evaluate_transfer(res.predictions, query.obs[sc.label_key], set(sc.novel))
     novel = query.obs[sc.label_key].astype(str).isin(sc.novel).to_numpy()
     drift = atlas.drift()
     moved = drift[(drift.scope == "vs_first") & (drift.version == 2)]["displacement_mean_aligned"]
     return {"known_accuracy": ev["known_accuracy"],
-            "novel_auroc": float(roc_auc_score(novel, res.predictions.loc[query.obs_names, "novelty"])),
+            "novel_auroc": detection_scores(novel, res.predictions.loc[query.obs_names, "novelty"])["auroc"],
             "reference_drift": float(moved.iloc[0]) if len(moved) else float("nan")}
 
 

@@ -123,9 +123,7 @@ def storey_share(pvalues: np.ndarray, lam: float = 0.5) -> float:
 
 
 def run_one(job: tuple) -> tuple[list[dict], dict, dict | None]:
-    from sklearn.metrics import roc_auc_score
-
-    from atlasengine.transfer import evaluate_transfer
+    from atlasengine.transfer import detection_scores, evaluate_transfer
 
     name, seed, cfg, out = job
     strategy = cfg["strategy"]
@@ -145,9 +143,8 @@ def run_one(job: tuple) -> tuple[list[dict], dict, dict | None]:
     for rule, changes in RULES.items():
         t1 = time.perf_counter()
         s = rule_scores(atlas, names, res.predictions, changes)
-        called = s["called"].to_numpy()
-        row = {"scenario": name, "seed": seed, "rule": rule, "auroc": float(roc_auc_score(novel, s["score"])),
-               "known_called": float(called[~novel].mean()), "novel_caught": float(called[novel].mean()),
+        row = {"scenario": name, "seed": seed, "rule": rule,
+               **detection_scores(novel, s["score"].to_numpy(), s["called"].to_numpy()),
                "best@7%": best_caught(s["score"].to_numpy(), novel), "true_share": float(novel.mean()),
                "n_novel": int(novel.sum()), "n_query": len(names), "known_accuracy": ev["known_accuracy"],
                "scoring_seconds": time.perf_counter() - t1, "fold_in_seconds": wall}
@@ -166,7 +163,7 @@ def run_one(job: tuple) -> tuple[list[dict], dict, dict | None]:
 
 def types_known(work, name: str, seed: int, cfg: dict, query) -> dict:
     """Fold ``query`` into a reference of the same batches with the held-out types labelled; how well they are told apart."""
-    from sklearn.metrics import roc_auc_score
+    from atlasengine.transfer import detection_scores
 
     sc = scenario(name)
     ref, _ = C.load_scenario(name, novel_in_reference=True)
@@ -178,9 +175,7 @@ def types_known(work, name: str, seed: int, cfg: dict, query) -> dict:
     novel = query.obs[sc.label_key].astype(str).isin(sc.novel).to_numpy()
     score = sum((p[f"p_{t}"].to_numpy() for t in sorted(sc.novel)), np.zeros(len(p)))
     caught = p["predicted_label"].astype(str).isin(sc.novel).to_numpy()
-    return {"scenario": name, "seed": seed, "auroc": float(roc_auc_score(novel, score)),
-            "known_called": float(caught[~novel].mean()), "novel_caught": float(caught[novel].mean()),
-            "best@7%": best_caught(score, novel)}
+    return {"scenario": name, "seed": seed, **detection_scores(novel, score, caught), "best@7%": best_caught(score, novel)}
 
 
 # ------------------------------------------------------------------------------- output

@@ -87,6 +87,7 @@ class IngestResult:
     atlas_path: str = ""
 
     def __repr__(self) -> str:
+        """Return a one-line summary (the version, the cells, the share called Unknown, the training)."""
         p = self.predictions
         unknown = float(p["is_unknown"].mean()) if len(p) else 0.0
         return (f"IngestResult(version={self.version.number}, strategy={self.version.strategy!r}, "

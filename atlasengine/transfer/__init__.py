@@ -3,7 +3,7 @@
 Pure functions over numpy arrays; depends only on ``atlasengine.config`` and ``atlasengine.errors``.
 """
 
-from atlasengine.transfer.evaluate import evaluate_transfer
+from atlasengine.transfer.evaluate import detection_scores, evaluate_transfer
 from atlasengine.transfer.index import NeighborIndex
 from atlasengine.transfer.knn import UNKNOWN, brute_force_knn, label_probabilities, transfer_labels
 from atlasengine.transfer.plots import (
@@ -17,6 +17,7 @@ __all__ = [
     "UNKNOWN",
     "NeighborIndex",
     "brute_force_knn",
+    "detection_scores",
     "evaluate_transfer",
     "label_probabilities",
     "plot_assignment_heatmap",

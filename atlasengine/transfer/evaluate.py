@@ -33,6 +33,28 @@ def aligned_truth(predictions: pd.DataFrame, true_labels: Iterable[str] | pd.Ser
     return truth.astype(str)
 
 
+def detection_scores(novel: np.ndarray, score: np.ndarray, called: np.ndarray | None = None) -> dict[str, float]:
+    """How well ``score`` (higher: more likely new) and the ``called`` cells pick out the ``novel`` ones.
+
+    ``auroc``: AUROC of ``score`` with the novel cells as positives (NaN when either group is
+    empty); with ``called``, ``known_called`` and ``novel_caught``: the shares of known and of
+    novel cells called.
+
+    >>> detection_scores(np.array([False, False, True]), np.array([0.1, 0.4, 0.9]), np.array([False, True, True]))
+    {'auroc': 1.0, 'known_called': 0.5, 'novel_caught': 1.0}
+    """
+    novel = np.asarray(novel, dtype=bool)
+    score = np.asarray(score, dtype=np.float64)
+    if score.shape != novel.shape:
+        raise InputError(f"score has {score.size} entries for {novel.size} cells")
+    out = {"auroc": float(roc_auc_score(novel, score)) if novel.any() and (~novel).any() else float("nan")}
+    if called is not None:
+        called = np.asarray(called, dtype=bool)
+        out["known_called"] = float(called[~novel].mean()) if (~novel).any() else float("nan")
+        out["novel_caught"] = float(called[novel].mean()) if novel.any() else float("nan")
+    return out
+
+
 def evaluate_transfer(
     predictions: pd.DataFrame, true_labels: Iterable[str] | pd.Series, novel_labels: set[str]
 ) -> dict[str, float | int]:
@@ -60,9 +82,8 @@ def evaluate_transfer(
     def share(mask: np.ndarray, group: np.ndarray) -> float:
         return float(mask[group].mean()) if group.any() else float("nan")
 
-    auroc = float(roc_auc_score(novel, unc)) if novel.any() and known.any() else float("nan")
     return {
-        "auroc_novel": auroc,
+        "auroc_novel": detection_scores(novel, unc)["auroc"],
         "novel_unknown_share": share(unknown, novel),
         "known_accuracy": share(predicted == truth, known),
         "known_accuracy_called": share(called == truth, known),
