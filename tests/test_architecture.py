@@ -33,7 +33,7 @@ FORBIDDEN = {
     "model": {"lightning", "tiledbsoma", "duckdb", "faiss", "anndata", "safetensors"},
     "training": {"tiledbsoma", "duckdb", "faiss", "anndata", "safetensors"},
     "continual": {"tiledbsoma", "duckdb", "anndata", "safetensors"},
-    "transfer": {"lightning", "tiledbsoma", "duckdb", "anndata"},
+    "transfer": {"torch", "lightning", "tiledbsoma", "duckdb", "anndata"},  # the model's ELBO lives in model/
     "drift": {"lightning", "tiledbsoma", "anndata"},
 }
 

@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from atlasengine.config import TransferConfig
 from atlasengine.errors import InputError
+from atlasengine.model import elbo_gain, negative_elbo
 from atlasengine.transfer import NeighborIndex, label_probabilities
 from atlasengine.transfer import novelty as N
 
@@ -155,7 +156,7 @@ def test_pbmc_combined_score_beats_uncertainty(pbmc_fold_in, tmp_path):
     ref_counts = sp.csr_matrix(ref[list(ref_obs.index), atlas.genes].X)
     b_old = pd.Index(prev.batches).get_indexer(ref_obs["batch"])
     b_new = pd.Index(atlas.batches).get_indexer(ref_obs["batch"])
-    gain_ref = N.elbo_gain(old, new, ref_counts, b_old, b_new)
+    gain_ref = elbo_gain(old, new, ref_counts, b_old, b_new)
     cal = N.reference_calibration(index, z[labelled], k_transfer=tcfg.k, kernel=tcfg.kernel, cells=cells,
                                   elbo_gain=gain_ref, gain_groups=ref_obs["batch"].to_numpy())
 
@@ -163,7 +164,7 @@ def test_pbmc_combined_score_beats_uncertainty(pbmc_fold_in, tmp_path):
     d, _ = index.search(z[obs.index.get_indexer(names)], tcfg.k)
     counts = sp.csr_matrix(query[:, atlas.genes].X)
     q_batch = query.obs["donor"].astype(str).to_numpy()
-    gain = N.elbo_gain(old, new, counts, np.full(len(names), -1), pd.Index(atlas.batches).get_indexer(q_batch))
+    gain = elbo_gain(old, new, counts, np.full(len(names), -1), pd.Index(atlas.batches).get_indexer(q_batch))
     assert np.isfinite(gain).all()
     df = N.novelty_scores(d, preds.loc[names, "uncertainty"].to_numpy(), cal, elbo_gain=gain, gain_groups=q_batch,
                           obs_names=names)
@@ -199,12 +200,12 @@ def test_elbo_gain_of_a_model_against_itself_is_zero(pbmc_fold_in):
     counts = sp.csr_matrix(query[:50, atlas.genes].X)
     m = atlas.model()
     b = np.full(50, len(atlas.batches) - 1)
-    assert np.allclose(N.elbo_gain(m, m, counts, b, b), 0.0)
+    assert np.allclose(elbo_gain(m, m, counts, b, b), 0.0)
     # several candidate batch inputs: the best (smallest) old nELBO is used
     cands = [np.full(50, j) for j in range(len(prev.batches))]
-    best = np.min([N.negative_elbo(prev.model(), counts, c) for c in cands], axis=0)
-    gain = N.elbo_gain(prev.model(), m, counts, cands, b)
-    assert np.allclose(gain, np.log(best / N.negative_elbo(m, counts, b)))
+    best = np.min([negative_elbo(prev.model(), counts, c) for c in cands], axis=0)
+    gain = elbo_gain(prev.model(), m, counts, cands, b)
+    assert np.allclose(gain, np.log(best / negative_elbo(m, counts, b)))
 
 
 def test_query_shift_on_exchangeable_and_on_shifted_queries(pbmc, embedding):

@@ -14,7 +14,8 @@ signals, each turned into a conformal p-value against reference cells, then comb
    wide spread).
 2. ``uncertainty``: the scArches weighted-kNN uncertainty, calibrated by the leave-one-out
    uncertainty of reference cells (same k, same kernel as the label transfer).
-3. ``elbo_gain``: log(nELBO_old / nELBO_new), how much better the folded-in model explains
+3. ``elbo_gain`` (:func:`atlasengine.model.elbo_gain`, computed by the caller, who holds both
+   models): log(nELBO_old / nELBO_new), how much better the folded-in model explains
    the cell than the previous version (needs both models; only at fold-in). Every folded-in
    cell gains from its new batch column, so the gain is made comparable by a robust z-score
    within its batch (median / MAD; labels never used) and calibrated against the reference
@@ -62,8 +63,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
-import torch
 
 from atlasengine.errors import AtlasFormatError, InputError
 from atlasengine.numerics import as_matrix, sorted_sample
@@ -352,51 +351,6 @@ def leave_one_out_knn(index: NeighborIndex, embeddings: np.ndarray, cells: np.nd
     if k < 1:
         raise InputError("leave-one-out neighbours need an index of at least two cells")
     return index.search(emb[cells], k, exclude=cells)
-
-
-@torch.no_grad()
-def negative_elbo(model, counts, batch_index: np.ndarray, chunk: int = 2048) -> np.ndarray:
-    """Per-cell negative ELBO at the posterior mean (eval mode, no sampling noise: deterministic)."""
-    m = sp.csr_matrix(counts, dtype=np.float32)
-    b = np.asarray(batch_index, dtype=np.int64)
-    if len(b) != m.shape[0]:
-        raise InputError(f"batch_index has {len(b)} entries for {m.shape[0]} cells")
-    was = model.training
-    model.eval()
-    out = np.empty(m.shape[0])
-    try:
-        for s in range(0, m.shape[0], chunk):
-            x = torch.from_numpy(m[s : s + chunk].toarray())
-            bt = torch.from_numpy(b[s : s + chunk])
-            mean, _ = model.encode(x, bt)
-            out[s : s + chunk] = model.loss(x, bt, eps=torch.zeros_like(mean)).per_cell.double().numpy()
-    finally:
-        model.train(was)
-    return out
-
-
-def elbo_gain(
-    old_model,
-    new_model,
-    counts,
-    batch_idx_old: np.ndarray | Sequence[np.ndarray],
-    batch_idx_new: np.ndarray,
-    chunk: int = 2048,
-) -> np.ndarray:
-    """log(nELBO_old / nELBO_new) per cell: how much better the new version explains it.
-
-    ``counts``: (cells, atlas genes) raw counts (CSR). ``batch_idx_old``: batch input for the
-    old model, -1 = zero batch input (how the old version embeds an unseen batch); a list of
-    candidate arrays takes the best (smallest) old nELBO per cell. ``batch_idx_new``: the
-    cells' batch indices in the new model. The log ratio is scale-free (per-cell nELBO grows
-    with library size), so gains are comparable across cells.
-    """
-    cands = [batch_idx_old] if isinstance(batch_idx_old, np.ndarray) else list(batch_idx_old)
-    if not cands:
-        raise InputError("batch_idx_old: give at least one batch-index array")
-    old = np.min([negative_elbo(old_model, counts, c, chunk) for c in cands], axis=0)
-    new = negative_elbo(new_model, counts, batch_idx_new, chunk)
-    return np.log(np.maximum(old, 1e-12) / np.maximum(new, 1e-12))
 
 
 # ----------------------------------------------------------------------- calibration
