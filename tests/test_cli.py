@@ -94,11 +94,12 @@ def test_ingest_command_says_the_rule_and_the_share_of_new_cells(atlas_path, tmp
     pancreas_query[:60].copy().write_h5ad(q)
     assert main(["ingest", str(atlas_path), "-i", str(q), "--batch-key", "tech", "--epochs", "1"]) == 0
     out = capsys.readouterr().out
-    found = re.search(r"version 2 \(ewc\): 60 cells folded in, [\d.]+% called Unknown \(rule: novelty; new cells "
-                      r"found ([\d.]+)%, 90% interval ([\d.]+)%-([\d.]+)%\)", out)
+    found = re.search(r"version 2 \(ewc\): 60 cells folded in, [\d.]+% called Unknown \(rule: novelty; it finds "
+                      r"([\d.]+)% of the cells new to the atlas, 90% interval ([\d.]+)%-([\d.]+)%\)", out)
     assert found, out
     share, low, high = (float(x) for x in found.groups())
     assert low <= share <= high
+    assert f"Predictions: atlasengine export {atlas_path} -o out.h5ad" in out
 
 
 def test_the_demo_counts_each_rule_by_its_own_call():

@@ -143,7 +143,7 @@ def test_cli_relabel_reads_names_from_a_file(two, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.strip() == "version 3 (relabel): 5 cells labelled 'ductal_new' (before: 5 unlabelled)"
     assert Atlas.open(two).obs().loc[names, "label"].eq("ductal_new").all()
-    assert main(["versions", str(two)]) == 0 and "relabel" in capsys.readouterr().out
+    assert main(["versions", str(two)]) == 0 and "5 cells named 'ductal_new' (KRT19+)" in capsys.readouterr().out
     before = snapshot(two)
     assert main(["relabel", str(two), "--cells", str(tmp_path / "missing.txt"), "--label", "x"]) == 2
     assert "missing.txt does not exist" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from atlasengine.cli.output import configure_logging, versions_table
@@ -31,7 +32,9 @@ def _read(path: str, backed: bool = False):
     if not p.exists():
         raise AtlasError(f"input file {p} does not exist")
     try:
-        return ad.read_h5ad(p, backed="r" if backed else None)
+        with warnings.catch_warnings():  # the engine names duplicate cell names itself, as an error
+            warnings.filterwarnings("ignore", message=".*(obs|var)_names.*not unique", category=UserWarning)
+            return ad.read_h5ad(p, backed="r" if backed else None)
     except Exception as exc:  # h5py/anndata raise many types for a bad file
         raise AtlasError(f"cannot read {p} as an .h5ad file: {exc}") from exc
 
@@ -73,9 +76,10 @@ def cmd_ingest(args) -> None:
     p = res.predictions
     low, high = p.attrs["novel_share_interval"]
     print(f"version {res.version.number} ({args.strategy}): {res.version.n_new_cells} cells folded in, "
-          f"{float(p['is_unknown'].mean()):.1%} called Unknown (rule: {p.attrs['unknown_rule']}; new cells found "
-          f"{p.attrs['novel_share']:.1%}, 90% interval {low:.1%}-{high:.1%}); {res.training['epochs']} epochs in "
-          f"{res.training['seconds']:.1f} s")
+          f"{float(p['is_unknown'].mean()):.1%} called Unknown (rule: {p.attrs['unknown_rule']}; it finds "
+          f"{p.attrs['novel_share']:.1%} of the cells new to the atlas, 90% interval {low:.1%}-{high:.1%}); "
+          f"{res.training['epochs']} epochs in {res.training['seconds']:.1f} s. Predictions: atlasengine export "
+          f"{args.path} -o out.h5ad")
 
 
 def cmd_transfer(args) -> None:

@@ -10,11 +10,14 @@ from atlasengine.api import Atlas
 
 def versions_table(atlas: Atlas) -> str:
     """Return the committed versions of ``atlas`` as a plain-text table."""
-    rows = ["version  strategy   cells  new    epochs  train_s  datasets"]
+    rows = ["version  strategy   cells  new    epochs  train_s  datasets / what changed"]
     for v in atlas.versions:
+        what = ", ".join(v.datasets)
+        if v.relabel is not None:
+            what = f"{v.relabel.n_cells} cells named {v.relabel.label!r}" + (f" ({v.relabel.note})" if v.relabel.note else "")
         rows.append(
             f"{v.number:<8} {v.strategy:<10} {v.n_cells:<6} {v.n_new_cells:<6} {v.training.get('epochs', ''):<7} "
-            f"{v.training.get('seconds', 0):<8.1f} {', '.join(v.datasets)}"
+            f"{v.training.get('seconds', 0):<8.1f} {what}"
         )
     return "\n".join(rows)
 
