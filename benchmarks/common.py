@@ -337,6 +337,9 @@ def parse_args(description: str, default_seeds: int = 3) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="one seed, few epochs (CI smoke run)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out/)")
     p.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {default_seeds}; quick: 1)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first seed (default 0): seeds first-seed .. first-seed + seeds - 1, e.g. 3 for seeds "
+                   "that no default was chosen on")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's own; 1 is much faster when other processes share the cores)")
     p.add_argument("--jobs", type=int, default=2,
