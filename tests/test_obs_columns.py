@@ -137,11 +137,14 @@ def test_a_column_of_another_type_is_refused_and_the_atlas_stays_byte_identical(
     fine = pancreas[pancreas.obs["tech"] == "smartseq2"][:30, :400].copy()
     fine.obs["time_point"] = np.arange(30)
     fine.obs["treated"] = None
+    fine.obs["age"] = np.nan  # how pandas makes an empty column: float NaN, here where integers are stored
+    fine.obs["disease"] = pd.Categorical([None] * 30)  # an empty categorical where text is stored
     atlas = Atlas.open(path)
     atlas.ingest(fine, batch_key="tech", training={"max_epochs": 1})
     obs = atlas.obs().loc[list(fine.obs_names)]
     assert obs["time_point"].tolist() == list(np.arange(30, dtype=float)) and obs["treated"].isna().all()
-    assert atlas.info.number == 3 and atlas.obs()["treated"].dtype == "boolean"
+    assert obs["age"].isna().all() and obs["disease"].isna().all()
+    assert atlas.info.number == 3 and atlas.obs()["treated"].dtype == "boolean" and atlas.obs()["age"].dtype == "Int64"
 
 
 def test_names_the_engine_uses_are_kept_under_a_prefix_and_unkeepable_columns_refused(tmp_path, pancreas):

@@ -410,6 +410,8 @@ def _object_kind(values: list) -> str | None:
 def _column_values(series: pd.Series, name: str) -> tuple[str | None, list | np.ndarray]:
     """Return the kind of an obs column (None: every value missing, of no type) and its values to store."""
     dtype = series.dtype
+    if len(series) and series.isna().all():  # an empty column is float NaN to pandas: it takes the stored kind
+        return None, [None] * len(series)
     if isinstance(dtype, pd.CategoricalDtype):
         return "text", [None if _missing_value(v) else str(v) for v in series.astype(object).tolist()]
     if pd.api.types.is_bool_dtype(dtype):
