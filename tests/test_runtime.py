@@ -112,3 +112,18 @@ def test_forked_processes_after_cuda_was_used_here_are_refused_with_the_way_out(
         Atlas.open(atlas_path).ingest(pancreas_query, batch_key="tech", strategy="surgery",
                                       runtime={"devices": 2, "accelerator": "cpu"})
     assert snapshot(atlas_path) == before
+
+
+def test_more_cpu_training_processes_than_cores_run_with_a_warning(caplog):
+    import logging
+    import os
+
+    from atlasengine.config import RuntimeConfig
+    from atlasengine.training import check_runtime
+
+    cores = len(os.sched_getaffinity(0))
+    with caplog.at_level(logging.WARNING, logger="atlasengine"):
+        check_runtime(RuntimeConfig(accelerator="cpu", devices=cores))
+        assert caplog.text == ""
+        check_runtime(RuntimeConfig(accelerator="cpu", devices=cores + 2))
+    assert f"starts {cores + 2} training processes on {cores} CPU core(s)" in caplog.text

@@ -39,7 +39,8 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
     neighbours point to most: the most common kNN guess), the share of its cells with that
     guess (``closest_share``), the ``distance`` between the group's and the type's embedding
     centroids, ``markers`` (the top ``n_markers`` genes against the closest type's cells, at most
-    ``max_other_cells`` of them, by the Wilcoxon rank-sum statistic on log-normalised counts)
+    ``max_other_cells`` cells of each side, a seeded sample, by the Wilcoxon rank-sum statistic
+    on log-normalised counts)
     and the group's ``cells``. ``result.attrs["markers"][group]`` holds each marker table, with
     the reference's own gene columns (:meth:`VersionReader.gene_annotations`) beside the gene.
     ``gene_key``: the gene column ``markers`` names genes by (e.g. ``"gene_symbol"``; a gene
@@ -88,11 +89,12 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
         distance = float(np.linalg.norm(z[members].mean(axis=0) - z[type_rows[closest]].mean(axis=0)))
         pool = np.setdiff1d(type_rows[closest], members)
         others = pool[sorted_sample(len(pool), max_other_cells, seed)]
-        both = np.concatenate([members, others])
+        ranked = members[sorted_sample(len(members), max_other_cells, seed)]  # both sides dense in the ranking
+        both = np.concatenate([ranked, others])
         counts = reader.store.cells.read_counts(joinids[both], reader.manifest.n_genes)  # obs: checked by reader.obs()
         reader.cell_checks().verify(joinids[both], counts=counts)
         counts = log_normalise(counts)
-        markers = rank_markers(counts[: len(members)], counts[len(members):], genes, n_markers)
+        markers = rank_markers(counts[: len(ranked)], counts[len(ranked):], genes, n_markers)
         markers = markers.join(annotations, on="gene")
         result.attrs["markers"][g] = markers
         names = markers["gene"] if gene_key is None else markers[gene_key].astype(object).where(

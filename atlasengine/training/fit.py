@@ -372,6 +372,12 @@ def check_runtime(runtime: RuntimeConfig, streamed: bool = False) -> None:
         except Exception as exc:  # Lightning raises ValueError, MisconfigurationException, TypeError
             raise InputError(f"runtime accelerator={runtime.accelerator!r}, devices={runtime.devices!r}, "
                              f"strategy={runtime.strategy!r} cannot run here: {exc}") from exc
+    on_cpu = runtime.accelerator == "cpu" or not torch.cuda.is_available()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if on_cpu and _processes(runtime) > cores:  # any count runs on CPU (processes), but shares the cores
+        logging.getLogger("atlasengine").warning(
+            "devices=%s starts %d training processes on %d CPU core(s): they share the cores, so training is slower "
+            "than with %d", runtime.devices, _processes(runtime), cores, cores)
 
 
 def fit(

@@ -686,10 +686,11 @@ def calibration_note(scores: pd.DataFrame) -> str | None:
         return (f"{ref_share:.0%} of the query's cells are novel against the reference alone; taking the query's shift "
                 f"off (its median difference, within the quartiles of its labels' differences) leaves {share:.0%} at "
                 f"the {target:.0%} target. If much of the query may be types the reference lacks, spread over many "
-                "labels, calibrating against the reference alone keeps them (novelty_calibration='reference'; "
-                "--novelty-calibration reference on the command line)")
+                "labels, calibrating against the reference alone keeps them: label the cells again with "
+                "transfer_labels(..., config={'novelty_calibration': 'reference'}) or atlasengine transfer "
+                "--novelty-calibration reference")
     why = f" ({scores.attrs['calibration_fallback']})" if scores.attrs.get("calibration_fallback") else ""
     return (f"{share:.0%} of the query's cells are novel at a {target:.0%} false-alarm target against the reference"
             f"{why}: either that many are types the reference lacks, or the whole query is shifted from the reference "
             "(a stimulation, another chemistry)" + ("" if why else "; for a shifted query, novelty_calibration='query' "
-                                                    "(--novelty-calibration query) takes the shift off"))
+                                                    "(atlasengine transfer --novelty-calibration query) takes the shift off"))
