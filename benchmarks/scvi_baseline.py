@@ -26,6 +26,8 @@ import time
 import numpy as np
 import torch
 
+from atlasengine.training.fit import quiet_lightning
+
 ARCH = dict(n_latent=10, n_hidden=128, n_layers=2, dropout_rate=0.2, gene_likelihood="nb",
             use_layer_norm="both", use_batch_norm="none", encode_covariates=True)
 QUERY_EPOCHS = 200
@@ -53,7 +55,8 @@ def train_reference(ref, batch_key: str, seed: int, epochs: int | None = None):
     scvi.model.SCVI.setup_anndata(ref, batch_key=batch_key)
     model = scvi.model.SCVI(ref, **ARCH)
     t0 = time.perf_counter()
-    model.train(**_train_kwargs(epochs))
+    with quiet_lightning():  # no Lightning tips or device lines in the benchmark's log, as in the engine's runs
+        model.train(**_train_kwargs(epochs))
     return model, time.perf_counter() - t0, len(model.history["elbo_train"])
 
 
@@ -97,7 +100,8 @@ def _fit_query(q, seed: int, epochs: int, plan: dict):
 
     scvi.settings.seed = seed
     t0 = time.perf_counter()
-    q.train(**_train_kwargs(epochs), plan_kwargs={"weight_decay": 0.0, **plan})
+    with quiet_lightning():
+        q.train(**_train_kwargs(epochs), plan_kwargs={"weight_decay": 0.0, **plan})
     return q, time.perf_counter() - t0, len(q.history["elbo_train"])
 
 
