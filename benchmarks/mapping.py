@@ -193,7 +193,8 @@ def main() -> None:
 
     d = AtlasConfig()
     md = [
-        "# Reference mapping: the engine's surgery / finetune / ewc, scvi-tools and the paper's CLCVAE"
+        ("# Reference mapping: " if args.first_seed == 0 else "# Reference mapping on held-out seeds: ")
+        + "the engine's surgery / finetune / ewc, scvi-tools and the paper's CLCVAE"
         + (" (QUICK MODE: smoke run, numbers not meaningful)" if args.quick else ""),
         "",
         f"{seeds_said}, mean ± sd over seeds; every row from this one run. Engine at its defaults: reference "
