@@ -17,6 +17,7 @@ Example
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -47,7 +48,10 @@ class Phase:
         if bar:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, desc=name, unit=unit, leave=True, file=sys.stderr, dynamic_ncols=True)
+            size = shutil.get_terminal_size((0, 0))
+            sized = size.columns > 0 and size.lines > 0  # a terminal of unknown size (script, some CI) reads 0 x 0,
+            self._bar = tqdm(total=total, desc=name, unit=unit, leave=True, file=sys.stderr, dynamic_ncols=sized,
+                             **({} if sized else {"ncols": 100, "nrows": 40}))  # where tqdm would hide every bar
 
     def advance(self, n: int = 1, **postfix: float) -> None:
         """Count ``n`` more units done; ``postfix`` values (e.g. ``loss``) show beside the bar."""
