@@ -281,7 +281,7 @@ class VersionReader:
 
         Columns: dataset, batch, label (None when unlabelled), version_added, for ingested
         cells ``predicted_label``, ``uncertainty``, ``is_unknown``, ``novelty``,
-        ``novelty_pvalue`` and ``is_novel``, then the obs columns the user's datasets brought
+        ``novelty_pvalue`` and ``is_novel`` (the two flags of dtype ``boolean``), then the obs columns the user's datasets brought
         (:meth:`cell_metadata`).
         """
 
@@ -298,6 +298,8 @@ class VersionReader:
                 for col in PREDICTION_COLUMNS:
                     if col in p.columns:  # versions written before novelty scores lack them
                         df.loc[common, col] = p.loc[common, col].to_numpy()
+            for col in ("is_unknown", "is_novel"):  # missing for the reference's cells, as the user's booleans
+                df[col] = df[col].astype("boolean")
             return pd.concat([df, self.cell_metadata()], axis=1)
 
         return self._cached("obs", load).copy()
