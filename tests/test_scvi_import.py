@@ -72,6 +72,14 @@ def test_a_setting_the_engine_cannot_represent_is_refused_by_name(small, tmp_pat
     assert not (tmp_path / "a.atlas").exists()
 
 
+def test_a_different_architecture_asked_for_in_the_config_is_refused(small, tmp_path):
+    _train(small, tmp_path / "scvi")
+    with pytest.raises(InputError, match=r"config\['model'\] asks for \{'n_latent': 5\}.*n_latent=4"):
+        Atlas.from_scvi(tmp_path / "a.atlas", tmp_path / "scvi", small, label_key="celltype",
+                        config={"model": {"n_latent": 5}})
+    assert not (tmp_path / "a.atlas").exists()
+
+
 def test_a_model_class_other_than_scvi_is_refused(small, tmp_path):
     _train(small, tmp_path / "linear", model_class=scvi.model.LinearSCVI, n_latent=4)
     with pytest.raises(InputError, match="LinearSCVI"):

@@ -201,7 +201,8 @@ class Atlas:
         label_key
             Obs column of the cell type.
         dataset, layer, config, runtime
-            As for :meth:`create`; ``config["model"]`` is taken from the scvi-tools model.
+            As for :meth:`create`; ``config["model"]`` is taken from the scvi-tools model (a
+            different one asked for in ``config`` is refused, naming the setting).
 
         Returns
         -------
@@ -212,9 +213,17 @@ class Atlas:
 
         ref = read_scvi(model_dir)
         module = to_module(ref)
+        imported = model_config(ref).model_dump()
+        asked = dict(config or {}).get("model") if isinstance(config, dict) else None
+        if isinstance(asked, dict):  # the architecture is the scvi-tools model's: a different one cannot be had
+            differ = {k: v for k, v in asked.items() if k in imported and imported[k] != v}
+            if differ:
+                raise InputError(f"config['model'] asks for {differ}, but an imported reference keeps the scvi-tools "
+                                 f"model's architecture ({', '.join(f'{k}={imported[k]!r}' for k in differ)}): leave "
+                                 "config['model'] out")
         try:
             base = config.model_dump() if isinstance(config, AtlasConfig) else dict(config or {})
-            cfg = AtlasConfig.model_validate({**base, "model": model_config(ref).model_dump()})
+            cfg = AtlasConfig.model_validate({**base, "model": imported})
         except ValidationError as exc:
             raise InputError(f"invalid atlas config: {validation_problems(exc, 'AtlasConfig')}") from exc
         committed = foldin.create(
