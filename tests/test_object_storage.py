@@ -90,3 +90,15 @@ def test_a_published_manifest_cannot_make_the_reader_write_outside_its_folder(s3
     with pytest.raises(AtlasFormatError, match="outside the atlas's versions/ folder"):
         Atlas.open(uri, storage_options=options)
     assert list(tmp_path.rglob("*")) == []  # nothing written, the fetch folder removed
+
+
+def test_an_atlas_on_s3_opens_with_the_endpoint_and_keys_only_in_the_environment(s3, two_version_atlas, monkeypatch):
+    options, fs = s3
+    uri = _publish(fs, two_version_atlas, "env.atlas")
+    for name, value in (("AWS_ENDPOINT_URL", options["endpoint_url"]), ("AWS_ACCESS_KEY_ID", "testing"),
+                        ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    atlas = Atlas.open(uri)  # no storage_options: what the AWS command-line tools would use
+    np.testing.assert_array_equal(atlas.latent(), Atlas.open(two_version_atlas).latent())
+    assert len(atlas.obs()) == len(Atlas.open(two_version_atlas).obs())

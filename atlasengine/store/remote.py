@@ -9,12 +9,14 @@ stays on a file system: publish an atlas by copying its folder (``aws s3 sync``,
 
 TileDB does not read fsspec's settings, so the S3 settings of ``storage_options`` are given to
 both: ``key`` / ``secret`` / ``token`` (or the environment's AWS credentials, which both libraries
-read themselves), ``anon``, ``profile``, ``endpoint_url`` (top level or in ``client_kwargs``) for an S3-compatible server,
+read themselves), ``anon``, ``profile``, ``endpoint_url`` (top level or in ``client_kwargs``, else the environment's
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, which fsspec's botocore reads) for an S3-compatible server,
 ``client_kwargs["region_name"]``; ``tiledb_config`` adds TileDB settings as they are.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -47,7 +49,8 @@ def tiledb_settings(uri: str, storage_options: dict[str, Any]) -> dict[str, str]
     if urlparse(uri).scheme not in ("s3", "s3a"):
         return config
     client = opts.get("client_kwargs") or {}
-    endpoint = opts.get("endpoint_url") or client.get("endpoint_url")
+    endpoint = (opts.get("endpoint_url") or client.get("endpoint_url")  # else the AWS tools' environment variables
+                or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
     found = {}
     if opts.get("key"):
         found["vfs.s3.aws_access_key_id"] = str(opts["key"])
