@@ -93,6 +93,7 @@ def test_report_opens_on_a_summary_and_is_self_contained(tmp_path: Path, monkeyp
     assert "red above 0.5" in text and "red below 0.5" in text
     assert "33.3%" in text and "20</b> cells nearest to <b>beta</b>" in text and "&lt;delta&gt; (100%)" in text
     assert any("33.3% called Unknown" in line for line in report.headline)
+    assert any(line.startswith("Reference drift is red: mean aligned displacement") for line in report.headline)
     # names are plain text: escaped in the page and for Plotly's pseudo-HTML
     assert "Drift &lt;audit&gt;" in text and "a&amp;b" in text and "<gamma>" not in text
     assert "&lt;gamma&gt;" in text and "<delta>" not in text

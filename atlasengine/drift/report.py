@@ -561,7 +561,8 @@ def render_report(
     n_versions = int(versions["version"].nunique()) if versions is not None and not versions.empty else 0
     headline = [f"status {worst(checks)}: "
                 + ", ".join(f"{c.name[0].lower() + c.name[1:]} {c.status} ({'–' if not np.isfinite(c.value) else f'{c.value:.3g}'})"
-                            for c in checks)] + query_lines
+                            for c in checks)] \
+        + [f"{c.name} is {c.status}: {c.note}" for c in checks if c.status in ("amber", "red")] + query_lines
     parts = [_summary(version, versions, checks, atlas_name, title, n_versions) + query_html + "</section>"]
     nav = ['<a href="#summary">Summary</a>']
     if umap is not None and not umap.empty:
