@@ -55,7 +55,9 @@ def test_transfer_writes_the_format_its_output_names_and_refuses_others(two_vers
     import pandas as pd
 
     q = tmp_path / "q.h5ad"
-    pancreas_query.write_h5ad(q)
+    query = pancreas_query.copy()
+    query.obs["label"] = "from the study"  # a column named like a prediction's: kept as user_label
+    query.write_h5ad(q)
     base = ["transfer", str(two_version_atlas), "-i", str(q), "--batch-key", "tech", "-o"]
     assert main([*base, str(tmp_path / "p.csv")]) == 0
     csv = pd.read_csv(tmp_path / "p.csv", index_col=0)
@@ -69,6 +71,8 @@ def test_transfer_writes_the_format_its_output_names_and_refuses_others(two_vers
         assert list(table.index) == list(csv.index)
         assert table["predicted_label"].astype(str).tolist() == csv["predicted_label"].astype(str).tolist()
     assert back.X.shape == pancreas_query.shape and "tech" in back.obs  # the query, with its own columns
+    assert (back.obs["user_label"] == "from the study").all()
+    assert back.obs["label"].astype(str).tolist() == csv["label"].astype(str).tolist()  # the call
     capsys.readouterr()
     assert main([*base, str(tmp_path / "p.xlsx")]) == 2
     assert "cannot tell the format of" in capsys.readouterr().err and not (tmp_path / "p.xlsx").exists()

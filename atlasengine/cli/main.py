@@ -120,8 +120,8 @@ def _write_predictions(pred, query, path: str, suffix: str) -> None:
         pred.to_parquet(path)
     else:
         out = query.copy()
-        clash = [c for c in pred.columns if c in out.obs.columns]
-        out.obs = out.obs.drop(columns=clash).join(pred.reindex(out.obs_names))
+        clash = {c: f"user_{c}" for c in pred.columns if c in out.obs.columns}  # the input's own, kept aside
+        out.obs = out.obs.rename(columns=clash).join(pred.reindex(out.obs_names))
         out.write_h5ad(path)
 
 
