@@ -227,7 +227,7 @@ def test_query_shift_on_exchangeable_and_on_shifted_queries(pbmc, embedding):
     # a shifted query is told what the reference threshold alone calls and how to switch; an
     # exchangeable one is told nothing
     assert "novelty_calibration='query'" in N.calibration_note(plain)
-    assert "novelty_calibration='reference'" in N.calibration_note(centred)
+    assert "config={'novelty_calibration': 'reference'}" in N.calibration_note(centred)
     assert N.calibration_note(same) is None and N.calibration_note(N.novelty_scores(d, unc, cal)) is None
     # too few cells per label to estimate a shift: the reference threshold, and the reason
     small = N.novelty_scores(1.2 * d[:20], unc[:20], cal, centre_on_query=True, predicted=pred[:20])
@@ -285,7 +285,7 @@ def test_query_shift_limit_new_cells_spread_over_most_labels_and_the_note_says_s
     assert reference["is_novel"][is_novel].mean() > 0.9
     assert shifted["is_novel"][is_novel].mean() < 0.5
     note = N.calibration_note(shifted)
-    assert note is not None and "novelty_calibration='reference'" in note
+    assert note is not None and "--novelty-calibration reference" in note
 
 
 def test_averaged_novelty_keeps_its_target_for_any_batch_size_and_a_sampled_calibration():
