@@ -223,15 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log progress details; tracebacks of errors")
     sub = p.add_subparsers(dest="command", required=True)
-    _add_parser = sub.add_parser
-    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)  # type: ignore[method-assign]
 
-    d = sub.add_parser("demo", help="build an atlas from real data and fold in two queries")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:  # every subcommand takes -v too
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    d = command("demo", help="build an atlas from real data and fold in two queries")
     d.add_argument("--out", default="atlasengine-demo", help="folder for the demo atlas and report")
     d.add_argument("--quick", action="store_true", help="few epochs (a smoke run)")
     d.set_defaults(func=cmd_demo)
 
-    c = sub.add_parser("create", help="train a reference and write version 1")
+    c = command("create", help="train a reference and write version 1")
     c.add_argument("path", help="where the new atlas goes (a folder that does not exist yet, or is empty)")
     c.add_argument("-i", "--input", required=True, help=INPUT_HELP + ", or a SOMA experiment with --soma")
     c.add_argument("--batch-key", required=True, help=BATCH_HELP)
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     _streaming_options(c)
     c.set_defaults(func=cmd_create)
 
-    i = sub.add_parser("ingest", help="fold a query into the atlas as a new version (predictions: atlasengine export)")
+    i = command("ingest", help="fold a query into the atlas as a new version (predictions: atlasengine export)")
     i.add_argument("path", help=PATH_HELP)
     i.add_argument("-i", "--input", required=True, help=INPUT_HELP + ", or a SOMA experiment with --soma")
     i.add_argument("--batch-key", required=True, help=BATCH_HELP + "; its values must be new to the atlas")
@@ -256,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _streaming_options(i)
     i.set_defaults(func=cmd_ingest)
 
-    t = sub.add_parser("transfer", help="label cells without folding them in")
+    t = command("transfer", help="label cells without folding them in")
     t.add_argument("path", help=PATH_HELP)
     t.add_argument("-i", "--input", required=True, help=INPUT_HELP)
     t.add_argument("--batch-key", required=True, help=BATCH_HELP)
@@ -273,31 +274,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the query's shift from the reference off first (query, the default) or not")
     t.set_defaults(func=cmd_transfer)
 
-    v = sub.add_parser("versions", help="list the committed versions")
+    v = command("versions", help="list the committed versions")
     v.add_argument("path", help=PATH_HELP)
     v.set_defaults(func=cmd_versions)
 
-    r = sub.add_parser("report", help="write the drift audit report (HTML)")
+    r = command("report", help="write the drift audit report (HTML)")
     r.add_argument("path", help=PATH_HELP)
     r.add_argument("-o", "--output", required=True, help="the HTML file to write (works offline)")
     r.add_argument("--version", type=int, help="the version to audit (default: the newest)")
     r.set_defaults(func=cmd_report)
 
-    e = sub.add_parser("export", help="write the atlas as an .h5ad file (obs, embedding; counts with --counts)")
+    e = command("export", help="write the atlas as an .h5ad file (obs, embedding; counts with --counts)")
     e.add_argument("path", help=PATH_HELP)
     e.add_argument("-o", "--output", required=True, help="the .h5ad file to write")
     e.add_argument("--version", type=int, help="the version to export (default: the newest)")
     e.add_argument("--counts", action="store_true", help="also read every cell's raw counts into X")
     e.set_defaults(func=cmd_export)
 
-    lb = sub.add_parser("relabel", help="name cells (a new version that changes labels only; no retraining)")
+    lb = command("relabel", help="name cells (a new version that changes labels only; no retraining)")
     lb.add_argument("path", help=PATH_HELP)
     lb.add_argument("--cells", required=True, help="a text file with one cell name (atlas obs index) per line")
     lb.add_argument("--label", required=True, help="the new or existing cell type name")
     lb.add_argument("--note", help="why, kept with the version's record")
     lb.set_defaults(func=cmd_relabel)
 
-    u = sub.add_parser("unlock", help="check the write lock: a dead writer holds none, a live one's is not broken")
+    u = command("unlock", help="check the write lock: a dead writer holds none, a live one's is not broken")
     u.add_argument("path", help=PATH_HELP)
     u.add_argument("--force", action="store_true",
                    help="accepted for old scripts; a lock that a live process holds is still not broken")
@@ -316,7 +317,6 @@ def main(argv: list[str] | None = None) -> int:
     engine's own errors (:class:`AtlasError`), 1 for anything else, 130 when interrupted.
     """
     args = build_parser().parse_args(argv)
-    args.verbose = getattr(args, "verbose", False)
     configure_logging(args.verbose)
     try:
         args.func(args)

@@ -79,15 +79,13 @@ def evaluate_transfer(
     predicted = predictions["predicted_label"].to_numpy().astype(str)
     called = predictions["label"].to_numpy().astype(str)
 
-    def share(mask: np.ndarray, group: np.ndarray) -> float:
-        return float(mask[group].mean()) if group.any() else float("nan")
-
+    detection = detection_scores(novel, unc, unknown)
     return {
-        "auroc_novel": detection_scores(novel, unc)["auroc"],
-        "novel_unknown_share": share(unknown, novel),
-        "known_accuracy": share(predicted == truth, known),
-        "known_accuracy_called": share(called == truth, known),
-        "known_false_unknown": share(unknown, known),
+        "auroc_novel": detection["auroc"],
+        "novel_unknown_share": detection["novel_caught"],
+        "known_accuracy": float((predicted == truth)[known].mean()) if known.any() else float("nan"),
+        "known_accuracy_called": float((called == truth)[known].mean()) if known.any() else float("nan"),
+        "known_false_unknown": detection["known_called"],
         "n_known": int(known.sum()),
         "n_novel": int(novel.sum()),
     }

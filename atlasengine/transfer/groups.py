@@ -16,7 +16,7 @@ Pure numpy/scipy/scikit-learn: the caller hands in embeddings and counts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,27 +43,32 @@ def neighbour_scale(z: np.ndarray, k: int = 5, quantile: float = 0.95, max_cells
     """Return the ``quantile`` of the distance from a cell of ``z`` to its ``k``-th nearest other cell (a sample).
 
     Given the reference's labelled cells, how far apart neighbouring cells of known types are:
-    where :func:`cluster` allows one group, it does not split it below that distance. NaN for fewer than ``k + 1`` cells.
+    where :func:`cluster` allows one group, it does not split it below that distance. Searched
+    with the engine's neighbour index (exact, IVF for large atlases). NaN for fewer than ``k + 1``
+    cells.
     """
-    from sklearn.neighbors import NearestNeighbors
+    from atlasengine.config import TransferConfig
+    from atlasengine.transfer.index import NeighborIndex
 
-    x = np.asarray(z, dtype=np.float64)
+    x = np.asarray(z, dtype=np.float32)
     if len(x) <= k:
         return float("nan")
     rows = np.arange(len(x))
     if len(x) > max_cells:
         rows = np.sort(np.random.default_rng(seed).choice(len(x), max_cells, replace=False))
-    d, _ = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x[rows])  # the first is the cell itself
+    index = NeighborIndex.build(x, np.zeros(len(x), dtype=str), TransferConfig())
+    d, _ = index.search(x[rows], k, exclude=rows)
     return float(np.quantile(d[:, -1], quantile))
 
 
-def cluster(z: np.ndarray, min_size: int, scale: float = 0.0) -> np.ndarray:
+def cluster(z: np.ndarray, min_size: int, scale: float | Callable[[], float] = 0.0) -> np.ndarray:
     """Return a group number per row of ``z`` (HDBSCAN, groups of at least ``min_size`` rows; -1: no group).
 
     HDBSCAN never returns a single group: when the rows are the cells of one new type it finds
     no split and calls them all noise. Then, with a ``scale`` (the reference's
-    :func:`neighbour_scale`), the rows are clustered again allowing one group that is not split
-    below that distance. Groups are numbered by size, largest first.
+    :func:`neighbour_scale`, or a function that computes it, called only then), the rows are
+    clustered again allowing one group that is not split below that distance. Groups are
+    numbered by size, largest first.
     """
     from sklearn.cluster import HDBSCAN
 
@@ -72,9 +77,11 @@ def cluster(z: np.ndarray, min_size: int, scale: float = 0.0) -> np.ndarray:
         return np.full(n, -1, dtype=np.int64)
     x = np.asarray(z, dtype=np.float64)
     raw = HDBSCAN(min_cluster_size=max(2, min_size), copy=True).fit_predict(x)
-    if (raw < 0).all() and np.isfinite(scale) and scale > 0:
-        raw = HDBSCAN(min_cluster_size=max(2, min_size), allow_single_cluster=True,
-                      cluster_selection_epsilon=float(scale), copy=True).fit_predict(x)
+    if (raw < 0).all():
+        epsilon = float(scale() if callable(scale) else scale)
+        if np.isfinite(epsilon) and epsilon > 0:
+            raw = HDBSCAN(min_cluster_size=max(2, min_size), allow_single_cluster=True,
+                          cluster_selection_epsilon=epsilon, copy=True).fit_predict(x)
     sizes = pd.Series(raw[raw >= 0]).value_counts()
     order = sorted(sizes.index, key=lambda g: (-sizes[g], g))
     renumber = {old: new for new, old in enumerate(order)}
