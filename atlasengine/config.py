@@ -127,6 +127,14 @@ class ContinualConfig(_Strict):
         description="add to the encoder's Fisher the Fisher information of the posterior q(z | x): the penalty then "
         "also holds the reference cells' embeddings, not only their ELBO",
     )
+    embedding_anchor: float = Field(
+        0.0, ge=0.0,
+        description="ewc only: weight of a second penalty that holds the replayed reference cells' embeddings (posterior "
+        "means) where the current version puts them, embedding_anchor * sum over the minibatch's replayed cells of "
+        "|mean_new - mean_now|^2 / minibatch size; it holds the reference in the embedding, not in the weights. 0 (the "
+        "default): off. Measured beside the EWC penalty in benchmarks/RESULTS.md (section 'Holding the embedding "
+        "instead of the weights'); with ewc_lambda=0 it is replay with the embedding held and no EWC penalty",
+    )
     min_gene_overlap: float = Field(0.8, gt=0.0, le=1.0)
 
 

@@ -64,8 +64,8 @@ class EWCPenalty:
             a = pad_rows(anchor_params[name], p.detach())
             self.terms.append((name, f.to(p.device), a.to(p.device)))
 
-    def __call__(self, module: nn.Module) -> torch.Tensor:
-        """Return the penalty ``ewc_lambda/2 * sum F (p - anchor)^2`` at ``module``'s current weights."""
+    def __call__(self, module: nn.Module, x: torch.Tensor | None = None, batch: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the penalty ``ewc_lambda/2 * sum F (p - anchor)^2`` at ``module``'s current weights (cells unused)."""
         if not self.terms:
             return torch.zeros(())
         params = dict(module.named_parameters())

@@ -3,7 +3,8 @@
 - ``surgery``: only the new batch rows of the covariate layers train (scArches); every old
   weight stays bit-identical (zeroed gradients with Adam and no weight decay give zero updates).
 - ``finetune``: every weight trains, no penalty.
-- ``ewc``: every weight trains under the EWC penalty, with replayed reference cells.
+- ``ewc``: every weight trains under the EWC penalty, with replayed reference cells (and,
+  where ``embedding_anchor`` > 0, the replayed cells' embeddings held too).
 """
 
 from __future__ import annotations
@@ -14,13 +15,25 @@ from contextlib import contextmanager
 import torch
 
 from atlasengine.config import STRATEGIES, ContinualConfig, FoldInStrategy, RuntimeConfig, TrainingConfig
+from atlasengine.continual.anchor import EmbeddingAnchor
 from atlasengine.continual.ewc import EWCPenalty
 from atlasengine.continual.fisher import AccumulatedFisher, Tensors
 from atlasengine.errors import InputError
 from atlasengine.model import CVAE
 from atlasengine.training import CellData, CellSource, TrainResult, fit
 
-__all__ = ["STRATEGIES", "FoldInStrategy", "NewBatchRowsOnly", "fold_in", "surgery_mode"]
+__all__ = ["STRATEGIES", "FoldInStrategy", "NewBatchRowsOnly", "PenaltySum", "fold_in", "surgery_mode"]
+
+
+class PenaltySum:
+    """Several penalties as one: ``sum(p(module, x, batch) for p in penalties)`` (picklable, for spawned processes)."""
+
+    def __init__(self, *penalties) -> None:
+        self.penalties = penalties
+
+    def __call__(self, module: torch.nn.Module, x: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """Return the sum of the penalties on this minibatch."""
+        return sum((p(module, x, batch) for p in self.penalties[1:]), self.penalties[0](module, x, batch))
 
 
 class NewBatchRowsOnly:
@@ -102,7 +115,8 @@ def fold_in(
     fisher, anchor
         The accumulated Fisher (with the cells it represents) and anchor weights (ewc only).
     replay
-        Reference cells replayed in every minibatch (ewc only).
+        Reference cells replayed in every minibatch (ewc only; ``continual.embedding_anchor`` holds
+        their embeddings where ``module`` puts them before training).
     runtime
         Accelerator and progress display.
 
@@ -124,6 +138,8 @@ def fold_in(
         strength = penalty_strength(continual, fisher.cells, len(query), replay is not None and len(replay) > 0,
                                     training.batch_size)
         penalty = EWCPenalty(module, fisher.mean, anchor, strength)
+        if continual.embedding_anchor > 0 and replay is not None and len(replay) > 0:
+            penalty = PenaltySum(penalty, EmbeddingAnchor(module, n_old_batches, continual.embedding_anchor))
         return fit(module, query, training, replay=replay, replay_fraction=continual.replay_fraction,
                    penalty=penalty, runtime=runtime, name=name)
     raise InputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")

@@ -405,7 +405,8 @@ def fit(
     replay, replay_fraction
         Reference cells mixed into every minibatch, and their share of it.
     penalty
-        ``penalty(module) -> scalar`` added to the loss (the EWC penalty).
+        ``penalty(module, x, batch) -> scalar`` added to each minibatch's loss (the EWC penalty,
+        the embedding anchor).
     runtime
         Accelerator, devices and progress display (never stored).
     name

@@ -1,7 +1,8 @@
 """The Lightning training plan: negative ELBO with KL warm-up plus an optional penalty.
 
 The plan knows nothing of storage or of EWC: a continual-learning penalty arrives as a
-callable ``penalty(module) -> scalar tensor``.
+callable ``penalty(module, x, batch) -> scalar tensor`` (the minibatch's counts and batch
+indices, for penalties that look at cells; the EWC penalty does not).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from atlasengine.config import TrainingConfig
 from atlasengine.errors import TrainingError
 from atlasengine.faults import fault_point
 
-Penalty = Callable[[nn.Module], torch.Tensor]
+Penalty = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 GradientFilter = Callable[[nn.Module], None]
 
 
@@ -57,7 +58,7 @@ class TrainingPlan(L.LightningModule):
         x, b = batch
         out = self.module.loss(x, b, kl_weight=self.kl_weight)
         loss = out.loss
-        pen = self.penalty(self.module) if self.penalty is not None else None
+        pen = self.penalty(self.module, x, b) if self.penalty is not None else None
         if pen is not None:
             loss = loss + pen
         if not torch.isfinite(loss):

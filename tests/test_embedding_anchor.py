@@ -1,0 +1,85 @@
+"""The embedding anchor: a penalty that holds the replayed reference cells' embeddings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from atlasengine import Atlas
+from atlasengine.config import ModelConfig
+from atlasengine.continual.anchor import EmbeddingAnchor
+from atlasengine.continual.ewc import EWCPenalty
+from atlasengine.continual.strategies import PenaltySum
+from atlasengine.model import CVAE
+
+
+def _module() -> CVAE:
+    torch.manual_seed(0)
+    m = CVAE(n_genes=20, n_batches=2, config=ModelConfig(n_hidden=16, n_latent=4, dropout_rate=0.5))
+    return m.train()
+
+
+def test_the_anchor_is_zero_before_training_even_with_dropout_on():
+    m = _module()
+    anchor = EmbeddingAnchor(m, n_old_batches=2, weight=100.0)
+    m.add_batches(1)
+    x = torch.poisson(torch.full((8, 20), 3.0))
+    assert anchor(m, x, torch.tensor([0, 1, 2, 2, 0, 1, 2, 0])).item() == 0.0
+    assert m.training  # the anchor's own forward without dropout leaves the module in training mode
+
+
+def test_only_replayed_cells_count_and_their_gradient_reaches_the_encoder():
+    m = _module()
+    anchor = EmbeddingAnchor(m, n_old_batches=2, weight=1.0)
+    m.add_batches(1)
+    x = torch.poisson(torch.full((6, 20), 3.0))
+    with torch.no_grad():
+        m.encoder.layers[0].batch_weight[2] += 5.0  # moves only the new batch's cells
+    assert anchor(m, x, torch.tensor([0, 1, 2, 2, 0, 1])).item() == pytest.approx(0.0, abs=1e-6)
+    assert anchor(m, x, torch.full((6,), 2)).item() == 0.0  # no replayed cell: nothing to hold
+    with torch.no_grad():
+        m.z_mean.bias += 0.5
+    value = anchor(m, x, torch.tensor([0, 1, 2, 2, 0, 1]))
+    assert value.item() == pytest.approx(4 * 4 * 0.25 / 6)  # 4 replayed cells x 4 dims x 0.5^2, / 6 cells
+    value.backward()
+    assert m.z_mean.bias.grad.abs().sum() > 0 and m.encoder.layers[0].linear.weight.grad.abs().sum() > 0
+
+
+def test_penalties_add_up():
+    m = _module()
+    fisher = {n: torch.ones_like(p) for n, p in m.named_parameters()}
+    anchor_weights = {n: p.detach() - 1 for n, p in m.named_parameters()}
+    ewc = EWCPenalty(m, fisher, anchor_weights, ewc_lambda=2.0)
+    emb = EmbeddingAnchor(m, n_old_batches=2, weight=3.0)
+    x, b = torch.poisson(torch.full((4, 20), 3.0)), torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        m.z_mean.bias += 1.0
+    total = PenaltySum(ewc, emb)(m, x, b)
+    assert total.item() == pytest.approx(ewc(m).item() + emb(m, x, b).item(), rel=1e-6)
+
+
+def _reference_displacement(atlas_path, query, **continual) -> tuple[float, dict]:
+    atlas = Atlas.open(atlas_path)
+    before = atlas.latent()
+    res = atlas.ingest(query, batch_key="tech", strategy="ewc", continual={"ewc_lambda": 0.0, **continual},
+                       training={"max_epochs": 15})
+    assert (atlas.obs()["version_added"].to_numpy()[: len(before)] == 1).all()
+    after = atlas.latent()[: len(before)]
+    run = json.loads((atlas_path / "versions" / f"v{res.version.number:04d}" / "config.json").read_text())
+    return float(np.linalg.norm(after - before, axis=1).mean()), run
+
+
+def test_an_ewc_fold_in_with_the_anchor_holds_the_reference_embedding(reference_atlas, tmp_path, pancreas_query):
+    import shutil
+
+    free, held = tmp_path / "free.atlas", tmp_path / "held.atlas"
+    shutil.copytree(reference_atlas, free)
+    shutil.copytree(reference_atlas, held)
+    moved_free, _ = _reference_displacement(free, pancreas_query)  # replay alone: the reference moves
+    moved_held, run = _reference_displacement(held, pancreas_query, embedding_anchor=1000.0)
+    assert moved_held < 0.5 * moved_free, (moved_held, moved_free)
+    assert run["continual"]["embedding_anchor"] == 1000.0  # the version records how it was folded in
+    assert Atlas.open(held).config.continual.embedding_anchor == 0.0  # a per-ingest setting, not the atlas's
