@@ -168,7 +168,7 @@ def test_format6_atlas_keeps_its_unaveraged_novelty_and_can_switch_to_averaging(
 
     atlas = Atlas.open(path)
     raw = json.loads((path / "manifest.json").read_text())
-    assert raw["format_version"] == FORMAT_VERSION == 7
+    assert raw["format_version"] == FORMAT_VERSION
     assert raw["config"]["transfer"]["novelty_smoothing"] == 1 == atlas.config.transfer.novelty_smoothing
     assert atlas.novelty_calibration().smoothing == 1  # the stored format-1 calibration file
     assert atlas.var().columns.empty and list(atlas.var().index) == atlas.genes  # format 6 kept no gene columns
@@ -181,3 +181,27 @@ def test_format6_atlas_keeps_its_unaveraged_novelty_and_can_switch_to_averaging(
     res = atlas.ingest(pancreas[pancreas.obs["tech"] == "smartseq2"][:15, atlas.genes].copy(), batch_key="tech",
                        strategy="ewc", training={"max_epochs": 1})
     assert res.version.number == 3 and Atlas.open(path).novelty_calibration().smoothing == 1
+
+
+def test_format7_atlas_folds_in_as_before_and_takes_the_embedding_anchor_per_ingest(tmp_path, pancreas):
+    path = tmp_path / "old7.atlas"
+    shutil.copytree(FIXTURE.with_name("format7.atlas"), path)
+    raw = json.loads((path / "manifest.json").read_text())
+    assert raw["format_version"] == 7 and "embedding_anchor" not in raw["config"]["continual"]
+    before = {p.relative_to(path): p.read_bytes() for p in (path / "versions").rglob("*") if p.is_file()}
+    predictions_file = pd.read_parquet(path / "versions" / "v0002" / "predictions.parquet")
+
+    atlas = Atlas.open(path)
+    raw = json.loads((path / "manifest.json").read_text())
+    assert raw["format_version"] == FORMAT_VERSION == 8
+    assert raw["config"]["continual"]["embedding_anchor"] == 0.0 == atlas.config.continual.embedding_anchor
+    after = {p.relative_to(path): p.read_bytes() for p in (path / "versions").rglob("*") if p.is_file()}
+    assert after == before  # the version files are untouched
+    pd.testing.assert_frame_equal(atlas.predictions(), predictions_file)
+    v1 = Atlas.open(path, version=1).latent()
+    res = atlas.ingest(pancreas[pancreas.obs["tech"] == "smartseq2"][:15, atlas.genes].copy(), batch_key="tech",
+                       strategy="ewc", training={"max_epochs": 2}, continual={"embedding_anchor": 100.0})
+    assert res.version.number == 3
+    run = json.loads((path / "versions" / "v0003" / "config.json").read_text())
+    assert run["continual"]["embedding_anchor"] == 100.0
+    np.testing.assert_array_equal(Atlas.open(path, version=1).latent(), v1)  # version 1 exactly as it was
