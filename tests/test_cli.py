@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
 
+from atlasengine import Atlas
 from atlasengine.cli.main import main
 
 
@@ -104,6 +106,16 @@ def test_ingest_command_says_the_rule_and_the_share_of_new_cells(atlas_path, tmp
     share, low, high = (float(x) for x in found.groups())
     assert low <= share <= high
     assert f"Predictions: atlasengine export {atlas_path} -o out.h5ad" in out
+
+
+def test_ingest_command_passes_the_penalty_settings_to_this_fold_in_only(atlas_path, tmp_path, pancreas_query):
+    q = tmp_path / "q.h5ad"
+    pancreas_query[:60].copy().write_h5ad(q)
+    assert main(["ingest", str(atlas_path), "-i", str(q), "--batch-key", "tech", "--epochs", "1",
+                 "--ewc-lambda", "0", "--embedding-anchor", "500"]) == 0
+    run = json.loads((atlas_path / "versions" / "v0002" / "config.json").read_text())
+    assert run["continual"]["ewc_lambda"] == 0.0 and run["continual"]["embedding_anchor"] == 500.0
+    assert Atlas.open(atlas_path).config.continual.embedding_anchor == 0.0
 
 
 def test_the_demo_counts_each_rule_by_its_own_call():

@@ -70,9 +70,12 @@ def cmd_ingest(args) -> None:
 
     atlas = Atlas.open(args.path)
     training = {"max_epochs": args.epochs} if args.epochs is not None else None
+    continual = {k: v for k, v in (("ewc_lambda", args.ewc_lambda), ("embedding_anchor", args.embedding_anchor))
+                 if v is not None} or None
     data, layer = _source(args)
     res = atlas.ingest(data, batch_key=args.batch_key, strategy=args.strategy, label_key=args.label_key,
-                       dataset=args.dataset, layer=layer, training=training, runtime=_runtime(args))
+                       dataset=args.dataset, layer=layer, training=training, continual=continual,
+                       runtime=_runtime(args))
     p = res.predictions
     low, high = p.attrs["novel_share_interval"]
     print(f"version {res.version.number} ({args.strategy}): {res.version.n_new_cells} cells folded in, "
@@ -254,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dataset", help="the dataset's name in the atlas (default: dataset_v<N>)")
     i.add_argument("--layer", help="the layer holding raw counts, if not X")
     i.add_argument("--epochs", type=int, help="training epochs (default: scvi-tools' rule, at most 200)")
+    i.add_argument("--ewc-lambda", type=float,
+                   help="ewc: strength of the EWC penalty, a multiple of the Laplace weight (default: the atlas's, 100)")
+    i.add_argument("--embedding-anchor", type=float,
+                   help="ewc: weight of the penalty that holds the replayed reference cells' embeddings (default: the "
+                   "atlas's, 0 = off; 1000 with --ewc-lambda 0 holds the embedding instead of the weights)")
     _streaming_options(i)
     i.set_defaults(func=cmd_ingest)
 
