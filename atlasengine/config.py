@@ -108,7 +108,10 @@ class ContinualConfig(_Strict):
     cells replayed from the atlas (an epoch holds ``n_query / (1 - r)`` cells); replay holds the
     reference further at the same lambda. ``fisher_posterior`` adds the Fisher information of
     the encoder's q(z | x), which holds the embedding a little more at the same lambda for a
-    slightly lower AUROC (same section); it is off by default.
+    slightly lower AUROC (same section); it is off by default. ``embedding_anchor`` holds the
+    replayed reference cells' embeddings themselves rather than the weights (see
+    :class:`atlasengine.continual.anchor.EmbeddingAnchor`); off by default, measured against the
+    EWC penalty in the section 'Holding the embedding instead of the weights'.
     """
 
     ewc_lambda: float = Field(100.0, ge=0, description="strength of the EWC penalty (see penalty_scale)")

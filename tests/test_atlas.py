@@ -78,13 +78,15 @@ def test_surgery_keeps_every_old_weight_bit_identical(folded, reference_atlas):
         else:
             assert torch.equal(new, old), name
     assert changed_new_rows
-    # reference cells keep their embedding exactly (same weights, same inputs)
-    np.testing.assert_array_equal(atlas.latent()[:300], Atlas.open(reference_atlas).latent())
+    # reference cells keep their embedding (same weights, same inputs) up to float rounding: with two torch
+    # threads the matrix product of a 500-cell chunk can sum in another order than that of a 300-cell one
+    # (up to 4e-7 on some CPUs; bit-equal with one thread), so the weights above are compared bit for bit
+    np.testing.assert_allclose(atlas.latent()[:300], Atlas.open(reference_atlas).latent(), rtol=0, atol=1e-5)
 
 
 def test_ewc_moves_reference_less_than_finetune(folded):
     moved = {s: _ref_displacement(Atlas.open(folded[s])) for s in ("surgery", "finetune", "ewc")}
-    assert moved["surgery"] == 0.0
+    assert moved["surgery"] < 1e-5  # float rounding only (see test_surgery_keeps_every_old_weight_bit_identical)
     assert moved["ewc"] < moved["finetune"], moved
 
 
@@ -133,7 +135,7 @@ def test_failure_mid_ingest_leaves_previous_version_and_retry_succeeds(atlas_pat
     assert res.version.number == 2
     assert len(atlas.obs()) == 500
     assert list(atlas.obs().index[300:]) == list(pancreas_query.obs_names)
-    np.testing.assert_array_equal(atlas.latent()[:300], z1)
+    np.testing.assert_allclose(atlas.latent()[:300], z1, rtol=0, atol=1e-5)  # surgery: float rounding only
 
 
 def test_open_errors(tmp_path, reference_atlas):

@@ -19,7 +19,7 @@ def test_drift_rows_for_every_version_and_surgery_is_zero(atlas_path, pancreas_q
     assert set(d[d.version == 3]["scope"]) == {"vs_previous", "vs_first"}
     later = d[d.version > 1]
     # surgery: reference weights and inputs unchanged -> reference cells do not move at all
-    assert np.allclose(later["displacement_mean_raw"], 0.0)
+    assert np.allclose(later["displacement_mean_raw"], 0.0, atol=1e-5)  # float rounding of the chunked products
     assert np.allclose(later["knn_preservation_mean"], 1.0)
     by_type = atlas.drift(by="cell_type")
     assert set(by_type["cell_type"]) == set(atlas.labels)
