@@ -83,3 +83,13 @@ def test_an_ewc_fold_in_with_the_anchor_holds_the_reference_embedding(reference_
     assert moved_held < 0.5 * moved_free, (moved_held, moved_free)
     assert run["continual"]["embedding_anchor"] == 1000.0  # the version records how it was folded in
     assert Atlas.open(held).config.continual.embedding_anchor == 0.0  # a per-ingest setting, not the atlas's
+
+
+def test_the_anchor_without_replayed_cells_is_refused_before_anything_is_written(atlas_path, pancreas_query):
+    from atlasengine.errors import InputError
+
+    before = sorted(p.name for p in atlas_path.rglob("*"))
+    with pytest.raises(InputError, match="replays none"):
+        Atlas.open(atlas_path).ingest(pancreas_query, batch_key="tech", strategy="ewc", training={"max_epochs": 1},
+                                      continual={"embedding_anchor": 10.0, "replay_fraction": 0.0})
+    assert Atlas.open(atlas_path).version == 1 and sorted(p.name for p in atlas_path.rglob("*")) == before

@@ -39,7 +39,7 @@ from atlasengine.api.audit import drift_rows, rebuild_drift, transfer_summary, w
 from atlasengine.api.inputs import PreparedInput, prepare_gene_columns, prepare_input, prepare_metadata
 from atlasengine.api.sources import SomaInput, as_input, is_streamed
 from atlasengine.config import AtlasConfig, ContinualConfig, FoldInStrategy, RuntimeConfig, TrainingConfig
-from atlasengine.continual import AccumulatedFisher, fold_in, version_fisher
+from atlasengine.continual import AccumulatedFisher, check_settings, fold_in, version_fisher
 from atlasengine.errors import AtlasIntegrityError, AtlasWriteError, InputError
 from atlasengine.faults import fault_point
 from atlasengine.model import CVAE
@@ -325,6 +325,7 @@ def ingest(
 ) -> Committed:
     """Fold ``adata`` into the atlas at ``store`` as the version after its newest one."""
     check_runtime(runtime, streamed=is_streamed(adata))
+    check_settings(strategy, training, continual)
     with WriteLock(store.root) as lock:
         manifest, started_from, parent = start_writing(store)
         number = parent.number + 1

@@ -22,7 +22,8 @@ from atlasengine.errors import InputError
 from atlasengine.model import CVAE
 from atlasengine.training import CellData, CellSource, TrainResult, fit
 
-__all__ = ["STRATEGIES", "FoldInStrategy", "NewBatchRowsOnly", "PenaltySum", "fold_in", "surgery_mode"]
+__all__ = ["STRATEGIES", "FoldInStrategy", "NewBatchRowsOnly", "PenaltySum", "check_settings", "fold_in",
+           "surgery_mode"]
 
 
 class PenaltySum:
@@ -138,11 +139,33 @@ def fold_in(
         strength = penalty_strength(continual, fisher.cells, len(query), replay is not None and len(replay) > 0,
                                     training.batch_size)
         penalty = EWCPenalty(module, fisher.mean, anchor, strength)
-        if continual.embedding_anchor > 0 and replay is not None and len(replay) > 0:
+        if continual.embedding_anchor > 0:
+            check_settings(strategy, training, continual, replayed=0 if replay is None else len(replay))
             penalty = PenaltySum(penalty, EmbeddingAnchor(module, n_old_batches, continual.embedding_anchor))
         return fit(module, query, training, replay=replay, replay_fraction=continual.replay_fraction,
                    penalty=penalty, runtime=runtime, name=name)
     raise InputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
+def check_settings(strategy: FoldInStrategy, training: TrainingConfig, continual: ContinualConfig,
+                   replayed: int | None = None) -> None:
+    """Refuse settings a fold-in cannot honour, before anything is read or written.
+
+    ``replayed``: how many reference cells the fold-in replays, where already known.
+
+    Example
+    -------
+    >>> from atlasengine.config import ContinualConfig, TrainingConfig
+    >>> check_settings("ewc", TrainingConfig(), ContinualConfig(embedding_anchor=10.0, replay_fraction=0.0))
+    Traceback (most recent call last):
+    ...
+    atlasengine.errors.InputError: embedding_anchor holds the replayed reference cells' embeddings, and this fold-in replays none: set replay_fraction and replay_max_cells above 0, or embedding_anchor to 0
+    """
+    if strategy != "ewc" or continual.embedding_anchor == 0:
+        return
+    if continual.replay_max_cells == 0 or round(training.batch_size * continual.replay_fraction) == 0 or replayed == 0:
+        raise InputError("embedding_anchor holds the replayed reference cells' embeddings, and this fold-in replays "
+                         "none: set replay_fraction and replay_max_cells above 0, or embedding_anchor to 0")
 
 
 def penalty_strength(

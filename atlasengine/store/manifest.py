@@ -25,7 +25,9 @@ is a per-cell mean with the cells it represents; 5: each version keeps its drift
 checksums of the cells it added in its directory; 6: every obs column of the user's data is kept (a table per
 dataset in the cell store, its columns in the dataset's record) and checksummed with the cells; a
 ``relabel`` version carries ``labels.parquet`` (label overrides; absent from every other version, so older
-format-6 atlases need no step). Each step up has a migration in ``migrations/layout/``."""
+format-6 atlases need no step); 7: novelty signals averaged over neighbouring cells, the genes' own columns
+kept; 8: the continual settings hold ``embedding_anchor``. Each step up has a migration in
+``migrations/layout/``."""
 MANIFEST_NAME = "manifest.json"
 
 Strategy = Literal["reference", "relabel"] | FoldInStrategy
