@@ -1,0 +1,20 @@
+"""benchmarks.results --keep: the committed results page splits into what it says of each benchmark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.results import ORDER, kept_parts
+
+PAGE = Path(__file__).parents[1] / "benchmarks" / "RESULTS.md"
+
+
+def test_the_results_page_splits_into_one_section_per_benchmark():
+    parts = kept_parts(PAGE.read_text())
+    assert list(parts) == [n for n in ORDER if n in parts] and {"mapping", "naming", "anchor_sweep"} <= set(parts)
+    assert parts["naming"]["section"].startswith("## Naming a new type")
+    assert parts["anchor_sweep"]["section"].startswith("## Holding the embedding instead of the weights")
+    for name, part in parts.items():
+        assert part["machine"].startswith(f"- {name}: ") and part["command"].startswith(f"| {name} | `")
+    assert all(row.startswith("| mapping | ") for row in parts["mapping"]["checks"]) and len(parts["mapping"]["checks"]) == 8
+    assert parts["speed"]["targets"].startswith("| target | measured |")
