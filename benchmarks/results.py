@@ -23,7 +23,7 @@ from pathlib import Path
 from benchmarks import common as C
 
 ORDER = ("mapping", "mapping_heldout", "lambda_sweep", "replay_sweep", "schedule_sweep", "anchor_sweep", "sequential", "evidence", "speed", "scale",
-         "novelty", "novelty_finetune", "novelty_surgery", "naming", "distributed", "streaming")
+         "novelty", "novelty_finetune", "novelty_surgery", "novelty_anchor", "naming", "distributed", "streaming")
 MAX_PNG = 200 * 1024
 
 # Why a target is missed, written after reading the measurements (keyed by target id).
