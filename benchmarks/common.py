@@ -260,6 +260,17 @@ def loo_knn_accuracy(z: np.ndarray, labels: np.ndarray, k: int = 15) -> float:
     return float(np.nanmean(loo_knn_correct(z, np.asarray(labels, dtype=object), k)))
 
 
+def check2_parts(auroc: float, rival_aurocs: list[float], accuracy: float, surgery_accuracy: float,
+                 drift_ratio: float) -> dict[str, bool]:
+    """Return check 2's three parts ('Prove the method'), each met or not.
+
+    AUROC at least each rival's (NaN rivals skipped), known accuracy at most 1 point under
+    surgery's, drift at most a third of finetune's.
+    """
+    return {"auroc_met": bool(all(auroc >= v for v in rival_aurocs if not np.isnan(v))),
+            "accuracy_met": bool(accuracy >= surgery_accuracy - 0.01), "drift_met": bool(drift_ratio <= 1 / 3)}
+
+
 def procrustes_displacement(z_before: np.ndarray, z_after: np.ndarray) -> float:
     """Mean distance after aligning ``z_after`` onto ``z_before`` (the engine's drift measure).
 
