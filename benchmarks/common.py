@@ -92,6 +92,23 @@ SCARCHES_UNKNOWN = {"transfer": {"unknown_rule": "uncertainty"}}
 """Atlas settings for benchmarks that compare with scvi-tools: Unknown by scArches' cut-off (uncertainty > 0.3),
 since scvi-tools' rows have no calibrated novelty rule (the atlas's default; every rule is compared in
 ``benchmarks.novelty``)."""
+ANCHOR = {"ewc_lambda": 0.0, "embedding_anchor": 1000.0}
+"""ewc with the embedding anchor in place of the EWC penalty (``lambda_sweep --grid anchor``; the strength 1000
+was picked on seed 0): measured beside the engine's default, which it is not."""
+ANCHOR_METHOD = "ewc (anchor)"
+"""The name of that fold-in in the benchmarks' tables."""
+
+
+def engine_method(method: str) -> tuple[str, dict | None]:
+    """Return the engine strategy and continual settings of a benchmark method (``ANCHOR_METHOD``: ewc with ``ANCHOR``)."""
+    return ("ewc", dict(ANCHOR)) if method == ANCHOR_METHOD else (method, None)
+
+
+def slug(method: str) -> str:
+    """Return a file-name form of a method's name: 'ewc (anchor)' -> 'ewc_anchor'."""
+    return "_".join("".join(ch if ch.isalnum() else " " for ch in method).split())
+
+
 KANG_SEQUENCE = ("1244", "1016", "101", "107", "1039")
 """The kang donors folded in one at a time after donor 1488 (../shared/data/README.md)."""
 

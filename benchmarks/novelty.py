@@ -6,7 +6,7 @@
 Per scenario and seed a reference is trained without the held-out types and the query is
 folded in blind with ``ewc`` (the engine's default; ``--strategy`` folds it in with finetune or
 surgery instead, written to ``novelty_<strategy>.*``: how much of a miss is the strategy's;
-``anchor`` is ewc with the embedding anchor in place of the EWC penalty, ``ANCHOR``).
+``anchor`` is ewc with the embedding anchor in place of the EWC penalty, ``benchmarks.common.ANCHOR``).
 Every rule then scores the same fold-in (the same embedding, the same neighbour index); only the
 rule changes:
 
@@ -123,10 +123,6 @@ def storey_share(pvalues: np.ndarray, lam: float = 0.5) -> float:
     return float(np.clip(1 - (p > lam).mean() / (1 - lam), 0, 1))
 
 
-ANCHOR = {"ewc_lambda": 0.0, "embedding_anchor": 1000.0}
-"""``--strategy anchor``: an ewc fold-in with the embedding anchor in place of the EWC penalty (lambda_sweep --grid anchor)."""
-
-
 def run_one(job: tuple) -> tuple[list[dict], dict, dict | None]:
     from atlasengine.transfer import detection_scores, evaluate_transfer
 
@@ -138,7 +134,7 @@ def run_one(job: tuple) -> tuple[list[dict], dict, dict | None]:
     t0 = time.perf_counter()
     C.create_reference(work / "ref.atlas", sc, ref, seed, cfg["ref_epochs"], cfg["query_epochs"],
                        fisher_max_cells=cfg["fisher_max_cells"])
-    extra = ANCHOR if strategy == "anchor" else {}
+    extra = C.ANCHOR if strategy == "anchor" else {}
     atlas, res, wall = C.fold_in(work / "ref.atlas", work / f"{strategy}.atlas", query, sc,
                                  "ewc" if strategy == "anchor" else strategy,
                                  continual={"fisher_max_cells": cfg["fisher_max_cells"], **extra})
@@ -260,7 +256,7 @@ def main() -> None:
     bar = pd.DataFrame([{"scenario": s, **{k: "met" if v else "MISSED" for k, v in c.items()}}
                         for s, c in found.items()])
     by = "" if strategy == DEFAULT_STRATEGY else (" (fold-in by ewc with the embedding anchor in place of the EWC penalty: "
-                                                  f"{ANCHOR})" if strategy == "anchor" else f" (fold-in by {strategy})")
+                                                  f"{C.ANCHOR})" if strategy == "anchor" else f" (fold-in by {strategy})")
     known_part = [] if known_table is None else [
         "The same held-out types known (a reference of the same batches with them labelled, the same epochs and "
         "seeds, the query folded in with ewc): the summed kNN probability of the held-out types ranks the query "

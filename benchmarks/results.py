@@ -390,7 +390,7 @@ def method_checks(found: dict) -> list[str]:
             lines.append(f"| {name} | {c['scenario']} | {c['check']} | {c['measured']} | {c['target']} | "
                          f"{'met' if c['met'] else 'MISSED'} |")
     for c in found.get("sequential", ({}, ""))[0].get("checks", []):
-        lines.append(f"| sequential | {c['scenario']} | 3. after the last step | {c['measured']} | {c['target']} | "
+        lines.append(f"| sequential | {c['scenario']} | {c.get('check', '3. after the last step')} | {c['measured']} | {c['target']} | "
                      f"{'met' if c['met'] else 'MISSED'} |")
     if "evidence" in found:
         e = found["evidence"][0]
