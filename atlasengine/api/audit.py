@@ -53,7 +53,8 @@ def key_parameters(config_used: dict[str, Any]) -> dict[str, Any]:
     out = {k: training.get(k) for k in ("max_epochs", "lr", "batch_size", "seed") if k in training}
     if config_used.get("strategy") == "ewc":
         cont = config_used.get("continual", {})
-        out.update({k: cont.get(k) for k in ("ewc_lambda", "replay_fraction", "fisher_gamma")})
+        out.update({k: cont.get(k) for k in ("ewc_lambda", "embedding_anchor", "replay_fraction", "fisher_gamma")
+                    if k in cont})
     return out
 
 

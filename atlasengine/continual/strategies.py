@@ -4,7 +4,8 @@
   weight stays bit-identical (zeroed gradients with Adam and no weight decay give zero updates).
 - ``finetune``: every weight trains, no penalty.
 - ``ewc``: every weight trains under the EWC penalty, with replayed reference cells (and,
-  where ``embedding_anchor`` > 0, the replayed cells' embeddings held too).
+  where ``embedding_anchor`` > 0, the replayed cells' embeddings held too; at ``ewc_lambda`` 0
+  the penalty is left out).
 """
 
 from __future__ import annotations
@@ -138,10 +139,11 @@ def fold_in(
             raise InputError("the ewc strategy needs the current version's Fisher and anchor weights")
         strength = penalty_strength(continual, fisher.cells, len(query), replay is not None and len(replay) > 0,
                                     training.batch_size)
-        penalty = EWCPenalty(module, fisher.mean, anchor, strength)
+        penalties = [EWCPenalty(module, fisher.mean, anchor, strength)] if strength > 0 else []
         if continual.embedding_anchor > 0:
             check_settings(strategy, training, continual, replayed=0 if replay is None else len(replay))
-            penalty = PenaltySum(penalty, EmbeddingAnchor(module, n_old_batches, continual.embedding_anchor))
+            penalties.append(EmbeddingAnchor(module, n_old_batches, continual.embedding_anchor))
+        penalty = PenaltySum(*penalties) if len(penalties) > 1 else (penalties[0] if penalties else None)
         return fit(module, query, training, replay=replay, replay_fraction=continual.replay_fraction,
                    penalty=penalty, runtime=runtime, name=name)
     raise InputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
