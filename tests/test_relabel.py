@@ -214,5 +214,7 @@ def test_the_readmes_naming_example_runs_as_written_at_the_defaults(tmp_path):
     nxt = atlas.ingest(adata[adata.obs.tech == "smartseq2"].copy(), batch_key="tech", runtime={"progress": False})
     ductal = truth.reindex(nxt.predictions.index).eq("ductal").to_numpy()
     share = float(nxt.predictions["predicted_label"][ductal].eq("ductal").mean())
-    print(f"README example: first group {groups['n_cells'].iloc[0]} cells; smartseq2 ductal named: {share:.0%}")
+    ductal_in_group = int(truth.loc[groups["cells"][0]].eq("ductal").sum())
+    print(f"README example: first group {groups['n_cells'].iloc[0]} cells, {ductal_in_group} ductal; "
+          f"smartseq2 ductal named: {share:.0%}")
     assert share >= 0.6
