@@ -263,26 +263,31 @@ def held_out_type_query(pbmc, embedding, novel_types: list[str]):
 
 
 def test_query_shift_is_not_taken_from_a_new_type_that_lands_in_one_of_three_labels():
-    """The README's pancreas case in small: three labels count, every one 0.3 farther than in the
-    reference, and a new type, over half the query, lands in one of them (predicted as it). The
-    overall median rises with the new cells; the upper quartile of three per-label differences
-    lies half-way to that label's, so it used to let half of it through as a shift (about 4 here,
-    and none of the new cells called). The bound is now the second-largest label's difference:
-    the shift stays the known cells' 0.3 and every new cell is called."""
+    """The README's pancreas case in small: three labels count, every one about 0.3 farther than
+    in the reference, and a new type, over half the query, lands in one of them (predicted as it)
+    1.2 farther out. The overall median rises with the new cells; the upper quartile of three
+    per-label differences lies half-way to that label's, so the old bound let half of it through
+    as a shift (0.89) and a third of the new cells went uncalled. The bound is now the
+    second-largest label's difference: the shift stays the known cells' (0.38) and every new cell
+    is called."""
     rng = np.random.default_rng(1)
     ref_labels = np.repeat(["A", "B", "C"], 300)
     ref = rng.normal(5.0, 0.3, len(ref_labels))
     q_labels = np.array(["A"] * 70 + ["B"] * 15 + ["C"] * 15)
     query = rng.normal(5.3, 0.3, len(q_labels))
-    query[:55] += 8.0  # the new type: 55 cells, all predicted A
+    query[:55] += 1.2  # the new type: 55 cells, all predicted A
     per_label = N.label_shifts(query, q_labels, ref, ref_labels)
-    assert per_label["A"] > 7 and max(per_label["B"], per_label["C"]) < 0.5
-    assert np.median(query) - np.median(ref) > 7  # the new cells pull the overall median up
-    assert np.quantile(list(per_label.values()), 0.75) > 3  # what the shift was capped at before
+    assert per_label["A"] > 1.2 and max(per_label["B"], per_label["C"]) < 0.5
+    assert np.median(query) - np.median(ref) > 1  # the new cells pull the overall median up
+    old_bound = np.quantile(list(per_label.values()), 0.75)
+    assert old_bound > 0.8 and (N.conformal_pvalues(ref, query - old_bound) <= 0.05)[:55].mean() < 0.7
     shift = N.query_shift(query, q_labels, ref, ref_labels)
-    assert 0.1 < shift < 0.5
+    assert 0.2 < shift < 0.5
     called = N.conformal_pvalues(ref, query - shift) <= 0.05
     assert called[:55].all() and called[55:].mean() < 0.15
+    two = q_labels != "C"  # of two labels (min_labels=2) the shift still lies within their quartiles
+    low, high = np.quantile([per_label["A"], per_label["B"]], [0.25, 0.75])
+    assert low <= N.query_shift(query[two], q_labels[two], ref, ref_labels, min_labels=2) <= high
 
 
 def test_query_shift_keeps_a_new_type_that_lands_in_few_labels(pbmc, embedding):
