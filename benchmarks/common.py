@@ -436,7 +436,7 @@ def write_outputs(out: Path, name: str, payload: dict[str, Any], markdown: str) 
 
 
 def fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
+    if v is None or v is pd.NA:
         return "n/a"
     if isinstance(v, (float, np.floating)):
         if math.isnan(v):
