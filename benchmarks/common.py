@@ -185,12 +185,12 @@ def continual_defaults() -> str:
     return f"ewc_lambda {d.ewc_lambda:g}, replay_fraction {d.replay_fraction:g}, replay_max_cells {d.replay_max_cells}"
 
 
-def atlas_config(ref_epochs: int, query_epochs: int, seed: int, **continual: Any) -> dict:
-    return {
-        "reference_training": {"max_epochs": ref_epochs, "seed": seed},
-        "query_training": {"max_epochs": query_epochs, "seed": seed},
-        "continual": continual,
-    }
+def atlas_config(ref_epochs: int | None, query_epochs: int | None, seed: int, **continual: Any) -> dict:
+    """Atlas settings at ``seed``; epochs of None keep the engine's default (the README's examples set none)."""
+    def training(epochs: int | None) -> dict:
+        return {"seed": seed} if epochs is None else {"max_epochs": epochs, "seed": seed}
+
+    return {"reference_training": training(ref_epochs), "query_training": training(query_epochs), "continual": continual}
 
 
 def create_atlas(path: Path, sc: Scenario, ref, seed: int, config: dict | None = None, label_key: str | None = None):

@@ -43,12 +43,7 @@ METHODS = ("ewc", "finetune", "surgery", C.ANCHOR_METHOD, REFERENCE_CALIBRATION)
 
 def _config(seed: int, quick: bool, **transfer) -> dict:
     """Return the engine's defaults (epochs included: the README's example sets none) at ``seed``; quick: few epochs."""
-    cfg: dict = {"reference_training": {"seed": seed}, "query_training": {"seed": seed}}
-    if quick:
-        cfg["reference_training"]["max_epochs"], cfg["query_training"]["max_epochs"] = 10, 5
-    if transfer:
-        cfg["transfer"] = transfer
-    return cfg
+    return {**C.atlas_config(10 if quick else None, 5 if quick else None, seed), "transfer": transfer}
 
 
 def run_one(job: tuple) -> list[dict]:

@@ -59,6 +59,8 @@ def test_penalties_add_up():
         m.z_mean.bias += 1.0
     total = PenaltySum(ewc, emb)(m, x, b)
     assert total.item() == pytest.approx(ewc(m).item() + emb(m, x, b).item(), rel=1e-6)
+    assert PenaltySum.of([]) is None and PenaltySum.of([emb]) is emb  # none, or one passed as itself
+    assert PenaltySum.of([ewc, emb])(m, x, b).item() == pytest.approx(total.item(), rel=1e-6)
 
 
 def _reference_displacement(atlas_path, query, **continual) -> tuple[float, dict]:

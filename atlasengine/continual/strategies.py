@@ -37,6 +37,13 @@ class PenaltySum:
         """Return the sum of the penalties on this minibatch."""
         return sum((p(module, x, batch) for p in self.penalties[1:]), self.penalties[0](module, x, batch))
 
+    @classmethod
+    def of(cls, penalties: list):
+        """Return one penalty for ``penalties``: None for none, the penalty itself for one, else their sum."""
+        if len(penalties) < 2:
+            return penalties[0] if penalties else None
+        return cls(*penalties)
+
 
 class NewBatchRowsOnly:
     """Surgery's gradient filter: zeroes the old batch rows' gradients of the batch-covariate weights.
@@ -143,9 +150,8 @@ def fold_in(
         if continual.embedding_anchor > 0:
             check_settings(strategy, training, continual, replayed=0 if replay is None else len(replay))
             penalties.append(EmbeddingAnchor(module, n_old_batches, continual.embedding_anchor))
-        penalty = PenaltySum(*penalties) if len(penalties) > 1 else (penalties[0] if penalties else None)
         return fit(module, query, training, replay=replay, replay_fraction=continual.replay_fraction,
-                   penalty=penalty, runtime=runtime, name=name)
+                   penalty=PenaltySum.of(penalties), runtime=runtime, name=name)
     raise InputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
 
 
