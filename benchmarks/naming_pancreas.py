@@ -8,7 +8,7 @@ and celseq2 without ductal cells; celseq folded in; ``unknown_groups()``; the fi
 test ``test_the_readmes_naming_example_runs_as_written_at_the_defaults`` runs it once, at seed
 0. This benchmark runs the same lines at the engine's defaults (epochs included) on five seeds
 (0-4 unless ``--first-seed``), with each fold-in (the default ewc, finetune, surgery, ewc with the embedding anchor in
-place of the EWC penalty) and with the default ewc under the Unknown rule calibrated against
+place of the EWC penalty, and the anchor with a weak EWC penalty beside it: ``benchmarks.common.CANDIDATES``) and with the default ewc under the Unknown rule calibrated against
 the reference alone (``TransferConfig.novelty_calibration = "reference"``): how much the
 README's figures rest on the seed, and what decides it.
 
@@ -36,7 +36,7 @@ NOVEL = "ductal"
 REFERENCE_TECHS = ("fluidigmc1", "indrop", "celseq2")
 QUERY, NEXT = "celseq", "smartseq2"
 REFERENCE_CALIBRATION = "ewc, novelty calibrated on the reference"
-METHODS = ("ewc", "finetune", "surgery", C.ANCHOR_METHOD, REFERENCE_CALIBRATION)
+METHODS = ("ewc", "finetune", "surgery", C.ANCHOR_METHOD, C.ANCHOR_EWC_METHOD, REFERENCE_CALIBRATION)
 """The atlas's default first. The last: the default ewc, the Unknown rule's calibration against the reference alone
 (the query-shift correction off), an atlas setting, so its reference is made apart with that setting."""
 

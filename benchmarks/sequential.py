@@ -12,7 +12,9 @@ every cell, where kang's FCGR3A+ Monocytes can only be wrong), the reference cel
 kNN accuracy under the current version, and their drift from version 1 (mean aligned
 displacement). Engine defaults throughout; query labels are never given to ingest. Beside the
 three strategies, ``ewc (anchor)`` folds every step in with ewc and the embedding anchor in place
-of the EWC penalty (``benchmarks.common.ANCHOR``; not the default, measured beside it).
+of the EWC penalty (``benchmarks.common.ANCHOR``) and ``ewc (anchor + lambda 1)`` with the anchor
+and a weak EWC penalty beside it (``benchmarks.common.ANCHOR_EWC``); neither is the default, both
+are measured beside it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import pandas as pd
 
 from benchmarks import common as C
 
-STRATEGIES = ("ewc", C.ANCHOR_METHOD, "finetune", "surgery")
+STRATEGIES = ("ewc", C.ANCHOR_METHOD, C.ANCHOR_EWC_METHOD, "finetune", "surgery")
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,9 @@ def checks(df: pd.DataFrame) -> pd.DataFrame:
         last = d[d.step == d.step.max()].groupby("strategy")[["accuracy_so_far", "ref_loo_change", "drift"]].mean()
         f = last.loc["finetune"]
         for method, label in (("ewc", "3. after the last step"),
-                              (C.ANCHOR_METHOD, "3b. after the last step, ewc with the embedding anchor (not the default)")):
+                              (C.ANCHOR_METHOD, "3b. after the last step, ewc with the embedding anchor (not the default)"),
+                              (C.ANCHOR_EWC_METHOD,
+                               "3c. after the last step, ewc with the embedding anchor and lambda 1 (not the default)")):
             if method not in last.index:
                 continue
             e = last.loc[method]
