@@ -37,9 +37,11 @@ NAME = "FCGR3A+ Monocytes (named)"
 NEXT_DONOR = C.KANG_SEQUENCE[0]
 
 
-STRATEGIES = ("ewc", "finetune", "surgery", C.ANCHOR_METHOD)
+STRATEGIES = ("ewc", "finetune", "surgery", *C.CANDIDATES)
 """The atlas's default first: the bar is judged on it. ``ewc (anchor)``: ewc with the embedding anchor in place
-of the EWC penalty (``benchmarks.common.ANCHOR``), not the default: does holding the embedding name better?"""
+of the EWC penalty (``benchmarks.common.ANCHOR``), and ``ewc (anchor + lambda 1)``, the anchor with a weak EWC
+penalty beside it (``benchmarks.common.ANCHOR_EWC``); neither is the default: does holding the embedding name
+better?"""
 
 
 def run_one(job: tuple) -> list[dict]:
