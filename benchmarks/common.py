@@ -106,6 +106,12 @@ ANCHOR_EWC_METHOD = "ewc (anchor + lambda 1)"
 """The name of that fold-in in the benchmarks' tables."""
 CANDIDATES = {ANCHOR_METHOD: ANCHOR, ANCHOR_EWC_METHOD: ANCHOR_EWC}
 """Fold-ins measured beside the engine's default ewc, by name: ewc with these continual settings."""
+_CANDIDATE_CHECKS = {ANCHOR_METHOD: ("b", "the embedding anchor"), ANCHOR_EWC_METHOD: ("c", "the embedding anchor and lambda 1")}
+
+
+def candidate_checks(number: int, prefix: str = "") -> list[tuple[str, str]]:
+    """Return (method, label) of each candidate's row of check ``number`` ('2b. ewc with the embedding anchor (not the default)')."""
+    return [(m, f"{number}{letter}. {prefix}ewc with {what} (not the default)") for m, (letter, what) in _CANDIDATE_CHECKS.items()]
 
 
 def engine_method(method: str) -> tuple[str, dict | None]:

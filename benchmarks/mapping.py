@@ -130,9 +130,7 @@ def checks(df: pd.DataFrame) -> pd.DataFrame:
                      "measured": f"AUROC {d_auc:+.3f}, known accuracy {100 * d_acc:+.2f} pt",
                      "target": "AUROC within 0.02 (or above), known accuracy within 1 pt (or above)",
                      "met": bool(d_auc >= -0.02 and d_acc >= -0.01)})
-        for method, label in (("ewc", "2. ewc at its defaults"),
-                              (C.ANCHOR_METHOD, "2b. ewc with the embedding anchor (not the default)"),
-                              (C.ANCHOR_EWC_METHOD, "2c. ewc with the embedding anchor and lambda 1 (not the default)")):
+        for method, label in (("ewc", "2. ewc at its defaults"), *C.candidate_checks(2)):
             if method in g.index:
                 rows.append({"scenario": scen, "check": label, **check2(get, method)})
     return pd.DataFrame(rows)

@@ -36,7 +36,7 @@ NOVEL = "ductal"
 REFERENCE_TECHS = ("fluidigmc1", "indrop", "celseq2")
 QUERY, NEXT = "celseq", "smartseq2"
 REFERENCE_CALIBRATION = "ewc, novelty calibrated on the reference"
-METHODS = ("ewc", "finetune", "surgery", C.ANCHOR_METHOD, C.ANCHOR_EWC_METHOD, REFERENCE_CALIBRATION)
+METHODS = ("ewc", "finetune", "surgery", *C.CANDIDATES, REFERENCE_CALIBRATION)
 """The atlas's default first. The last: the default ewc, the Unknown rule's calibration against the reference alone
 (the query-shift correction off), an atlas setting, so its reference is made apart with that setting."""
 

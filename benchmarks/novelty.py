@@ -119,6 +119,8 @@ def composition_scores(atlas, names: list[str], k: int = COMPOSITION_K) -> pd.Da
     (the engine's ``conformal_pvalues``). A query that mixes badly with the reference because
     it is shifted as a whole shows the same lack of mixing on both sides.
     """
+    from scipy.special import logit
+
     from atlasengine.numerics import self_excluding_knn
     from atlasengine.transfer.novelty import conformal_pvalues, neighbourhood_mean
 
@@ -127,7 +129,6 @@ def composition_scores(atlas, names: list[str], k: int = COMPOSITION_K) -> pd.Da
     _, nearest = self_excluding_knn(z, k)
     own = (is_query[nearest] == is_query[:, None]).sum(1)
     share = np.where(is_query, is_query.mean(), 1.0 - is_query.mean())
-    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
     score = logit((own + 0.5) / (nearest.shape[1] + 1.0)) - logit(share)
     m = atlas.config.transfer.novelty_smoothing
     batches = obs["batch"].astype(str).to_numpy()

@@ -28,7 +28,7 @@ import pandas as pd
 
 from benchmarks import common as C
 
-STRATEGIES = ("ewc", C.ANCHOR_METHOD, C.ANCHOR_EWC_METHOD, "finetune", "surgery")
+STRATEGIES = ("ewc", *C.CANDIDATES, "finetune", "surgery")
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,7 @@ def checks(df: pd.DataFrame) -> pd.DataFrame:
     for name, d in df.groupby("scenario", sort=False):
         last = d[d.step == d.step.max()].groupby("strategy")[["accuracy_so_far", "ref_loo_change", "drift"]].mean()
         f = last.loc["finetune"]
-        for method, label in (("ewc", "3. after the last step"),
-                              (C.ANCHOR_METHOD, "3b. after the last step, ewc with the embedding anchor (not the default)"),
-                              (C.ANCHOR_EWC_METHOD,
-                               "3c. after the last step, ewc with the embedding anchor and lambda 1 (not the default)")):
+        for method, label in (("ewc", "3. after the last step"), *C.candidate_checks(3, "after the last step, ")):
             if method not in last.index:
                 continue
             e = last.loc[method]
