@@ -97,21 +97,29 @@ ANCHOR = {"ewc_lambda": 0.0, "embedding_anchor": 1000.0}
 was picked on seed 0): measured beside the engine's default, which it is not."""
 ANCHOR_METHOD = "ewc (anchor)"
 """The name of that fold-in in the benchmarks' tables."""
-ANCHOR_EWC = {"ewc_lambda": 1.0, "embedding_anchor": 1000.0}
-"""ewc with the embedding anchor and a weak EWC penalty beside it (a hundredth of the default's). The anchor alone
-finds kang's new monocytes best and lets the README's pancreas example lose its just-named type; the anchor beside
-the default lambda 100 loses the kang gain. On the README's example (``benchmarks.naming_pancreas``' workflow, seeds
-0-4, a probe of 2026-12-06) lambda 1 beside the anchor named the type on 5 seeds of 5, lambda 3 and 10 on 4."""
-ANCHOR_EWC_METHOD = "ewc (anchor + lambda 1)"
+PENALTY_ONLY = {"ewc_lambda": 100.0, "embedding_anchor": 0.0}
+"""ewc with the EWC penalty alone at lambda 100: the engine's default until 2026-12-06, when the anchor with
+lambda 1 beside it replaced it by the rule of commit 91c243c (``ContinualConfig``'s docstring; measured there as
+'ewc (anchor + lambda 1)' beside this one as 'ewc'). Kept beside the default so every table still shows it."""
+PENALTY_ONLY_METHOD = "ewc (lambda 100, no anchor)"
 """The name of that fold-in in the benchmarks' tables."""
-CANDIDATES = {ANCHOR_METHOD: ANCHOR, ANCHOR_EWC_METHOD: ANCHOR_EWC}
-"""Fold-ins measured beside the engine's default ewc, by name: ewc with these continual settings."""
-_CANDIDATE_CHECKS = {ANCHOR_METHOD: ("b", "the embedding anchor"), ANCHOR_EWC_METHOD: ("c", "the embedding anchor and lambda 1")}
+CANDIDATES = {ANCHOR_METHOD: ANCHOR, PENALTY_ONLY_METHOD: PENALTY_ONLY}
+"""Fold-ins measured beside the engine's default ewc (lambda 1 with the embedding anchor at 1000), by name: ewc
+with these continual settings."""
+CANDIDATE_WORDS = {ANCHOR_METHOD: "the embedding anchor in place of the EWC penalty",
+                   PENALTY_ONLY_METHOD: "the EWC penalty alone at lambda 100, the default before 2026-12-06"}
+"""What each of :data:`CANDIDATES` is, in the words of the result pages."""
+_CHECK_LETTERS = {ANCHOR_METHOD: "b", PENALTY_ONLY_METHOD: "c"}
 
+
+def candidates_described() -> str:
+    """Describe every candidate for a result page: "ewc (anchor): ewc with {...} (the embedding anchor ...); ..."."""
+    return "; ".join(f"{m}: ewc with {CANDIDATES[m]} ({CANDIDATE_WORDS[m]})" for m in CANDIDATES)
 
 def candidate_checks(number: int, prefix: str = "") -> list[tuple[str, str]]:
-    """Return (method, label) of each candidate's row of check ``number`` ('2b. ewc with the embedding anchor (not the default)')."""
-    return [(m, f"{number}{letter}. {prefix}ewc with {what} (not the default)") for m, (letter, what) in _CANDIDATE_CHECKS.items()]
+    """Return (method, label) of each candidate's row of check ``number`` ('2b. ewc with the embedding anchor ...')."""
+    return [(m, f"{number}{letter}. {prefix}ewc with {CANDIDATE_WORDS[m]} (not the default)")
+            for m, letter in _CHECK_LETTERS.items()]
 
 
 def engine_method(method: str) -> tuple[str, dict | None]:
@@ -197,7 +205,8 @@ def continual_defaults() -> str:
     from atlasengine.config import ContinualConfig
 
     d = ContinualConfig()
-    return f"ewc_lambda {d.ewc_lambda:g}, replay_fraction {d.replay_fraction:g}, replay_max_cells {d.replay_max_cells}"
+    return (f"ewc_lambda {d.ewc_lambda:g}, embedding_anchor {d.embedding_anchor:g}, replay_fraction "
+            f"{d.replay_fraction:g}, replay_max_cells {d.replay_max_cells}")
 
 
 def atlas_config(ref_epochs: int | None, query_epochs: int | None, seed: int, **continual: Any) -> dict:

@@ -8,9 +8,11 @@ about half an hour per seed on two cores); the table's ``n`` column says how man
 
 The references are generated (see ``GENERATED``) from the kang reference (donors 1015 + 1256
 without FCGR3A+ Monocytes); the query is the real donor 1488, FCGR3A+ Monocytes included. Each
-reference is trained with the engine's defaults; the query is folded in with ewc at the
-evidence-scaled default (the reference weighs as the cells it represents) and at the old fixed
-scale (lambda 1, whatever the sizes), and by surgery and finetune as the two ends. Reported
+reference is trained with the engine's defaults; the query is folded in with the EWC penalty
+alone (no embedding anchor) on the evidence scale at lambda 100 (the reference weighs as the
+cells it represents; the default until 2026-12-06) and on the old fixed scale (lambda 1,
+whatever the sizes), with ewc at today's default (lambda 1 beside the embedding anchor, whose
+strength does not depend on the atlas's size), and by surgery and finetune as the two ends. Reported
 against atlas size: reference drift (mean aligned displacement from version 1), the reference
 cells' leave-one-out kNN accuracy and the novel AUROC of the kNN uncertainty.
 """
@@ -48,9 +50,11 @@ def settings(quick: bool) -> list[tuple[str, str, dict]]:
     from atlasengine.config import ContinualConfig
 
     d = ContinualConfig()
+    penalty = {"embedding_anchor": 0.0, "ewc_lambda": C.PENALTY_ONLY["ewc_lambda"]}  # the two scales, no anchor
     return [("surgery", "surgery", {}), ("finetune", "finetune", {}),
-            (f"ewc evidence lambda={d.ewc_lambda:g}", "ewc", {"penalty_scale": "evidence"}),
-            ("ewc fixed lambda=1", "ewc", {"penalty_scale": "fixed", "ewc_lambda": 1.0})]
+            (f"ewc evidence lambda={penalty['ewc_lambda']:g}", "ewc", {**penalty, "penalty_scale": "evidence"}),
+            ("ewc fixed lambda=1", "ewc", {**penalty, "penalty_scale": "fixed", "ewc_lambda": 1.0}),
+            (f"ewc default (lambda={d.ewc_lambda:g} anchor={d.embedding_anchor:g})", "ewc", {})]
 
 
 def job(args: tuple) -> list[dict]:

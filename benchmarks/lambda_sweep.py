@@ -5,20 +5,23 @@
 
 Per scenario and seed two references are trained with the engine's defaults (their Fisher with
 and without the posterior term), and every fold-in starts from a copy of one: surgery,
-finetune, ewc at each evidence-scaled lambda with each Fisher form, and ewc at the old default
-(fixed scale, lambda 1). The rule that picks the engine's default is written down here, before
-the run, and applied to its output (see :func:`choose_default`).
+finetune, ewc with the EWC penalty alone (no embedding anchor) at each evidence-scaled lambda
+with each Fisher form, and ewc at the default before format 4 (fixed scale, lambda 1). The rule
+that picked lambda 100, the engine's default from then until 2026-12-06, is written down here,
+before the run, and applied to its output (see :func:`choose_default`); today's default (lambda
+1 with the embedding anchor at 1000) was chosen after it by the rule of commit 91c243c.
 
-``--grid replay`` (written to ``replay_sweep.*``) asks what replay does instead: ewc at lambda 0
-(replay alone), 10 and 100 with no replay and with half of every minibatch replayed, beside the
-default (lambda 100, a quarter replayed), surgery and finetune, from the reference without the
-posterior term. ``--grid schedule`` (``schedule_sweep.*``) runs surgery, finetune and the default
-ewc with the engine's query schedule and with scvi-tools' (the KL term warmed up again).
-``--grid anchor`` (``anchor_sweep.*``) holds the reference in the embedding instead of the
-weights (``ContinualConfig.embedding_anchor``): ewc at lambda 0 with the anchor at 100 and 1000,
-and the default lambda 100 with the anchor at 1000, beside surgery, finetune and the default.
+``--grid replay`` (written to ``replay_sweep.*``) asks what replay does instead: ewc with the
+penalty alone at lambda 0 (replay alone), 10 and 100 with no replay and with half of every
+minibatch replayed, beside the default (a quarter replayed), surgery and finetune, from the
+reference without the posterior term. ``--grid schedule`` (``schedule_sweep.*``) runs surgery,
+finetune and the default ewc with the engine's query schedule and with scvi-tools' (the KL term
+warmed up again). ``--grid anchor`` (``anchor_sweep.*``) holds the reference in the embedding
+instead of the weights (``ContinualConfig.embedding_anchor``): ewc at lambda 0 with the anchor at
+100 and 1000, and lambda 100 with the anchor at 1000, beside surgery, finetune and the default.
 The two anchor strengths were picked on seed 0 of kang, pancreas and pbmc; run it with
-``--first-seed 3`` to score them on seeds they were not picked on.
+``--first-seed 3`` to score them on seeds they were not picked on. The sections of
+``benchmarks/RESULTS.md`` ran before 2026-12-06, when 'the default' was lambda 100 alone.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ REPLAY_FRACTIONS = (0.0, 0.5)
 ANCHOR_PAIR = (C.ANCHOR["ewc_lambda"], C.ANCHOR["embedding_anchor"])
 """The anchor the other benchmarks measure (``benchmarks.common.ANCHOR``), as (ewc_lambda, embedding_anchor)."""
 ANCHOR_SETTINGS = ((0.0, 100.0), ANCHOR_PAIR, (100.0, 1000.0))
-"""(ewc_lambda, embedding_anchor) of ``--grid anchor``: the anchor alone at two strengths and with the default EWC."""
+"""(ewc_lambda, embedding_anchor) of ``--grid anchor``: the anchor alone at two strengths and beside lambda 100."""
 SCVI_QUERY_KL_WARMUP = 400
 """scvi-tools' n_epochs_kl_warmup: its query train() warms the KL term up again, to 0.5 over 200 query epochs."""
 METRICS = ["auroc_novel", "known_accuracy", "novel_unknown_share", "known_false_unknown", "drift", "drift_ratio",
@@ -53,7 +56,7 @@ class Setting:
     posterior: bool = False
     replay_fraction: float | None = None  # None: the engine's default
     query_kl_warmup: int | None = None  # None: the engine's default (no warm-up in a query)
-    embedding_anchor: float | None = None  # None: the engine's default (off)
+    embedding_anchor: float = 0.0  # 0: the EWC penalty alone; > 0: the embedding anchor too (the default's 1000)
 
     @property
     def name(self) -> str:
@@ -62,7 +65,7 @@ class Setting:
             return self.strategy + warmup
         form = "elbo+posterior" if self.posterior else "elbo"
         replay = "" if self.replay_fraction is None else f" replay={self.replay_fraction:g}"
-        anchor = "" if self.embedding_anchor is None else f" anchor={self.embedding_anchor:g}"
+        anchor = f" anchor={self.embedding_anchor:g}" if self.embedding_anchor else ""
         return f"ewc {self.penalty_scale} lambda={self.ewc_lambda:g} fisher={form}{replay}{warmup}{anchor}"
 
     def training(self) -> dict:
@@ -73,9 +76,7 @@ class Setting:
         """Return the fold-in's ``continual`` settings."""
         if self.strategy != "ewc":
             return {}
-        out = {"ewc_lambda": self.ewc_lambda, "penalty_scale": self.penalty_scale}
-        if self.embedding_anchor is not None:
-            out["embedding_anchor"] = self.embedding_anchor
+        out = {"ewc_lambda": self.ewc_lambda, "penalty_scale": self.penalty_scale, "embedding_anchor": self.embedding_anchor}
         return out if self.replay_fraction is None else {**out, "replay_fraction": self.replay_fraction}
 
 
@@ -84,15 +85,15 @@ def settings(quick: bool, grid: str = "strength") -> list[Setting]:
 
     default = ContinualConfig()
     out = [Setting("surgery"), Setting("finetune")]
+    ewc = Setting("ewc", default.ewc_lambda, "evidence", False, embedding_anchor=default.embedding_anchor)
     if grid == "schedule":
-        ewc = Setting("ewc", default.ewc_lambda, "evidence", False)
         return [*out, ewc] + [replace(s, query_kl_warmup=SCVI_QUERY_KL_WARMUP) for s in (*out, ewc)]
     if grid == "anchor":
-        out.append(Setting("ewc", default.ewc_lambda, "evidence", False))
+        out.append(ewc)
         pairs = (ANCHOR_PAIR,) if quick else ANCHOR_SETTINGS
         return out + [Setting("ewc", lam, "evidence", False, embedding_anchor=mu) for lam, mu in pairs]
     if grid == "replay":
-        out.append(Setting("ewc", default.ewc_lambda, "evidence", False, default.replay_fraction))
+        out.append(replace(ewc, replay_fraction=default.replay_fraction))
         lambdas = (10.0,) if quick else REPLAY_LAMBDAS
         return out + [Setting("ewc", lam, "evidence", False, r) for r in REPLAY_FRACTIONS for lam in lambdas]
     lambdas = (10.0,) if quick else LAMBDAS

@@ -3,13 +3,12 @@
     python -m benchmarks.mapping [--quick] [--out DIR] [--seeds N] [--first-seed S] [--jobs J] [--scenarios a,b] [--scib]
 
 ``--first-seed 3`` writes ``mapping_heldout.*``: seeds on which no default of the engine was chosen
-(the strength sweep picked ewc_lambda 100 and the replay share on seeds 0-2 of these scenarios).
+(the replay share, the anchor's strength and the previous default's lambda were picked on seeds 0-2).
 
 Per scenario and seed the engine trains its reference with its defaults and each strategy folds
-the query into its own copy, and so does ``ewc (anchor)``: ewc with the embedding anchor in place
-of the EWC penalty (``benchmarks.common.ANCHOR``), and ``ewc (anchor + lambda 1)``: the anchor with a
-weak EWC penalty beside it (``benchmarks.common.ANCHOR_EWC``); neither is the default, both are
-measured beside it. scvi-tools trains its reference with its own defaults and folds the
+the query into its own copy, and so does each of ``benchmarks.common.CANDIDATES``: ewc with the
+embedding anchor in place of the EWC penalty, and ewc with the penalty alone at lambda 100 (the
+default before 2026-12-06); neither is the default, both are measured beside it. scvi-tools trains its reference with its own defaults and folds the
 query in by surgery (``load_query_data``), fine-tuning and the seed paper's CLCVAE
 (``benchmarks/scvi_baseline.py``). Every method is labelled by the same scArches weighted kNN
 (k = 50, Unknown above uncertainty 0.3) over its reference cells. Query labels are never given to
@@ -213,9 +212,7 @@ def main() -> None:
         "scvi-tools at its own defaults (`SCVI` with scArches settings; `train()` as it comes; queries 200 epochs, "
         "weight decay 0); CLCVAE = the paper's EWC on scvi-tools (Fisher of minibatch gradients on reference cells, "
         "lambda 1e4, every weight trainable, no replay). "
-        f"{C.ANCHOR_METHOD}: ewc with {C.ANCHOR} (the embedding anchor in place of the EWC penalty); "
-        f"{C.ANCHOR_EWC_METHOD}: ewc with {C.ANCHOR_EWC} (the anchor with a weak EWC penalty beside it); neither "
-        "is the default, both are measured beside it. Labels by scArches weighted kNN (k=50, Unknown if uncertainty "
+        f"{C.candidates_described()}; neither is the default, both are measured beside it. Labels by scArches weighted kNN (k=50, Unknown if uncertainty "
         "> 0.3) over each method's reference cells; novel = the types held out of the reference. drift = mean "
         "aligned (Procrustes) displacement of reference cells from the reference model's embedding.",
         "",

@@ -38,10 +38,8 @@ NEXT_DONOR = C.KANG_SEQUENCE[0]
 
 
 STRATEGIES = ("ewc", "finetune", "surgery", *C.CANDIDATES)
-"""The atlas's default first: the bar is judged on it. ``ewc (anchor)``: ewc with the embedding anchor in place
-of the EWC penalty (``benchmarks.common.ANCHOR``), and ``ewc (anchor + lambda 1)``, the anchor with a weak EWC
-penalty beside it (``benchmarks.common.ANCHOR_EWC``); neither is the default: does holding the embedding name
-better?"""
+"""The atlas's default first: the bar is judged on it. ``benchmarks.common.CANDIDATES`` beside it: the embedding
+anchor alone, and the EWC penalty alone at lambda 100 (the default before 2026-12-06)."""
 
 
 def run_one(job: tuple) -> list[dict]:

@@ -7,8 +7,9 @@ and celseq2 without ductal cells; celseq folded in; ``unknown_groups()``; the fi
 "ductal" with ``relabel``; smartseq2 folded in and its ductal cells checked for the name. The
 test ``test_the_readmes_naming_example_runs_as_written_at_the_defaults`` runs it once, at seed
 0. This benchmark runs the same lines at the engine's defaults (epochs included) on five seeds
-(0-4 unless ``--first-seed``), with each fold-in (the default ewc, finetune, surgery, ewc with the embedding anchor in
-place of the EWC penalty, and the anchor with a weak EWC penalty beside it: ``benchmarks.common.CANDIDATES``) and with the default ewc under the Unknown rule calibrated against
+(0-4 unless ``--first-seed``), with each fold-in (the default ewc, finetune, surgery, and
+``benchmarks.common.CANDIDATES``: the embedding anchor alone and the EWC penalty alone at lambda
+100, the default before 2026-12-06) and with the default ewc under the Unknown rule calibrated against
 the reference alone (``TransferConfig.novelty_calibration = "reference"``): how much the
 README's figures rest on the seed, and what decides it.
 

@@ -57,9 +57,13 @@ WHY = {
 
 # Observations written after reading the measurements (shown under the checks).
 NOTES = [
-    "The sections on this page ran on 2026-12-04/05 on this 2-core machine, two jobs at a time of one torch thread "
+    "The sections on this page ran on 2026-12-04/05/06 on this 2-core machine, two jobs at a time of one torch thread "
     "each, while other work shared the machine (load averages above): seconds are not comparable between rows. "
-    "Engine defaults throughout: ewc_lambda 100 on the evidence scale, replay_fraction 0.25, scvi-tools' epoch rule. "
+    "Engine defaults throughout: ewc_lambda 100 on the evidence scale with no embedding anchor, replay_fraction "
+    "0.25, scvi-tools' epoch rule. Every section ran before the default changed (2026-12-06, by the rule in the "
+    "note on the anchor with lambda 1 below): in them 'ewc' and 'the default' are the EWC penalty alone at lambda "
+    "100, and today's default is the row 'ewc (anchor + lambda 1)'; later runs call the old one "
+    "'ewc (lambda 100, no anchor)'. "
     "The strength sweep ran before the default was set to 100 and sweeps it explicitly. The held-out mapping run and "
     "the sequential run of 2026-12-06 also fold every query in with the embedding anchor in place of the EWC "
     "penalty, 'ewc (anchor)' (checks 2b and 3b), beside the default; the held-out mapping run on this page (a "

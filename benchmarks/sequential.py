@@ -11,10 +11,9 @@ current version (``accuracy_so_far`` over cells of types the reference knows; ``
 every cell, where kang's FCGR3A+ Monocytes can only be wrong), the reference cells' leave-one-out
 kNN accuracy under the current version, and their drift from version 1 (mean aligned
 displacement). Engine defaults throughout; query labels are never given to ingest. Beside the
-three strategies, ``ewc (anchor)`` folds every step in with ewc and the embedding anchor in place
-of the EWC penalty (``benchmarks.common.ANCHOR``) and ``ewc (anchor + lambda 1)`` with the anchor
-and a weak EWC penalty beside it (``benchmarks.common.ANCHOR_EWC``); neither is the default, both
-are measured beside it.
+three strategies, each of ``benchmarks.common.CANDIDATES`` folds every step in with ewc: the
+embedding anchor in place of the EWC penalty, and the penalty alone at lambda 100 (the default
+before 2026-12-06); neither is the default, both are measured beside it.
 """
 
 from __future__ import annotations

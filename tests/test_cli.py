@@ -115,7 +115,7 @@ def test_ingest_command_passes_the_penalty_settings_to_this_fold_in_only(atlas_p
                  "--ewc-lambda", "0", "--embedding-anchor", "500"]) == 0
     run = json.loads((atlas_path / "versions" / "v0002" / "config.json").read_text())
     assert run["continual"]["ewc_lambda"] == 0.0 and run["continual"]["embedding_anchor"] == 500.0
-    assert Atlas.open(atlas_path).config.continual.embedding_anchor == 0.0
+    assert Atlas.open(atlas_path).config.continual.embedding_anchor == 1000.0  # the atlas keeps its own
 
 
 def test_the_demo_counts_each_rule_by_its_own_call():

@@ -80,11 +80,11 @@ def test_an_ewc_fold_in_with_the_anchor_holds_the_reference_embedding(reference_
     free, held = tmp_path / "free.atlas", tmp_path / "held.atlas"
     shutil.copytree(reference_atlas, free)
     shutil.copytree(reference_atlas, held)
-    moved_free, _ = _reference_displacement(free, pancreas_query)  # replay alone: the reference moves
-    moved_held, run = _reference_displacement(held, pancreas_query, embedding_anchor=1000.0)
+    moved_free, run = _reference_displacement(free, pancreas_query, embedding_anchor=0.0)  # replay alone: it moves
+    moved_held, _ = _reference_displacement(held, pancreas_query, embedding_anchor=1000.0)
     assert moved_held < 0.5 * moved_free, (moved_held, moved_free)
-    assert run["continual"]["embedding_anchor"] == 1000.0  # the version records how it was folded in
-    assert Atlas.open(held).config.continual.embedding_anchor == 0.0  # a per-ingest setting, not the atlas's
+    assert run["continual"]["embedding_anchor"] == 0.0  # the version records how it was folded in
+    assert Atlas.open(free).config.continual.embedding_anchor == 1000.0  # a per-ingest setting, not the atlas's
 
 
 def test_the_anchor_without_replayed_cells_is_refused_before_anything_is_written(atlas_path, pancreas_query):

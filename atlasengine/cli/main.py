@@ -258,10 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--layer", help="the layer holding raw counts, if not X")
     i.add_argument("--epochs", type=int, help="training epochs (default: scvi-tools' rule, at most 200)")
     i.add_argument("--ewc-lambda", type=float,
-                   help="ewc: strength of the EWC penalty, a multiple of the Laplace weight (default: the atlas's, 100)")
+                   help="ewc: strength of the EWC penalty, a multiple of the Laplace weight (default: the atlas's; 1 for "
+                   "a new atlas)")
     i.add_argument("--embedding-anchor", type=float,
                    help="ewc: weight of the penalty that holds the replayed reference cells' embeddings (default: the "
-                   "atlas's, 0 = off; 1000 with --ewc-lambda 0 holds the embedding instead of the weights)")
+                   "atlas's; 1000 for a new atlas; 0 = off, and --ewc-lambda 100 --embedding-anchor 0 is the default before "
+                   "2026-12-06)")
     _streaming_options(i)
     i.set_defaults(func=cmd_ingest)
 
