@@ -116,6 +116,7 @@ def candidates_described() -> str:
     """Describe every candidate for a result page: "ewc (anchor): ewc with {...} (the embedding anchor ...); ..."."""
     return "; ".join(f"{m}: ewc with {CANDIDATES[m]} ({CANDIDATE_WORDS[m]})" for m in CANDIDATES)
 
+
 def candidate_checks(number: int, prefix: str = "") -> list[tuple[str, str]]:
     """Return (method, label) of each candidate's row of check ``number`` ('2b. ewc with the embedding anchor ...')."""
     return [(m, f"{number}{letter}. {prefix}ewc with {CANDIDATE_WORDS[m]} (not the default)")

@@ -50,7 +50,7 @@ def settings(quick: bool) -> list[tuple[str, str, dict]]:
     from atlasengine.config import ContinualConfig
 
     d = ContinualConfig()
-    penalty = {"embedding_anchor": 0.0, "ewc_lambda": C.PENALTY_ONLY["ewc_lambda"]}  # the two scales, no anchor
+    penalty = C.PENALTY_ONLY  # the two scales of the penalty alone, no anchor
     return [("surgery", "surgery", {}), ("finetune", "finetune", {}),
             (f"ewc evidence lambda={penalty['ewc_lambda']:g}", "ewc", {**penalty, "penalty_scale": "evidence"}),
             ("ewc fixed lambda=1", "ewc", {**penalty, "penalty_scale": "fixed", "ewc_lambda": 1.0}),
