@@ -258,6 +258,18 @@ NOTES = [
     "label: the 80% bar there is above what the same atlas gets with the type in it. The finetune, surgery and "
     "anchor notes below compare with the ewc run of 2026-12-05 (benchmarks/RESULTS.md of commit 55ed0e8, another "
     "environment), made with the penalty alone at lambda 100, the default then.",
+    "Which signal holds the novelty score back (a probe, not a benchmark: seed 0 of the six novelty scenarios at "
+    "the benchmark's settings, today's default fold-in, 2026-12-06; each signal averaged over ten cells of the "
+    "batch as the engine does, ranked alone; AUROC / best@7%). The distance to the 10 nearest reference cells "
+    "alone ranks pbmc's and kang's new cells better than the default's combination with the kNN uncertainty "
+    "(pbmc 0.947 / 0.74 against 0.882 / 0.57; kang 0.957 / 0.78 against 0.919 / 0.72), as the uncertainty alone "
+    "barely ranks them (pbmc 0.54, kang 0.76): NK and CD16 monocytes sit confidently beside one known type. On "
+    "pancreas the reverse holds: the uncertainty alone ranks the ductal cells perfectly (1.000 / 1.00) and the "
+    "distance alone poorly (0.832 / 0.00), and on ifnb and kang_half the combination ranks best (0.851, 0.895). "
+    "Taking the smaller of the two p-values instead of Fisher's combination (Tippett) changes no best@7% by more "
+    "than 0.03, and averaging over 30 cells moves pbmc to 0.62 and pancreas to 0.97. No one signal or combination "
+    "of these two reaches the bar on every scenario, so the default stays; a score that weighs the signals by how "
+    "far the reference's own types spread in each is the open lead.",
     "A rule that reads the neighbourhood's mix of query and reference cells (`composition` in the section, "
     "measured in the benchmark only, not in the engine; the figures of this note are from its first run, 2026-12-06 "
     "at commit 6622610 with the fold-in then, the penalty alone at lambda 100; in the section's rerun with today's "
