@@ -268,8 +268,14 @@ NOTES = [
     "distance alone poorly (0.832 / 0.00), and on ifnb and kang_half the combination ranks best (0.851, 0.895). "
     "Taking the smaller of the two p-values instead of Fisher's combination (Tippett) changes no best@7% by more "
     "than 0.03, and averaging over 30 cells moves pbmc to 0.62 and pancreas to 0.97. No one signal or combination "
-    "of these two reaches the bar on every scenario, so the default stays; a score that weighs the signals by how "
-    "far the reference's own types spread in each is the open lead.",
+    "of these two reaches the bar on every scenario, so the default stays. Weights learned from the reference "
+    "itself (each of its types held out in turn and scored against the rest, a logistic regression on the two "
+    "-log p-values with balanced classes; same probe) put all the weight on the distance on pbmc, ifnb and "
+    "kang_half and mix the two on pancreas and kang; best@7% then rises on every scenario but pancreas, which "
+    "stays at 1.00 (pbmc 0.57 -> 0.74, ifnb 0.46 -> 0.49, kang 0.72 -> 0.73, kang_half 0.48 -> 0.49, pbmc_half "
+    "0.11 -> 0.16) while the AUROC falls on ifnb (0.851 -> 0.809) and kang_half (0.895 -> 0.853). Far from the "
+    "bar still: a lead for a combination learned per atlas, to be measured on three seeds before it could "
+    "become a default.",
     "A rule that reads the neighbourhood's mix of query and reference cells (`composition` in the section, "
     "measured in the benchmark only, not in the engine; the figures of this note are from its first run, 2026-12-06 "
     "at commit 6622610 with the fold-in then, the penalty alone at lambda 100; in the section's rerun with today's "
