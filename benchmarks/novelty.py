@@ -27,6 +27,15 @@ rule changes:
   candidate for telling many new cells from a shift.
 - ``novelty_or_composition``: called where either the default rule or ``composition`` calls,
   each at half the target (Bonferroni: p = 2 x the smaller p-value).
+- ``distance_only`` (not in the engine, measured here only): the default rule's distance signal
+  alone (its -log p-value; ties broken by the default's Fisher statistic), the query's shift taken
+  off and the threshold calibrated as the default's (:func:`weighted_rule`).
+- ``learned_weights`` (not in the engine, measured here only): the two signals' -log p-values
+  weighted by what tells the reference's own types apart: each reference type is held out in turn,
+  scored against the other types (the engine's index, kNN vote and averaging), and a logistic
+  regression with balanced classes separates those cells from the calibration cells
+  (:func:`reference_weights`; negative weights clipped to 0). Scored and called as
+  ``distance_only``.
 
 Scenarios: the four of ``benchmarks.common.SCENARIOS`` and two where the new cells are about
 half the query (``benchmarks.common.HALF_NOVEL``: kang without CD4 T cells, 63% of donor 1488
@@ -66,6 +75,8 @@ RULES = {  # name: TransferConfig changes (None: the paper's uncertainty cut-off
     "uncertainty": None,
     "composition": "composition",
     "novelty_or_composition": "novelty_or_composition",
+    "distance_only": "distance_only",
+    "learned_weights": "learned_weights",
 }
 COMPOSITION_K = 50
 """Neighbours whose mix of query and reference cells ``composition_scores`` counts (the label transfer's k)."""
@@ -140,6 +151,86 @@ def composition_scores(atlas, names: list[str], k: int = COMPOSITION_K) -> pd.Da
     return out
 
 
+def signal_evidence(atlas, names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, object, dict]:
+    """Return the default rule's evidence for query cells ``names``, as the atlas computes it.
+
+    (-log p of distance and uncertainty for the query cells, the same for the calibration cells' own
+    leave-one-out scores, the query's predicted labels, the calibration, the labelled cells' data).
+    """
+    from atlasengine.transfer.knn import label_probabilities
+    from atlasengine.transfer.novelty import loo_pvalues, signal_pvalues
+    from atlasengine.transfer.predict import calibrate
+
+    tcfg = atlas.config.transfer
+    obs, z = atlas.obs(), atlas.latent()
+    labelled = obs["label"].notna().to_numpy()
+    batches = obs["batch"].astype(str).to_numpy()
+    index = atlas.neighbor_index()
+    ref = {"z": z[labelled].astype(np.float32), "labels": obs["label"][labelled].astype(str).to_numpy(),
+           "batches": batches[labelled]}
+    cal = calibrate(index, ref["z"], tcfg, ref["batches"])
+    rows = obs.index.get_indexer(names)
+    distances, neighbors = index.search(z[rows], max(cal.k, tcfg.k))
+    probs = label_probabilities(distances[:, : tcfg.k], index.neighbor_codes(neighbors[:, : tcfg.k]),
+                                len(index.categories), tcfg.kernel)
+    per = signal_pvalues(cal, distances, np.clip(1.0 - probs.max(1), 0.0, None), embeddings=z[rows],
+                         groups=batches[rows])
+    query = np.c_[-np.log(per["distance"][1]), -np.log(per["uncertainty"][1])]
+    own = np.c_[-np.log(loo_pvalues(cal.distance)), -np.log(loo_pvalues(cal.uncertainty))]
+    predicted = np.asarray(index.categories, dtype=str)[probs.argmax(1)]
+    return query, own, predicted, cal, ref
+
+
+def reference_weights(cal, ref: dict, tcfg, min_cells: int = 10) -> np.ndarray:
+    """Weights of the two signals' -log p-values that tell each reference type, held out, from the reference's cells.
+
+    Each type of at least ``min_cells`` cells is held out in turn: its cells are searched among the other types
+    (the engine's :class:`NeighborIndex`), their distance and kNN uncertainty averaged over their nearest cells of
+    their batch as the calibration's are, and turned into p-values against the calibration; a logistic regression
+    (balanced classes) separates them from the calibration cells. Negative weights are clipped to 0.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from atlasengine.transfer import NeighborIndex, label_probabilities
+    from atlasengine.transfer.novelty import conformal_pvalues, knn_distance, loo_pvalues, neighbourhood_mean
+
+    own = np.c_[-np.log(loo_pvalues(cal.distance)), -np.log(loo_pvalues(cal.uncertainty))]
+    held = []
+    for label in np.unique(ref["labels"]):
+        out = ref["labels"] == label
+        if out.sum() < min_cells or (~out).sum() <= tcfg.k:
+            continue
+        rest = NeighborIndex.build(ref["z"][~out], ref["labels"][~out], tcfg)
+        d, i = rest.search(ref["z"][out], max(cal.k, tcfg.k))
+        probs = label_probabilities(d[:, : tcfg.k], rest.neighbor_codes(i[:, : tcfg.k]), len(rest.categories),
+                                    tcfg.kernel)
+        dist = neighbourhood_mean(ref["z"][out], knn_distance(d, cal.k), ref["batches"][out], cal.smoothing)
+        unc = neighbourhood_mean(ref["z"][out], 1.0 - probs.max(1), ref["batches"][out], cal.smoothing)
+        held.append(np.c_[-np.log(conformal_pvalues(cal.distance, dist)),
+                          -np.log(conformal_pvalues(cal.uncertainty, unc))])
+    if not held:
+        return np.ones(2)
+    x = np.vstack([own, *held])
+    y = np.r_[np.zeros(len(own)), np.ones(len(x) - len(own))]
+    return np.maximum(LogisticRegression(class_weight="balanced").fit(x, y).coef_[0], 0.0)
+
+
+def weighted_rule(query: np.ndarray, own: np.ndarray, weights: np.ndarray, predicted: np.ndarray, cal,
+                  target: float, names: list[str]) -> pd.DataFrame:
+    """Score cells by ``weights`` . (-log p), ties broken by the Fisher statistic; call them as the default rule does.
+
+    The query's shift is taken off and the threshold calibrated on the calibration cells' own scores.
+    """
+    from atlasengine.transfer.novelty import calibrated_unknown, query_shift
+
+    tiebreak = 1e-6
+    stat = query @ weights + tiebreak * 2 * query.sum(1)
+    null = own @ weights + tiebreak * 2 * own.sum(1)
+    shift = query_shift(stat, predicted, null, cal.predicted)
+    p, called = calibrated_unknown(stat - (shift or 0.0), null, target)
+    return pd.DataFrame({"score": stat, "pvalue": p, "called": called}, index=names)
+
+
 def either_rule(first: pd.DataFrame, second: pd.DataFrame, target: float) -> pd.DataFrame:
     """Call a cell where either rule calls it at half the target: p = min(1, 2 x the smaller p-value)."""
     p = np.minimum(1.0, 2.0 * np.minimum(first["pvalue"].to_numpy(), second["pvalue"].to_numpy()))
@@ -193,12 +284,20 @@ def run_one(job: tuple) -> tuple[list[dict], dict, dict | None]:
     novel = np.isin(truth, sorted(sc.novel))
     ev = evaluate_transfer(res.predictions, query.obs[sc.label_key], set(sc.novel))
     rows, curves, scored = [], {}, {}
+    evidence = None
     for rule, changes in RULES.items():
         t1 = time.perf_counter()
         if changes == "composition":
             s = composition_scores(atlas, names)
         elif changes == "novelty_or_composition":
             s = either_rule(scored["novelty"], scored["composition"], atlas.config.transfer.novelty_target)
+        elif changes in ("distance_only", "learned_weights"):
+            if evidence is None:
+                evidence = signal_evidence(atlas, names)
+            query_x, own_x, predicted, cal, ref = evidence
+            w = (np.array([1.0, 0.0]) if changes == "distance_only"
+                 else reference_weights(cal, ref, atlas.config.transfer))
+            s = weighted_rule(query_x, own_x, w, predicted, cal, atlas.config.transfer.novelty_target, names)
         else:
             s = rule_scores(atlas, names, res.predictions, changes)
         scored[rule] = s
