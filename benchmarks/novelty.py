@@ -151,13 +151,13 @@ def composition_scores(atlas, names: list[str], k: int = COMPOSITION_K) -> pd.Da
     return out
 
 
-def signal_evidence(atlas, names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, object, dict]:
+def signal_evidence(atlas, names: list[str], predictions: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, object, dict]:
     """Return the default rule's evidence for query cells ``names``, as the atlas computes it.
 
     (-log p of distance and uncertainty for the query cells, the same for the calibration cells' own
-    leave-one-out scores, the query's predicted labels, the calibration, the labelled cells' data).
+    leave-one-out scores, the calibration, the labelled cells' data). ``predictions``: the fold-in's,
+    whose ``uncertainty`` is the query's kNN uncertainty.
     """
-    from atlasengine.transfer.knn import label_probabilities
     from atlasengine.transfer.novelty import loo_pvalues, signal_pvalues
     from atlasengine.transfer.predict import calibrate
 
@@ -170,31 +170,28 @@ def signal_evidence(atlas, names: list[str]) -> tuple[np.ndarray, np.ndarray, np
            "batches": batches[labelled]}
     cal = calibrate(index, ref["z"], tcfg, ref["batches"])
     rows = obs.index.get_indexer(names)
-    distances, neighbors = index.search(z[rows], max(cal.k, tcfg.k))
-    probs = label_probabilities(distances[:, : tcfg.k], index.neighbor_codes(neighbors[:, : tcfg.k]),
-                                len(index.categories), tcfg.kernel)
-    per = signal_pvalues(cal, distances, np.clip(1.0 - probs.max(1), 0.0, None), embeddings=z[rows],
+    distances, _ = index.search(z[rows], cal.k)
+    per = signal_pvalues(cal, distances, predictions.loc[names, "uncertainty"].to_numpy(), embeddings=z[rows],
                          groups=batches[rows])
     query = np.c_[-np.log(per["distance"][1]), -np.log(per["uncertainty"][1])]
     own = np.c_[-np.log(loo_pvalues(cal.distance)), -np.log(loo_pvalues(cal.uncertainty))]
-    predicted = np.asarray(index.categories, dtype=str)[probs.argmax(1)]
-    return query, own, predicted, cal, ref
+    return query, own, cal, ref
 
 
-def reference_weights(cal, ref: dict, tcfg, min_cells: int = 10) -> np.ndarray:
+def reference_weights(own: np.ndarray, cal, ref: dict, tcfg, min_cells: int = 10) -> np.ndarray:
     """Weights of the two signals' -log p-values that tell each reference type, held out, from the reference's cells.
 
     Each type of at least ``min_cells`` cells is held out in turn: its cells are searched among the other types
     (the engine's :class:`NeighborIndex`), their distance and kNN uncertainty averaged over their nearest cells of
     their batch as the calibration's are, and turned into p-values against the calibration; a logistic regression
-    (balanced classes) separates them from the calibration cells. Negative weights are clipped to 0.
+    (balanced classes) separates them from the calibration cells (``own``: their -log p-values,
+    :func:`signal_evidence`). Negative weights are clipped to 0.
     """
     from sklearn.linear_model import LogisticRegression
 
     from atlasengine.transfer import NeighborIndex, label_probabilities
-    from atlasengine.transfer.novelty import conformal_pvalues, knn_distance, loo_pvalues, neighbourhood_mean
+    from atlasengine.transfer.novelty import conformal_pvalues, knn_distance, neighbourhood_mean
 
-    own = np.c_[-np.log(loo_pvalues(cal.distance)), -np.log(loo_pvalues(cal.uncertainty))]
     held = []
     for label in np.unique(ref["labels"]):
         out = ref["labels"] == label
@@ -293,10 +290,11 @@ def run_one(job: tuple) -> tuple[list[dict], dict, dict | None]:
             s = either_rule(scored["novelty"], scored["composition"], atlas.config.transfer.novelty_target)
         elif changes in ("distance_only", "learned_weights"):
             if evidence is None:
-                evidence = signal_evidence(atlas, names)
-            query_x, own_x, predicted, cal, ref = evidence
+                evidence = signal_evidence(atlas, names, res.predictions)
+            query_x, own_x, cal, ref = evidence
             w = (np.array([1.0, 0.0]) if changes == "distance_only"
-                 else reference_weights(cal, ref, atlas.config.transfer))
+                 else reference_weights(own_x, cal, ref, atlas.config.transfer))
+            predicted = res.predictions.loc[names, "predicted_label"].astype(str).to_numpy()
             s = weighted_rule(query_x, own_x, w, predicted, cal, atlas.config.transfer.novelty_target, names)
         else:
             s = rule_scores(atlas, names, res.predictions, changes)
