@@ -389,7 +389,7 @@ NOTES = [
     "latent of every labelled cell of the final atlas): after naming it gives the name to 54% and 61% of 1244's "
     "FCGR3A+ monocytes (the vote 52% and 61%), 64% and 70% with balanced class weights but with 87-88% of the "
     "other cells right against 94-95%; with the type known from the start 75% and 73% (the vote 71% and 68%), "
-    "84% at most balanced. The embedding holds about what the vote reads: a type learnt from one donor's 70 "
+    "80% and 84% with balanced weights at 86-87% of the other cells right. The embedding holds about what the vote reads: a type learnt from one donor's 70 "
     "cells is where the labelled share is lost, not the vote. These fold-ins' rows moved once with the environment: the seed-0 "
     "fold-in of commit a677e9d, rerun in the freshly installed environment of 2026-12-05 (torch pinned, the other "
     "packages resolved anew), called 37% of 1488's FCGR3A+ monocytes Unknown against 47% before, which shows how "
