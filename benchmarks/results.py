@@ -351,7 +351,7 @@ NOTES = [
     "seeds 5-9 (`--first-seed 5`, the same commit, figures in this note only): the default names the type on four "
     "seeds of five (groups of 38-41 cells, 88-92% ductal, every ductal cell of smartseq2 labelled, 1-5% of its "
     "other cells), and on seed 9 it calls none of celseq's ductal cells Unknown, so there is no group to name "
-    "(nor is there one from any other fold-in); the penalty alone names it on three (mean labelled 73%), surgery "
+    "(no other fold-in calls any of them either); the penalty alone names it on three (mean labelled 73%), surgery "
     "on four, the anchor alone on three, finetune on none. With the Unknown rule calibrated against the reference "
     "alone (`novelty_calibration=\"reference\"`) the default names it on four seeds of five of each set. With the "
     "ductal cells in the reference from the start, smartseq2's are labelled ductal at 92-96% (seeds 0-4) and "
