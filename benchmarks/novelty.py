@@ -159,16 +159,14 @@ def signal_evidence(atlas, names: list[str], predictions: pd.DataFrame) -> tuple
     whose ``uncertainty`` is the query's kNN uncertainty.
     """
     from atlasengine.transfer.novelty import loo_pvalues, signal_pvalues
-    from atlasengine.transfer.predict import calibrate
 
-    tcfg = atlas.config.transfer
     obs, z = atlas.obs(), atlas.latent()
     labelled = obs["label"].notna().to_numpy()
     batches = obs["batch"].astype(str).to_numpy()
     index = atlas.neighbor_index()
     ref = {"z": z[labelled].astype(np.float32), "labels": obs["label"][labelled].astype(str).to_numpy(),
            "batches": batches[labelled]}
-    cal = calibrate(index, ref["z"], tcfg, ref["batches"])
+    cal = atlas.novelty_calibration()  # stored with the version by the fold-in
     rows = obs.index.get_indexer(names)
     distances, _ = index.search(z[rows], cal.k)
     per = signal_pvalues(cal, distances, predictions.loc[names, "uncertainty"].to_numpy(), embeddings=z[rows],
