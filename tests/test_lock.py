@@ -21,6 +21,19 @@ lock = WriteLock(Path(sys.argv[1])).__enter__()
 os.kill(os.getpid(), 9)
 """
 
+HOLD_FORK_AND_DIE = """
+import os, sys, time
+from pathlib import Path
+from atlasengine.store.lock import WriteLock
+lock = WriteLock(Path(sys.argv[1])).__enter__()
+child = os.fork()  # as a DDP rank or a data loader worker is started
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
 HOLD_WITH_GARBAGE = """
 import fcntl, os, sys, time
 fd = os.open(os.path.join(sys.argv[1], ".write.lock"), os.O_RDWR | os.O_CREAT)
@@ -53,6 +66,20 @@ def test_a_killed_writer_holds_nothing_and_the_next_writer_just_runs(atlas_path,
     q = pancreas_query[pancreas_query.obs["tech"] == "smartseq2"].copy()
     res = Atlas.open(atlas_path).ingest(q, batch_key="tech", strategy="surgery", training={"max_epochs": 1})
     assert res.version.number == 2
+
+
+def test_a_killed_writer_whose_forked_child_lives_on_holds_nothing(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", HOLD_FORK_AND_DIE, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    child = int(dead.stdout.readline())
+    try:
+        assert dead.wait(timeout=120) == -9, dead.stderr.read()[-2000:]
+        os.kill(child, 0)  # the child still runs, with the parent's descriptors but the lock's
+        assert Atlas.lock_holder(tmp_path) is None
+        with WriteLock(tmp_path):
+            assert Atlas.lock_holder(tmp_path)["pid"] == os.getpid()
+    finally:
+        os.kill(child, 9)
 
 
 def test_a_malformed_lock_file_is_only_a_missing_name(atlas_path, pancreas_query, capsys):

@@ -30,6 +30,28 @@ from pathlib import Path
 
 from atlasengine.errors import AtlasFormatError, AtlasLockedError, ReadOnlyError
 
+_HELD: set[int] = set()
+"""Descriptors of the locks this process holds (closed in forked children: see ``_forget_in_child``)."""
+
+
+def _forget_in_child() -> None:
+    """Close the held locks' descriptors in a forked child (DDP ranks, data loader workers).
+
+    ``flock`` belongs to the open file, which ``fork`` shares: a child that kept the descriptor
+    would keep the lock after its parent died (an out-of-memory kill of the writer alone), and
+    the next writer would be told a dead process holds it. Closing the child's copy leaves the
+    parent's lock as it is.
+    """
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
 LOCK_NAME = ".write.lock"
 GRACE_SECONDS = 1.0
 """How long a writer retries: :func:`lock_holder` takes a shared lock for an instant to look."""
@@ -132,6 +154,7 @@ class WriteLock:
             )
         stat = os.fstat(fd)
         self._fd, self._identity = fd, (stat.st_dev, stat.st_ino)
+        _HELD.add(fd)
         try:
             self.check_held()  # the file was not deleted between opening and locking it
         except AtlasLockedError:
@@ -162,6 +185,10 @@ class WriteLock:
         """Release the lock (the kernel would on exit too) and clear the holder's details."""
         if self._fd is None:
             return
+        if self._fd not in _HELD:  # a forked child's copy: the lock is its parent's, and closed here already
+            self._fd = None
+            return
+        _HELD.discard(self._fd)
         try:
             os.ftruncate(self._fd, 0)
         except OSError:
