@@ -63,6 +63,16 @@ def test_ingest_result_matches_the_stored_version(atlas_path, pancreas_query):
     assert list(res.predictions.index) == list(pancreas_query.obs_names)
     assert res.training["epochs"] <= 2 and res.version.training["fisher_seconds"] > 0
 
+    # what the user gets is theirs to change: the atlas's own copies (and so its answers) stay as they were
+    stored = atlas.obs()["predicted_label"].copy()
+    genes = atlas.genes
+    res.predictions["predicted_label"] = "changed by the user"
+    atlas.predictions()["predicted_label"] = "changed by the user"
+    atlas.genes.reverse()
+    assert atlas.genes == genes and atlas.obs()["predicted_label"].equals(stored)
+    assert (atlas.predictions()["predicted_label"] != "changed by the user").all()
+    assert (Atlas.open(atlas_path).obs()["predicted_label"].equals(stored))
+
 
 def test_surgery_keeps_every_old_weight_bit_identical(folded, reference_atlas):
     before = Atlas.open(reference_atlas).model().state_dict()

@@ -632,7 +632,7 @@ class Atlas:
         self._calibrations.clear()
         return IngestResult(
             version=committed.info,
-            predictions=committed.files.predictions,
+            predictions=committed.files.predictions.copy(),  # the reader keeps its own
             latent=committed.files.latent[committed.new_cells],
             training=committed.train.summary(),
             genes_padded=committed.prepared.genes_padded,

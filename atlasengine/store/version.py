@@ -201,8 +201,8 @@ class VersionReader:
 
     # ------------------------------------------------------------------ cells
     def genes(self) -> list[str]:
-        """Return the atlas's genes, in the order of the model's input."""
-        return self._cached("genes", self.store.cells.genes)
+        """Return the atlas's genes, in the order of the model's input (a copy)."""
+        return list(self._cached("genes", self.store.cells.genes))
 
     def gene_annotations(self) -> pd.DataFrame:
         """Return the reference's own gene columns (e.g. ``gene_symbol``), indexed by the atlas's genes."""
@@ -358,11 +358,12 @@ class VersionReader:
 
     # ------------------------------------------------------------------ files
     def predictions(self, number: int | None = None) -> pd.DataFrame | None:
-        """Predictions for the cells version ``number`` added (None for the reference)."""
+        """Predictions for the cells version ``number`` added (a copy; None for the reference)."""
         info = self.manifest.version(self.number if number is None else number)
         if PREDICTIONS not in info.files:
             return None
-        return self._cached(("predictions", info.number), lambda: pd.read_parquet(self.file(PREDICTIONS, info.number)))
+        return self._cached(("predictions", info.number),
+                            lambda: pd.read_parquet(self.file(PREDICTIONS, info.number))).copy()
 
     def run_config(self, number: int | None = None) -> dict[str, Any]:
         """Read the settings the version was made with (its ``config.json``)."""
