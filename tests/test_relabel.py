@@ -218,3 +218,18 @@ def test_the_readmes_naming_example_runs_as_written_at_the_defaults(tmp_path):
     print(f"README example: first group {groups['n_cells'].iloc[0]} cells, {ductal_in_group} ductal; "
           f"smartseq2 ductal named: {share:.0%}")
     assert share >= 0.6
+
+
+def test_a_relabel_does_not_copy_an_embedding_damaged_after_the_atlas_was_opened(two):
+    from atlasengine import AtlasIntegrityError
+
+    atlas = Atlas.open(two)  # every file checked here
+    cells = _new_cells(atlas, 3)
+    manifest = (two / "manifest.json").read_bytes()
+    path = two / "versions" / "v0002" / "latent.npy"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # one value of the embedding, the size unchanged
+    path.write_bytes(bytes(data))
+    with pytest.raises(AtlasIntegrityError, match="versions/v0002/latent.npy of version 2 does not match its checksum"):
+        atlas.relabel(cells, "x")
+    assert (two / "manifest.json").read_bytes() == manifest and not (two / "versions" / "v0003").exists()

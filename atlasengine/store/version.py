@@ -28,6 +28,7 @@ from atlasengine.faults import fault_point
 from atlasengine.store.atlas_store import AtlasStore
 from atlasengine.store.cells import CellChecks, joinids_of
 from atlasengine.store.checkpoint import load_checkpoint, save_checkpoint
+from atlasengine.store.files import sha256_file
 from atlasengine.store.labels import LABELS, empty_overrides, read_label_overrides, write_label_overrides
 from atlasengine.store.manifest import Manifest, VersionInfo
 from atlasengine.store.metadata import metadata_frame
@@ -121,13 +122,17 @@ def write_relabel_files(staged: Path, number: int, parent: VersionReader, files:
     """Write the files of relabel version ``number`` into ``staged``: the parent's model and embeddings, new labels.
 
     The checkpoint (weights, accumulated Fisher, anchor) and the embeddings are byte-for-byte
-    copies of the parent's, checked against their checksums first; the version adds no cells
+    copies of the parent's, checked against its checksums as copied; the version adds no cells
     (its cell checksum file has no rows).
     """
     try:
         fault_point("checkpoint")
-        shutil.copyfile(parent.file(CHECKPOINT), staged / CHECKPOINT)
-        shutil.copyfile(parent.file(LATENT), staged / LATENT)
+        for key in (CHECKPOINT, LATENT):
+            shutil.copyfile(parent.file(key), staged / key)
+            record = parent.info.files[key]
+            if sha256_file(staged / key) != record.sha256:  # the parent's check may date from when it was opened
+                raise AtlasIntegrityError(f"file {record.path} of version {parent.number} does not match its checksum "
+                                          "(corrupted since the atlas was opened); nothing was committed")
         (staged / CONFIG).write_text(json.dumps(files.run_config, indent=2))
         files.index.save(staged / INDEX_DIR)
         files.calibration.save(staged / CALIBRATION_FILE)
