@@ -68,3 +68,21 @@ def test_another_user_reads_the_atlas_and_a_write_without_permission_says_why(sh
         with pytest.raises(ReadOnlyError, match=f"cannot take the write lock {shared_atlas}/.write.lock: "
                                                 "Permission denied; this user cannot write"):
             theirs.ingest(q, batch_key="tech", strategy="surgery")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
+def test_an_older_format_atlas_opened_by_a_user_who_cannot_write_says_it_needs_an_upgrade():
+    folder = Path(tempfile.mkdtemp(dir="/tmp", prefix="atlas-old-"))
+    try:
+        folder.chmod(0o755)
+        path = folder / "old.atlas"
+        shutil.copytree(Path(__file__).parent / "fixtures" / "format7.atlas", path)
+        before = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+        with acting_as(NOBODY):
+            with pytest.raises(ReadOnlyError, match=rf"atlas {path} is in format 7; this atlasengine writes format "
+                                                    r"\d+: it is upgraded in place once, by a user who can write"):
+                Atlas.open(path, read_only=True)
+        assert {p: p.read_bytes() for p in path.rglob("*") if p.is_file()} == before
+        assert Atlas.open(path).version == 2  # its owner's open upgrades it
+    finally:
+        shutil.rmtree(folder)

@@ -284,8 +284,12 @@ class Atlas:
     def _open_store(cls, store: AtlasStore, version: int | None, read_only: bool | None) -> Atlas:
         try:
             manifest = store.read_manifest()
-        except AtlasNeedsUpgrade:
-            upgrade_atlas(store.root)
+        except AtlasNeedsUpgrade as needs:
+            try:
+                upgrade_atlas(store.root)
+            except ReadOnlyError as exc:
+                raise ReadOnlyError(f"{needs}: it is upgraded in place once, by a user who can write to it (Atlas.open "
+                                    f"upgrades it), and this one cannot ({exc})") from exc
             manifest = store.read_manifest()
         if not manifest.versions:
             raise AtlasFormatError(f"{store.source} has no committed version")
