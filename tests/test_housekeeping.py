@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import snapshot
 
-from atlasengine import Atlas, AtlasConflictError, AtlasFormatError
+from atlasengine import Atlas, AtlasConflictError, AtlasFormatError, InputError
 from atlasengine.store.atlas_store import AtlasStore
 
 
@@ -46,6 +46,20 @@ def test_only_folders_the_engine_staged_are_removed_and_stray_files_are_ignored(
     assert (user_folder / "model.safetensors").read_bytes() == (
         atlas_path / "versions" / "v0001" / "model.safetensors").read_bytes()
     assert Atlas.open(atlas_path).version == 2  # every file of the new version checked
+
+
+def test_a_refused_input_leaves_even_the_leftovers_as_they_were(atlas_path, pancreas_query):
+    staged = _leftover(atlas_path, ".staging")
+    _leftover(atlas_path, "versions")
+    before = snapshot(atlas_path)
+    atlas = Atlas.open(atlas_path)
+    with pytest.raises(InputError, match="no_such_column"):
+        atlas.ingest(_smartseq2(pancreas_query), batch_key="no_such_column")
+    with pytest.raises(InputError, match="not in the atlas"):
+        atlas.relabel(["no-such-cell"], "x")
+    assert snapshot(atlas_path) == before
+    res = atlas.ingest(_smartseq2(pancreas_query), batch_key="tech", strategy="surgery", training={"max_epochs": 1})
+    assert res.version.number == 2 and not staged.exists()  # an accepted one tidies up first
 
 
 def test_nothing_behind_a_linked_versions_folder_is_removed(atlas_path, tmp_path, pancreas_query):

@@ -339,6 +339,7 @@ def ingest(
         )
         _refuse_known_cell_names(store.cells, parent.ranges(), prep.obs["obs_id"])
         prep.metadata = prepare_metadata(source.obs, manifest.obs_columns())
+        manifest, started_from, parent = tidy(store, manifest, started_from, parent)
         batches = [*parent.info.batches, *prep.batches]
         prep.obs["version_added"] = number
         lock.check_held()  # a writer whose lock file was deleted must not write cells beside the next one
@@ -369,21 +370,30 @@ def ingest(
 
 
 def start_writing(store: AtlasStore) -> tuple[Manifest, str, VersionReader]:
-    """Under the write lock: read the manifest, remove leftovers, rebuild damaged drift parts (any new version).
+    """Under the write lock: read the manifest; nothing is changed on disk.
 
-    Returns the manifest, its digest (what the commit checks against) and a reader of its newest version.
+    Returns the manifest, its digest (what the commit checks against) and a reader of its newest
+    version. The caller checks its input, then calls :func:`tidy` before it writes.
     """
     started_from = store.manifest_digest()
     manifest = store.read_manifest()  # another writer may have committed since the caller opened it
+    return manifest, started_from, VersionReader(store, manifest)
+
+
+def tidy(store: AtlasStore, manifest: Manifest, started_from: str,
+         parent: VersionReader) -> tuple[Manifest, str, VersionReader]:
+    """Under the write lock, once the input is accepted: remove leftovers, check the layout, rebuild damaged drift.
+
+    A refused input leaves the atlas byte for byte as it was, leftovers included. Returns the
+    manifest, digest and reader to go on from (new ones if a drift part was rebuilt).
+    """
     store.remove_uncommitted(manifest)
     store.check_writable_layout(manifest.current + 1)
-    parent = VersionReader(store, manifest)
     repaired = rebuild_drift(store, parent)
-    if repaired is not None:
-        store.commit(repaired, expected=started_from)
-        started_from, manifest = store.manifest_digest(), repaired
-        parent = VersionReader(store, manifest)
-    return manifest, started_from, parent
+    if repaired is None:
+        return manifest, started_from, parent
+    store.commit(repaired, expected=started_from)
+    return repaired, store.manifest_digest(), VersionReader(store, repaired)
 
 
 def _refuse_known_cell_names(cells: CellStore, ranges: list[tuple[int, int]], names: pd.Series) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from atlasengine.api.audit import drift_rows, write_drift
-from atlasengine.api.foldin import publish_and_commit, start_writing
+from atlasengine.api.foldin import publish_and_commit, start_writing, tidy
 from atlasengine.api.inputs import MAX_NAME_LENGTH, check_label_name
 from atlasengine.errors import AtlasConflictError, InputError
 from atlasengine.store.atlas_store import AtlasStore
@@ -147,6 +147,7 @@ def relabel(store: AtlasStore, seen: int, cells: CellSelection, label: str, note
             )
         obs = parent.cell_obs()
         rows = select_cells(obs, cells, parent.number)
+        manifest, started_from, parent = tidy(store, manifest, started_from, parent)
         number = parent.number + 1
         record = _record(obs["label"].iloc[rows], label, note)
         overrides = merge_overrides(parent.label_overrides(), joinids_of(parent.ranges())[rows], obs.index[rows],
