@@ -77,6 +77,11 @@ def test_a_different_architecture_asked_for_in_the_config_is_refused(small, tmp_
     with pytest.raises(InputError, match=r"config\['model'\] asks for \{'n_latent': 5\}.*n_latent=4"):
         Atlas.from_scvi(tmp_path / "a.atlas", tmp_path / "scvi", small, label_key="celltype",
                         config={"model": {"n_latent": 5}})
+    from atlasengine.config import AtlasConfig, ModelConfig
+
+    for config in (AtlasConfig(model=ModelConfig(n_latent=5)), {"model": ModelConfig(n_latent=5)}):  # as pydantic models
+        with pytest.raises(InputError, match=r"config\['model'\] asks for \{'n_latent': 5\}.*n_latent=4"):
+            Atlas.from_scvi(tmp_path / "a.atlas", tmp_path / "scvi", small, label_key="celltype", config=config)
     assert not (tmp_path / "a.atlas").exists()
 
 
@@ -110,3 +115,40 @@ def test_the_reference_data_must_match_the_model(small, tmp_path):
     other.obs["tech"] = "another_tech"
     with pytest.raises(InputError, match="not among the model's batches"):
         Atlas.from_scvi(tmp_path / "b.atlas", tmp_path / "scvi", other, label_key="celltype")
+
+
+def test_a_checkpoint_in_torchs_old_format_or_as_torchscript_is_refused_unread(small, tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (shutil.rmtree, (str(tmp_path / "victim"),))
+
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "old").mkdir()
+    with open(tmp_path / "old" / "model.pt", "wb") as f:
+        pickle.dump({"attr_dict": Payload()}, f)  # no zip: torch would hand it to the pickle module whole
+    with pytest.raises(AtlasFormatError, match="not a checkpoint torch.save writes"):
+        Atlas.from_scvi(tmp_path / "a.atlas", tmp_path / "old", small, label_key="celltype")
+    (tmp_path / "script").mkdir()
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "script" / "model.pt"))
+    with pytest.raises(AtlasFormatError, match="TorchScript archive, which holds code"):
+        Atlas.from_scvi(tmp_path / "a.atlas", tmp_path / "script", small, label_key="celltype")
+    assert (tmp_path / "victim").exists() and not (tmp_path / "a.atlas").exists()
+
+
+def test_a_model_of_one_batch_without_batch_key_is_imported(small, tmp_path):
+    one = small.copy()
+    scvi.model.SCVI.setup_anndata(one)  # no batch_key: scvi-tools writes obs["_scvi_batch"] = 0, no batch columns
+    scvi.settings.seed = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = scvi.model.SCVI(one, **SCARCHES)
+        model.train(max_epochs=2, enable_progress_bar=False, accelerator="cpu")
+        model.save(str(tmp_path / "scvi"), overwrite=True)
+    bare = small.copy()
+    bare.obs = bare.obs[[c for c in bare.obs.columns if not c.startswith("_scvi")]]  # other tests' scvi-tools calls add them
+    with pytest.raises(InputError, match=r"set up without a batch_key .* adata.obs\['_scvi_batch'\] = 0"):
+        Atlas.from_scvi(tmp_path / "a.atlas", tmp_path / "scvi", bare, label_key="celltype")
+    atlas = Atlas.from_scvi(tmp_path / "a.atlas", tmp_path / "scvi", one, label_key="celltype",
+                            runtime={"progress": False})
+    np.testing.assert_allclose(atlas.latent(), model.get_latent_representation(one), atol=1e-4)
+    assert atlas.batches == ["0"]

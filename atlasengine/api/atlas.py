@@ -48,6 +48,7 @@ from atlasengine.config import (
     AtlasConfig,
     ContinualConfig,
     FoldInStrategy,
+    ModelConfig,
     RuntimeConfig,
     TrainingConfig,
     TransferConfig,
@@ -70,6 +71,17 @@ from atlasengine.transfer.predict import calibrate, matches, predict
 
 DRIFT_TABLES = {None: "version_drift", "cell_type": "celltype_drift", "batch": "batch_drift", "flags": "drift_flags",
                 "cell": "cell_drift", "versions": "versions"}
+
+
+def _model_asked_for(config: AtlasConfig | dict | None) -> dict[str, Any]:
+    """Return the model settings ``config`` sets explicitly (a dict's keys, or a pydantic model's fields set)."""
+    if isinstance(config, AtlasConfig):
+        model = config.model if "model" in config.model_fields_set else None
+    else:
+        model = dict(config or {}).get("model")
+    if isinstance(model, ModelConfig):
+        return {k: getattr(model, k) for k in model.model_fields_set}
+    return dict(model) if isinstance(model, dict) else {}
 
 
 @dataclass
@@ -212,10 +224,14 @@ class Atlas:
         from atlasengine.api.scvi_import import model_config, origin, read_scvi, to_module
 
         ref = read_scvi(model_dir)
+        if ref.batch_key == "_scvi_batch" and "_scvi_batch" not in adata.obs:
+            raise InputError("the scvi-tools model was set up without a batch_key (one batch, which scvi-tools "
+                             "writes to adata.obs['_scvi_batch'] as 0): pass the AnnData it was set up with, or set "
+                             "adata.obs['_scvi_batch'] = 0")
         module = to_module(ref)
         imported = model_config(ref).model_dump()
-        asked = dict(config or {}).get("model") if isinstance(config, dict) else None
-        if isinstance(asked, dict):  # the architecture is the scvi-tools model's: a different one cannot be had
+        asked = _model_asked_for(config)
+        if asked:  # the architecture is the scvi-tools model's: a different one cannot be had
             differ = {k: v for k, v in asked.items() if k in imported and imported[k] != v}
             if differ:
                 raise InputError(f"config['model'] asks for {differ}, but an imported reference keeps the scvi-tools "

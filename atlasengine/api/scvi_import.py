@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import pickle
 import types
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,25 @@ class _RestrictedUnpickler(pickle.Unpickler):
                                "numpy arrays and plain containers are read)")
 
 
-_restricted_pickle = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, load=pickle.load, __name__="restricted")
+def _restricted_load(file: Any, **kwargs: Any) -> Any:
+    return _RestrictedUnpickler(file, **kwargs).load()
+
+
+# torch reads a zip checkpoint with ``Unpickler`` and an old-format one with ``load``: both restricted
+_restricted_pickle = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, load=_restricted_load, __name__="restricted")
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse what ``torch.load`` would not read as a zip of pickled data: old-format files, TorchScript."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise AtlasFormatError(f"{path} is not a checkpoint torch.save writes (a zip archive; {exc}): scvi-tools' "
+                               "model.save writes one, and older formats are not read") from exc
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        raise AtlasFormatError(f"{path} is a TorchScript archive, which holds code: it is not read; pass the folder "
+                               "scvi-tools' model.save wrote")
 
 
 @dataclass
@@ -99,6 +118,7 @@ def read_scvi(model_dir: str | Path) -> ScviReference:
     path = Path(model_dir) / MODEL_FILE
     if not path.exists():
         raise AtlasFormatError(f"{path} does not exist: pass the folder scvi-tools' model.save wrote")
+    _check_archive(path)
     try:
         raw = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
     except AtlasFormatError:
@@ -114,7 +134,8 @@ def read_scvi(model_dir: str | Path) -> ScviReference:
         batch = registry["field_registries"]["batch"]["state_registry"]
         state = {k: v for k, v in raw["model_state_dict"].items() if isinstance(v, torch.Tensor)}
         return ScviReference(state=state, genes=[str(g) for g in np.asarray(raw["var_names"])], init=init,
-                             batch_key=str(setup.get("batch_key")), batches=[str(b) for b in batch["categorical_mapping"]],
+                             batch_key=str(batch.get("original_key") or setup.get("batch_key")),
+                             batches=[str(b) for b in batch["categorical_mapping"]],
                              model_name=str(registry.get("model_name", "?")))
     except (KeyError, TypeError) as exc:
         raise AtlasFormatError(f"{path} is not an scvi-tools model saved by model.save (missing {exc})") from exc
@@ -184,17 +205,28 @@ def to_module(ref: ScviReference) -> CVAE:
 
     scvi-tools' covariate layers take ``[input, one-hot(batch)]``: the first columns of each
     weight are the engine's ``linear``, the last ``n_batches`` its ``batch_weight`` (transposed).
+    A model of one batch has no batch columns (scvi-tools drops a covariate with one category):
+    its batch weights are zero.
     """
     cfg = model_config(ref)
     n_genes, n_batches = len(ref.genes), len(ref.batches)
     module = CVAE(n_genes, n_batches, cfg)
+    shapes = {k: v.shape for k, v in module.state_dict().items()}
     target: dict[str, torch.Tensor] = {}
     for part, prefix in (("encoder", "z_encoder.encoder"), ("decoder", "decoder.px_decoder")):
         for i in range(cfg.n_layers):
             w = ref.state[f"{prefix}.fc_layers.Layer {i}.0.weight"]
-            n_in = w.shape[1] - n_batches
-            target[f"{part}.layers.{i}.linear.weight"] = w[:, :n_in]
-            target[f"{part}.layers.{i}.batch_weight"] = w[:, n_in:].T
+            n_in = shapes[f"{part}.layers.{i}.linear.weight"][1]
+            if w.shape[1] == n_in and n_batches == 1:
+                target[f"{part}.layers.{i}.linear.weight"] = w
+                target[f"{part}.layers.{i}.batch_weight"] = torch.zeros(shapes[f"{part}.layers.{i}.batch_weight"])
+            elif w.shape[1] == n_in + n_batches:
+                target[f"{part}.layers.{i}.linear.weight"] = w[:, :n_in]
+                target[f"{part}.layers.{i}.batch_weight"] = w[:, n_in:].T
+            else:
+                raise AtlasFormatError(f"the scvi-tools weight {prefix}.fc_layers.Layer {i}.0.weight has {w.shape[1]} "
+                                       f"inputs; the model's settings and {n_batches} batch(es) give {n_in} + "
+                                       f"{n_batches}")
             target[f"{part}.layers.{i}.linear.bias"] = ref.state[f"{prefix}.fc_layers.Layer {i}.0.bias"]
     pairs = {"z_mean": "z_encoder.mean_encoder", "z_var": "z_encoder.var_encoder", "px_scale": "decoder.px_scale_decoder.0"}
     if cfg.likelihood == "zinb":
