@@ -12,9 +12,10 @@ from atlasengine import Atlas
 from atlasengine.cli.main import main
 
 
-def test_ingest_result_and_atlas_come_out_as_anndata_scanpy_reads(atlas_path, pancreas_query, tmp_path):
+def test_ingest_result_and_atlas_come_out_as_anndata_scanpy_reads(atlas_path, pancreas_query, tmp_path, monkeypatch):
     query = pancreas_query.copy()
     query.obs["disease"] = np.where(np.arange(query.n_obs) % 2 == 0, "case", "control")
+    query.obs["label"] = query.obs["celltype"].astype(str)  # the user's own truth, named like a prediction column
     atlas = Atlas.open(atlas_path)
     res = atlas.ingest(query, batch_key="tech", training={"max_epochs": 2})
 
@@ -25,6 +26,7 @@ def test_ingest_result_and_atlas_come_out_as_anndata_scanpy_reads(atlas_path, pa
     np.testing.assert_array_equal(out.obsm["X_atlasengine"], res.latent[rows])
     assert out.uns["atlasengine"]["version"] == 2
     assert "X_atlasengine" not in query.obsm  # the caller's AnnData is not changed
+    assert (out.obs["user_label"] == query.obs["label"]).all()  # kept aside, as the atlas keeps it
 
     whole = atlas.to_anndata(counts=True)
     obs = atlas.obs()
@@ -43,9 +45,19 @@ def test_ingest_result_and_atlas_come_out_as_anndata_scanpy_reads(atlas_path, pa
 
     v1 = atlas.to_anndata(version=1)
     assert v1.X is None and v1.n_obs == 300 and (v1.obs["version_added"] == 1).all()
+    assert v1.obs["predicted_label"].isna().all() and v1.obs["predicted_label"].dtype == "category"  # text, empty
     some = atlas.to_anndata(cells=(obs["version_added"] == 2).to_numpy())
     assert list(some.obs_names) == list(obs.index[obs["version_added"] == 2])
     assert atlas.to_anndata(cells=list(query.obs_names[:3])).n_obs == 3
+
+    from atlasengine.store.cells import CellStore
+
+    read, original = [], CellStore.read_counts
+    monkeypatch.setattr(CellStore, "read_counts", lambda self, ids, n: read.append(len(ids)) or original(self, ids, n))
+    names = [query.obs_names[5], query.obs_names[0], query.obs_names[7]]  # in any order
+    few = atlas.to_anndata(cells=names, counts=True)
+    np.testing.assert_array_equal(few.X.toarray(), query[names].X.toarray())
+    assert read == [3]  # only the cells asked for are read from the store
 
 
 def test_export_command_writes_h5ad(two_version_atlas, tmp_path, capsys):

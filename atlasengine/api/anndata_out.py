@@ -30,7 +30,8 @@ def query_anndata(adata: ad.AnnData | SomaInput, predictions: pd.DataFrame, late
     """Return a copy of the folded-in ``adata`` with its predictions in ``obs`` and its embedding in ``obsm``.
 
     ``predictions`` and ``latent`` rows follow ``predictions.index`` (cell names); they are put
-    in ``adata``'s order. Existing obs columns of the same names are replaced. A streamed input
+    in ``adata``'s order. The input's own obs columns of the same names are kept as ``user_<name>``
+    (as the atlas keeps them). A streamed input
     (backed AnnData, :class:`SomaInput`) comes back with its obs and var only, without ``X``
     (its counts are in the atlas: ``Atlas.to_anndata(counts=True, cells=...)``).
     """
@@ -40,11 +41,26 @@ def query_anndata(adata: ad.AnnData | SomaInput, predictions: pd.DataFrame, late
     rows = pd.Index(predictions.index).get_indexer(names)
     if (rows < 0).any():
         raise InputError(f"{int((rows < 0).sum())} cells of the AnnData have no prediction")
+    out.obs = keep_aside(out.obs, predictions.columns)
     for col in predictions.columns:
         out.obs[col] = predictions[col].to_numpy()[rows]
     out.obsm[EMBEDDING] = np.asarray(latent)[rows]
     out.uns["atlasengine"] = _provenance(path, version)
     return out
+
+
+def keep_aside(obs: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
+    """Return ``obs`` with its columns named in ``names`` renamed ``user_<name>`` (prefixed again while taken)."""
+    taken = set(map(str, obs.columns)) | set(names)
+    renamed = {}
+    for col in obs.columns:
+        if col in names:
+            new = f"user_{col}"
+            while new in taken:
+                new = f"user_{new}"
+            renamed[col] = new
+            taken.add(new)
+    return obs.rename(columns=renamed)
 
 
 def atlas_anndata(reader: VersionReader, counts: bool = False, cells: Sequence[str] | np.ndarray | None = None
@@ -70,7 +86,7 @@ def atlas_anndata(reader: VersionReader, counts: bool = False, cells: Sequence[s
             if (rows < 0).any():
                 missing = [str(c) for c, r in zip(sel, rows) if r < 0][:5]
                 raise InputError(f"cell(s) not in the atlas at version {reader.number}: {missing}")
-    x = reader.counts()[rows] if counts else None
+    x = reader.counts(rows) if counts else None  # only the cells asked for are read
     genes = reader.gene_annotations().reindex(pd.Index(reader.genes(), name="gene"))  # the reference's gene columns
     out = ad.AnnData(X=x, obs=_plain(obs.iloc[rows]), var=_plain(genes))
     out.obsm[EMBEDDING] = reader.latent()[rows]
@@ -84,7 +100,8 @@ def _plain(obs: pd.DataFrame) -> pd.DataFrame:
     for col in out.columns:
         if out[col].dtype == object:
             values = out[col]
-            if values.map(lambda v: v is None or isinstance(v, (bool, np.bool_))).all():
+            given = values[values.notna()]
+            if len(given) and given.map(lambda v: isinstance(v, (bool, np.bool_))).all():
                 out[col] = values.astype("boolean")
             else:
                 out[col] = pd.Categorical(values.where(values.notna(), None))

@@ -122,9 +122,10 @@ def _write_predictions(pred, query, path: str, suffix: str) -> None:
     elif suffix == ".parquet":
         pred.to_parquet(path)
     else:
+        from atlasengine.api.anndata_out import keep_aside
+
         out = query.copy()
-        clash = {c: f"user_{c}" for c in pred.columns if c in out.obs.columns}  # the input's own, kept aside
-        out.obs = out.obs.rename(columns=clash).join(pred.reindex(out.obs_names))
+        out.obs = keep_aside(out.obs, list(pred.columns)).join(pred.reindex(out.obs_names))  # the input's own aside
         out.write_h5ad(path)
 
 

@@ -309,12 +309,21 @@ class VersionReader:
 
         return self._cached("obs", load).copy()
 
-    def counts(self) -> sp.csr_matrix:
-        """Raw counts of every cell of this version (CSR, cells x genes, rows aligned to :meth:`obs`)."""
+    def counts(self, rows: np.ndarray | None = None) -> sp.csr_matrix:
+        """Raw counts of every cell of this version (CSR, cells x genes, rows aligned to :meth:`obs`).
+
+        ``rows``: positions in :meth:`obs` to read instead of every cell (in that order, repeats
+        allowed); only those cells are read and checked.
+        """
         ids = joinids_of(self.ranges())
-        counts = self.store.cells.read_counts(ids, self.manifest.n_genes)
-        self.cell_checks().verify(ids, counts=counts)
-        return counts
+        if rows is None:
+            counts = self.store.cells.read_counts(ids, self.manifest.n_genes)
+            self.cell_checks().verify(ids, counts=counts)
+            return counts
+        distinct, where = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        counts = self.store.cells.read_counts(ids[distinct], self.manifest.n_genes)
+        self.cell_checks().verify(ids[distinct], counts=counts)
+        return counts[where]
 
     def cell_checks(self) -> CellChecks:
         """Return the checksums written with every cell of this version, to check cells read from the store."""
