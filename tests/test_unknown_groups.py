@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from atlasengine import InputError
+from atlasengine import Atlas, InputError
 from atlasengine.transfer.groups import cluster, log_normalise, neighbour_scale, rank_markers
 
 
@@ -103,3 +105,14 @@ def test_gene_columns_of_the_reference_are_kept_and_name_the_markers(tmp_path, p
     assert {"symbol", "length"} <= set(named.attrs["markers"][0].columns)
     with pytest.raises(InputError, match="'nope' is not a gene column of this atlas"):
         atlas.unknown_groups(gene_key="nope")
+
+
+def test_a_group_whose_guessed_type_was_renamed_gets_the_nearest_known_type(pbmc_fold_in, tmp_path):
+    path = tmp_path / "pbmc.atlas"
+    shutil.copytree(pbmc_fold_in[0].path, path)
+    atlas = Atlas.open(path)
+    guessed = atlas.unknown_groups()["closest_type"].iloc[0]
+    atlas.relabel((atlas.obs()["label"] == guessed).to_numpy(), f"{guessed} (renamed)")  # every cell of it
+    after = atlas.unknown_groups(version=2)
+    assert len(after) and guessed not in set(after["closest_type"])
+    assert set(after["closest_type"]) <= set(atlas.labels)

@@ -85,8 +85,12 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
     for g in range(n_groups):
         members = rows[groups == g]
         guesses = obs["predicted_label"].iloc[members].astype(str).value_counts()
-        closest = guesses.index[0]
-        distance = float(np.linalg.norm(z[members].mean(axis=0) - z[type_rows[closest]].mean(axis=0)))
+        centre = z[members].mean(axis=0)
+        # the type the fold-in guessed most, or, if a relabel has renamed every cell of it, the nearest type
+        closest = next((t for t in guesses.index if t in type_rows), None)
+        if closest is None:
+            closest = min(type_rows, key=lambda t: np.linalg.norm(centre - z[type_rows[t]].mean(axis=0)))
+        distance = float(np.linalg.norm(centre - z[type_rows[closest]].mean(axis=0)))
         pool = np.setdiff1d(type_rows[closest], members)
         others = pool[sorted_sample(len(pool), max_other_cells, seed)]
         ranked = members[sorted_sample(len(members), max_other_cells, seed)]  # both sides dense in the ranking
