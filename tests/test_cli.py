@@ -78,6 +78,9 @@ def test_transfer_writes_the_format_its_output_names_and_refuses_others(two_vers
     capsys.readouterr()
     assert main([*base, str(tmp_path / "p.xlsx")]) == 2
     assert "cannot tell the format of" in capsys.readouterr().err and not (tmp_path / "p.xlsx").exists()
+    before = q.read_bytes()
+    assert main([*base, str(q)]) == 2
+    assert "is the input file" in capsys.readouterr().err and q.read_bytes() == before
 
 
 def test_demo_runs_on_the_data_the_package_carries(tmp_path, capsys):
@@ -93,6 +96,12 @@ def test_demo_runs_on_the_data_the_package_carries(tmp_path, capsys):
     assert "held-out ductal cells called Unknown" in out
     assert (tmp_path / "audit.html").stat().st_size > 10_000
     assert "report status:" in out and "status" in out.split("report status:")[1].splitlines()[1].lower()
+    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0  # its own atlas is replaced: the same command runs again
+    mine = tmp_path / "mine" / "demo.atlas"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("not the demo's")
+    assert main(["demo", "--out", str(mine.parent), "--quick"]) == 2
+    assert "is not an atlas the demo wrote" in capsys.readouterr().err and (mine / "notes.txt").exists()
 
 
 def test_ingest_command_says_the_rule_and_the_share_of_new_cells(atlas_path, tmp_path, pancreas_query, capsys):

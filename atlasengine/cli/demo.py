@@ -21,6 +21,23 @@ QUERIES = ("celseq2", "smartseq2")
 HELD_OUT = "ductal"
 
 
+def _refuse_unless_the_demos(path: Path) -> None:
+    """Refuse to remove ``path`` unless it is an atlas the demo wrote and nothing else was folded into."""
+    from atlasengine import Atlas
+    from atlasengine.errors import AtlasError
+
+    try:
+        atlas = Atlas.open(path, read_only=True)
+        ours = atlas.version <= 1 + len(QUERIES) and set(atlas.batches) <= {*REFERENCE, *QUERIES}
+    except AtlasError as exc:
+        ours, why = False, f" ({exc})"
+    else:
+        why = f" (version {atlas.version}, batches {', '.join(atlas.batches)})"
+    if not ours:
+        raise AtlasError(f"{path} is not an atlas the demo wrote, or more was folded into it{why}: it is left as it "
+                         "is; move it away or pass another --out")
+
+
 def query_summary(predictions: pd.DataFrame, truth: pd.Series) -> list[str]:
     """Lines a biologist reads about one folded-in query: accuracy and the Unknown calls under both rules."""
     from atlasengine.transfer import evaluate_transfer
@@ -57,7 +74,8 @@ def run_demo(out: Path, quick: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "demo.atlas"
     if path.exists():
-        shutil.rmtree(path)
+        _refuse_unless_the_demos(path)
+        shutil.rmtree(path)  # an earlier demo's atlas: the demo starts again
     cfg = {"reference_training": {"max_epochs": 20}, "query_training": {"max_epochs": 15}} if quick else None
     print(f"1. reference: {ref.n_obs} cells of {', '.join(REFERENCE)}")
     atlas = Atlas.create(path, ref, batch_key="tech", label_key="celltype", config=cfg)

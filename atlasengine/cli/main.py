@@ -96,6 +96,9 @@ def cmd_transfer(args) -> None:
     if suffix not in PREDICTION_FORMATS:
         raise AtlasError(f"cannot tell the format of {args.output} from its extension: use one of "
                          f"{', '.join(PREDICTION_FORMATS)}")
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise AtlasError(f"-o {args.output} is the input file: the predictions would replace it; write them to "
+                         "another file")
     query = _read(args.input)
     pred = atlas.transfer_labels(query, batch_key=args.batch_key, layer=args.layer,
                                  config={k: v for k, v in rule.items() if v is not None})
