@@ -13,6 +13,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from atlasengine.api.inputs import PREFIX
 from atlasengine.api.sources import SomaInput, as_input
 from atlasengine.errors import InputError
 from atlasengine.store.version import VersionReader
@@ -50,14 +51,14 @@ def query_anndata(adata: ad.AnnData | SomaInput, predictions: pd.DataFrame, late
 
 
 def keep_aside(obs: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
-    """Return ``obs`` with its columns named in ``names`` renamed ``user_<name>`` (prefixed again while taken)."""
+    """Return ``obs`` with its columns named in ``names`` kept as ``user_<name>`` (:data:`PREFIX`; again while taken)."""
     taken = set(map(str, obs.columns)) | set(names)
     renamed = {}
     for col in obs.columns:
         if col in names:
-            new = f"user_{col}"
+            new = PREFIX + col
             while new in taken:
-                new = f"user_{new}"
+                new = PREFIX + new
             renamed[col] = new
             taken.add(new)
     return obs.rename(columns=renamed)
