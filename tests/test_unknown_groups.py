@@ -31,6 +31,22 @@ def test_the_cells_of_one_new_type_are_one_group():
     assert len(set(two[two >= 0])) == 2 and not set(two[:40]) & set(two[40:]) - {-1}
 
 
+def test_one_new_type_that_hdbscan_cuts_into_fragments_is_one_group():
+    """Two dense fragments with most cells in no group (the README's example on an AVX-512 machine)."""
+    from sklearn.cluster import HDBSCAN
+
+    rng = np.random.default_rng(0)
+    blob = np.vstack([rng.normal(0, 1, (30, 10)), rng.normal(0, 0.05, (6, 10)) + 0.5,
+                      rng.normal(0, 0.05, (6, 10)) - 0.5])
+    fragments = HDBSCAN(min_cluster_size=5, copy=True).fit_predict(blob)
+    assert (fragments < 0).mean() > 0.5 and len(set(fragments) - {-1}) == 2  # what HDBSCAN alone gives
+    scale = neighbour_scale(rng.normal(0, 1, (200, 10)))
+    groups = cluster(blob, 5, scale)
+    assert set(groups) == {-1, 0} and (groups == 0).mean() >= 0.8
+    two = cluster(np.vstack([blob, blob + 20]), 5, scale)  # two such types stay two groups
+    assert len(set(two[two >= 0])) == 2 and not set(two[:42]) & set(two[42:]) - {-1}
+
+
 def test_the_groups_table_prints_however_it_is_truncated():
     import pandas as pd
 

@@ -71,7 +71,7 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
         raise InputError(f"min_size must be at least 2, got {min_size}")
     labels = obs["label"]
     labelled = labels.notna().to_numpy()
-    groups = cluster(z[rows], size, lambda: neighbour_scale(z[labelled], seed=seed))  # only if HDBSCAN finds no split
+    groups = cluster(z[rows], size, lambda: neighbour_scale(z[labelled], seed=seed))  # only if HDBSCAN leaves most cells out
     result = pd.DataFrame(columns=GROUP_COLUMNS, index=pd.Index([], name="group"))
     result.attrs["markers"] = MarkerTables()
     if (groups < 0).all():
