@@ -123,12 +123,20 @@ def test_gene_columns_of_the_reference_are_kept_and_name_the_markers(tmp_path, p
         atlas.unknown_groups(gene_key="nope")
 
 
-def test_a_group_whose_guessed_type_was_renamed_gets_the_nearest_known_type(pbmc_fold_in, tmp_path):
+def test_a_group_whose_guessed_type_was_renamed_is_given_the_new_name(pbmc_fold_in, tmp_path):
     path = tmp_path / "pbmc.atlas"
     shutil.copytree(pbmc_fold_in[0].path, path)
     atlas = Atlas.open(path)
-    guessed = atlas.unknown_groups()["closest_type"].iloc[0]
+    before = atlas.unknown_groups()
+    guessed = before["closest_type"].iloc[0]
     atlas.relabel((atlas.obs()["label"] == guessed).to_numpy(), f"{guessed} (renamed)")  # every cell of it
     after = atlas.unknown_groups(version=2)
-    assert len(after) and guessed not in set(after["closest_type"])
+    # the same cells with the same neighbours: the type's new name, with the same share
+    assert after["cells"].tolist() == before["cells"].tolist()
+    assert after["closest_type"].iloc[0] == f"{guessed} (renamed)"
+    assert after["closest_share"].tolist() == before["closest_share"].tolist()
     assert set(after["closest_type"]) <= set(atlas.labels)
+    with pytest.raises(InputError, match="n_markers must be a whole number"):
+        atlas.unknown_groups(n_markers=-1)
+    with pytest.raises(InputError, match="min_size must be a whole number"):
+        atlas.unknown_groups(min_size=2.5)

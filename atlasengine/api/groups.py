@@ -14,6 +14,7 @@ from atlasengine.numerics import sorted_sample
 from atlasengine.store.cells import joinids_of
 from atlasengine.store.version import VersionReader
 from atlasengine.transfer.groups import MarkerTables, cluster, log_normalise, neighbour_scale, rank_markers
+from atlasengine.transfer.knn import transfer_labels
 
 
 def _newest_ingest(reader: VersionReader) -> int:
@@ -36,8 +37,9 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
     The cells are clustered on their embedding under the reader's model (HDBSCAN, groups of at
     least ``min_size`` cells, default 2% of them and at least 5, not split below the reference's
     neighbour distances; cells in no group are left out). For each group: ``n_cells``, the ``closest_type`` (the label its cells' reference
-    neighbours point to most: the most common kNN guess), the share of its cells with that
-    guess (``closest_share``), the ``distance`` between the group's and the type's embedding
+    neighbours point to most: the most common kNN guess, under the labels and model of the
+    version shown, so a type renamed since the fold-in is named as it is now), the share of its
+    cells with that guess (``closest_share``), the ``distance`` between the group's and the type's embedding
     centroids, ``markers`` (the top ``n_markers`` genes against the closest type's cells, at most
     ``max_other_cells`` cells of each side, a seeded sample, by the Wilcoxon rank-sum statistic
     on log-normalised counts)
@@ -50,6 +52,10 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
     if gene_key is not None and gene_key not in annotations.columns:
         raise InputError(f"gene_key {gene_key!r} is not a gene column of this atlas (it has "
                          f"{list(annotations.columns) or 'none'}: the columns of the reference AnnData's var)")
+    if isinstance(n_markers, bool) or not isinstance(n_markers, (int, np.integer)) or n_markers < 0:
+        raise InputError(f"n_markers must be a whole number of genes, 0 or more; got {n_markers!r}")
+    if min_size is not None and (isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer))):
+        raise InputError(f"min_size must be a whole number of cells (at least 2); got {min_size!r}")
     number = _newest_ingest(reader) if version is None else int(version)
     if number > reader.number:
         raise InputError(f"version {number} is after the version shown ({reader.number})")
@@ -78,17 +84,19 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
         return result
     types = sorted(set(labels[labelled].astype(str)))
     type_rows = {t: np.flatnonzero((labels == t).to_numpy()) for t in types}
+    # each cell's kNN guess under the labels and model of the version shown (a relabel since the
+    # fold-in may have renamed the type its neighbours carry; the stored guess has the old name)
+    guess = transfer_labels(reader.index(), z[rows], reader.manifest.config.transfer)["predicted_label"].to_numpy()
     n_groups = int(groups.max()) + 1
     joinids = joinids_of(reader.ranges())
     genes = reader.genes()
     records = []
     for g in range(n_groups):
         members = rows[groups == g]
-        guesses = obs["predicted_label"].iloc[members].astype(str).value_counts()
+        guesses = pd.Series(guess[groups == g].astype(str)).value_counts()
         centre = z[members].mean(axis=0)
-        # the type the fold-in guessed most, or, if a relabel has renamed every cell of it, the nearest type
-        closest = next((t for t in guesses.index if t in type_rows), None)
-        if closest is None:
+        closest = min(guesses.index, key=lambda t: (-guesses[t], t))  # ties: the alphabetically first
+        if closest not in type_rows:  # a label of the index with no cell left (not expected): the nearest type
             closest = min(type_rows, key=lambda t: np.linalg.norm(centre - z[type_rows[t]].mean(axis=0)))
         distance = float(np.linalg.norm(centre - z[type_rows[closest]].mean(axis=0)))
         pool = np.setdiff1d(type_rows[closest], members)
@@ -104,7 +112,7 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
         names = markers["gene"] if gene_key is None else markers[gene_key].astype(object).where(
             markers[gene_key].notna(), markers["gene"])
         records.append({
-            "n_cells": len(members), "closest_type": closest, "closest_share": float(guesses.iloc[0] / len(members)),
+            "n_cells": len(members), "closest_type": closest, "closest_share": float(guesses.get(closest, 0) / len(members)),
             "distance": distance, "markers": [str(n) for n in names], "cells": obs.index[members].tolist(),
         })
     out = pd.DataFrame(records, columns=GROUP_COLUMNS, index=pd.Index(range(n_groups), name="group"))
