@@ -49,6 +49,9 @@ def test_evaluate_transfer_edge_cases() -> None:
     # a Series is aligned on the index, not taken in order
     shuffled = pd.Series(truth, index=pred.index)[::-1]
     assert evaluate_transfer(pred, shuffled, {"N"}) == evaluate_transfer(pred, truth, {"N"})
+    # one new type given as a string is that type, not the set of its letters
+    named = ["New type" if t == "N" else t for t in truth]
+    assert evaluate_transfer(pred, named, "New type") == evaluate_transfer(pred, truth, {"N"})
     with pytest.raises(InputError):
         evaluate_transfer(pred, truth[:-1], {"N"})
     with pytest.raises(InputError):

@@ -33,6 +33,19 @@ def aligned_truth(predictions: pd.DataFrame, true_labels: Iterable[str] | pd.Ser
     return truth.astype(str)
 
 
+def label_set(labels: str | Iterable[str] | None) -> set[str]:
+    """Return ``labels`` as a set of str; one label given as a string is that one label, not its letters.
+
+    >>> sorted(label_set("ductal")), sorted(label_set(["NK", "Mono_CD16"])), label_set(None)
+    (['ductal'], ['Mono_CD16', 'NK'], set())
+    """
+    if labels is None:
+        return set()
+    if isinstance(labels, str):
+        return {labels}
+    return set(map(str, labels))
+
+
 def detection_scores(novel: np.ndarray, score: np.ndarray, called: np.ndarray | None = None) -> dict[str, float]:
     """How well ``score`` (higher: more likely new) and the ``called`` cells pick out the ``novel`` ones.
 
@@ -56,7 +69,7 @@ def detection_scores(novel: np.ndarray, score: np.ndarray, called: np.ndarray | 
 
 
 def evaluate_transfer(
-    predictions: pd.DataFrame, true_labels: Iterable[str] | pd.Series, novel_labels: set[str]
+    predictions: pd.DataFrame, true_labels: Iterable[str] | pd.Series, novel_labels: str | Iterable[str]
 ) -> dict[str, float | int]:
     """Score Unknown detection and accuracy; ``novel_labels`` are query types absent from the reference.
 
@@ -72,7 +85,7 @@ def evaluate_transfer(
     - ``n_known``, ``n_novel``: cell counts. Shares over an empty group are NaN.
     """
     truth = aligned_truth(predictions, true_labels)
-    novel = np.isin(truth, np.asarray(sorted(map(str, novel_labels)), dtype=str))
+    novel = np.isin(truth, np.asarray(sorted(label_set(novel_labels)), dtype=str))
     known = ~novel
     unc = predictions["uncertainty"].to_numpy(dtype=np.float64)
     unknown = predictions["is_unknown"].to_numpy(dtype=bool)

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from atlasengine.config import TransferConfig
 from atlasengine.figures import plain_text
-from atlasengine.transfer.evaluate import aligned_truth
+from atlasengine.transfer.evaluate import aligned_truth, label_set
 from atlasengine.transfer.knn import UNKNOWN
 
 
@@ -80,7 +80,7 @@ def plot_uncertainty_violin(
     """
     truth = aligned_truth(predictions, true_labels)
     thr = _threshold(predictions, threshold)
-    fig = _violins(predictions["uncertainty"].to_numpy(dtype=np.float64), truth, set(map(str, novel_labels or ())),
+    fig = _violins(predictions["uncertainty"].to_numpy(dtype=np.float64), truth, label_set(novel_labels),
                    thr, f"Unknown threshold ({thr:g})", "uncertainty (1 - p_best)",
                    "Label-transfer uncertainty per query cell type", ylim=(-0.03, 1.03))
     return _save(fig, path)
@@ -100,7 +100,7 @@ def plot_novelty_violin(
     """
     truth = aligned_truth(predictions, true_labels)
     score = -np.log10(predictions["novelty_pvalue"].to_numpy(dtype=np.float64))
-    fig = _violins(score, truth, set(map(str, novel_labels or ())), -np.log10(target),
+    fig = _violins(score, truth, label_set(novel_labels), -np.log10(target),
                    f"novel at a {target:.0%} false-alarm target", "novelty, -log10 p",
                    "Calibrated novelty per query cell type")
     return _save(fig, path)
