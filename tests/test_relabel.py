@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -183,6 +184,18 @@ def test_after_naming_the_unknown_ductal_cells_the_next_query_labels_its_ductal_
     assert (nxt["predicted_label"][~second_ductal] == "ductal").mean() < 0.2
     assert Atlas.open(path, version=3).obs().loc[named, "label"].eq("ductal").all()  # the ingest kept the name
     assert Atlas.open(path).obs().loc[named, "label"].eq("ductal").all()
+
+
+def test_the_report_after_a_relabel_shows_the_query_as_it_came(two, tmp_path):
+    """Version 2's cells came without labels: naming some of them is not the query's own annotation."""
+    atlas = Atlas.open(two)
+    obs = atlas.obs()
+    atlas.relabel(obs["is_unknown"].fillna(False).to_numpy(dtype=bool), "ductal_new")  # what the query left Unknown
+    html = Path(atlas.report(tmp_path / "report.html")).read_text()
+    assert "This version folded in no query (it relabelled cells of earlier versions)" in html
+    assert "the reference has no transfer" not in html
+    assert "ductal_new (" not in html  # the groups' "annotated by the query as" column stays empty
+    assert "by the query&#x27;s annotation" not in html and "by the query's annotation" not in html
 
 
 def test_a_damaged_label_file_is_caught_by_its_checksum(two):

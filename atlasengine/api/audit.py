@@ -244,11 +244,16 @@ def _check_writable(path: Path) -> None:
 def _queries(reader: VersionReader, obs: pd.DataFrame) -> list[QueryView]:
     """Return each version's transfer with the query's own labels (None when it came without)."""
     out = []
+    renamed = set(reader.label_overrides()["cell"])
     for info in reader.manifest.versions:
         preds = reader.predictions(info.number)
         if preds is None or preds.empty:
             continue
         annotation = obs["label"].reindex(preds.index)
+        touched = preds.index.isin(renamed)
+        if touched.any():  # a relabel since named some of them: the labels they came with, as of their version
+            own = VersionReader(reader.store, reader.manifest, info.number).cell_obs()["label"]
+            annotation[touched] = own.reindex(preds.index[touched]).to_numpy()
         out.append(QueryView(info.number, info.datasets[-1] if info.datasets else f"version {info.number}", preds,
                              annotation if annotation.notna().any() else None))
     return out

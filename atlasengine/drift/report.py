@@ -275,9 +275,12 @@ def _group_items(groups: pd.DataFrame, method: str, limit: int = 5) -> str:
     return f'<ol class="groups">{"".join(items)}</ol>{more}{see}'
 
 
-def _headline_query(q: QueryView | None, groups: pd.DataFrame | None, method: str) -> tuple[str, list[str]]:
+def _headline_query(q: QueryView | None, groups: pd.DataFrame | None, method: str,
+                    strategy: str | None = None) -> tuple[str, list[str]]:
     if q is None:
-        return ('<p class="muted">This version folded in no query (the reference has no transfer); see the query '
+        what = ("it relabelled cells of earlier versions" if strategy == "relabel"
+                else "the reference has no transfer" if strategy in (None, "reference") else f"strategy {strategy}")
+        return (f'<p class="muted">This version folded in no query ({_e(what)}); see the query '
                 "sections below for earlier ones.</p>"), []
     n, unknown, novel = _query_numbers(q)
     kpis = [f"<li><b>{n:,}</b>cells of {_e(q.dataset)}</li>",
@@ -557,7 +560,11 @@ def render_report(
         coords = umap.set_index(umap["cell"].astype(str))[["x", "y"]]
     groups = {q.version: unknown_groups(q.predictions, q.annotation, coords) for q in queries}
     current = next((q for q in queries if q.version == version), None)
-    query_html, query_lines = _headline_query(current, groups.get(version), method)
+    made_with = None
+    if versions is not None and version is not None and "strategy" in versions.columns:
+        row = versions[versions["version"] == version]
+        made_with = str(row["strategy"].iloc[0]) if len(row) else None
+    query_html, query_lines = _headline_query(current, groups.get(version), method, made_with)
     n_versions = int(versions["version"].nunique()) if versions is not None and not versions.empty else 0
     headline = [f"status {worst(checks)}: "
                 + ", ".join(f"{c.name[0].lower() + c.name[1:]} {c.status} ({'–' if not np.isfinite(c.value) else f'{c.value:.3g}'})"
