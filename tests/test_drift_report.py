@@ -155,6 +155,11 @@ def test_batch_mixing_is_judged_on_the_cells_of_version_1s_batches() -> None:
     assert v4.status == "red" and v4.value == pytest.approx(0.2, abs=1e-4)
     one_batch = bd[bd["batch"] != "b"]
     assert np.isnan(mixing_of_first_batches(one_batch, 3)[1])
+    # a third batch of version 1 that the kNN sample missed (no sampled cell, iLISI NaN) is left
+    # out of the mean, not turned into NaN and the whole version's figure
+    tiny = pd.DataFrame({"version": [1, 3, 4], "batch": "tiny", "n_cells_knn": 0, "ilisi_mean": np.nan})
+    base, now = mixing_of_first_batches(pd.concat([bd, tiny], ignore_index=True), 3)
+    assert (base, now) == pytest.approx((0.5 * 1 / 2, 0.55 * 1 / 2), abs=1e-4)  # normalised by 3 batches
 
 
 def test_unknown_groups_by_nearest_label() -> None:

@@ -94,10 +94,13 @@ def mixing_of_first_batches(batch_drift: pd.DataFrame | None, version: int) -> t
     if len(first) < 2 or not first.index.isin(now.index).all():
         return float("nan"), float("nan")
     weights = first["n_cells_knn"].to_numpy(dtype=float)
-    if weights.sum() <= 0:
+    b = first["ilisi_mean"].to_numpy(dtype=float)
+    a = now.loc[first.index, "ilisi_mean"].to_numpy(dtype=float)
+    sampled = (weights > 0) & np.isfinite(b) & np.isfinite(a)  # a small batch the kNN sample missed has none
+    if not sampled.any():
         return float("nan"), float("nan")
-    before = np.average(first["ilisi_mean"].to_numpy(dtype=float), weights=weights)
-    after = np.average(now.loc[first.index, "ilisi_mean"].to_numpy(dtype=float), weights=weights)
+    before = np.average(b[sampled], weights=weights[sampled])
+    after = np.average(a[sampled], weights=weights[sampled])
     scale = len(first) - 1
     return float((before - 1) / scale), float((after - 1) / scale)
 
