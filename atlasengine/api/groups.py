@@ -11,7 +11,6 @@ import pandas as pd
 
 from atlasengine.errors import InputError
 from atlasengine.numerics import sorted_sample
-from atlasengine.store.cells import joinids_of
 from atlasengine.store.version import VersionReader
 from atlasengine.transfer.groups import MarkerTables, cluster, log_normalise, neighbour_scale, rank_markers
 from atlasengine.transfer.knn import transfer_labels
@@ -54,8 +53,11 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
                          f"{list(annotations.columns) or 'none'}: the columns of the reference AnnData's var)")
     if isinstance(n_markers, bool) or not isinstance(n_markers, (int, np.integer)) or n_markers < 0:
         raise InputError(f"n_markers must be a whole number of genes, 0 or more; got {n_markers!r}")
-    if min_size is not None and (isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer))):
-        raise InputError(f"min_size must be a whole number of cells (at least 2); got {min_size!r}")
+    if min_size is not None:
+        if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)):
+            raise InputError(f"min_size must be a whole number of cells (at least 2); got {min_size!r}")
+        if min_size < 2:
+            raise InputError(f"min_size must be at least 2, got {min_size}")
     number = _newest_ingest(reader) if version is None else int(version)
     if number > reader.number:
         raise InputError(f"version {number} is after the version shown ({reader.number})")
@@ -73,8 +75,6 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
     z = reader.latent()
     rows = obs.index.get_indexer(unknown)
     size = min_size if min_size is not None else max(5, int(round(0.02 * len(rows))))
-    if size < 2:
-        raise InputError(f"min_size must be at least 2, got {min_size}")
     labels = obs["label"]
     labelled = labels.notna().to_numpy()
     groups = cluster(z[rows], size, lambda: neighbour_scale(z[labelled], seed=seed))  # only if HDBSCAN leaves most cells out
@@ -88,7 +88,6 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
     # fold-in may have renamed the type its neighbours carry; the stored guess has the old name)
     guess = transfer_labels(reader.index(), z[rows], reader.manifest.config.transfer)["predicted_label"].to_numpy()
     n_groups = int(groups.max()) + 1
-    joinids = joinids_of(reader.ranges())
     genes = reader.genes()
     records = []
     for g in range(n_groups):
@@ -103,9 +102,7 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
         others = pool[sorted_sample(len(pool), max_other_cells, seed)]
         ranked = members[sorted_sample(len(members), max_other_cells, seed)]  # both sides dense in the ranking
         both = np.concatenate([ranked, others])
-        counts = reader.store.cells.read_counts(joinids[both], reader.manifest.n_genes)  # obs: checked by reader.obs()
-        reader.cell_checks().verify(joinids[both], counts=counts)
-        counts = log_normalise(counts)
+        counts = log_normalise(reader.counts(both))  # only these cells, checked
         markers = rank_markers(counts[: len(ranked)], counts[len(ranked):], genes, n_markers)
         markers = markers.join(annotations, on="gene")
         result.attrs["markers"][g] = markers
