@@ -199,3 +199,22 @@ def test_real_pancreas_embedding() -> None:
     assert vd.loc["vs_first", "knn_preservation_mean"] > 0.8
     assert abs(vd.loc["vs_first", "label_accuracy_current"] - vd.loc["vs_first", "label_accuracy_compared"]) < 0.03
     assert flags(tables, cfg).query("cell_type.isna()", engine="python").empty
+
+
+def test_batch_mixing_among_version_1s_cells_does_not_change_when_only_later_cells_join() -> None:
+    # version 1's cells sampled on their own, as version 1 sampled them: 900 cells added far away,
+    # three times the kNN sample, leave the figure exactly as it was (sampled from every cell it
+    # would rise from 0.30 towards 0.9 with nothing moved, as the sample of version 1's cells thins)
+    rng = np.random.default_rng(0)
+    cfg = DriftConfig(k=15, max_cells=300)
+    x1 = rng.normal(size=(300, 3)) + np.repeat([[0.0, 0, 0], [2.0, 0, 0]], 150, axis=0)
+    obs1 = pd.DataFrame({"batch": np.repeat(["a", "b"], 150), "version_added": 1})
+    t1 = compute_initial_drift(1, x1, obs1, cfg)
+    x = np.r_[x1, rng.normal(size=(900, 3)) + 100]
+    obs = pd.concat([obs1, pd.DataFrame({"batch": "c", "version_added": 2}, index=range(300, 1200))])
+    t3 = compute_version_drift(3, x, x, x, obs, cfg)
+    before = t1.batch_drift.set_index("batch")["ilisi_mean"]
+    now = t3.batch_drift.set_index("batch")["ilisi_first_version_mean"]
+    assert 1.1 < before.min() < 1.9
+    np.testing.assert_allclose(now[["a", "b"]], before[["a", "b"]])
+    assert np.isnan(now["c"]) and t3.batch_drift.set_index("batch").loc["a", "n_cells_knn"] < 150  # the thinned sample

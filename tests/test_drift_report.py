@@ -162,6 +162,43 @@ def test_batch_mixing_is_judged_on_the_cells_of_version_1s_batches() -> None:
     assert (base, now) == pytest.approx((0.5 * 1 / 2, 0.55 * 1 / 2), abs=1e-4)  # normalised by 3 batches
 
 
+def test_two_first_batches_that_separate_read_red_even_when_a_later_batch_mixes_with_both() -> None:
+    # version 1: batches a and b evenly mixed. Version 3: a and b in two far clusters, and version
+    # 2's batch c split over both. Counting every batch's cells as neighbours, a's cells still see
+    # two batches (a and c), so the old figure hid the separation; among version 1's cells only
+    # each sees its own batch.
+    rng = np.random.default_rng(0)
+    cfg = DriftConfig(k=15, max_cells=1000)
+    x1 = rng.normal(size=(200, 4))
+    obs1 = pd.DataFrame({"batch": np.tile(["a", "b"], 100), "version_added": 1}, index=[f"c{i}" for i in range(200)])
+    obs3 = pd.concat([obs1, pd.DataFrame({"batch": "c", "version_added": 2}, index=[f"q{i}" for i in range(200)])])
+    far = np.r_[np.zeros(4), 50 * np.ones(4)].reshape(2, 4)
+    x3 = np.r_[rng.normal(size=(200, 4)) + far[np.tile([0, 1], 100)],
+               rng.normal(size=(200, 4)) + far[np.repeat([0, 1], 100)]]
+    base = rng.normal(size=(400, 4))
+    t1 = compute_initial_drift(1, x1, obs1, cfg)
+    t3 = compute_version_drift(3, base, base, x3, obs3, cfg)
+    bd = pd.concat([t1.batch_drift, t3.batch_drift], ignore_index=True)
+    vd = pd.concat([t1.version_drift, t3.version_drift], ignore_index=True)
+    first = t1.batch_drift.set_index("batch")
+    np.testing.assert_allclose(first["ilisi_first_version_mean"], first["ilisi_mean"])  # the same at version 1
+    now = t3.batch_drift.set_index("batch")
+    assert now.loc[["a", "b"], "ilisi_mean"].min() > 1.8  # a and c, b and c: looks mixed
+    assert now.loc[["a", "b"], "ilisi_first_version_mean"].max() == pytest.approx(1.0)
+    assert np.isnan(now.loc["c", "ilisi_first_version_mean"])
+    before, after = mixing_of_first_batches(bd, 3)
+    assert before > 0.8 and after == pytest.approx(0.0)
+    check = {c.measure: c for c in version_checks(vd, None, DriftConfig(), 3, bd)}["ilisi_norm_drop"]
+    assert check.status == "red" and check.value > 0.8
+    # the figure of the format-8 tables (every batch's cells as neighbours) read it as mixed
+    old = mixing_of_first_batches(bd.drop(columns="ilisi_first_version_mean"), 3)
+    assert old[1] > 0.8
+    from atlasengine.drift.plots import drift_figure
+
+    trace = [t for t in drift_figure(vd, bd, DriftConfig()).data if "among themselves" in t.name]
+    assert len(trace) == 1 and list(trace[0].x) == [1, 3] and trace[0].y[1] == pytest.approx(0.0)
+
+
 def test_unknown_groups_by_nearest_label() -> None:
     q = _query(2)
     coords = pd.DataFrame({"x": np.arange(60.0), "y": np.ones(60)}, index=q.predictions.index)

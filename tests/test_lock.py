@@ -76,7 +76,7 @@ def test_a_malformed_lock_file_is_only_a_missing_name(atlas_path, pancreas_query
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert Atlas.lock_holder(atlas_path) == {"pid": None, "host": None, "since": None}
+        assert Atlas.lock_holder(atlas_path) == {"pid": None, "host": None, "since": None, "task": None}
         with pytest.raises(AtlasLockedError, match="another process \\(its lock file does not say which\\)"):
             Atlas.open(atlas_path).ingest(pancreas_query, batch_key="tech", strategy="surgery")
         assert main(["unlock", str(atlas_path), "--force"]) == 2

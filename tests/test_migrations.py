@@ -9,6 +9,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from atlasengine import Atlas
@@ -193,10 +194,13 @@ def test_format7_atlas_folds_in_as_before_and_takes_the_embedding_anchor_per_ing
 
     atlas = Atlas.open(path)
     raw = json.loads((path / "manifest.json").read_text())
-    assert raw["format_version"] == FORMAT_VERSION == 8
+    assert raw["format_version"] == FORMAT_VERSION
     assert raw["config"]["continual"]["embedding_anchor"] == 0.0 == atlas.config.continual.embedding_anchor
     after = {p.relative_to(path): p.read_bytes() for p in (path / "versions").rglob("*") if p.is_file()}
-    assert after == before  # the version files are untouched
+    batch_parts = {k for k in before if k.name == "batch_drift.parquet"}  # format 9's column (m0008)
+    assert after.keys() - before.keys() == {k.parent / "format9" / "batch_drift.parquet" for k in batch_parts}
+    assert {k: v for k, v in after.items() if k in before} == {
+        k: v for k, v in before.items() if k not in batch_parts}  # the version files are untouched
     pd.testing.assert_frame_equal(atlas.predictions(), predictions_file)
     v1 = Atlas.open(path, version=1).latent()
     res = atlas.ingest(pancreas[pancreas.obs["tech"] == "smartseq2"][:15, atlas.genes].copy(), batch_key="tech",
@@ -205,3 +209,103 @@ def test_format7_atlas_folds_in_as_before_and_takes_the_embedding_anchor_per_ing
     run = json.loads((path / "versions" / "v0003" / "config.json").read_text())
     assert run["continual"]["embedding_anchor"] == 100.0
     np.testing.assert_array_equal(Atlas.open(path, version=1).latent(), v1)  # version 1 exactly as it was
+
+
+def test_format8_atlas_gets_batch_mixing_among_version_1s_cells_and_keeps_every_other_figure(
+        tmp_path, pancreas, monkeypatch):
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from atlasengine.store.atlas_store import AtlasStore
+
+    path = tmp_path / "old8.atlas"
+    shutil.copytree(FIXTURE.with_name("format8.atlas"), path)
+    assert json.loads((path / "manifest.json").read_text())["format_version"] == 8
+
+    def files() -> dict:
+        return {p.relative_to(path): p.read_bytes() for p in (path / "versions").rglob("*") if p.is_file()}
+
+    before = files()
+    old_rows = {k: pq.read_table(path / k).to_pandas() for k in before if k.name == "batch_drift.parquet"}
+    assert len(old_rows) == 3 and all("ilisi_first_version_mean" not in df for df in old_rows.values())
+    new_parts = {k.parent / "format9" / "batch_drift.parquet" for k in old_rows}
+
+    # an upgrade that dies before its manifest is committed: the atlas stays format 8 with every
+    # file it lists as it was (the new parts lie beside the old, unlisted); the next open upgrades it
+    real_commit = AtlasStore.commit
+
+    def dies(self, manifest):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(AtlasStore, "commit", dies)
+    with pytest.raises(OSError, match="disk gone"):
+        Atlas.open(path)
+    assert json.loads((path / "manifest.json").read_text())["format_version"] == 8
+    assert {k: v for k, v in files().items() if k in before} == before and files().keys() - before.keys() == new_parts
+    monkeypatch.setattr(AtlasStore, "commit", real_commit)
+
+    atlas = Atlas.open(path)
+    raw = json.loads((path / "manifest.json").read_text())
+    assert raw["format_version"] == FORMAT_VERSION
+    after = files()
+    assert after.keys() == (before.keys() - old_rows.keys()) | new_parts  # the replaced parts are gone
+    assert all(after[k] == before[k] for k in before.keys() - old_rows.keys())  # everything else as it was
+    for key, old in old_rows.items():
+        new = pq.read_table(path / key.parent / "format9" / "batch_drift.parquet").to_pandas()
+        pd.testing.assert_frame_equal(new.drop(columns="ilisi_first_version_mean"), old)  # old figures as they were
+    for version in raw["versions"]:  # the committed checksums hold
+        for record in version["files"].values():
+            assert hashlib.sha256((path / record["path"]).read_bytes()).hexdigest() == record["sha256"]
+    bd = atlas.sql("select * from batch_drift order by version, batch").set_index(["version", "batch"])
+    v1 = bd.loc[1]
+    assert set(v1.index) == {"indrop", "celseq"}
+    np.testing.assert_allclose(v1["ilisi_first_version_mean"], v1["ilisi_mean"])
+    v3 = bd.loc[3]  # version 2's batch celseq2 is among version 3's cells: not one of version 1's
+    assert v3.loc[["indrop", "celseq"], "ilisi_first_version_mean"].notna().all()
+    assert pd.isna(v3.loc["celseq2", "ilisi_first_version_mean"])
+    # the same figures as an engine of format 9 computes from the stored embeddings
+    from atlasengine.api.audit import stored_drift_rows
+    from atlasengine.store.version import VersionReader
+
+    store = AtlasStore(path)
+    reader = VersionReader(store, store.read_manifest())
+    fresh = stored_drift_rows(reader, reader.manifest.version(3))[1].batch_drift.set_index("batch")
+    np.testing.assert_allclose(v3["ilisi_first_version_mean"].astype(float),
+                               fresh.loc[v3.index, "ilisi_first_version_mean"].astype(float))
+    res = atlas.ingest(pancreas[pancreas.obs["tech"] == "smartseq2"][:15, atlas.genes].copy(), batch_key="tech",
+                       strategy="ewc", training={"max_epochs": 1})
+    assert res.version.number == 4
+    v4 = atlas.sql("select * from batch_drift where version = 4").set_index("batch")
+    assert v4.loc[["indrop", "celseq"], "ilisi_first_version_mean"].notna().all()
+
+
+def test_an_upgrade_that_meets_a_damaged_file_says_so_and_the_version_keeps_its_old_rows(tmp_path, caplog):
+    path = tmp_path / "old8.atlas"
+    shutil.copytree(FIXTURE.with_name("format8.atlas"), path)
+    latent = path / "versions" / "v0003" / "latent.npy"
+    data = bytearray(latent.read_bytes())
+    data[-1] ^= 0xFF
+    latent.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="atlasengine"):
+        atlas = Atlas.open(path, version=2)  # version 3's embeddings are damaged: the others upgrade
+    assert json.loads((path / "manifest.json").read_text())["format_version"] == FORMAT_VERSION
+    assert any("latent.npy" in r.getMessage() and "version 3 keeps its batch_drift rows" in r.getMessage()
+               for r in caplog.records)
+    bd = atlas.sql("select * from batch_drift").set_index(["version", "batch"])
+    assert bd.loc[2, "ilisi_first_version_mean"].notna().all()
+
+
+def test_an_old_atlas_being_written_by_another_process_is_refused_naming_what_holds_it(tmp_path):
+    from atlasengine.errors import AtlasLockedError
+    from atlasengine.store.lock import WriteLock
+
+    path = tmp_path / "old8.atlas"
+    shutil.copytree(FIXTURE.with_name("format8.atlas"), path)
+    with WriteLock(path, task="an ingest"):  # e.g. an engine of format 8 folding a query in
+        with pytest.raises(AtlasLockedError, match="upgraded in place before it opens.*an ingest is running"):
+            Atlas.open(path, read_only=True)
+    assert json.loads((path / "manifest.json").read_text())["format_version"] == 8
+    with WriteLock(path, task=f"an upgrade to format {FORMAT_VERSION}"):
+        assert Atlas.lock_holder(path)["task"] == f"an upgrade to format {FORMAT_VERSION}"
+    assert Atlas.open(path).version == 3

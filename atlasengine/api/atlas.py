@@ -56,7 +56,7 @@ from atlasengine.config import (
     validation_problems,
 )
 from atlasengine.drift import Report
-from atlasengine.errors import AtlasFormatError, InputError, ReadOnlyError
+from atlasengine.errors import AtlasFormatError, AtlasLockedError, InputError, ReadOnlyError
 from atlasengine.model import CVAE
 from atlasengine.store.atlas_store import AtlasStore
 from atlasengine.store.cells import CellStore
@@ -306,6 +306,12 @@ class Atlas:
             except ReadOnlyError as exc:
                 raise ReadOnlyError(f"{needs}: it is upgraded in place once, by a user who can write to it (Atlas.open "
                                     f"upgrades it), and this one cannot ({exc})") from exc
+            except AtlasLockedError as exc:
+                try:
+                    store.read_manifest()  # the holder may have been upgrading it, and be done
+                except AtlasNeedsUpgrade:
+                    raise AtlasLockedError(f"{needs}: it is upgraded in place before it opens, and cannot be while "
+                                           f"another process writes to it ({exc})") from exc
             manifest = store.read_manifest()
         if not manifest.versions:
             raise AtlasFormatError(f"{store.source} has no committed version")

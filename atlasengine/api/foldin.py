@@ -228,7 +228,7 @@ def create(
     tmp = root.with_name(f"{CREATING_PREFIX.format(name=root.name)}{uuid.uuid4().hex[:8]}")
     _make_folder(tmp)
     try:
-        with WriteLock(tmp):  # held until the rename: the build is private and never taken for abandoned
+        with WriteLock(tmp, task="a create"):  # held until the rename: the build is private and never taken for abandoned
             committed = _build_reference(AtlasStore(tmp), prep, genes, batches, config, runtime, pretrained,
                                          dataset=dataset, batch_key=batch_key, label_key=label_key)
             _move_into_place(tmp, root)

@@ -138,7 +138,7 @@ def relabel(store: AtlasStore, seen: int, cells: CellSelection, label: str, note
     """
     label = check_label_name(label)
     note = _check_note(note)
-    with WriteLock(store.root) as lock:
+    with WriteLock(store.root, task="a relabel") as lock:
         manifest, started_from, parent = start_writing(store)
         if parent.number != seen:
             raise AtlasConflictError(

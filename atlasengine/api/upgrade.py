@@ -24,10 +24,10 @@ import re
 from pathlib import Path
 from types import ModuleType
 
-from atlasengine.errors import AtlasFormatError
+from atlasengine.errors import AtlasFormatError, AtlasIntegrityError, AtlasWriteError
 from atlasengine.store.atlas_store import AtlasStore
 from atlasengine.store.lock import WriteLock
-from atlasengine.store.manifest import FORMAT_VERSION, parse_manifest, read_raw_manifest
+from atlasengine.store.manifest import FORMAT_VERSION, Manifest, parse_manifest, read_raw_manifest
 from atlasengine.store.version import VersionReader
 
 log = logging.getLogger("atlasengine")
@@ -57,7 +57,7 @@ def _steps() -> dict[int, ModuleType]:
 
 def upgrade_atlas(root: Path) -> int:
     """Bring the atlas at ``root`` to the current format; returns the format it had."""
-    with WriteLock(root):
+    with WriteLock(root, task=f"an upgrade to format {FORMAT_VERSION}"):
         raw = read_raw_manifest(root)
         found = raw["format_version"]
         steps, available = [], _steps()
@@ -72,12 +72,39 @@ def upgrade_atlas(root: Path) -> int:
             steps.append(step)
         store = AtlasStore(root)
         manifest = parse_manifest(root, raw)
-        if manifest.versions:
-            for step in steps:
-                if hasattr(step, "upgrade_files"):
-                    manifest = step.upgrade_files(VersionReader(store, manifest), root) or manifest
-        store.commit(manifest)
+        superseded: set[str] = set()
+        try:
+            if manifest.versions:
+                for step in steps:
+                    if hasattr(step, "upgrade_files"):
+                        upgraded = step.upgrade_files(VersionReader(store, manifest), root) or manifest
+                        superseded |= _listed_paths(manifest) - _listed_paths(upgraded)
+                        manifest = upgraded
+            store.commit(manifest)
+        except (AtlasFormatError, AtlasIntegrityError, AtlasWriteError) as exc:
+            raise type(exc)(f"upgrading atlas {root} from format {found} to {FORMAT_VERSION} failed, and it "
+                            f"stays in format {found}: {exc}") from exc
         for step in steps:
             for name in getattr(step, "REMOVE_AFTER_COMMIT", ()):
                 (root / name).unlink(missing_ok=True)
+        _remove_superseded(root, superseded - _listed_paths(manifest))
         return found
+
+
+def _listed_paths(manifest: Manifest) -> set[str]:
+    """Return the paths of every file ``manifest``'s versions list."""
+    return {rec.path for v in manifest.versions for rec in v.files.values()}
+
+
+def _remove_superseded(root: Path, paths: set[str]) -> None:
+    """Delete version files a step replaced, once the manifest that lists their replacements is committed.
+
+    A step that rewrites a committed file writes the new one under a new name and records it
+    (:meth:`AtlasStore.add_files`), so until the commit every file of the old format is as it
+    was. A crash before this leaves the replaced files unlisted, and nothing reads them.
+    """
+    versions = (root / "versions").resolve()
+    for path in sorted(paths):
+        target = (root / path).resolve()
+        if target.is_relative_to(versions) and target.is_file():
+            target.unlink()

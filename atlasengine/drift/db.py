@@ -251,13 +251,13 @@ class DriftStore:
             raise
         self.con.execute("COMMIT")
 
-    def save_version(self, version: int, folder: Path) -> list[Path]:
-        """Write ``version``'s rows as one Parquet part per table into ``folder``; return the files."""
+    def save_version(self, version: int, folder: Path, tables: Iterable[str] = VERSIONED_TABLES) -> list[Path]:
+        """Write ``version``'s rows as one Parquet part per table (of ``tables``) into ``folder``; return the files."""
         folder = Path(folder)
         written = []
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            for table in VERSIONED_TABLES:
+            for table in tables:
                 rows = self.con.sql(f"SELECT * FROM {table} WHERE version = $v ORDER BY ALL",
                                     params={"v": int(version)}).to_arrow_table()
                 path = folder / part_name(table)

@@ -227,6 +227,13 @@ class _Cells:
         return len(self.batches)
 
 
+def _added_by_version_1(obs: pd.DataFrame) -> np.ndarray:
+    """Per row: the cell was added by version 1 (``version_added == 1``; every row without that column)."""
+    if "version_added" not in obs.columns:
+        return np.ones(len(obs), dtype=bool)
+    return pd.to_numeric(obs["version_added"], errors="coerce").to_numpy() == 1
+
+
 def _cells(version: int, n: int, obs: pd.DataFrame, config: DriftConfig, seed: int) -> _Cells:
     batches, labels, cells = _obs_columns(obs, n)
     missing = missing_labels(labels)
@@ -277,7 +284,38 @@ def _scope_rows(
     return row, types, aligned
 
 
-def _batch_table(c: _Cells, ilisi: tuple[np.ndarray, ...], prev: np.ndarray, first: np.ndarray) -> pd.DataFrame:
+def first_version_mixing(current: np.ndarray, obs: pd.DataFrame, config: DriftConfig, seed: int = 0) -> pd.Series:
+    """Return each batch's mean iLISI of version 1's cells among themselves (``ilisi_first_version_mean``).
+
+    Version 1's cells (``obs["version_added"] == 1``; every cell without that column) are sampled
+    on their own, as version 1 sampled them (at most ``config.max_cells``, ``seed``), and their
+    neighbours are looked up among that sample only. So the figure is version 1's iLISI of the
+    same cells at the same density, whatever joined later: a later batch neither raises it by
+    mixing with them nor lowers it by mixing little, and the cells added since do not thin the
+    sample. Indexed by batch; empty with fewer than two such cells.
+
+    Example
+    -------
+    >>> z = np.r_[np.zeros((4, 2)), np.ones((4, 2)) * 9] + np.arange(8)[:, None] * 0.01
+    >>> obs = pd.DataFrame({"batch": list("aaaabbbb"), "version_added": [1, 1, 2, 2, 1, 1, 2, 2]})
+    >>> first_version_mixing(z, obs, DriftConfig(k=1)).round(3).to_dict()
+    {'a': 1.0, 'b': 1.0}
+    """
+    current = as_matrix(current, "current")
+    if len(obs) != current.shape[0] or "batch" not in obs.columns:
+        raise InputError("obs needs a 'batch' column and one row per embedding row")
+    rows = np.flatnonzero(_added_by_version_1(obs))
+    rows = rows[sorted_sample(len(rows), config.max_cells, seed)]
+    if len(rows) < 2:
+        return pd.Series(dtype=float, name="ilisi_first_version_mean")
+    batches = obs["batch"].astype(str).to_numpy(dtype=object)[rows]
+    codes, uniques = pd.factorize(pd.Series(batches))
+    ilisi = _ilisi(knn_indices(current[rows], config.k), codes, len(uniques))[0]
+    return _group_mean(ilisi, batches).rename("ilisi_first_version_mean")
+
+
+def _batch_table(c: _Cells, ilisi: tuple[np.ndarray, ...], first_mixing: pd.Series, prev: np.ndarray,
+                 first: np.ndarray) -> pd.DataFrame:
     sub_batches = c.batches[c.sub]
     batch = pd.DataFrame(
         {
@@ -285,6 +323,7 @@ def _batch_table(c: _Cells, ilisi: tuple[np.ndarray, ...], prev: np.ndarray, fir
             "n_cells_knn": pd.Series(sub_batches).value_counts().sort_index(),
             "ilisi_mean": _group_mean(ilisi[0], sub_batches),
             "ilisi_norm_mean": _group_mean(ilisi[1], sub_batches),
+            "ilisi_first_version_mean": first_mixing,
             "displacement_aligned_vs_previous_mean": _group_mean(prev, c.batches),
             "displacement_aligned_vs_first_mean": _group_mean(first, c.batches),
         }
@@ -328,8 +367,12 @@ def _tables(
                          "displacement_aligned_vs_previous": prev, "displacement_aligned_vs_first": first})
     celltype = (pd.concat(crows, ignore_index=True) if len(c.type_names)
                 else pd.DataFrame(columns=list(_CELLTYPE_COLUMNS)))
+    if _added_by_version_1(obs).all():  # version 1's cells only: the same sample and neighbours as ilisi_mean
+        first_mixing = _group_mean(ilisi[0], c.batches[c.sub]).rename("ilisi_first_version_mean")
+    else:
+        first_mixing = first_version_mixing(current, obs, config, seed)
     return DriftTables(pd.DataFrame(vrows, columns=list(_VERSION_COLUMNS)), celltype,
-                       _batch_table(c, ilisi, prev, first), cell)
+                       _batch_table(c, ilisi, first_mixing, prev, first), cell)
 
 
 _VERSION_COLUMNS = (
@@ -358,10 +401,11 @@ def compute_version_drift(
     """Drift of the cells already in the atlas when ``version`` was made.
 
     ``previous``, ``first`` and ``current`` embed the same cells (rows aligned with ``obs``:
-    columns ``batch``, optional ``label``; index = cell names) under the previous version,
-    version 1 and ``version``. Displacements use every cell; kNN-based measures (preservation,
-    leave-one-out label accuracy, iLISI) use at most ``config.max_cells`` cells sampled with
-    ``seed``.
+    columns ``batch``, optional ``label`` and ``version_added``; index = cell names) under the
+    previous version, version 1 and ``version``. Displacements use every cell; kNN-based measures
+    (preservation, leave-one-out label accuracy, iLISI) use at most ``config.max_cells`` cells
+    sampled with ``seed``. The batch table's ``ilisi_first_version_mean`` is the iLISI of version
+    1's cells among themselves (:func:`first_version_mixing`).
     """
     current = as_matrix(current, "current")
     previous = as_matrix(previous, "previous")

@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from atlasengine.config import DriftConfig
+from atlasengine.drift.summary import mixing_of_first_batches
 
 PALETTE = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
@@ -144,7 +145,8 @@ def drift_figure(version_drift: pd.DataFrame, batch_drift: pd.DataFrame | None, 
     """Return the drift measures over versions (four panels, thresholds dashed) from the ``version_drift`` table.
 
     Panels: mean aligned displacement, mean kNN preservation, leave-one-out label accuracy and
-    normalised iLISI (all cells, and each batch from ``batch_drift``, up to 20 batches).
+    normalised iLISI (all cells; version 1's cells among themselves, the figure the batch-mixing
+    check reads; and each batch from ``batch_drift``, up to 20 batches).
     """
     vd = version_drift.sort_values("version")
     by_scope = {s: g for s, g in vd.groupby("scope")}
@@ -173,6 +175,10 @@ def drift_figure(version_drift: pd.DataFrame, batch_drift: pd.DataFrame | None, 
          colour=colours["vs previous version"])
     line(first if len(first) else prev, "ilisi_norm_mean", "all cells", 2, 2, colour="#222", width=3)
     if batch_drift is not None and not batch_drift.empty:
+        versions = sorted(set(batch_drift["version"]))
+        among_first = pd.DataFrame({"version": versions,
+                                    "mixing": [mixing_of_first_batches(batch_drift, v)[1] for v in versions]})
+        line(among_first, "mixing", "version 1's cells among themselves", 2, 2, dash="dash", colour="#222", width=2)
         for i, (batch, g) in enumerate(batch_drift.sort_values("version").groupby("batch")):
             if i >= 20:
                 break

@@ -355,8 +355,9 @@ _CD_NAMES = {
     "label_accuracy_compared": "label accuracy then",
 }
 _BD_NAMES = {
-    "version": "version", "batch": "batch", "n_cells": "cells", "ilisi_mean": "iLISI",
-    "ilisi_norm_mean": "iLISI (normalised)", "displacement_aligned_vs_previous_mean": "displacement vs previous",
+    "version": "version", "batch": "batch", "n_cells": "cells", "ilisi_mean": "iLISI (all cells)",
+    "ilisi_norm_mean": "iLISI (all cells, normalised)", "ilisi_first_version_mean": "iLISI (among version 1's cells)",
+    "displacement_aligned_vs_previous_mean": "displacement vs previous",
     "displacement_aligned_vs_first_mean": "displacement vs version 1",
 }
 _SCOPE = {"vs_first": "version 1", "vs_previous": "previous version"}

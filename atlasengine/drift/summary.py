@@ -79,13 +79,14 @@ def _types_note(types: list[str]) -> str:
 
 
 def mixing_of_first_batches(batch_drift: pd.DataFrame | None, version: int) -> tuple[float, float]:
-    """Normalised iLISI of the cells of version 1's batches under version 1 and under ``version``.
+    """Normalised iLISI of version 1's cells under version 1 and under ``version``.
 
-    The same cells, weighted as version 1 sampled them, so a version that brings batches of its
-    own (or a relabel, whose rows cover the cells of every earlier query) is compared like for
-    like: raw iLISI (effective number of batches among a cell's neighbours) does not fall when
-    other batches join, only when the first batches mix less. Normalised by version 1's batch
-    count, (iLISI - 1) / (batches - 1). NaN with fewer than two batches in version 1.
+    Each batch's ``ilisi_first_version_mean`` counts only version 1's cells as neighbours, so
+    batches that joined later neither hide nor fake a fall: two first batches that separate while a
+    later batch mixes with each read as separated. Batches are weighted as version 1 sampled
+    them; normalised by version 1's batch count, (iLISI - 1) / (batches - 1). Rows without the
+    column (drift tables of atlas format 8 or older) fall back to ``ilisi_mean``, whose neighbours
+    include later batches' cells. NaN with fewer than two batches in version 1.
     """
     if batch_drift is None or batch_drift.empty:
         return float("nan"), float("nan")
@@ -93,9 +94,13 @@ def mixing_of_first_batches(batch_drift: pd.DataFrame | None, version: int) -> t
     now = batch_drift[batch_drift["version"] == version].set_index("batch")
     if len(first) < 2 or not first.index.isin(now.index).all():
         return float("nan"), float("nan")
+    now = now.loc[first.index]
+    column = "ilisi_first_version_mean"
+    if column not in now.columns or not np.isfinite(now[column].to_numpy(dtype=float)).any():
+        column = "ilisi_mean"
     weights = first["n_cells_knn"].to_numpy(dtype=float)
     b = first["ilisi_mean"].to_numpy(dtype=float)
-    a = now.loc[first.index, "ilisi_mean"].to_numpy(dtype=float)
+    a = now[column].to_numpy(dtype=float)
     sampled = (weights > 0) & np.isfinite(b) & np.isfinite(a)  # a small batch the kNN sample missed has none
     if not sampled.any():
         return float("nan"), float("nan")
@@ -122,7 +127,7 @@ def version_checks(
     version
         The version the checks describe.
     batch_drift
-        The ``batch_drift`` table: batch mixing is measured on the cells of version 1's batches
+        The ``batch_drift`` table: batch mixing is measured on version 1's cells among themselves
         (:func:`mixing_of_first_batches`); without it, on the version's whole rows.
 
     Returns
@@ -172,13 +177,15 @@ def version_checks(
                         config.flag_label_accuracy_drop, True, note + _types_note(types)))
 
     base, now = mixing_of_first_batches(batch_drift, version)
+    whose = "version 1's cells among themselves"
     if not np.isfinite(now):  # no batch table: the whole version's figure (comparable at version 2 only)
         v1 = version_drift[(version_drift["version"] == 1) & (version_drift["scope"] == "vs_first")]
         base = _value(v1.iloc[0], "ilisi_norm_mean") if len(v1) else float("nan")
         now = _value(first if first is not None else prev, "ilisi_norm_mean")
+        whose = "the version's cells"
     drop = base - now
-    note = (f"normalised iLISI of version 1's batches (0 = one batch per neighbourhood, 1 = batches evenly mixed) "
-            f"{now:.3g}, version 1: {base:.3g}; the value is its fall below version 1")
+    note = (f"normalised iLISI of {whose} (0 = one batch per neighbourhood, "
+            f"1 = batches evenly mixed) {now:.3g}, version 1: {base:.3g}; the value is its fall below version 1")
     if not np.isfinite(now):
         note = "iLISI needs at least two batches"
     checks.append(Check("Batch mixing (iLISI fall)", "ilisi_norm_drop",

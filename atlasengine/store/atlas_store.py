@@ -228,6 +228,28 @@ class AtlasStore:
         self._verified.update((version.number, key, rec.sha256) for key, rec in records.items())
         return version.model_copy(update={"files": {**version.files, **records}})
 
+    def add_files(self, staged: Path, version: VersionInfo, tag: str) -> VersionInfo:
+        """Move the staged files into committed ``version``'s directory beside those they replace.
+
+        Each file ``<folder>/<name>`` goes in as ``<folder>/<tag>/<name>``, so every file the
+        committed manifest lists stays as it is until a manifest that lists the new ones is
+        committed (an atlas upgrade, :mod:`atlasengine.api.upgrade`, then deletes the old ones).
+        Returns ``version`` with the new files recorded under the old files' keys.
+        """
+        records = self._records(staged, version.number)
+        final = self.version_dir(version.number)
+        moved = {}
+        for key, rec in records.items():
+            new_key = (Path(key).parent / tag / Path(key).name).as_posix()
+            target = final / new_key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged / key, target)
+            fsync_dir(target.parent)
+            moved[key] = rec.model_copy(update={"path": f"{VERSIONS}/{version_dirname(version.number)}/{new_key}"})
+        shutil.rmtree(staged, ignore_errors=True)
+        self._verified.update((version.number, key, rec.sha256) for key, rec in moved.items())
+        return version.model_copy(update={"files": {**version.files, **moved}})
+
     def moved_to(self, root: Path) -> "AtlasStore":
         """Return this store after its directory was renamed to ``root`` (checks already done are kept)."""
         moved = AtlasStore(root)

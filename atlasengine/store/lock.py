@@ -66,7 +66,8 @@ def _read_info(fd: int) -> dict:
         info = None
     if not isinstance(info, dict):
         info = {}
-    return {key: info.get(key) for key in ("pid", "host", "since")}
+    return {key: info.get(key) if isinstance(info.get(key), (str, int)) else None
+            for key in ("pid", "host", "since", "task")}
 
 
 def _describe(info: dict) -> str:
@@ -76,7 +77,7 @@ def _describe(info: dict) -> str:
 
 
 def lock_holder(root: Path) -> dict | None:
-    """Return who holds the write lock (``pid``, ``host``, ``since``), or None when nobody does.
+    """Return who holds the write lock (``pid``, ``host``, ``since``, ``task``), or None when nobody does.
 
     A lock file left by a process that has ended holds nothing: the answer is then None.
     """
@@ -137,8 +138,9 @@ class WriteLock:
     True
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, task: str = "an ingest") -> None:
         self.path = Path(root) / LOCK_NAME
+        self.task = task
         self._fd: int | None = None
         self._identity: tuple[int, int] | None = None
 
@@ -149,7 +151,8 @@ class WriteLock:
             holder = _read_info(fd)
             os.close(fd)
             raise AtlasLockedError(
-                f"atlas is locked by {_describe(holder)}: another ingest is running. The kernel releases "
+                f"atlas is locked by {_describe(holder)}: {holder.get('task') or 'another writer'} is running. "
+                "The kernel releases "
                 "the lock when that process ends (a killed one holds nothing); try again then."
             )
         stat = os.fstat(fd)
@@ -160,7 +163,8 @@ class WriteLock:
         except AtlasLockedError:
             self.__exit__()
             raise
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(timezone.utc).isoformat()}
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(timezone.utc).isoformat(),
+                "task": self.task}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
         return self

@@ -19,7 +19,7 @@ from atlasengine.store.files import atomic_write_text
 from atlasengine.store.metadata import Kind
 from atlasengine.version import __version__
 
-FORMAT_VERSION = 8
+FORMAT_VERSION = 9
 """1: no drift database (before 2026-11-27); 2: drift.duckdb; 3: machine settings not stored; 4: the Fisher
 is a per-cell mean with the cells it represents; 5: each version keeps its drift rows as Parquet parts and the
 checksums of the cells it added in its directory; 6: every obs column of the user's data is kept (a table per
