@@ -260,17 +260,23 @@ def validation_problems(exc: ValidationError, model: str) -> str:
 
 
 def merged(base: BaseModel, override: BaseModel | dict | None) -> BaseModel:
-    """Return ``base`` with the keys of ``override`` changed (an instance of the same model replaces it).
+    """Return ``base`` with the keys of ``override`` changed.
+
+    An instance of the same model changes the fields it was given (``model_fields_set``), so
+    ``training=TrainingConfig(max_epochs=2)`` means two epochs with the atlas's other settings,
+    as ``{"max_epochs": 2}`` does.
 
     Example
     -------
     >>> merged(TrainingConfig(kl_warmup_epochs=0), {"seed": 3}).kl_warmup_epochs
     0
+    >>> merged(TrainingConfig(kl_warmup_epochs=0), TrainingConfig(seed=3)).kl_warmup_epochs
+    0
     """
     if override is None:
         return base
     if isinstance(override, type(base)):
-        return override
+        override = override.model_dump(exclude_unset=True)
     if not isinstance(override, dict):
         raise InputError(f"expected {type(base).__name__} or dict, got {type(override).__name__}")
     try:

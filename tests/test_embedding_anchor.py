@@ -95,3 +95,40 @@ def test_the_anchor_without_replayed_cells_is_refused_before_anything_is_written
         Atlas.open(atlas_path).ingest(pancreas_query, batch_key="tech", strategy="ewc", training={"max_epochs": 1},
                                       continual={"embedding_anchor": 10.0, "replay_fraction": 0.0})
     assert Atlas.open(atlas_path).version == 1 and sorted(p.name for p in atlas_path.rglob("*")) == before
+
+
+def test_settings_under_which_no_training_process_replays_a_cell_are_refused():
+    # with several processes each takes its share of every minibatch and replays round(share *
+    # replay_fraction) cells: 2 processes of a 4-cell minibatch at 0.2 replay none, so the anchor
+    # would hold nothing (one process replays 1)
+    from atlasengine.config import ContinualConfig, RuntimeConfig, TrainingConfig
+    from atlasengine.continual.strategies import check_settings, penalty_strength
+    from atlasengine.errors import InputError
+    from atlasengine.training import batch_per_process
+
+    training, continual = TrainingConfig(batch_size=4), ContinualConfig(replay_fraction=0.2)
+    two = RuntimeConfig(accelerator="cpu", devices=2)
+    assert batch_per_process(4, RuntimeConfig()) == 4 and batch_per_process(4, two) == 2
+    check_settings("ewc", training, continual)
+    with pytest.raises(InputError, match="replays none.*each of the 2 training processes"):
+        check_settings("ewc", training, continual, runtime=two)
+    check_settings("ewc", training, continual.model_copy(update={"embedding_anchor": 0.0}), runtime=two)
+    # the EWC strength counts the replayed share each process really takes
+    config = ContinualConfig(ewc_lambda=1.0, replay_fraction=0.25)
+    assert penalty_strength(config, 100, 100, True, batch_per_process(6, RuntimeConfig())) == pytest.approx(
+        1 - 2 / 6)
+    assert penalty_strength(config, 100, 100, True, batch_per_process(6, RuntimeConfig(accelerator="cpu",
+                                                                                       devices=2))) == pytest.approx(
+        1 - 1 / 3)
+
+
+def test_a_create_whose_default_fold_in_could_not_run_is_refused(tmp_path, pancreas_ref):
+    from conftest import TINY
+
+    from atlasengine.errors import InputError
+
+    path = tmp_path / "new.atlas"
+    config = {**TINY, "continual": {**TINY.get("continual", {}), "replay_fraction": 0.0}}
+    with pytest.raises(InputError, match="replays none"):
+        Atlas.create(path, pancreas_ref, batch_key="tech", label_key="celltype", config=config)
+    assert not path.exists() and list(tmp_path.iterdir()) == []

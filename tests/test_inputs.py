@@ -120,3 +120,16 @@ def test_the_callers_matrix_is_never_changed_and_large_inputs_are_checked_in_par
     bad = sp.csr_matrix(np.array([[0.5, 1, 1.5], [2, 2.5, 0]], dtype=np.float32))
     with pytest.raises(InputError, match="3 non-integer value"):
         inputs.count_matrix(ad.AnnData(bad), None)
+
+
+def test_a_settings_object_changes_only_the_fields_it_was_given():
+    # ingest(training=TrainingConfig(max_epochs=2)) means "2 epochs", not "every other query
+    # setting back to the package defaults" (KL warm-up, epoch cap, batch size of the atlas kept)
+    from atlasengine.config import RuntimeConfig, TrainingConfig, merged
+
+    atlas = TrainingConfig(kl_warmup_epochs=0, epochs_cap=200, batch_size=16)
+    run = merged(atlas, TrainingConfig(max_epochs=2))
+    assert (run.max_epochs, run.kl_warmup_epochs, run.epochs_cap, run.batch_size) == (2, 0, 200, 16)
+    assert merged(atlas, TrainingConfig(max_epochs=2, batch_size=128)).batch_size == 128  # set, even to the default
+    assert merged(atlas, {"max_epochs": 2}) == run
+    assert merged(RuntimeConfig(), RuntimeConfig(progress=False)).progress is False

@@ -637,7 +637,8 @@ class Atlas:
         layer
             The layer holding raw counts, if not ``X``.
         training, continual
-            Changes to the atlas's query-training and continual settings for this ingest.
+            Changes to the atlas's query-training and continual settings for this ingest: a dict,
+            or a settings object whose fields given change (the others stay the atlas's).
         runtime
             Accelerator, devices and progress display (not stored).
 

@@ -208,6 +208,10 @@ def create(
     """
     check_atlas_path(root)
     check_runtime(runtime, streamed=is_streamed(adata) and pretrained is None)  # a pretrained model trains nothing
+    try:  # the stored settings are every later ingest's defaults
+        check_settings("ewc", config.query_training, config.continual)
+    except InputError as exc:
+        raise InputError(f"the atlas's continual settings would refuse every default (ewc) fold-in: {exc}") from exc
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise InputError(f"{root} already exists; choose a new path or open it with Atlas.open")
     genes = pretrained.genes if pretrained else None
@@ -325,7 +329,7 @@ def ingest(
 ) -> Committed:
     """Fold ``adata`` into the atlas at ``store`` as the version after its newest one."""
     check_runtime(runtime, streamed=is_streamed(adata))
-    check_settings(strategy, training, continual)
+    check_settings(strategy, training, continual, runtime=runtime)
     with WriteLock(store.root) as lock:
         manifest, started_from, parent = start_writing(store)
         number = parent.number + 1

@@ -21,7 +21,7 @@ from atlasengine.continual.ewc import EWCPenalty
 from atlasengine.continual.fisher import AccumulatedFisher, Tensors
 from atlasengine.errors import InputError
 from atlasengine.model import CVAE
-from atlasengine.training import CellData, CellSource, TrainResult, fit
+from atlasengine.training import CellData, CellSource, TrainResult, batch_per_process, fit
 
 __all__ = ["STRATEGIES", "FoldInStrategy", "NewBatchRowsOnly", "PenaltySum", "check_settings", "fold_in",
            "surgery_mode"]
@@ -145,10 +145,11 @@ def fold_in(
         if fisher is None or anchor is None:
             raise InputError("the ewc strategy needs the current version's Fisher and anchor weights")
         strength = penalty_strength(continual, fisher.cells, len(query), replay is not None and len(replay) > 0,
-                                    training.batch_size)
+                                    batch_per_process(training.batch_size, runtime))
         penalties = [EWCPenalty(module, fisher.mean, anchor, strength)] if strength > 0 else []
         if continual.embedding_anchor > 0:
-            check_settings(strategy, training, continual, replayed=0 if replay is None else len(replay))
+            check_settings(strategy, training, continual, replayed=0 if replay is None else len(replay),
+                           runtime=runtime)
             penalties.append(EmbeddingAnchor(module, n_old_batches, continual.embedding_anchor))
         return fit(module, query, training, replay=replay, replay_fraction=continual.replay_fraction,
                    penalty=PenaltySum.of(penalties), runtime=runtime, name=name)
@@ -156,10 +157,11 @@ def fold_in(
 
 
 def check_settings(strategy: FoldInStrategy, training: TrainingConfig, continual: ContinualConfig,
-                   replayed: int | None = None) -> None:
+                   replayed: int | None = None, runtime: RuntimeConfig | None = None) -> None:
     """Refuse settings a fold-in cannot honour, before anything is read or written.
 
-    ``replayed``: how many reference cells the fold-in replays, where already known.
+    ``replayed``: how many reference cells the fold-in replays, where already known. ``runtime``:
+    the processes the training runs in, each of which replays its own share of every minibatch.
 
     Example
     -------
@@ -171,9 +173,13 @@ def check_settings(strategy: FoldInStrategy, training: TrainingConfig, continual
     """
     if strategy != "ewc" or continual.embedding_anchor == 0:
         return
-    if continual.replay_max_cells == 0 or round(training.batch_size * continual.replay_fraction) == 0 or replayed == 0:
+    per_process = batch_per_process(training.batch_size, runtime)
+    if continual.replay_max_cells == 0 or round(per_process * continual.replay_fraction) == 0 or replayed == 0:
+        processes = -(-training.batch_size // per_process)
+        where = (f" (each of the {processes} training processes takes {per_process} cells of every minibatch)"
+                 if processes > 1 else "")
         raise InputError("embedding_anchor holds the replayed reference cells' embeddings, and this fold-in replays "
-                         "none: set replay_fraction and replay_max_cells above 0, or embedding_anchor to 0")
+                         f"none{where}: set replay_fraction and replay_max_cells above 0, or embedding_anchor to 0")
 
 
 def penalty_strength(

@@ -183,6 +183,21 @@ def _processes(runtime: RuntimeConfig) -> int:
     return 1 if _strategy(runtime) == "auto" else max(1, _device_count(runtime))
 
 
+def batch_per_process(batch_size: int, runtime: RuntimeConfig | None = None) -> int:
+    """Return how many cells of every minibatch each training process takes (all of them with one process).
+
+    Several processes share each minibatch, so an optimiser step sees the same cells, and an
+    epoch has the same steps, as with one process; each process draws its replayed share of its
+    own part, ``round(batch_per_process * replay_fraction)`` cells.
+
+    Example
+    -------
+    >>> batch_per_process(128), batch_per_process(128, RuntimeConfig(accelerator="cpu", devices=3))
+    (128, 43)
+    """
+    return -(-int(batch_size) // _processes(runtime or RuntimeConfig()))
+
+
 _RELAYS_HERE: list[_EpochRelay] = []
 """The epoch relays unpickled in this (training) process."""
 
@@ -427,7 +442,7 @@ def fit(
     runtime = runtime or RuntimeConfig()
     L.seed_everything(config.seed, workers=False, verbose=False)
     # several processes share each minibatch: the same cells per optimiser step and steps per epoch as one process
-    per_process = -(-config.batch_size // _processes(runtime))
+    per_process = batch_per_process(config.batch_size, runtime)
     streamed = not isinstance(query, CellData)
     strategy = _strategy(runtime, streamed)
     _refuse_forked_stream(strategy, streamed)
