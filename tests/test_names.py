@@ -86,8 +86,11 @@ def test_nan_and_none_texts_are_missing_values_and_the_engine_says_so(tmp_path, 
 def test_a_cell_type_named_unknown_is_refused_and_the_message_says_what_to_do(tmp_path, pancreas_ref):
     ref = _small_reference(pancreas_ref)
     ref.obs["celltype"] = ref.obs["celltype"].astype(str).replace({"alpha": "Unknown"})
-    with pytest.raises(InputError, match="'Unknown', which is the label the engine gives cells it calls Unknown; "
-                                         "rename that type"):
+    with pytest.raises(InputError, match="'Unknown', which reads as 'Unknown', the label the engine gives cells it "
+                                         "calls Unknown; rename that type"):
+        Atlas.create(tmp_path / "a.atlas", ref, batch_key="tech", label_key="celltype", config=TINY)
+    ref.obs["celltype"] = ref.obs["celltype"].replace({"Unknown": "unknown "})  # the same to a reader
+    with pytest.raises(InputError, match="'unknown ', which reads as 'Unknown'"):
         Atlas.create(tmp_path / "a.atlas", ref, batch_key="tech", label_key="celltype", config=TINY)
 
 

@@ -75,7 +75,8 @@ def test_relabel_changes_labels_only_and_earlier_versions_keep_theirs(two, tmp_p
     assert "relabel" in report and "ductal_new" in report
 
     # a second relabel carries the first one's overrides; a cell renamed again takes the newest name
-    mask = (atlas.obs().index.isin(cells[:2])).tolist()
+    by_batch = atlas.obs().sort_values("batch", ascending=False)  # a mask keeps its cells, not their row order
+    mask = pd.Series(by_batch.index.isin(cells[:2]), index=by_batch.index)
     info4 = atlas.relabel(mask, "ductal")
     assert info4.relabel.from_labels == {"ductal_new": 2} and info4.relabel.from_unlabelled == 0
     obs4 = Atlas.open(two).obs()
@@ -92,6 +93,8 @@ def test_relabel_changes_labels_only_and_earlier_versions_keep_theirs(two, tmp_p
     ("one_cell", "x", "not one text"),
     ([0, 1], "x", "positions are not accepted"),
     (None, "Unknown", "cannot be 'Unknown'"),
+    (None, " UNKNOWN", r"cannot be 'Unknown' \(' UNKNOWN' reads as it\)"),
+    (pd.Series([True, False] * 250), "x", "a boolean Series selects cells by its index"),
     (None, "", "is empty or reads as a missing value"),
     (None, "nan", "is empty or reads as a missing value"),
     (None, 3, "must be a text, got int"),

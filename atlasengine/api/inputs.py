@@ -124,12 +124,19 @@ def _as_names(values: pd.Series, role: str, allow_missing: bool) -> list[str | N
     return out
 
 
+def _reads_as_unknown(label: str) -> bool:
+    """Whether ``label`` reads as the Unknown call ("Unknown", "unknown", " UNKNOWN ")."""
+    return label.strip().casefold() == UNKNOWN.casefold()
+
+
 def _refuse_reserved_labels(labels: list[str | None], role: str) -> None:
     """Refuse a cell type named like the Unknown call (it could not be told from it), saying how to fix it."""
-    n = sum(1 for v in labels if v == UNKNOWN)
+    named = sorted({v for v in labels if v is not None and _reads_as_unknown(v)})
+    n = sum(1 for v in labels if v is not None and _reads_as_unknown(v))
     if n:
         raise InputError(
-            f"{role} names {n} cell(s) {UNKNOWN!r}, which is the label the engine gives cells it calls Unknown; "
+            f"{role} names {n} cell(s) {_examples(named)}, which reads as {UNKNOWN!r}, the label the engine gives "
+            "cells it calls Unknown; "
             f"rename that type (e.g. 'unknown_type') or, if those cells are unannotated, set them to None"
         )
 
@@ -145,9 +152,10 @@ def check_label_name(label: object, role: str = "the new label") -> str:
     if _is_missing(label):
         raise InputError(f"{role} {label!r} is empty or reads as a missing value; give the type a name")
     _as_names(pd.Series([label], dtype=object), role, allow_missing=False)  # its length
-    if label == UNKNOWN:
-        raise InputError(f"{role} cannot be {UNKNOWN!r}: it is the label the engine gives cells it calls Unknown, "
-                         "and cells named so could not be told from that call; choose another name")
+    if _reads_as_unknown(label):
+        raise InputError(f"{role} cannot be {UNKNOWN!r} ({label!r} reads as it): it is the label the engine gives "
+                         "cells it calls Unknown, and cells named so could not be told from that call; choose another "
+                         "name")
     return label
 
 

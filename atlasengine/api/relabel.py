@@ -59,10 +59,24 @@ class Relabelled:
         return reader
 
 
+def _aligned_mask(mask: pd.Series, obs: pd.DataFrame) -> pd.Series:
+    """Return a boolean Series mask in ``obs``'s row order, read by its index (the cell names)."""
+    index = mask.index.astype(str)
+    if index.equals(obs.index.astype(str)):
+        return mask
+    if index.is_unique and len(index) == len(obs) and index.isin(obs.index.astype(str)).all():
+        return pd.Series(mask.to_numpy(), index=index).reindex(obs.index.astype(str))  # e.g. a sorted obs()
+    raise InputError("a boolean Series selects cells by its index, and this one's index is not the atlas's cell "
+                     f"names (e.g. {', '.join(repr(str(i)[:40]) for i in mask.index[:3])}): build it from "
+                     "atlas.obs(), or pass a list or NumPy array of booleans in atlas.obs()'s row order")
+
+
 def select_cells(obs: pd.DataFrame, cells: CellSelection, number: int) -> np.ndarray:
     """Return the sorted, distinct row positions in ``obs`` that ``cells`` selects.
 
-    ``cells``: cell names (``obs``'s index), or a boolean mask with one entry per ``obs`` row.
+    ``cells``: cell names (``obs``'s index), or a boolean mask with one entry per ``obs`` row (a
+    pandas Series is read by its index, so a mask built from a sorted ``obs()`` selects the cells
+    it names; a list or array by position).
     Unknown names, a mask of another length, integers (positions are not accepted), missing
     mask values and an empty selection raise :class:`InputError`.
 
@@ -77,6 +91,8 @@ def select_cells(obs: pd.DataFrame, cells: CellSelection, number: int) -> np.nda
         if pd.api.types.is_bool_dtype(cells.dtype) and cells.isna().any():
             raise InputError(f"the cell mask has {int(cells.isna().sum())} missing value(s); it must be True or False "
                              "for every cell")
+        if isinstance(cells, pd.Series) and pd.api.types.is_bool_dtype(cells.dtype):
+            cells = _aligned_mask(cells, obs)
         values = cells.to_numpy(dtype=bool) if pd.api.types.is_bool_dtype(cells.dtype) else cells.to_numpy()
     else:
         values = np.asarray(list(cells) if not isinstance(cells, np.ndarray) else cells)
