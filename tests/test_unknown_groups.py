@@ -140,3 +140,22 @@ def test_a_group_whose_guessed_type_was_renamed_is_given_the_new_name(pbmc_fold_
         atlas.unknown_groups(n_markers=-1)
     with pytest.raises(InputError, match="min_size must be a whole number"):
         atlas.unknown_groups(min_size=2.5)
+
+
+def test_a_labelled_querys_own_annotation_does_not_name_its_unknown_groups(tmp_path, pancreas):
+    # the query comes annotated (all "mytype"): its Unknown cells' closest type is the reference's
+    # type they sit beside, as in the fold-in's own vote, not their own label voting for itself
+    ref = pancreas[(pancreas.obs["tech"] == "indrop") & (pancreas.obs["celltype"] != "ductal")].copy()
+    query = pancreas[(pancreas.obs["tech"] == "celseq2") & pancreas.obs["celltype"].isin(["ductal", "alpha"])].copy()
+    query.obs["celltype"] = "mytype"
+    config = {"model": {"n_hidden": 16, "n_latent": 4}, "reference_training": {"max_epochs": 20},
+              "query_training": {"max_epochs": 5}, "continual": {"fisher_max_cells": 100, "replay_max_cells": 100}}
+    atlas = Atlas.create(tmp_path / "a.atlas", ref, batch_key="tech", label_key="celltype", config=config)
+    res = atlas.ingest(query, batch_key="tech", label_key="celltype")
+    assert res.predictions["is_unknown"].sum() >= 6
+    groups = atlas.unknown_groups(min_size=3)
+    assert len(groups) >= 1
+    assert "mytype" not in set(groups["closest_type"])
+    assert set(groups["closest_type"]) <= set(ref.obs["celltype"])
+    for markers in groups.attrs["markers"].values():  # ranked against reference cells of that type
+        assert len(markers) == 10

@@ -13,6 +13,7 @@ from atlasengine.errors import InputError
 from atlasengine.numerics import sorted_sample
 from atlasengine.store.version import VersionReader
 from atlasengine.transfer.groups import MarkerTables, cluster, log_normalise, neighbour_scale, rank_markers
+from atlasengine.transfer.index import NeighborIndex
 from atlasengine.transfer.knn import transfer_labels
 
 
@@ -76,17 +77,24 @@ def unknown_groups(reader: VersionReader, version: int | None = None, min_size: 
     rows = obs.index.get_indexer(unknown)
     size = min_size if min_size is not None else max(5, int(round(0.02 * len(rows))))
     labels = obs["label"]
-    labelled = labels.notna().to_numpy()
+    # the reference of the guesses and markers: every labelled cell but the grouped query's own
+    # annotation (as its fold-in voted), so a labelled query's cells do not vote for themselves;
+    # a label a relabel gave its cells since is the atlas's
+    own = (pd.to_numeric(obs["version_added"]).to_numpy() == number) & ~obs.index.isin(named)
+    labelled = labels.notna().to_numpy() & ~own
     groups = cluster(z[rows], size, lambda: neighbour_scale(z[labelled], seed=seed))  # only if HDBSCAN leaves most cells out
     result = pd.DataFrame(columns=GROUP_COLUMNS, index=pd.Index([], name="group"))
     result.attrs["markers"] = MarkerTables()
     if (groups < 0).all():
         return result
     types = sorted(set(labels[labelled].astype(str)))
-    type_rows = {t: np.flatnonzero((labels == t).to_numpy()) for t in types}
+    type_rows = {t: np.flatnonzero((labels == t).to_numpy() & labelled) for t in types}
     # each cell's kNN guess under the labels and model of the version shown (a relabel since the
     # fold-in may have renamed the type its neighbours carry; the stored guess has the old name)
-    guess = transfer_labels(reader.index(), z[rows], reader.manifest.config.transfer)["predicted_label"].to_numpy()
+    tcfg = reader.manifest.config.transfer
+    index = (reader.index() if not (labels.notna().to_numpy() & own).any()
+             else NeighborIndex.build(z[labelled], labels[labelled].astype(str).to_numpy(), tcfg))
+    guess = transfer_labels(index, z[rows], tcfg)["predicted_label"].to_numpy()
     n_groups = int(groups.max()) + 1
     genes = reader.genes()
     records = []
