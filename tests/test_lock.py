@@ -97,3 +97,15 @@ def test_a_lock_file_deleted_by_hand_stops_its_holder_from_committing(atlas_path
             second.check_held()
             with pytest.raises(AtlasLockedError):  # ... and the first one still cannot commit
                 lock.check_held()
+
+
+def test_asking_about_the_lock_of_something_that_is_no_atlas_says_so(tmp_path):
+    from atlasengine.errors import AtlasFormatError, InputError
+
+    with pytest.raises(AtlasFormatError, match="does not exist"):
+        Atlas.lock_holder(tmp_path / "typo.atlas")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(AtlasFormatError, match="is not an atlas: it has no manifest.json"):
+        Atlas.break_lock(tmp_path / "folder")
+    with pytest.raises(InputError, match="is a URL"):
+        Atlas.lock_holder("s3://bucket/pancreas.atlas")

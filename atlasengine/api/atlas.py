@@ -61,7 +61,7 @@ from atlasengine.model import CVAE
 from atlasengine.store.atlas_store import AtlasStore
 from atlasengine.store.cells import CellStore
 from atlasengine.store.lock import break_lock, lock_holder
-from atlasengine.store.manifest import AtlasNeedsUpgrade, VersionInfo
+from atlasengine.store.manifest import MANIFEST_NAME, AtlasNeedsUpgrade, VersionInfo
 from atlasengine.store.remote import fetch, is_remote
 from atlasengine.store.version import VersionReader
 from atlasengine.training import CellData, embed
@@ -117,6 +117,18 @@ class IngestResult:
         if self.query is None:
             raise InputError("this result does not hold the AnnData that was folded in")
         return query_anndata(self.query, self.predictions, self.latent, self.atlas_path, self.version.number)
+
+
+def _local_atlas(path: str | Path) -> Path:
+    """Return ``path`` if it is the folder of an atlas on this machine (the only kind that has a write lock)."""
+    if is_remote(str(path)):
+        raise InputError(f"{path} is a URL: an atlas published there is read-only and has no write lock; ask about "
+                         "the lock of the folder it was published from")
+    root = Path(path)
+    if not (root / MANIFEST_NAME).is_file():
+        raise AtlasFormatError(f"{root} is not an atlas: it has no {MANIFEST_NAME}" if root.exists()
+                               else f"{root} does not exist")
+    return root
 
 
 class Atlas:
@@ -328,12 +340,16 @@ class Atlas:
         The lock is held by the kernel: a writer that died holds nothing, so there is never a
         stale lock to break.
         """
-        return break_lock(Path(path))
+        return break_lock(_local_atlas(path))
 
     @staticmethod
     def lock_holder(path: str | Path) -> dict | None:
-        """Who holds the write lock (pid, host, since), or None when nobody does."""
-        return lock_holder(Path(path))
+        """Return who holds the write lock (pid, host, since, task), or None when nobody does.
+
+        A path that holds no atlas, or a URL (published atlases are read-only), raises instead of
+        reading as "not locked".
+        """
+        return lock_holder(_local_atlas(path))
 
     # --------------------------------------------------------------- properties
     @property
