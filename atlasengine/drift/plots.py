@@ -17,6 +17,7 @@ from plotly.subplots import make_subplots
 
 from atlasengine.config import DriftConfig
 from atlasengine.drift.summary import mixing_of_first_batches
+from atlasengine.numerics import sorted_sample
 
 PALETTE = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
@@ -213,9 +214,7 @@ def distributions_figure(predictions: pd.DataFrame, annotation: pd.Series | None
     label; at most ``max_points`` cells are drawn (a seeded sample, said in the title).
     """
     preds = predictions
-    if len(preds) > max_points:
-        keep = np.sort(np.random.default_rng(seed).choice(len(preds), max_points, replace=False))
-        preds = preds.iloc[keep]
+    preds = preds.iloc[sorted_sample(len(preds), max_points, seed)]
     annotated = annotation is not None and annotation.reindex(preds.index).notna().any()
     group = (annotation.reindex(preds.index) if annotated else preds["predicted_label"]).astype(object)
     group = group.where(group.notna(), MISSING_TEXT).astype(str)

@@ -27,6 +27,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.stats import rankdata
 
+from atlasengine.numerics import sorted_sample
+
 
 class MarkerTables(dict):
     """Group number -> marker table, comparable with ``==`` (pandas compares ``attrs`` when it prints)."""
@@ -57,9 +59,7 @@ def neighbour_scale(z: np.ndarray, k: int = 5, quantile: float = 0.95, max_cells
     x = np.asarray(z, dtype=np.float32)
     if len(x) <= k:
         return float("nan")
-    rows = np.arange(len(x))
-    if len(x) > max_cells:
-        rows = np.sort(np.random.default_rng(seed).choice(len(x), max_cells, replace=False))
+    rows = sorted_sample(len(x), max_cells, seed)
     index = NeighborIndex.build(x, np.zeros(len(x), dtype=str), TransferConfig())
     d, _ = index.search(x[rows], k, exclude=rows)
     return float(np.quantile(d[:, -1], quantile))
