@@ -385,6 +385,19 @@ def env_info() -> dict[str, Any]:
     return info
 
 
+def seeds_of(args: argparse.Namespace) -> list[int]:
+    """Return the seeds a run uses: ``--first-seed`` .. ``--first-seed + --seeds - 1``."""
+    return list(range(args.first_seed, args.first_seed + args.seeds))
+
+
+def seeds_said(args: argparse.Namespace) -> str:
+    """Return how a page names the run's seeds ("3 seed(s)", or the held-out ones by number)."""
+    seeds = seeds_of(args)
+    if args.first_seed == 0:
+        return f"{len(seeds)} seed(s)"
+    return f"{len(seeds)} held-out seed(s) ({seeds[0]}-{seeds[-1]}, no default chosen on them)"
+
+
 def parse_args(description: str, default_seeds: int = 3) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="one seed, few epochs (CI smoke run)")

@@ -183,8 +183,8 @@ def expression_ceiling(k: int = 50, n_pcs: int = 50) -> dict:
     donor = full.obs[sc.batch_key].astype(str)
     label = full.obs[sc.label_key].astype(str).to_numpy()
     x = log_normalise(sp.csr_matrix(full.X)).toarray()
-    x = (x - x.mean(axis=0)) / np.maximum(x.std(axis=0), 1e-8)
     ref = donor.isin(sc.ref_batches).to_numpy()
+    x = (x - x[ref].mean(axis=0)) / np.maximum(x[ref].std(axis=0), 1e-8)  # scaled by the reference donors alone
     nxt = donor.eq(NEXT_DONOR).to_numpy()
     pca = PCA(n_pcs, random_state=0).fit(x[ref])
     cats, codes = np.unique(label[ref], return_inverse=True)
@@ -205,7 +205,7 @@ def main() -> None:
     cfg = {"ref_epochs": 10, "query_epochs": 5} if args.quick else {"ref_epochs": 150, "query_epochs": 100}
     C.quiet()
     t0 = time.perf_counter()
-    rows = C.run_jobs(run_one, [(seed, cfg, args.out) for seed in range(args.seeds)], args.jobs)
+    rows = C.run_jobs(run_one, [(seed, cfg, args.out) for seed in C.seeds_of(args)], args.jobs)
     df = pd.DataFrame([r for part in rows for r in part[:-1]])
     df = df.sort_values(["strategy", "seed"], key=lambda c: c.map(STRATEGIES.index) if c.name == "strategy" else c)
     known = pd.DataFrame([part[-1] for part in rows])
@@ -266,7 +266,7 @@ def main() -> None:
         "",
         f"Total wall time {wall / 60:.1f} min.",
     ]
-    C.write_outputs(args.out, "naming", {"quick": args.quick, "settings": cfg, "seeds": args.seeds,
+    C.write_outputs(args.out, "naming", {"quick": args.quick, "settings": cfg, "seeds": args.seeds, "first_seed": args.first_seed,
                                          "met_group": met_group, "met_next": met_next, "records": df.to_dict("records"),
                                          "known_type_ceiling": known.to_dict("records"),
                                          "expression_ceiling": expression,

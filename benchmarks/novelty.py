@@ -388,7 +388,7 @@ def main() -> None:
     C.quiet()
     names = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
     t_start = time.perf_counter()
-    jobs = [(name, seed, cfg, args.out) for seed in range(args.seeds) for name in names]
+    jobs = [(name, seed, cfg, args.out) for seed in C.seeds_of(args) for name in names]
     results = C.run_jobs(run_one, jobs, args.jobs)
     df = pd.DataFrame([r for rows, _, _ in results for r in rows])
     known = pd.DataFrame([k for _, _, k in results if k is not None])
@@ -421,7 +421,7 @@ def main() -> None:
         "# Novelty rules side by side, with few and with many new cells" + by + (
             " (QUICK MODE: smoke run, numbers not meaningful)" if args.quick else ""),
         "",
-        f"{args.seeds} seed(s), mean ± sd over seeds. Reference {cfg['ref_epochs']} epochs, {strategy} fold-in "
+        f"{C.seeds_said(args)}, mean ± sd over seeds. Reference {cfg['ref_epochs']} epochs, {strategy} fold-in "
         f"{cfg['query_epochs']} epochs (atlas defaults otherwise), query ingested blind; every rule scores the same "
         "fold-in. `known_called` / `novel_caught`: share of known / new query cells called Unknown at the rule's "
         "default (5% target; the paper's rule at 0.3). `best@7%`: the largest share of new cells any cut of the same "
@@ -451,7 +451,7 @@ def main() -> None:
         "",
         f"![operating curves]({out_name}_curves.png)",
     ]
-    C.write_outputs(args.out, out_name, {"quick": args.quick, "settings": cfg, "seeds": args.seeds,
+    C.write_outputs(args.out, out_name, {"quick": args.quick, "settings": cfg, "seeds": args.seeds, "first_seed": args.first_seed,
                                          "checks": found, "records": df.to_dict("records"),
                                          "types_known": known.to_dict("records"),
                                          "summary": table.to_dict("records"), "wall_seconds": wall}, "\n".join(md))

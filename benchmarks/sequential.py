@@ -143,7 +143,7 @@ def main() -> None:
     names = args.scenarios.split(",") if args.scenarios else (["pancreas"] if args.quick else list(SEQUENCES))
     t_start = time.perf_counter()
     jobs = [(name, strat, seed, args.quick, args.out) for name in sorted(names, key=lambda n: n != "kang")
-            for seed in range(args.seeds) for strat in STRATEGIES]
+            for seed in C.seeds_of(args) for strat in STRATEGIES]
     df = pd.DataFrame([r for part in C.run_jobs(job, jobs, args.jobs) for r in part])
     wall = time.perf_counter() - t_start
     rank = df["strategy"].map({s: i for i, s in enumerate(STRATEGIES)})
@@ -155,9 +155,11 @@ def main() -> None:
     md = [
         "# Sequential fold-ins" + (" (QUICK MODE: smoke run, numbers not meaningful)" if args.quick else ""),
         "",
-        f"{args.seeds} seed(s), mean ± sd; engine defaults ({C.continual_defaults()}); every row from this one run. "
+        f"{C.seeds_said(args)}, mean ± sd; engine defaults ({C.continual_defaults()}); every row from this one run. "
         "Steps are blind (no labels given). accuracy_so_far: weighted-kNN predicted-label accuracy of every cell folded "
-        "in so far whose type the reference knows, embedded by the current version (accuracy_so_far_all: every cell). "
+        "in so far whose type the reference knows, embedded by the current version (accuracy_so_far_all: every cell); "
+        "unknown_share_so_far: the share of them whose kNN uncertainty is above the paper's cut-off (0.3), not the "
+        "atlas's own Unknown rule. "
         "ref_loo: leave-one-out kNN (k=15) accuracy of the reference cells under the current version (step 0: version "
         "1); drift: their mean aligned (Procrustes) displacement from version 1.",
         "",
@@ -171,7 +173,8 @@ def main() -> None:
         "",
         "![sequential](sequential.png)",
     ]
-    C.write_outputs(args.out, "sequential", {"quick": args.quick, "seeds": args.seeds, "scenarios": names,
+    C.write_outputs(args.out, "sequential", {"quick": args.quick, "seeds": args.seeds, "first_seed": args.first_seed,
+                                             "scenarios": names,
                                              "records": df.to_dict("records"), "checks": verdicts.to_dict("records"),
                                              "wall_seconds": wall}, "\n".join(md))
     plot(df, args.out / "sequential.png")
