@@ -398,6 +398,11 @@ def seeds_said(args: argparse.Namespace) -> str:
     return f"{len(seeds)} held-out seed(s) ({seeds[0]}-{seeds[-1]}, no default chosen on them)"
 
 
+def output_name(base: str, args: argparse.Namespace) -> str:
+    """Return the name a run's outputs take: ``base``, or ``<base>_heldout`` for held-out seeds (kept off the page's rows)."""
+    return base if args.first_seed == 0 else f"{base}_heldout"
+
+
 def parse_args(description: str, default_seeds: int = 3) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="one seed, few epochs (CI smoke run)")

@@ -289,7 +289,7 @@ def main() -> None:
     args = C.parse_args(__doc__.splitlines()[0], default_seeds=3)
     scenarios = args.scenarios.split(",") if args.scenarios else (["pancreas"] if args.quick else list(C.SCENARIOS))
     t_start = time.perf_counter()
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    seeds = C.seeds_of(args)
     jobs = [(name, seed, args.quick, args.out, grid) for seed in seeds for name in scenarios]
     rows = [r for part in C.run_jobs(job, jobs, args.jobs) for r in part]
     df = pd.DataFrame(rows)

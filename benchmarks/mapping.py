@@ -187,8 +187,8 @@ def main() -> None:
     parts = ["engine"] + (["scvi"] if have_scvi else [])
     # the longest jobs (kang) first, so that parallel workers finish together
     jobs = [(part, name, seed, args.quick, args.out, known.scib) for name in sorted(scenarios, key=lambda n: n != "kang")
-            for seed in range(args.first_seed, args.first_seed + args.seeds) for part in parts]
-    name = "mapping" if args.first_seed == 0 else "mapping_heldout"
+            for seed in C.seeds_of(args) for part in parts]
+    name = C.output_name("mapping", args)
     seeds_said = (f"{args.seeds} seed(s)" if args.first_seed == 0 else
                   f"{args.seeds} held-out seed(s) ({args.first_seed}-{args.first_seed + args.seeds - 1}: the engine's "
                   "defaults were chosen on seeds 0-2)")

@@ -225,7 +225,8 @@ def main() -> None:
         "# Naming a new type: kang's FCGR3A+ monocytes" + (" (QUICK MODE: smoke run, numbers not meaningful)"
                                                           if args.quick else ""),
         "",
-        f"Reference: donors 1015 + 1256 without {NOVEL}, {cfg['ref_epochs']} epochs; donor 1488 folded in with each "
+        f"{C.seeds_said(args)}. Reference: donors 1015 + 1256 without {NOVEL}, {cfg['ref_epochs']} epochs; donor "
+        "1488 folded in with each "
         f"strategy from a copy of it ({cfg['query_epochs']} epochs), atlas defaults otherwise (Unknown rule: calibrated novelty). The purest "
         f"unknown group is named, then donor {NEXT_DONOR} is folded in. `novel_called` / `known_called`: share of "
         f"1488's {NOVEL} / other cells called Unknown; `next_named`: share of {NEXT_DONOR}'s {NOVEL} predicted with "
@@ -266,7 +267,7 @@ def main() -> None:
         "",
         f"Total wall time {wall / 60:.1f} min.",
     ]
-    C.write_outputs(args.out, "naming", {"quick": args.quick, "settings": cfg, "seeds": args.seeds, "first_seed": args.first_seed,
+    C.write_outputs(args.out, C.output_name("naming", args), {"quick": args.quick, "settings": cfg, "seeds": args.seeds, "first_seed": args.first_seed,
                                          "met_group": met_group, "met_next": met_next, "records": df.to_dict("records"),
                                          "known_type_ceiling": known.to_dict("records"),
                                          "expression_ceiling": expression,

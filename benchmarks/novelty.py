@@ -380,8 +380,8 @@ def checks(means: pd.DataFrame) -> dict:
 
 def main() -> None:
     strategy = C.take_choice("--strategy", ("ewc", "finetune", "surgery", "anchor"), DEFAULT_STRATEGY)
-    out_name = "novelty" if strategy == DEFAULT_STRATEGY else f"novelty_{strategy}"
     args = C.parse_args(__doc__.splitlines()[0], default_seeds=3)
+    out_name = C.output_name("novelty" if strategy == DEFAULT_STRATEGY else f"novelty_{strategy}", args)
     cfg = ({"ref_epochs": 10, "query_epochs": 5, "fisher_max_cells": 200} if args.quick
            else {"ref_epochs": 150, "query_epochs": 100, "fisher_max_cells": 2000})
     cfg["strategy"] = strategy

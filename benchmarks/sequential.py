@@ -171,13 +171,13 @@ def main() -> None:
         "",
         f"Total wall time {wall / 60:.1f} min ({args.jobs} parallel job(s)).",
         "",
-        "![sequential](sequential.png)",
+        f"![sequential]({C.output_name('sequential', args)}.png)",
     ]
-    C.write_outputs(args.out, "sequential", {"quick": args.quick, "seeds": args.seeds, "first_seed": args.first_seed,
+    C.write_outputs(args.out, C.output_name("sequential", args), {"quick": args.quick, "seeds": args.seeds, "first_seed": args.first_seed,
                                              "scenarios": names,
                                              "records": df.to_dict("records"), "checks": verdicts.to_dict("records"),
                                              "wall_seconds": wall}, "\n".join(md))
-    plot(df, args.out / "sequential.png")
+    plot(df, args.out / f"{C.output_name('sequential', args)}.png")
 
 
 if __name__ == "__main__":
