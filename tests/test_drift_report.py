@@ -190,9 +190,14 @@ def test_two_first_batches_that_separate_read_red_even_when_a_later_batch_mixes_
     assert before > 0.8 and after == pytest.approx(0.0)
     check = {c.measure: c for c in version_checks(vd, None, DriftConfig(), 3, bd)}["ilisi_norm_drop"]
     assert check.status == "red" and check.value > 0.8
-    # the figure of the format-8 tables (every batch's cells as neighbours) read it as mixed
+    # the figure of the format-8 tables (every batch's cells as neighbours) read it as mixed, and
+    # the check's note says which figure it read
     old = mixing_of_first_batches(bd.drop(columns="ilisi_first_version_mean"), 3)
     assert old[1] > 0.8
+    for rows in (bd.drop(columns="ilisi_first_version_mean"), bd.assign(ilisi_first_version_mean=np.nan)):
+        check = {c.measure: c for c in version_checks(vd, None, DriftConfig(), 3, rows)}["ilisi_norm_drop"]
+        assert check.status == "green" and "every batch's cells counted as neighbours" in check.note
+        assert "among themselves" not in check.note
     from atlasengine.drift.plots import drift_figure
 
     trace = [t for t in drift_figure(vd, bd, DriftConfig()).data if "among themselves" in t.name]

@@ -113,7 +113,32 @@ def test_settings_under_which_no_training_process_replays_a_cell_are_refused():
     with pytest.raises(InputError, match="replays none.*each of the 2 training processes"):
         check_settings("ewc", training, continual, runtime=two)
     check_settings("ewc", training, continual.model_copy(update={"embedding_anchor": 0.0}), runtime=two)
-    # the EWC strength counts the replayed share each process really takes
+    # the EWC strength counts the replayed share each process really takes: fold_in asks for it
+    # with each process's part of the minibatch
+    import scipy.sparse as sp
+
+    import atlasengine.continual.strategies as strategies
+    from atlasengine.continual.fisher import AccumulatedFisher
+    from atlasengine.training import CellData
+
+    asked, module = [], _module()
+    real = strategies.penalty_strength
+
+    def recorded(*args):
+        asked.append(args[-1])
+        return real(*args)
+
+    params = {n: p.detach().clone() for n, p in module.named_parameters()}
+    cells = CellData(sp.csr_matrix(np.ones((8, 20))), np.zeros(8))
+    for runtime, batch in ((RuntimeConfig(), 6), (RuntimeConfig(accelerator="cpu", devices=2), 3)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(strategies, "penalty_strength", recorded)
+            mp.setattr(strategies, "fit", lambda *a, **k: None)  # no training: the strength is what is asked
+            strategies.fold_in(module, "ewc", cells, n_old_batches=2, training=TrainingConfig(batch_size=6),
+                               continual=ContinualConfig(replay_fraction=0.25),
+                               fisher=AccumulatedFisher({n: torch.ones_like(p) for n, p in params.items()}, 100.0),
+                               anchor=params, replay=cells, runtime=runtime)
+        assert asked[-1] == batch
     config = ContinualConfig(ewc_lambda=1.0, replay_fraction=0.25)
     assert penalty_strength(config, 100, 100, True, batch_per_process(6, RuntimeConfig())) == pytest.approx(
         1 - 2 / 6)

@@ -294,6 +294,14 @@ def test_an_upgrade_that_meets_a_damaged_file_says_so_and_the_version_keeps_its_
                for r in caplog.records)
     bd = atlas.sql("select * from batch_drift").set_index(["version", "batch"])
     assert bd.loc[2, "ilisi_first_version_mean"].notna().all()
+    paths = {v["number"]: v["files"]["drift/batch_drift.parquet"]["path"]
+             for v in json.loads((path / "manifest.json").read_text())["versions"]}
+    assert paths == {1: "versions/v0001/drift/format9/batch_drift.parquet",
+                     2: "versions/v0002/drift/format9/batch_drift.parquet",
+                     3: "versions/v0003/drift/batch_drift.parquet"}  # version 3's part kept as it was
+    import pyarrow.parquet as pq
+
+    assert "ilisi_first_version_mean" not in pq.read_table(path / paths[3]).column_names
 
 
 def test_an_old_atlas_being_written_by_another_process_is_refused_naming_what_holds_it(tmp_path):

@@ -61,7 +61,7 @@ from atlasengine.model import CVAE
 from atlasengine.store.atlas_store import AtlasStore
 from atlasengine.store.cells import CellStore
 from atlasengine.store.lock import break_lock, lock_holder
-from atlasengine.store.manifest import MANIFEST_NAME, AtlasNeedsUpgrade, VersionInfo
+from atlasengine.store.manifest import AtlasNeedsUpgrade, VersionInfo, read_raw_manifest
 from atlasengine.store.remote import fetch, is_remote
 from atlasengine.store.version import VersionReader
 from atlasengine.training import CellData, embed
@@ -124,11 +124,8 @@ def _local_atlas(path: str | Path) -> Path:
     if is_remote(str(path)):
         raise InputError(f"{path} is a URL: an atlas published there is read-only and has no write lock; ask about "
                          "the lock of the folder it was published from")
-    root = Path(path)
-    if not (root / MANIFEST_NAME).is_file():
-        raise AtlasFormatError(f"{root} is not an atlas: it has no {MANIFEST_NAME}" if root.exists()
-                               else f"{root} does not exist")
-    return root
+    read_raw_manifest(Path(path))  # an atlas's manifest, or the error that says why not
+    return Path(path)
 
 
 class Atlas:

@@ -21,7 +21,7 @@ from atlasengine.continual.ewc import EWCPenalty
 from atlasengine.continual.fisher import AccumulatedFisher, Tensors
 from atlasengine.errors import InputError
 from atlasengine.model import CVAE
-from atlasengine.training import CellData, CellSource, TrainResult, batch_per_process, fit
+from atlasengine.training import CellData, CellSource, TrainResult, batch_per_process, fit, training_processes
 
 __all__ = ["STRATEGIES", "FoldInStrategy", "NewBatchRowsOnly", "PenaltySum", "check_settings", "fold_in",
            "surgery_mode"]
@@ -175,7 +175,7 @@ def check_settings(strategy: FoldInStrategy, training: TrainingConfig, continual
         return
     per_process = batch_per_process(training.batch_size, runtime)
     if continual.replay_max_cells == 0 or round(per_process * continual.replay_fraction) == 0 or replayed == 0:
-        processes = -(-training.batch_size // per_process)
+        processes = training_processes(runtime)
         where = (f" (each of the {processes} training processes takes {per_process} cells of every minibatch)"
                  if processes > 1 else "")
         raise InputError("embedding_anchor holds the replayed reference cells' embeddings, and this fold-in replays "

@@ -367,7 +367,9 @@ def _tables(
                          "displacement_aligned_vs_previous": prev, "displacement_aligned_vs_first": first})
     celltype = (pd.concat(crows, ignore_index=True) if len(c.type_names)
                 else pd.DataFrame(columns=list(_CELLTYPE_COLUMNS)))
-    if _added_by_version_1(obs).all():  # version 1's cells only: the same sample and neighbours as ilisi_mean
+    if "version_added" not in obs.columns and version > 2:  # which cells version 1 added is not known
+        first_mixing = pd.Series(dtype=float, name="ilisi_first_version_mean")
+    elif _added_by_version_1(obs).all():  # version 1's cells only: the same sample and neighbours as ilisi_mean
         first_mixing = _group_mean(ilisi[0], c.batches[c.sub]).rename("ilisi_first_version_mean")
     else:
         first_mixing = first_version_mixing(current, obs, config, seed)
@@ -405,7 +407,8 @@ def compute_version_drift(
     previous version, version 1 and ``version``. Displacements use every cell; kNN-based measures
     (preservation, leave-one-out label accuracy, iLISI) use at most ``config.max_cells`` cells
     sampled with ``seed``. The batch table's ``ilisi_first_version_mean`` is the iLISI of version
-    1's cells among themselves (:func:`first_version_mixing`).
+    1's cells among themselves (:func:`first_version_mixing`); without ``version_added`` it is
+    missing (NaN) from version 3 on, where the cells need not all be version 1's.
     """
     current = as_matrix(current, "current")
     previous = as_matrix(previous, "previous")

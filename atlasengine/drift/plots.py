@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from atlasengine.config import DriftConfig
-from atlasengine.drift.summary import mixing_of_first_batches
+from atlasengine.drift.summary import mixing_column, mixing_of_first_batches
 from atlasengine.numerics import sorted_sample
 
 PALETTE = (
@@ -177,8 +177,9 @@ def drift_figure(version_drift: pd.DataFrame, batch_drift: pd.DataFrame | None, 
     line(first if len(first) else prev, "ilisi_norm_mean", "all cells", 2, 2, colour="#222", width=3)
     if batch_drift is not None and not batch_drift.empty:
         versions = sorted(set(batch_drift["version"]))
-        among_first = pd.DataFrame({"version": versions,
-                                    "mixing": [mixing_of_first_batches(batch_drift, v)[1] for v in versions]})
+        among_first = pd.DataFrame({"version": versions, "mixing": [  # not drawn from rows before format 9
+            mixing_of_first_batches(batch_drift, v)[1] if mixing_column(batch_drift, v) != "ilisi_mean" else np.nan
+            for v in versions]})
         line(among_first, "mixing", "version 1's cells among themselves", 2, 2, dash="dash", colour="#222", width=2)
         for i, (batch, g) in enumerate(batch_drift.sort_values("version").groupby("batch")):
             if i >= 20:

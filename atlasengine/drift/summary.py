@@ -78,6 +78,17 @@ def _types_note(types: list[str]) -> str:
     return f"; past the threshold in cell type{'s' if len(types) > 1 else ''} {shown}"
 
 
+def mixing_column(batch_drift: pd.DataFrame, version: int) -> str:
+    """Return the column :func:`mixing_of_first_batches` reads for ``version``.
+
+    ``ilisi_first_version_mean`` where the version's rows hold it; ``ilisi_mean`` for rows written
+    before atlas format 9 (or kept by its upgrade because a file failed its checksum).
+    """
+    column = "ilisi_first_version_mean"
+    rows = batch_drift[batch_drift["version"] == version]
+    return column if column in rows.columns and np.isfinite(rows[column].to_numpy(dtype=float)).any() else "ilisi_mean"
+
+
 def mixing_of_first_batches(batch_drift: pd.DataFrame | None, version: int) -> tuple[float, float]:
     """Normalised iLISI of version 1's cells under version 1 and under ``version``.
 
@@ -95,9 +106,7 @@ def mixing_of_first_batches(batch_drift: pd.DataFrame | None, version: int) -> t
     if len(first) < 2 or not first.index.isin(now.index).all():
         return float("nan"), float("nan")
     now = now.loc[first.index]
-    column = "ilisi_first_version_mean"
-    if column not in now.columns or not np.isfinite(now[column].to_numpy(dtype=float)).any():
-        column = "ilisi_mean"
+    column = mixing_column(batch_drift, version)
     weights = first["n_cells_knn"].to_numpy(dtype=float)
     b = first["ilisi_mean"].to_numpy(dtype=float)
     a = now[column].to_numpy(dtype=float)
@@ -178,6 +187,9 @@ def version_checks(
 
     base, now = mixing_of_first_batches(batch_drift, version)
     whose = "version 1's cells among themselves"
+    if batch_drift is not None and not batch_drift.empty and mixing_column(batch_drift, version) == "ilisi_mean":
+        whose = ("the cells of version 1's batches, every batch's cells counted as neighbours (drift rows written "
+                 "before atlas format 9)")
     if not np.isfinite(now):  # no batch table: the whole version's figure (comparable at version 2 only)
         v1 = version_drift[(version_drift["version"] == 1) & (version_drift["scope"] == "vs_first")]
         base = _value(v1.iloc[0], "ilisi_norm_mean") if len(v1) else float("nan")

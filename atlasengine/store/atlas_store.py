@@ -217,16 +217,7 @@ class AtlasStore:
         files' records, for the manifest of the next commit (until then the files fail their old
         checksum, as before).
         """
-        records = self._records(staged, version.number)
-        final = self.version_dir(version.number)
-        for key in records:
-            target = final / key
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged / key, target)
-        fsync_dir(final)
-        shutil.rmtree(staged, ignore_errors=True)
-        self._verified.update((version.number, key, rec.sha256) for key, rec in records.items())
-        return version.model_copy(update={"files": {**version.files, **records}})
+        return self._install(staged, version, None)
 
     def add_files(self, staged: Path, version: VersionInfo, tag: str) -> VersionInfo:
         """Move the staged files into committed ``version``'s directory beside those they replace.
@@ -236,19 +227,23 @@ class AtlasStore:
         committed (an atlas upgrade, :mod:`atlasengine.api.upgrade`, then deletes the old ones).
         Returns ``version`` with the new files recorded under the old files' keys.
         """
+        return self._install(staged, version, tag)
+
+    def _install(self, staged: Path, version: VersionInfo, tag: str | None) -> VersionInfo:
+        """Move the staged files into ``version``'s directory (under ``tag`` beside the old ones); return its record."""
         records = self._records(staged, version.number)
         final = self.version_dir(version.number)
-        moved = {}
-        for key, rec in records.items():
-            new_key = (Path(key).parent / tag / Path(key).name).as_posix()
-            target = final / new_key
+        for key, rec in list(records.items()):
+            rel = key if tag is None else (Path(key).parent / tag / Path(key).name).as_posix()
+            target = final / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged / key, target)
             fsync_dir(target.parent)
-            moved[key] = rec.model_copy(update={"path": f"{VERSIONS}/{version_dirname(version.number)}/{new_key}"})
+            records[key] = rec.model_copy(update={"path": f"{VERSIONS}/{version_dirname(version.number)}/{rel}"})
+        fsync_dir(final)
         shutil.rmtree(staged, ignore_errors=True)
-        self._verified.update((version.number, key, rec.sha256) for key, rec in moved.items())
-        return version.model_copy(update={"files": {**version.files, **moved}})
+        self._verified.update((version.number, key, rec.sha256) for key, rec in records.items())
+        return version.model_copy(update={"files": {**version.files, **records}})
 
     def moved_to(self, root: Path) -> "AtlasStore":
         """Return this store after its directory was renamed to ``root`` (checks already done are kept)."""

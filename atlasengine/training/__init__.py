@@ -9,8 +9,9 @@ from atlasengine.training.fit import (
     embed,
     embed_cells,
     fit,
+    training_processes,
 )
 from atlasengine.training.plan import TrainingPlan
 
 __all__ = ["CellData", "CellSource", "TrainResult", "TrainingPlan", "batch_per_process", "check_runtime",
-           "default_epochs", "embed", "embed_cells", "fit", "iter_chunks"]
+           "default_epochs", "embed", "embed_cells", "fit", "iter_chunks", "training_processes"]

@@ -195,7 +195,12 @@ def batch_per_process(batch_size: int, runtime: RuntimeConfig | None = None) -> 
     >>> batch_per_process(128), batch_per_process(128, RuntimeConfig(accelerator="cpu", devices=3))
     (128, 43)
     """
-    return -(-int(batch_size) // _processes(runtime or RuntimeConfig()))
+    return -(-int(batch_size) // training_processes(runtime))
+
+
+def training_processes(runtime: RuntimeConfig | None = None) -> int:
+    """Return how many processes a training under ``runtime`` runs in (1 unless several devices are asked for)."""
+    return _processes(runtime or RuntimeConfig())
 
 
 _RELAYS_HERE: list[_EpochRelay] = []

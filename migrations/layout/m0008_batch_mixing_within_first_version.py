@@ -6,8 +6,9 @@ them (drift schema migration ``002``). Format 8 had only ``ilisi_mean``, whose n
 include the cells of batches that joined later, so two first batches that separated while a
 later batch mixed with each could read as mixed.
 
-This step computes the new column for every version from what it needs only: the version's
-stored embeddings and the cells' batch and ``version_added``. Each version's new
+This step computes the new column for every version from what it needs only: the stored
+embeddings of version 1's cells (the first rows of each version's ``latent.npy``, memory-mapped)
+and the cells' batch and ``version_added``. Each version's new
 ``batch_drift`` part is written beside the old one under a new name
 (``drift/format9/batch_drift.parquet``) and recorded in the new manifest; the old part is
 deleted once that manifest is committed, so a crash mid-upgrade leaves every committed file of
@@ -32,17 +33,23 @@ log = logging.getLogger("atlasengine")
 
 def upgrade_files(reader, root):
     """Write every version's ``batch_drift`` part with the new column beside the old; return the manifest."""
+    import numpy as np
+
     from atlasengine.api.audit import drift_parts
     from atlasengine.drift import DriftStore, first_version_mixing
     from atlasengine.errors import AtlasIntegrityError
-    from atlasengine.store.version import DRIFT_DIR
+    from atlasengine.store.version import DRIFT_DIR, LATENT
 
     manifest, versions = reader.manifest, []
+    n_first = sum(d.n_cells for d in manifest.datasets if d.version == 1)  # the first rows of every version
     for info in manifest.versions:
         try:
-            cells = reader.cell_obs()[["batch", "version_added"]]
-            n = manifest.version(info.parent).n_cells if info.parent is not None else info.n_cells
-            mixing = first_version_mixing(reader.latent(info.number)[:n], cells.iloc[:n], manifest.config.drift)
+            cells = reader.cell_obs()[["batch", "version_added"]].iloc[:n_first]
+            z = np.load(reader.file(LATENT, info.number), mmap_mode="r", allow_pickle=False)
+            if z.ndim != 2 or z.shape[0] != info.n_cells:
+                raise AtlasIntegrityError(f"file {info.files[LATENT].path} holds {z.shape[0] if z.ndim else 0} rows "
+                                          f"for the {info.n_cells} cells of version {info.number}")
+            mixing = first_version_mixing(np.asarray(z[:n_first]), cells, manifest.config.drift)  # only those read
             parts = drift_parts(reader, info, (TABLE,))
         except AtlasIntegrityError as exc:
             log.warning("%s: version %d keeps its batch_drift rows without %s (its batch-mixing check reads "
