@@ -134,11 +134,23 @@ def test_format5_atlas_reads_as_before_and_takes_datasets_with_their_own_obs_col
     predictions_file = pd.read_parquet(path / "versions" / "v0002" / "predictions.parquet")
     old_checksums = np.load(path / "versions" / "v0001" / "cell_checksums.npy")
     assert old_checksums.shape == (40, 2)
+    before = {p: p.read_bytes() for p in (path / "versions").rglob("*") if p.is_file()}
+
+    # an upgrade that dies before its commit leaves every file of format 5 as it was
+    from atlasengine.store.atlas_store import AtlasStore
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AtlasStore, "commit", lambda self, manifest: (_ for _ in ()).throw(OSError("disk gone")))
+        with pytest.raises(OSError, match="disk gone"):
+            Atlas.open(path)
+    assert json.loads((path / "manifest.json").read_text())["format_version"] == 5
+    assert all(p.read_bytes() == data for p, data in before.items())
 
     atlas = Atlas.open(path)
     raw = json.loads((path / "manifest.json").read_text())
     assert raw["format_version"] == FORMAT_VERSION and all(d["obs_columns"] == {} for d in raw["datasets"])
-    padded = np.load(path / "versions" / "v0001" / "cell_checksums.npy")
+    assert not (path / "versions" / "v0001" / "cell_checksums.npy").exists()  # replaced after the commit
+    padded = np.load(path / "versions" / "v0001" / "format6" / "cell_checksums.npy")
     np.testing.assert_array_equal(padded[:, :2], old_checksums)
     assert padded.shape == (40, 3) and not padded[:, 2].any()
     obs = atlas.obs()

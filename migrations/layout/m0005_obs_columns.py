@@ -10,7 +10,8 @@ has three columns).
 
 Cells written by format 5 brought no columns beyond the engine's: this step records that
 (``obs_columns: {}`` for every dataset) and gives each version's ``cell_checksums.npy`` its third
-column, 0 (the checksum of no columns). Nothing of the cells themselves changes.
+column, 0 (the checksum of no columns), written beside the old file until the upgraded manifest
+is committed. Nothing of the cells themselves changes.
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ def _sha256_as_saved(values) -> str:
 def upgrade_files(reader, root: Path):
     """Give every version's two-column ``cell_checksums.npy`` its third column (0: no own obs columns).
 
-    A file an interrupted upgrade already padded is taken when its first two columns are the
-    file the manifest records, byte for byte; anything else is refused as damaged.
+    The padded file is written beside the old one (``format6/cell_checksums.npy``, recorded by
+    path in the new manifest); the old one is deleted once that manifest is committed, so an
+    upgrade that dies leaves every file of format 5 as it was. A file an interrupted upgrade of an
+    earlier engine padded in place is taken when its first two columns are the file the manifest
+    records, byte for byte; anything else is refused as damaged.
     """
     import numpy as np
 
@@ -65,5 +69,5 @@ def upgrade_files(reader, root: Path):
         staged = reader.store.stage()
         np.save(staged / CELL_CHECKSUMS, np.column_stack([two, np.zeros(len(two), dtype=np.uint64)]).astype(np.uint64),
                 allow_pickle=False)
-        versions.append(reader.store.replace_files(staged, info))
+        versions.append(reader.store.add_files(staged, info, "format6"))  # beside the old file until the commit
     return manifest.model_copy(update={"versions": versions})
