@@ -131,11 +131,10 @@ def _reads_as_unknown(label: str) -> bool:
 
 def _refuse_reserved_labels(labels: list[str | None], role: str) -> None:
     """Refuse a cell type named like the Unknown call (it could not be told from it), saying how to fix it."""
-    named = sorted({v for v in labels if v is not None and _reads_as_unknown(v)})
-    n = sum(1 for v in labels if v is not None and _reads_as_unknown(v))
-    if n:
+    hits = [v for v in labels if v is not None and _reads_as_unknown(v)]
+    if hits:
         raise InputError(
-            f"{role} names {n} cell(s) {_examples(named)}, which reads as {UNKNOWN!r}, the label the engine gives "
+            f"{role} names {len(hits)} cell(s) {_examples(sorted(set(hits)))}, which reads as {UNKNOWN!r}, the label the engine gives "
             "cells it calls Unknown; "
             f"rename that type (e.g. 'unknown_type') or, if those cells are unannotated, set them to None"
         )

@@ -61,11 +61,11 @@ class Relabelled:
 
 def _aligned_mask(mask: pd.Series, obs: pd.DataFrame) -> pd.Series:
     """Return a boolean Series mask in ``obs``'s row order, read by its index (the cell names)."""
-    index = mask.index.astype(str)
-    if index.equals(obs.index.astype(str)):
+    index, cells = mask.index.astype(str), obs.index.astype(str)
+    if index.equals(cells):
         return mask
-    if index.is_unique and len(index) == len(obs) and index.isin(obs.index.astype(str)).all():
-        return pd.Series(mask.to_numpy(), index=index).reindex(obs.index.astype(str))  # e.g. a sorted obs()
+    if index.is_unique and len(index) == len(cells) and index.isin(cells).all():
+        return pd.Series(mask.to_numpy(), index=index).reindex(cells)  # e.g. a sorted obs()
     raise InputError("a boolean Series selects cells by its index, and this one's index is not the atlas's cell "
                      f"names (e.g. {', '.join(repr(str(i)[:40]) for i in mask.index[:3])}): build it from "
                      "atlas.obs(), or pass a list or NumPy array of booleans in atlas.obs()'s row order")

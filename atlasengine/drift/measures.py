@@ -309,8 +309,7 @@ def first_version_mixing(current: np.ndarray, obs: pd.DataFrame, config: DriftCo
     if len(rows) < 2:
         return pd.Series(dtype=float, name="ilisi_first_version_mean")
     batches = obs["batch"].astype(str).to_numpy(dtype=object)[rows]
-    codes, uniques = pd.factorize(pd.Series(batches))
-    ilisi = _ilisi(knn_indices(current[rows], config.k), codes, len(uniques))[0]
+    ilisi = batch_mixing(current[rows], batches, config.k)[0]
     return _group_mean(ilisi, batches).rename("ilisi_first_version_mean")
 
 

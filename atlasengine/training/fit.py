@@ -178,9 +178,6 @@ def _device_count(runtime: RuntimeConfig) -> int:
     return torch.cuda.device_count() if gpu else 1
 
 
-def _processes(runtime: RuntimeConfig) -> int:
-    """How many training processes ``runtime`` starts (Lightning's count of devices for the strategy)."""
-    return 1 if _strategy(runtime) == "auto" else max(1, _device_count(runtime))
 
 
 def batch_per_process(batch_size: int, runtime: RuntimeConfig | None = None) -> int:
@@ -199,8 +196,9 @@ def batch_per_process(batch_size: int, runtime: RuntimeConfig | None = None) -> 
 
 
 def training_processes(runtime: RuntimeConfig | None = None) -> int:
-    """Return how many processes a training under ``runtime`` runs in (1 unless several devices are asked for)."""
-    return _processes(runtime or RuntimeConfig())
+    """Return how many processes a training under ``runtime`` runs in (Lightning's count of devices for the strategy)."""
+    runtime = runtime or RuntimeConfig()
+    return 1 if _strategy(runtime) == "auto" else max(1, _device_count(runtime))
 
 
 _RELAYS_HERE: list[_EpochRelay] = []
@@ -394,10 +392,10 @@ def check_runtime(runtime: RuntimeConfig, streamed: bool = False) -> None:
                              f"strategy={runtime.strategy!r} cannot run here: {exc}") from exc
     on_cpu = runtime.accelerator == "cpu" or not torch.cuda.is_available()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if on_cpu and _processes(runtime) > cores:  # any count runs on CPU (processes), but shares the cores
+    if on_cpu and training_processes(runtime) > cores:  # any count runs on CPU (processes), but shares the cores
         logging.getLogger("atlasengine").warning(
             "devices=%s starts %d training processes on %d CPU core(s): they share the cores, so training is slower "
-            "than with %d", runtime.devices, _processes(runtime), cores, cores)
+            "than with %d", runtime.devices, training_processes(runtime), cores, cores)
 
 
 def fit(
