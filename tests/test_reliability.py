@@ -82,6 +82,30 @@ def test_a_sigkilled_create_just_runs_again_and_its_half_built_copy_goes(tmp_pat
     assert [p.name for p in tmp_path.glob(".new.atlas.creating-*")] == [busy.name]
 
 
+def test_a_create_that_has_made_its_lock_file_but_not_yet_locked_it_is_not_taken_for_a_dead_one(tmp_path):
+    import os
+    import time
+
+    from atlasengine.api.foldin import _remove_abandoned_builds
+    from atlasengine.store.lock import LOCK_NAME
+
+    target = tmp_path / "new.atlas"
+    starting, dead, old_empty = (tmp_path / f".new.atlas.creating-{n}" for n in ("start000", "dead0000", "empty000"))
+    for folder in (starting, dead, old_empty):
+        folder.mkdir()
+        (folder / "cells").mkdir()
+    (starting / LOCK_NAME).touch()  # opened by a create an instant before its flock: nobody holds it yet
+    (dead / LOCK_NAME).write_text('{"pid": 1, "host": "h", "since": "t", "task": "a create"}')  # killed holding it
+    (old_empty / LOCK_NAME).touch()  # a create killed between opening and locking, long ago
+    an_hour_ago = time.time() - 3600
+    os.utime(old_empty / LOCK_NAME, (an_hour_ago, an_hour_ago))
+
+    _remove_abandoned_builds(target)
+
+    assert starting.is_dir() and (starting / "cells").is_dir()
+    assert not dead.exists() and not old_empty.exists()
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 @pytest.mark.parametrize("target", ["model.safetensors", "latent.npy", "index/neighbor_index.faiss"])
 def test_corrupt_version_file_is_named_and_other_versions_stay_usable(two_version_atlas, tmp_path, damage, target):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob
 import logging
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -284,12 +285,26 @@ def _remove_abandoned_builds(root: Path) -> None:
 
     A build holds its kernel write lock from start to rename; a folder whose lock file nobody
     holds belongs to a process that died, so the same command simply runs again without the
-    half-built copy of the cells staying on disk.
+    half-built copy of the cells staying on disk. A build's lock file exists for an instant
+    before its flock is taken, and the holder writes its details only once it holds it: an
+    empty lock file younger than ``_FRESH_LOCK_SECONDS`` is a create starting, not a dead one.
     """
     for folder in root.parent.glob(f"{glob.escape(CREATING_PREFIX.format(name=root.name))}*"):
-        if folder.is_dir() and not folder.is_symlink() and (folder / LOCK_NAME).is_file() and lock_holder(folder) is None:
-            log.info("removing %s, left by a create that did not finish", folder)
-            shutil.rmtree(folder, ignore_errors=True)
+        lock = folder / LOCK_NAME
+        if not folder.is_dir() or folder.is_symlink() or not lock.is_file() or lock_holder(folder) is not None:
+            continue
+        try:
+            stat = lock.stat()
+        except FileNotFoundError:
+            continue
+        if stat.st_size == 0 and time.time() - stat.st_mtime < _FRESH_LOCK_SECONDS:
+            continue
+        log.info("removing %s, left by a create that did not finish", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+_FRESH_LOCK_SECONDS = 60.0
+"""How long an empty, unheld build lock file counts as a create that is just taking it."""
 
 
 def _make_folder(path: Path) -> None:
