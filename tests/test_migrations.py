@@ -329,3 +329,48 @@ def test_an_old_atlas_being_written_by_another_process_is_refused_naming_what_ho
     with WriteLock(path, task=f"an upgrade to format {FORMAT_VERSION}"):
         assert Atlas.lock_holder(path)["task"] == f"an upgrade to format {FORMAT_VERSION}"
     assert Atlas.open(path).version == 3
+
+
+def test_files_an_upgrade_replaced_are_deleted_by_the_next_writer_when_it_died_right_after_its_commit(
+        tmp_path, monkeypatch):
+    from atlasengine.store.atlas_store import SUPERSEDED, AtlasStore
+
+    path = tmp_path / "old8.atlas"
+    shutil.copytree(FIXTURE.with_name("format8.atlas"), path)
+    old_parts = sorted((path / "versions").glob("v*/drift/batch_drift.parquet"))
+    assert len(old_parts) == 3
+
+    def dies(self, manifest):
+        raise KeyboardInterrupt  # the process ends between the commit and the deletion
+
+    real = AtlasStore.remove_superseded
+    monkeypatch.setattr(AtlasStore, "remove_superseded", dies)
+    with pytest.raises(KeyboardInterrupt):
+        Atlas.open(path)
+    monkeypatch.setattr(AtlasStore, "remove_superseded", real)
+    assert json.loads((path / "manifest.json").read_text())["format_version"] == FORMAT_VERSION  # committed
+    assert all(p.is_file() for p in old_parts) and (path / SUPERSEDED).is_file()  # nothing lists them now
+
+    atlas = Atlas.open(path)  # a reader deletes nothing
+    assert all(p.is_file() for p in old_parts)
+    obs = atlas.obs()
+    atlas.relabel(obs.index[obs["label"] == "acinar"][:2], "acinar")  # the next writer does
+    assert not any(p.exists() for p in old_parts) and not (path / SUPERSEDED).exists()
+    for version in json.loads((path / "manifest.json").read_text())["versions"]:  # every listed file stays
+        assert all((path / record["path"]).is_file() for record in version["files"].values())
+    assert atlas.sql("select count(*) from batch_drift where ilisi_first_version_mean is not null").iloc[0, 0] > 0
+
+
+def test_a_record_of_superseded_files_deletes_nothing_the_manifest_lists_or_outside_the_versions(tmp_path):
+    from atlasengine.store.atlas_store import SUPERSEDED, AtlasStore, listed_paths
+
+    path = tmp_path / "old8.atlas"
+    shutil.copytree(FIXTURE.with_name("format8.atlas"), path)
+    Atlas.open(path)  # upgraded
+    store = AtlasStore(path)
+    manifest = store.read_manifest()
+    (tmp_path / "outside.txt").write_text("a user's file")
+    kept = listed_paths(manifest) | {"../outside.txt", "manifest.json"}
+    store.record_superseded(kept)  # e.g. an upgrade that died before its commit: the manifest still lists them
+    assert store.remove_superseded(manifest) == [] and not (path / SUPERSEDED).exists()
+    assert all((path / p).is_file() for p in kept)

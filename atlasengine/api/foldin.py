@@ -403,10 +403,14 @@ def tidy(store: AtlasStore, manifest: Manifest, started_from: str,
          parent: VersionReader) -> tuple[Manifest, str, VersionReader]:
     """Under the write lock, once the input is accepted: remove leftovers, check the layout, rebuild damaged drift.
 
+    Leftovers are what failed writes staged and the files a committed upgrade replaced but did
+    not get to delete.
+
     A refused input leaves the atlas byte for byte as it was, leftovers included. Returns the
     manifest, digest and reader to go on from (new ones if a drift part was rebuilt).
     """
     store.remove_uncommitted(manifest)
+    store.remove_superseded(manifest)
     store.check_writable_layout(manifest.current + 1)
     repaired = rebuild_drift(store, parent)
     if repaired is None:

@@ -25,9 +25,9 @@ from pathlib import Path
 from types import ModuleType
 
 from atlasengine.errors import AtlasFormatError, AtlasIntegrityError, AtlasWriteError
-from atlasengine.store.atlas_store import AtlasStore
+from atlasengine.store.atlas_store import AtlasStore, listed_paths
 from atlasengine.store.lock import WriteLock
-from atlasengine.store.manifest import FORMAT_VERSION, Manifest, parse_manifest, read_raw_manifest
+from atlasengine.store.manifest import FORMAT_VERSION, parse_manifest, read_raw_manifest
 from atlasengine.store.version import VersionReader
 
 log = logging.getLogger("atlasengine")
@@ -78,8 +78,9 @@ def upgrade_atlas(root: Path) -> int:
                 for step in steps:
                     if hasattr(step, "upgrade_files"):
                         upgraded = step.upgrade_files(VersionReader(store, manifest), root) or manifest
-                        superseded |= _listed_paths(manifest) - _listed_paths(upgraded)
+                        superseded |= listed_paths(manifest) - listed_paths(upgraded)
                         manifest = upgraded
+            store.record_superseded(superseded - listed_paths(manifest))
             store.commit(manifest)
         except (AtlasFormatError, AtlasIntegrityError, AtlasWriteError) as exc:
             raise type(exc)(f"upgrading atlas {root} from format {found} to {FORMAT_VERSION} failed, and it "
@@ -87,24 +88,6 @@ def upgrade_atlas(root: Path) -> int:
         for step in steps:
             for name in getattr(step, "REMOVE_AFTER_COMMIT", ()):
                 (root / name).unlink(missing_ok=True)
-        _remove_superseded(root, superseded - _listed_paths(manifest))
+        store.remove_superseded(manifest)
         return found
 
-
-def _listed_paths(manifest: Manifest) -> set[str]:
-    """Return the paths of every file ``manifest``'s versions list."""
-    return {rec.path for v in manifest.versions for rec in v.files.values()}
-
-
-def _remove_superseded(root: Path, paths: set[str]) -> None:
-    """Delete version files a step replaced, once the manifest that lists their replacements is committed.
-
-    A step that rewrites a committed file writes the new one under a new name and records it
-    (:meth:`AtlasStore.add_files`), so until the commit every file of the old format is as it
-    was. A crash before this leaves the replaced files unlisted, and nothing reads them.
-    """
-    versions = (root / "versions").resolve()
-    for path in sorted(paths):
-        target = (root / path).resolve()
-        if target.is_relative_to(versions) and target.is_file():
-            target.unlink()

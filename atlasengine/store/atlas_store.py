@@ -9,6 +9,8 @@
                            drift/<table>.parquet (the drift rows of this version)
 <root>/.staging/           versions being written; never read
 <root>/.write.lock         the write lock (held by the kernel, see ``lock.py``)
+<root>/.superseded.json    version files an upgrade replaced, deleted once the manifest that
+                           lists their replacements is committed (present only after a crash)
 ```
 A version directory is written under ``.staging/<id>`` (with a marker file saying the engine
 made it), renamed into ``versions/`` and only then listed in the manifest. Before the switch
@@ -21,6 +23,7 @@ readers, removed by the next writer. Anything without the marker is left alone.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -36,7 +39,7 @@ from atlasengine.errors import (
     InputError,
 )
 from atlasengine.store.cells import CellStore
-from atlasengine.store.files import apply_umask, fsync_dir, sha256_file
+from atlasengine.store.files import apply_umask, atomic_write_text, fsync_dir, sha256_file
 from atlasengine.store.manifest import (
     MANIFEST_NAME,
     FileRecord,
@@ -49,9 +52,16 @@ from atlasengine.store.manifest import (
 CELLS = "cells"
 VERSIONS = "versions"
 STAGING = ".staging"
+SUPERSEDED = ".superseded.json"
+"""The version files a committed upgrade no longer lists, recorded before its commit so a crash cannot keep them."""
 STAGED_MARK = ".atlasengine-staged"
 """A file in every directory the engine stages: only such directories are ever removed."""
 VERSION_NAME = re.compile(r"^v\d{4,}$")
+
+
+def listed_paths(manifest: Manifest) -> set[str]:
+    """Return the paths of every file ``manifest``'s versions list."""
+    return {rec.path for v in manifest.versions for rec in v.files.values()}
 
 
 def version_dirname(number: int) -> str:
@@ -305,4 +315,36 @@ class AtlasStore:
         for path in self.leftovers(manifest):
             shutil.rmtree(path)
             removed.append(path.relative_to(self.root).as_posix())
+        return removed
+
+    def record_superseded(self, paths: set[str]) -> None:
+        """Record version files (paths as the manifest lists them) that the next commit stops listing.
+
+        Written before that commit: a crash between the commit and :meth:`remove_superseded`
+        leaves the record, and the next writer deletes the files.
+        """
+        if paths:
+            atomic_write_text(self.root / SUPERSEDED, json.dumps(sorted(paths)))
+
+    def remove_superseded(self, manifest: Manifest) -> list[str]:
+        """Delete the recorded superseded files that committed ``manifest`` does not list; return them.
+
+        If the commit never happened, the manifest still lists them and they stay: only the
+        record goes. Only files inside ``versions/`` are ever deleted.
+        """
+        record = self.root / SUPERSEDED
+        try:
+            paths = json.loads(record.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError):
+            paths = []
+        listed = listed_paths(manifest)
+        versions, removed = (self.root / VERSIONS).resolve(), []
+        for path in sorted(p for p in paths if isinstance(p, str) and p not in listed) if isinstance(paths, list) else []:
+            target = (self.root / path).resolve()
+            if target.is_relative_to(versions) and target.is_file():
+                target.unlink()
+                removed.append(path)
+        record.unlink(missing_ok=True)
         return removed
