@@ -48,6 +48,41 @@ def test_only_folders_the_engine_staged_are_removed_and_stray_files_are_ignored(
     assert Atlas.open(atlas_path).version == 2  # every file of the new version checked
 
 
+def test_a_removal_of_a_leftover_cut_short_is_finished_by_the_next_writer(atlas_path, pancreas_query, monkeypatch):
+    from pathlib import Path
+
+    _leftover(atlas_path, "versions")
+    leftover = atlas_path / "versions" / "v0002"
+    (leftover / "index").mkdir()
+    (leftover / "index" / "neighbor_index.faiss").write_bytes(b"half an index")
+    real_unlink = Path.unlink
+
+    def killed(self, *args, **kwargs):  # the writer dies at the first file it deletes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "unlink", killed)
+    with pytest.raises(KeyboardInterrupt):
+        Atlas.open(atlas_path).ingest(_smartseq2(pancreas_query), batch_key="tech", strategy="surgery",
+                                      training={"max_epochs": 1})
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert (leftover / ".atlasengine-staged").is_file()  # the marker goes last: still the engine's
+    (atlas_path / ".staging").mkdir(exist_ok=True)
+    empty_staged = atlas_path / ".staging" / ("0" * 32)  # made by a writer that died before marking it
+    empty_staged.mkdir()
+
+    res = Atlas.open(atlas_path).ingest(_smartseq2(pancreas_query), batch_key="tech", strategy="surgery",
+                                        training={"max_epochs": 1})
+    assert res.version.number == 2 and not empty_staged.exists()
+
+
+def test_an_empty_version_folder_left_by_a_cut_short_removal_does_not_block_the_next_version(
+        atlas_path, pancreas_query):
+    (atlas_path / "versions" / "v0002").mkdir()  # its marker and files gone, the folder not yet
+    res = Atlas.open(atlas_path).ingest(_smartseq2(pancreas_query), batch_key="tech", strategy="surgery",
+                                        training={"max_epochs": 1})
+    assert res.version.number == 2 and Atlas.open(atlas_path).version == 2
+
+
 def test_a_refused_input_leaves_even_the_leftovers_as_they_were(atlas_path, pancreas_query):
     staged = _leftover(atlas_path, ".staging")
     _leftover(atlas_path, "versions")

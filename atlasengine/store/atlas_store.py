@@ -17,7 +17,8 @@ made it), renamed into ``versions/`` and only then listed in the manifest. Befor
 the writer checks that the manifest is still the one it started from, so a second writer can
 never overwrite a commit, and the rename never replaces an existing directory. A marked
 directory that the manifest does not list is the leftover of a failed attempt: ignored by
-readers, removed by the next writer. Anything without the marker is left alone.
+readers, removed by the next writer, its marker last (so a removal cut short is found again).
+Anything without the marker is left alone, but an empty folder of the engine's names.
 """
 
 from __future__ import annotations
@@ -83,9 +84,31 @@ def check_atlas_path(root: Path) -> None:
         )
 
 
+_STAGED_NAME = re.compile(r"^[0-9a-f]{32}$")
+
+
 def _is_engine_dir(path: Path) -> bool:
-    """Whether ``path`` is a real directory (not a link) that the engine's staging made."""
-    return path.is_dir() and not path.is_symlink() and (path / STAGED_MARK).is_file()
+    """Whether ``path`` is a real directory (not a link) that the engine's staging made.
+
+    An empty directory counts too: one whose removal was cut short after its marker went, or
+    one staged by a writer that died between making it and marking it (it holds nothing of anyone's).
+    """
+    if not path.is_dir() or path.is_symlink():
+        return False
+    return (path / STAGED_MARK).is_file() or not any(path.iterdir())
+
+
+def _remove_engine_dir(path: Path) -> None:
+    """Delete a directory the engine staged, its marker last, so a removal cut short is found again."""
+    for child in path.iterdir():
+        if child.name == STAGED_MARK:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    (path / STAGED_MARK).unlink(missing_ok=True)
+    path.rmdir()
 
 
 def _relative_files(folder: Path) -> list[Path]:
@@ -174,7 +197,7 @@ class AtlasStore:
     def stage(self) -> Path:
         """Create and return a fresh, uniquely named, marked directory under ``.staging``."""
         staging = self.root / STAGING
-        path = staging / uuid.uuid4().hex
+        path = staging / uuid.uuid4().hex  # a name _STAGED_NAME matches
         try:
             path.mkdir(parents=True)
             (path / STAGED_MARK).write_text("staged by atlasengine; removed by the next writer unless committed\n")
@@ -295,13 +318,14 @@ class AtlasStore:
     def leftovers(self, manifest: Manifest) -> list[Path]:
         """Directories the engine staged that ``manifest`` does not list (failed attempts).
 
-        Only marked directories count: a user's folder (``v0002_backup``), a stray file
-        (``.DS_Store``) or anything behind a link is never one.
+        Only marked directories count, and empty ones of the names the engine gives (``vNNNN``,
+        a staging id): a user's folder (``v0002_backup``), a stray file (``.DS_Store``) or
+        anything behind a link is never one.
         """
         found = []
         staging = self.root / STAGING
         if staging.is_dir() and not staging.is_symlink():
-            found += [d for d in sorted(staging.iterdir()) if _is_engine_dir(d)]
+            found += [d for d in sorted(staging.iterdir()) if _STAGED_NAME.match(d.name) and _is_engine_dir(d)]
         known = {version_dirname(v.number) for v in manifest.versions}
         vdir = self.root / VERSIONS
         if vdir.is_dir():
@@ -313,7 +337,7 @@ class AtlasStore:
         """Delete what failed attempts staged (see :meth:`leftovers`); return what was removed."""
         removed = []
         for path in self.leftovers(manifest):
-            shutil.rmtree(path)
+            _remove_engine_dir(path)
             removed.append(path.relative_to(self.root).as_posix())
         return removed
 
