@@ -374,3 +374,21 @@ def test_a_record_of_superseded_files_deletes_nothing_the_manifest_lists_or_outs
     store.record_superseded(kept)  # e.g. an upgrade that died before its commit: the manifest still lists them
     assert store.remove_superseded(manifest) == [] and not (path / SUPERSEDED).exists()
     assert all((path / p).is_file() for p in kept)
+
+
+@pytest.mark.parametrize("claimed", [True, 0, 4])
+def test_a_manifest_that_claims_an_older_format_than_its_files_changes_no_committed_file(tmp_path, claimed):
+    from atlasengine.errors import AtlasFormatError, AtlasIntegrityError
+
+    path = tmp_path / "old8.atlas"
+    shutil.copytree(FIXTURE.with_name("format8.atlas"), path)
+    manifest = path / "manifest.json"
+    good = manifest.read_text()
+    manifest.write_text(json.dumps({**json.loads(good), "format_version": claimed}))  # a hand edit
+    listed = {rec["path"]: (path / rec["path"]).read_bytes()
+              for v in json.loads(good)["versions"] for rec in v["files"].values()}
+    with pytest.raises((AtlasFormatError, AtlasIntegrityError), match="format"):
+        Atlas.open(path)
+    assert all((path / p).read_bytes() == data for p, data in listed.items())  # as the manifest lists them
+    manifest.write_text(good)  # the field put back: the atlas is as it was
+    assert Atlas.open(path).version == 3

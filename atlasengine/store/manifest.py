@@ -171,8 +171,9 @@ def read_raw_manifest(root: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 (a flipped byte)
         raise AtlasFormatError(f"{path} is not a readable atlas manifest: {exc}") from exc
     fmt = raw.get("format_version") if isinstance(raw, dict) else None
-    if not isinstance(fmt, int):
-        raise AtlasFormatError(f"{path} has no integer format_version: not an atlas manifest")
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise AtlasFormatError(f"{path} has no format_version that is a whole number from 1: not an atlas manifest "
+                               f"(it reads {fmt!r})")
     if fmt > FORMAT_VERSION:
         raise AtlasFormatError(
             f"atlas {root} was written in format {fmt}, newer than this atlasengine supports "

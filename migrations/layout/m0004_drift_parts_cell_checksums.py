@@ -45,6 +45,22 @@ def remove_format4_leftovers(manifest, root: Path) -> None:
                 shutil.rmtree(d)
 
 
+def _install(store, staged: Path, info):
+    """Move the staged files into ``info``'s version: in place where format 4 listed none of them, beside otherwise.
+
+    A real format-4 atlas lists neither its cell checksums nor drift parts, so nothing it
+    commits is replaced. A manifest that says format 4 of a later atlas (edited by hand) lists
+    them: the new files then go beside the committed ones, which stay as they are if the
+    upgrade fails.
+    """
+    listed = [key for key in _relative_keys(staged) if key in info.files]
+    return store.add_files(staged, info, "format5") if listed else store.replace_files(staged, info)
+
+
+def _relative_keys(staged: Path) -> list[str]:
+    return [f.relative_to(staged).as_posix() for f in staged.rglob("*") if f.is_file()]
+
+
 def old_rows(path: Path, tables: tuple[str, ...]) -> dict[int, dict]:
     """Rows of each version stored in a format-4 ``drift.duckdb`` (empty when it is missing or unreadable)."""
     import duckdb
@@ -72,7 +88,7 @@ def record_cell_checksums(reader):
         added = [(d.joinid_start, d.joinid_stop) for d in manifest.datasets if d.version == info.number]
         staged = reader.store.stage()
         np.save(staged / CELL_CHECKSUMS, reader.store.cells.checksums_of(added, manifest.n_genes), allow_pickle=False)
-        versions.append(reader.store.replace_files(staged, info))
+        versions.append(_install(reader.store, staged, info))
     return VersionReader(reader.store, manifest.model_copy(update={"versions": versions}))
 
 
@@ -97,5 +113,5 @@ def upgrade_files(reader, root: Path):
             log.warning("version %d has no rows in %s: its drift is recomputed from its embeddings", info.number,
                         OLD_DATABASE)
             write_drift(staged / DRIFT_DIR, stored_drift_rows(reader, info), info.number)
-        versions.append(reader.store.replace_files(staged, info))
+        versions.append(_install(reader.store, staged, info))
     return reader.manifest.model_copy(update={"versions": versions})
