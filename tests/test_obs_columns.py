@@ -152,6 +152,11 @@ def test_names_the_engine_uses_are_kept_under_a_prefix_and_unkeepable_columns_re
     ref.obs["batch"] = "b"  # clashes with the engine's batch (the batch key here is tech)
     ref.obs["Predicted_Label"] = "x"  # letter case aside, an engine column
     ref.obs["soma_thing"] = 1
+    ref.obs["__index_level_0__"] = np.arange(80)  # TileDB reserves names starting with __
+    ref.obs["doublet_score"] = np.nan  # not computed yet: every value missing, a float column
+    ref.obs["n_guides"] = pd.array([None] * 80, dtype="Int64")
+    ref.obs["passed_qc"] = pd.array([None] * 80, dtype="boolean")
+    ref.var["__gene_index__"] = np.arange(ref.n_vars)
     for bad, message in ((pd.Series(pd.date_range("2020-01-01", periods=80)), "dtype datetime64"),
                          (pd.Series(["a"] * 80), "same name once letter case is ignored")):
         wrong = ref.copy()
@@ -163,7 +168,20 @@ def test_names_the_engine_uses_are_kept_under_a_prefix_and_unkeepable_columns_re
     obs = atlas.obs()
     assert (obs["batch"] == "indrop").all() and (obs["user_batch"] == "b").all()
     assert (obs["user_Predicted_Label"] == "x").all() and obs["user_soma_thing"].tolist() == [1] * 80
-    assert atlas._reader.manifest.datasets[0].obs_columns["user_batch"] == "text"  # noqa: SLF001
+    assert obs["user___index_level_0__"].tolist() == list(range(80))
+    kinds = atlas._reader.manifest.datasets[0].obs_columns  # noqa: SLF001
+    assert kinds["user_batch"] == "text"
+    assert (kinds["doublet_score"], kinds["n_guides"], kinds["passed_qc"]) == ("float", "int", "bool")
+    assert atlas.var()["user___gene_index__"].tolist() == list(range(300))
+    later = pancreas[pancreas.obs["tech"] == "celseq"][:20, :300].copy()  # the scores computed since
+    later.obs["doublet_score"] = np.linspace(0, 1, 20)
+    later.obs["n_guides"] = pd.array(range(20), dtype="Int64")
+    later.obs["passed_qc"] = np.arange(20) % 2 == 0
+    later.obs["__index_level_0__"] = np.arange(20)
+    atlas.ingest(later, batch_key="tech", strategy="surgery")
+    obs = atlas.obs()
+    assert obs["doublet_score"].dropna().tolist() == pytest.approx(np.linspace(0, 1, 20).tolist())
+    assert obs["n_guides"].dropna().tolist() == list(range(20)) and obs["passed_qc"].dropna().sum() == 10
 
 
 def test_a_changed_stored_obs_column_is_named_not_read(study_atlas, tmp_path):

@@ -390,7 +390,23 @@ PREFIX = "user_"
 
 def _reserved(name: str) -> bool:
     low = name.lower()
-    return low in ENGINE_COLUMNS or low.startswith("soma_")  # soma_ names are SOMA's own
+    return low in ENGINE_COLUMNS or low.startswith(FOREIGN_PREFIXES)
+
+
+FOREIGN_PREFIXES = ("soma_", "__")
+"""Name starts the cell store reserves (``soma_`` is SOMA's, ``__`` TileDB's, e.g. pandas' ``__index_level_0__``):
+columns so named are kept as ``user_<name>``."""
+
+
+def _dtype_kind(dtype: object) -> str:
+    """Return the kind a column of ``dtype`` stores when none of its values says (every one missing)."""
+    if pd.api.types.is_bool_dtype(dtype):
+        return "bool"
+    if pd.api.types.is_integer_dtype(dtype):
+        return "int"
+    if pd.api.types.is_float_dtype(dtype):
+        return "float"
+    return "text"
 
 
 def _missing_value(v: object) -> bool:
@@ -461,7 +477,7 @@ def prepare_gene_columns(var: pd.DataFrame, genes: Sequence[str]) -> pa.Table:
 
     Rows follow ``genes`` (a gene ``var`` lacks gets missing values). Columns of the kinds obs
     columns may have (text, categories, integers, floats, booleans) are kept; ``var_id``, the
-    marker tables' own names (``gene``, ``score``, ...) and ``soma_*`` names as ``user_<name>``. Columns of other kinds are left out with a warning:
+    marker tables' own names (``gene``, ``score``, ...) and ``soma_*`` / ``__*`` names as ``user_<name>``. Columns of other kinds are left out with a warning:
     annotations never stop an atlas from being made.
     """
     frame = var.copy()
@@ -472,10 +488,10 @@ def prepare_gene_columns(var: pd.DataFrame, genes: Sequence[str]) -> pa.Table:
         if not isinstance(name, str) or not name.strip():
             skipped.append(str(name))
             continue
-        kept = PREFIX + name if name.lower() in GENE_TABLE_NAMES or name.lower().startswith("soma_") else name
+        kept = PREFIX + name if name.lower() in GENE_TABLE_NAMES or name.lower().startswith(FOREIGN_PREFIXES) else name
         try:
             kind, values = _column_values(frame[name], name)
-            arrays[kept] = _to_arrow(values, kind or "text", name)
+            arrays[kept] = _to_arrow(values, kind or _dtype_kind(frame[name].dtype), name)
         except InputError:
             skipped.append(name)
     if skipped:
@@ -488,8 +504,9 @@ def prepare_metadata(obs: pd.DataFrame, stored: dict[str, str]) -> Metadata:
     """Check the user's obs columns against the atlas's (``stored``: name -> kind) and return them as stored.
 
     Every column is kept. Names the engine uses itself (``dataset``, ``batch``, ``label``, ...,
-    ``cell``, the prediction columns; letter case aside) and names starting with ``soma_`` are
-    kept as ``user_<name>``. Refused with :class:`InputError`, before anything is written:
+    ``cell``, the prediction columns; letter case aside) and names starting with ``soma_`` or
+    ``__`` (the cell store's own) are kept as ``user_<name>``. A column whose every value is
+    missing takes the stored column's kind, or its dtype's (``Int64``, ``boolean``, float). Refused with :class:`InputError`, before anything is written:
     names that are not text, empty, longer than 1,000 characters or with control characters;
     two columns whose names differ only in letter case (SQL could not tell them apart), also
     from a stored column; a column of another kind than the stored one (integers may join a
@@ -521,8 +538,8 @@ def prepare_metadata(obs: pd.DataFrame, stored: dict[str, str]) -> Metadata:
             continue
         kind, values = _column_values(obs[name], name)
         was = stored.get(kept)
-        if kind is None:  # every value missing: the column's stored kind, or text
-            kind = was or "text"
+        if kind is None:  # every value missing: the column's stored kind, or its dtype's (text for objects)
+            kind = was or _dtype_kind(obs[name].dtype)
         elif was is not None and kind != was:
             if not (kind == "int" and was == "float"):
                 problems.append(f"{name!r} holds {kind} values where the atlas stores {was}")
