@@ -6,9 +6,10 @@ import shutil
 
 import anndata as ad
 import numpy as np
+import pytest
 import scanpy as sc
 
-from atlasengine import Atlas
+from atlasengine import Atlas, InputError
 from atlasengine.cli.main import main
 
 
@@ -49,6 +50,11 @@ def test_ingest_result_and_atlas_come_out_as_anndata_scanpy_reads(atlas_path, pa
     some = atlas.to_anndata(cells=(obs["version_added"] == 2).to_numpy())
     assert list(some.obs_names) == list(obs.index[obs["version_added"] == 2])
     assert atlas.to_anndata(cells=list(query.obs_names[:3])).n_obs == 3
+    by_batch = obs.sort_values("batch")  # a mask built from a re-ordered obs() selects the cells it names
+    mask = by_batch["version_added"] == 2
+    assert sorted(atlas.to_anndata(cells=mask).obs_names) == sorted(by_batch.index[mask])
+    with pytest.raises(InputError, match="more than once"):
+        atlas.to_anndata(cells=[query.obs_names[0], query.obs_names[0]])
 
     from atlasengine.store.cells import CellStore
 

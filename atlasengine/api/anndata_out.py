@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from atlasengine.api.inputs import PREFIX
+from atlasengine.api.selection import CellSelection, select_cells
 from atlasengine.api.sources import SomaInput, as_input
 from atlasengine.errors import InputError
 from atlasengine.store.version import VersionReader
@@ -64,29 +65,18 @@ def keep_aside(obs: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
     return obs.rename(columns=renamed)
 
 
-def atlas_anndata(reader: VersionReader, counts: bool = False, cells: Sequence[str] | np.ndarray | None = None
-                  ) -> ad.AnnData:
+def atlas_anndata(reader: VersionReader, counts: bool = False, cells: CellSelection | None = None) -> ad.AnnData:
     """Return the atlas at ``reader``'s version as an AnnData: every cell (or ``cells``) with its metadata.
 
     ``obs``: what :meth:`VersionReader.obs` holds (dataset, batch, label, version_added and the
     predictions of the version that added each cell); ``var``: the genes with the reference's
     own gene columns (e.g. ``gene_symbol``); ``obsm["X_atlasengine"]``: the embedding
     under this version's model; ``X``: raw counts read from the cell store when ``counts``,
-    else none. ``cells``: cell names, or a boolean mask over :meth:`VersionReader.obs` rows.
+    else none. ``cells``: cell names (in the order given), or a boolean mask over
+    :meth:`VersionReader.obs` rows (a pandas Series read by its cell names: :func:`select_cells`).
     """
     obs = reader.obs()
-    rows = np.arange(len(obs))
-    if cells is not None:
-        sel = np.asarray(cells)
-        if sel.dtype == bool:
-            if len(sel) != len(obs):
-                raise InputError(f"the cell mask has {len(sel)} entries for {len(obs)} atlas cells")
-            rows = np.flatnonzero(sel)
-        else:
-            rows = obs.index.get_indexer(pd.Index([str(c) for c in sel]))
-            if (rows < 0).any():
-                missing = [str(c) for c, r in zip(sel, rows) if r < 0][:5]
-                raise InputError(f"cell(s) not in the atlas at version {reader.number}: {missing}")
+    rows = np.arange(len(obs)) if cells is None else select_cells(obs, cells, reader.number, ordered=True)
     x = reader.counts(rows) if counts else None  # only the cells asked for are read
     genes = reader.gene_annotations().reindex(pd.Index(reader.genes(), name="gene"))  # the reference's gene columns
     out = ad.AnnData(X=x, obs=_plain(obs.iloc[rows]), var=_plain(genes))
