@@ -75,3 +75,21 @@ def test_export_command_writes_h5ad(two_version_atlas, tmp_path, capsys):
     back = ad.read_h5ad(out)
     assert back.n_obs == 500 and back.X is not None and "X_atlasengine" in back.obsm
     assert main(["export", str(path), "-o", str(tmp_path / "no" / "dir" / "x.h5ad")]) == 2
+
+
+def test_a_cell_type_with_a_slash_writes_to_h5ad_without_a_warning(tmp_path):
+    import warnings
+
+    import pandas as pd
+
+    from atlasengine.api.anndata_out import query_anndata
+
+    adata = ad.AnnData(X=np.ones((3, 2), dtype=np.float32), obs=pd.DataFrame(index=["c0", "c1", "c2"]))
+    pred = pd.DataFrame({"label": ["T/NK", "B", "T/NK"], "p_T/NK": [0.9, 0.1, 0.8], "p_B": [0.1, 0.9, 0.2]},
+                        index=["c2", "c1", "c0"])
+    out = query_anndata(adata, pred, np.zeros((3, 2)), "x.atlas", 2)
+    assert list(out.obs.columns) == ["label", "p_T_NK", "p_B"] and out.obs["p_T_NK"].tolist() == [0.8, 0.1, 0.9]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # anndata warns that "/" in a key will be refused
+        out.write_h5ad(tmp_path / "q.h5ad")
+    assert ad.read_h5ad(tmp_path / "q.h5ad").obs["label"].tolist() == ["T/NK", "B", "T/NK"]

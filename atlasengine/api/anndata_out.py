@@ -33,7 +33,8 @@ def query_anndata(adata: ad.AnnData | SomaInput, predictions: pd.DataFrame, late
 
     ``predictions`` and ``latent`` rows follow ``predictions.index`` (cell names); they are put
     in ``adata``'s order. The input's own obs columns of the same names are kept as ``user_<name>``
-    (as the atlas keeps them). A streamed input
+    (as the atlas keeps them). A ``/`` in a column name (``p_<label>`` of a type such as "T/NK")
+    becomes ``_``, which h5ad files can hold (:func:`h5ad_names`). A streamed input
     (backed AnnData, :class:`SomaInput`) comes back with its obs and var only, without ``X``
     (its counts are in the atlas: ``Atlas.to_anndata(counts=True, cells=...)``).
     """
@@ -43,11 +44,30 @@ def query_anndata(adata: ad.AnnData | SomaInput, predictions: pd.DataFrame, late
     rows = pd.Index(predictions.index).get_indexer(names)
     if (rows < 0).any():
         raise InputError(f"{int((rows < 0).sum())} cells of the AnnData have no prediction")
-    out.obs = keep_aside(out.obs, predictions.columns)
-    for col in predictions.columns:
-        out.obs[col] = predictions[col].to_numpy()[rows]
+    columns = h5ad_names(predictions.columns)
+    out.obs = keep_aside(out.obs, list(columns.values()))
+    for col, name in columns.items():
+        out.obs[name] = predictions[col].to_numpy()[rows]
     out.obsm[EMBEDDING] = np.asarray(latent)[rows]
     out.uns["atlasengine"] = _provenance(path, version)
+    return out
+
+
+def h5ad_names(columns: Sequence[str]) -> dict[str, str]:
+    """Map prediction columns to names an h5ad file can hold: ``/`` (a cell type "T/NK" in ``p_T/NK``) becomes ``_``.
+
+    >>> h5ad_names(["label", "p_T/NK", "p_T_NK"])
+    {'label': 'label', 'p_T/NK': 'p_T_NK_', 'p_T_NK': 'p_T_NK'}
+    """
+    out, taken = {}, {str(c) for c in columns if "/" not in str(c)}
+    for col in columns:
+        name = str(col)
+        if "/" in name:
+            name = name.replace("/", "_")
+            while name in taken:
+                name += "_"
+            taken.add(name)
+        out[col] = name
     return out
 
 

@@ -86,7 +86,7 @@ def cmd_ingest(args) -> None:
 
 
 def cmd_transfer(args) -> None:
-    """Label the cells of ``args.input`` without folding them in and write the predictions as CSV."""
+    """Label the cells of ``args.input`` without folding them in; write the predictions as the output's suffix names."""
     from atlasengine import Atlas
 
     atlas = Atlas.open(args.path, version=args.version)
@@ -125,8 +125,9 @@ def _write_predictions(pred, query, path: str, suffix: str) -> None:
     elif suffix == ".parquet":
         pred.to_parquet(path)
     else:
-        from atlasengine.api.anndata_out import keep_aside
+        from atlasengine.api.anndata_out import h5ad_names, keep_aside
 
+        pred = pred.rename(columns=h5ad_names(pred.columns))  # p_T/NK -> p_T_NK: h5ad cannot hold a "/"
         out = query.copy()
         out.obs = keep_aside(out.obs, list(pred.columns)).join(pred.reindex(out.obs_names))  # the input's own aside
         out.write_h5ad(path)
