@@ -69,10 +69,12 @@ def test_a_removal_of_a_leftover_cut_short_is_finished_by_the_next_writer(atlas_
     (atlas_path / ".staging").mkdir(exist_ok=True)
     empty_staged = atlas_path / ".staging" / ("0" * 32)  # made by a writer that died before marking it
     empty_staged.mkdir()
+    half = atlas_path / ".manifest.json.tmp-4242"  # a commit killed between writing the manifest and renaming it
+    half.write_text('{"format_version": 9, "versi')
 
     res = Atlas.open(atlas_path).ingest(_smartseq2(pancreas_query), batch_key="tech", strategy="surgery",
                                         training={"max_epochs": 1})
-    assert res.version.number == 2 and not empty_staged.exists()
+    assert res.version.number == 2 and not empty_staged.exists() and not half.exists()
 
 
 def test_an_empty_version_folder_left_by_a_cut_short_removal_does_not_block_the_next_version(

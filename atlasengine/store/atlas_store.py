@@ -85,6 +85,8 @@ def check_atlas_path(root: Path) -> None:
 
 
 _STAGED_NAME = re.compile(r"^[0-9a-f]{32}$")
+_HALF_WRITTEN = re.compile(r"^\.(manifest|superseded)\.json\.tmp-\d+$")
+"""What :func:`~atlasengine.store.files.atomic_write_text` leaves of the manifest or the superseded record when killed."""
 
 
 def _is_engine_dir(path: Path) -> bool:
@@ -334,11 +336,18 @@ class AtlasStore:
         return found
 
     def remove_uncommitted(self, manifest: Manifest) -> list[str]:
-        """Delete what failed attempts staged (see :meth:`leftovers`); return what was removed."""
+        """Delete what failed attempts staged (see :meth:`leftovers`) and half-written manifests; return what went.
+
+        Called under the write lock only.
+        """
         removed = []
         for path in self.leftovers(manifest):
             _remove_engine_dir(path)
             removed.append(path.relative_to(self.root).as_posix())
+        for path in sorted(self.root.glob(".*.json.tmp-*")):  # a commit killed before its rename (under the lock:
+            if _HALF_WRITTEN.match(path.name) and path.is_file() and not path.is_symlink():  # no writer is at work)
+                path.unlink()
+                removed.append(path.name)
         return removed
 
     def record_superseded(self, paths: set[str]) -> None:
