@@ -1,4 +1,4 @@
-"""Atlas paths with characters URIs give a meaning to: refused at once with the reason, or working."""
+"""Atlas paths: characters URIs give a meaning to, relative paths, ~ and links: refused at once with the reason, or working."""
 
 from __future__ import annotations
 
@@ -39,3 +39,25 @@ def test_a_backslash_in_the_path_works_end_to_end(tmp_path, pancreas_ref, pancre
     assert reopened.version == 2 and len(reopened.obs()) == 250 and reopened.counts().shape == (250, 2000)
     assert sorted(set(reopened.drift()["version"])) == [1, 2]
     assert reopened.sql("select count(*) as n from versions")["n"].item() == 2
+
+
+def test_a_relative_path_keeps_naming_the_same_atlas_after_a_change_of_directory(tmp_path, reference_atlas,
+                                                                                  pancreas_query, monkeypatch):
+    shutil.copytree(reference_atlas, tmp_path / "lab" / "a.atlas")
+    monkeypatch.chdir(tmp_path / "lab")
+    atlas = Atlas.open("a.atlas")
+    monkeypatch.chdir(tmp_path)  # e.g. a notebook that changes directory
+    q = pancreas_query[pancreas_query.obs["tech"] == "smartseq2"].copy()
+    assert atlas.ingest(q, batch_key="tech", strategy="surgery", training={"max_epochs": 1}).version.number == 2
+    assert Atlas.open(tmp_path / "lab" / "a.atlas").version == 2 and not (tmp_path / "a.atlas").exists()
+    monkeypatch.setenv("HOME", str(tmp_path / "lab"))
+    assert Atlas.open("~/a.atlas").version == 2  # ~ is the home folder, not a folder named "~"
+
+
+def test_a_create_on_a_link_is_refused_before_training(tmp_path, pancreas_ref):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link.atlas").symlink_to(tmp_path / "real")
+    with pytest.raises(InputError, match="is a link"):
+        Atlas.create(tmp_path / "link.atlas", _small(pancreas_ref), batch_key="tech", label_key="celltype",
+                     config=TINY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.atlas", "real"] and not any((tmp_path / "real").iterdir())

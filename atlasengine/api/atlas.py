@@ -58,7 +58,7 @@ from atlasengine.config import (
 from atlasengine.drift import Report
 from atlasengine.errors import AtlasFormatError, AtlasLockedError, InputError, ReadOnlyError
 from atlasengine.model import CVAE
-from atlasengine.store.atlas_store import AtlasStore
+from atlasengine.store.atlas_store import AtlasStore, local_path
 from atlasengine.store.cells import CellStore
 from atlasengine.store.lock import break_lock, lock_holder
 from atlasengine.store.manifest import AtlasNeedsUpgrade, VersionInfo, read_raw_manifest
@@ -124,8 +124,8 @@ def _local_atlas(path: str | Path) -> Path:
     if is_remote(str(path)):
         raise InputError(f"{path} is a URL: an atlas published there is read-only and has no write lock; ask about "
                          "the lock of the folder it was published from")
-    read_raw_manifest(Path(path))  # an atlas's manifest, or the error that says why not
-    return Path(path)
+    read_raw_manifest(local_path(path))  # an atlas's manifest, or the error that says why not
+    return local_path(path)
 
 
 class Atlas:
@@ -185,7 +185,7 @@ class Atlas:
             cfg = config if isinstance(config, AtlasConfig) else AtlasConfig.model_validate(config or {})
         except ValidationError as exc:
             raise InputError(f"invalid atlas config: {validation_problems(exc, 'AtlasConfig')}") from exc
-        committed = foldin.create(Path(path), adata, batch_key=batch_key, label_key=label_key, dataset=dataset,
+        committed = foldin.create(local_path(path), adata, batch_key=batch_key, label_key=label_key, dataset=dataset,
                                   layer=layer, config=cfg, runtime=merged(RuntimeConfig(), runtime))
         return cls(committed.reader(), read_only=False)
 
@@ -252,7 +252,7 @@ class Atlas:
         except ValidationError as exc:
             raise InputError(f"invalid atlas config: {validation_problems(exc, 'AtlasConfig')}") from exc
         committed = foldin.create(
-            Path(path), adata, batch_key=ref.batch_key, label_key=label_key, dataset=dataset, layer=layer, config=cfg,
+            local_path(path), adata, batch_key=ref.batch_key, label_key=label_key, dataset=dataset, layer=layer, config=cfg,
             runtime=merged(RuntimeConfig(), runtime),
             pretrained=foldin.Pretrained(module, ref.genes, ref.batches, origin(ref, model_dir)),
         )
@@ -303,7 +303,7 @@ class Atlas:
             return atlas
         if storage_options:
             raise InputError(f"storage_options are for atlases at a URL (s3://...), not for the folder {path}")
-        return cls._open_store(AtlasStore(Path(path)), version, read_only)
+        return cls._open_store(AtlasStore(local_path(path)), version, read_only)
 
     @classmethod
     def _open_store(cls, store: AtlasStore, version: int | None, read_only: bool | None) -> Atlas:

@@ -213,6 +213,9 @@ def create(
         check_settings("ewc", config.query_training, config.continual)
     except InputError as exc:
         raise InputError(f"the atlas's continual settings would refuse every default (ewc) fold-in: {exc}") from exc
+    if root.is_symlink():
+        raise InputError(f"{root} is a link: an atlas is built beside its path and renamed into place, which would "
+                         "replace the link; give the folder it points to, or a new path")
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise InputError(f"{root} already exists; choose a new path or open it with Atlas.open")
     genes = pretrained.genes if pretrained else None

@@ -74,6 +74,17 @@ URI_CHARACTERS = ("?", "#")
 """Characters TileDB reads as parts of a URI (query, fragment) even in a plain path."""
 
 
+def local_path(path: str | Path) -> Path:
+    """Return ``path`` absolute, with ``~`` expanded and ``..`` resolved by name (links are kept as links).
+
+    An open atlas keeps working after the process changes directory.
+
+    >>> local_path("a/../b.atlas") == Path.cwd() / "b.atlas"
+    True
+    """
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
 def check_atlas_path(root: Path) -> None:
     """Refuse an atlas path the cell store cannot use (``?`` or ``#`` in it), with the reason."""
     found = [c for c in URI_CHARACTERS if c in str(root)]
@@ -126,8 +137,8 @@ class AtlasStore:
     """
 
     def __init__(self, root: Path, cells: CellStore | None = None, source: str | None = None) -> None:
-        check_atlas_path(Path(root))
-        self.root = Path(root)
+        self.root = local_path(root)
+        check_atlas_path(self.root)
         self.cells = cells if cells is not None else CellStore(str(self.root / CELLS))
         self.source = source if source is not None else str(self.root)
         self._verified: set[tuple[int, str, str]] = set()
