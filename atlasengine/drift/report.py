@@ -122,7 +122,9 @@ def umap_coordinates(
     coords, method = None, "PCA"
     if x.shape[0] > 16 and x.shape[1] > 2:
         try:
-            import umap  # type: ignore[import-not-found]
+            with warnings.catch_warnings():  # umap's tip that TensorFlow (ParametricUMAP) is not installed
+                warnings.filterwarnings("ignore", category=ImportWarning)
+                import umap  # type: ignore[import-not-found]
 
             # the neighbours from faiss (the engine's own kNN): UMAP's own search (pynndescent) spends
             # about 35 s compiling with numba in every new process before it finds any
