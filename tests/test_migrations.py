@@ -392,3 +392,22 @@ def test_a_manifest_that_claims_an_older_format_than_its_files_changes_no_commit
     assert all((path / p).read_bytes() == data for p, data in listed.items())  # as the manifest lists them
     manifest.write_text(good)  # the field put back: the atlas is as it was
     assert Atlas.open(path).version == 3
+
+
+def test_index_files_an_upgrade_wrote_beside_the_old_ones_are_the_ones_loaded(tmp_path):
+    from atlasengine.store.atlas_store import AtlasStore
+
+    path = tmp_path / "old8.atlas"
+    shutil.copytree(FIXTURE.with_name("format8.atlas"), path)
+    Atlas.open(path)  # upgraded
+    store = AtlasStore(path)
+    manifest = store.read_manifest()
+    info = manifest.versions[-1]
+    staged = store.stage()
+    shutil.copytree(store.version_dir(info.number) / "index", staged / "index")
+    moved = store.add_files(staged, info, "format10")  # as a later upgrade step would
+    store.commit(manifest.model_copy(update={"versions": [*manifest.versions[:-1], moved]}))
+    old = store.version_dir(info.number) / "index" / "neighbor_index_codes.npy"
+    old.write_bytes(b"not the index the manifest lists")
+    index = Atlas.open(path).neighbor_index()
+    assert len(index.categories) > 0 and index.neighbor_codes(np.zeros((1, 1), dtype=np.int64)).shape == (1, 1)

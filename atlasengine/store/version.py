@@ -406,10 +406,11 @@ class VersionReader:
         """Load the faiss index over this version's labelled cells."""
 
         def load() -> NeighborIndex:
-            for key in self.info.files:
-                if key.startswith(INDEX_DIR + "/"):
-                    self.file(key)  # verify every index file
-            return NeighborIndex.load(self.store.version_dir(self.number) / INDEX_DIR)
+            folders = {self.file(key).parent for key in self.info.files if key.startswith(INDEX_DIR + "/")}  # verified
+            if len(folders) != 1:
+                raise AtlasIntegrityError(f"version {self.number} records its index files in {len(folders)} folders, "
+                                          "not one")
+            return NeighborIndex.load(folders.pop())  # where the manifest says they are (an upgrade may move them)
 
         return self._cached("index", load)
 
