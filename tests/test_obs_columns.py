@@ -131,6 +131,19 @@ def test_a_column_of_another_type_is_refused_and_the_atlas_stays_byte_identical(
     mixed.obs["visit"] = [1 if k % 2 else "baseline" for k in range(mixed.n_obs)]
     with pytest.raises(InputError, match="'visit' holds values of several types"):
         Atlas.open(path).ingest(mixed, batch_key="tech")
+    raw = pancreas[pancreas.obs["tech"] == "smartseq2"][:30, :400].copy()
+    raw.obs["barcode"] = [b"ACGT"] * 30
+    with pytest.raises(InputError, match="'barcode' holds bytes values, which the atlas does not store"):
+        Atlas.open(path).ingest(raw, batch_key="tech")
+    gaps = pancreas[pancreas.obs["tech"] == "smartseq2"][:30, :400].copy()
+    gaps.obs["age"] = [np.nan] + [40.0] * 29  # integers with one missing value: float to pandas
+    with pytest.raises(InputError, match=r"'age' holds float values where the atlas stores int \(integers with "
+                                         r"missing values: adata.obs\['age'\].astype\('Int64'\)\)"):
+        Atlas.open(path).ingest(gaps, batch_key="tech")
+    garbled = pancreas[pancreas.obs["tech"] == "smartseq2"][:30, :400].copy()
+    garbled.obs_names = [f"cell{k}" + ("\udcff" if k == 3 else "") for k in range(30)]  # undecodable bytes
+    with pytest.raises(InputError, match="1 cell name.*not valid Unicode text"):
+        Atlas.open(path).ingest(garbled, batch_key="tech")
     assert _everything(path) == before
 
     # integers join a float column; a column with every value missing takes the stored type

@@ -260,7 +260,20 @@ def check_names(adata: ad.AnnData | InputData) -> tuple[list[str], list[str]]:
         dup = pd.Index(names)[pd.Index(names).duplicated()].unique()
         if len(dup):
             raise InputError(f"duplicate {what} names: {_examples(dup)}; make them unique (e.g. obs_names_make_unique())")
+        unwritable = [n for n in names if not _utf8(n)]
+        if unwritable:  # lone surrogates, e.g. bytes decoded with errors="surrogateescape"
+            raise InputError(f"{len(unwritable)} {what} name(s) are not valid Unicode text (e.g. "
+                             f"{unwritable[0].encode('utf-8', 'backslashreplace').decode()!r}); the atlas stores "
+                             "names as UTF-8: fix their encoding")
     return cells, genes
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _warn_of_letter_case(genes: Sequence[str], atlas_genes: Sequence[str], present: np.ndarray) -> None:
@@ -427,7 +440,7 @@ def _object_kind(values: list) -> str | None:
     if len(numbers) == len(present):
         return "int" if all(isinstance(v, (int, np.integer)) for v in numbers) else "float"
     kinds = sorted({type(v).__name__ for v in present})
-    return "mixed: " + ", ".join(kinds[:4])
+    return ("mixed: " if len(kinds) > 1 else "other: ") + ", ".join(kinds[:4])
 
 
 def _column_values(series: pd.Series, name: str) -> tuple[str | None, list | np.ndarray]:
@@ -446,9 +459,11 @@ def _column_values(series: pd.Series, name: str) -> tuple[str | None, list | np.
     if pd.api.types.is_string_dtype(dtype) or dtype == object:
         values = series.to_numpy(dtype=object).tolist()
         kind = _object_kind(values)
-        if kind is not None and kind.startswith("mixed"):
-            raise InputError(f"obs column {name!r} holds values of several types ({kind[7:]}); the atlas keeps a "
-                             f"column of one type: convert it (e.g. adata.obs[{name!r}] = "
+        if kind is not None and kind.startswith(("mixed", "other")):
+            what = (f"values of several types ({kind[7:]}); the atlas keeps a column of one type" if kind[0] == "m"
+                    else f"{kind[7:]} values, which the atlas does not store (text, integers, floats and booleans "
+                    "are kept)")
+            raise InputError(f"obs column {name!r} holds {what}: convert it (e.g. adata.obs[{name!r}] = "
                              f"adata.obs[{name!r}].astype(str)); nothing was written")
         return kind, [None if _missing_value(v) else v for v in values]
     raise InputError(f"obs column {name!r} has dtype {dtype}, which the atlas does not store (text, categories, "
@@ -542,7 +557,9 @@ def prepare_metadata(obs: pd.DataFrame, stored: dict[str, str]) -> Metadata:
             kind = was or _dtype_kind(obs[name].dtype)
         elif was is not None and kind != was:
             if not (kind == "int" and was == "float"):
-                problems.append(f"{name!r} holds {kind} values where the atlas stores {was}")
+                hint = (f" (integers with missing values: adata.obs[{name!r}].astype('Int64'))"
+                        if (kind, was) == ("float", "int") else "")
+                problems.append(f"{name!r} holds {kind} values where the atlas stores {was}{hint}")
                 continue
             kind = "float"
         columns[kept] = kind
