@@ -1,6 +1,6 @@
 """atlasengine: a versioned single-cell reference atlas that folds in new datasets with online EWC."""
 
-from atlasengine.api import Atlas, IngestResult, SomaInput
+from atlasengine.api import Atlas, IngestResult, SomaInput, example_atlas
 from atlasengine.config import (
     AtlasConfig,
     ContinualConfig,
@@ -46,4 +46,5 @@ __all__ = [
     "TransferConfig",
     "VersionInfo",
     "__version__",
+    "example_atlas",
 ]

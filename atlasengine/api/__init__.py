@@ -5,6 +5,7 @@ tracking.
 """
 
 from atlasengine.api.atlas import Atlas, IngestResult
+from atlasengine.api.example import example_atlas
 from atlasengine.api.sources import SomaInput
 
-__all__ = ["Atlas", "IngestResult", "SomaInput"]
+__all__ = ["Atlas", "IngestResult", "SomaInput", "example_atlas"]

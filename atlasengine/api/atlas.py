@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import shutil
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -462,7 +461,7 @@ class Atlas:
         return self._reader.predictions(version)
 
     def to_anndata(
-        self, version: int | None = None, counts: bool = False, cells: Sequence[str] | np.ndarray | None = None
+        self, version: int | None = None, counts: bool = False, cells: CellSelection | None = None
     ) -> ad.AnnData:
         """Return the atlas (or some of its cells) as an AnnData for scanpy.
 
@@ -473,13 +472,22 @@ class Atlas:
         counts
             Read the raw counts into ``X`` from the cell store (default: no ``X``).
         cells
-            Cell names, or a boolean mask over :meth:`obs` rows (default: every cell).
+            Cell names (in the order given), or a boolean mask over :meth:`obs` rows, a pandas
+            Series read by its cell names (default: every cell).
 
         Returns
         -------
         anndata.AnnData
             ``obs`` as :meth:`obs`, ``obsm["X_atlasengine"]`` the embedding under that version's
             model, ``uns["atlasengine"]`` the atlas and version.
+
+        Examples
+        --------
+        >>> from atlasengine import example_atlas
+        >>> atlas = example_atlas(getfixture("tmp_path") / "a.atlas")
+        >>> adata = atlas.to_anndata(cells=atlas.obs()["version_added"] == 2, counts=True)
+        >>> adata.shape, adata.obsm["X_atlasengine"].shape
+        ((100, 2000), (100, 4))
         """
         reader = self._reader if version is None or version == self.version else VersionReader(
             self._reader.store, self._reader.manifest, version)
@@ -573,6 +581,15 @@ class Atlas:
             ``is_unknown``, ``nearest_type``, ``novelty``, ``novelty_pvalue``, ``is_novel``, one
             ``p_<label>`` per reference label; ``attrs["novel_share"]`` and
             ``attrs["novel_share_interval"]`` estimate the share of new cells (90% interval).
+
+        Examples
+        --------
+        >>> from atlasengine import example_atlas
+        >>> from atlasengine.datasets import pancreas
+        >>> atlas, data = example_atlas(getfixture("tmp_path") / "a.atlas"), pancreas()  # versions 1 and 2
+        >>> pred = atlas.transfer_labels(data[data.obs.tech == "smartseq2"].copy(), batch_key="tech")
+        >>> len(pred), list(pred.columns[:4])
+        (100, ['label', 'predicted_label', 'uncertainty', 'is_unknown'])
         """
         tcfg = merged(self.config.transfer, config)
         z = self.embed(adata, batch_key, layer)
@@ -608,6 +625,15 @@ class Atlas:
             the embedding centroids), ``markers`` (top genes against the closest type's cells,
             Wilcoxon rank-sum on log-normalised stored counts) and ``cells``;
             ``.attrs["markers"][group]`` holds each group's marker table, with the gene columns.
+
+        Examples
+        --------
+        >>> from atlasengine import example_atlas
+        >>> from atlasengine.datasets import pancreas
+        >>> atlas, data = example_atlas(getfixture("tmp_path") / "a.atlas"), pancreas()  # versions 1 and 2
+        >>> groups = atlas.unknown_groups()  # what version 2 (celseq2) called Unknown
+        >>> list(groups.columns)
+        ['n_cells', 'closest_type', 'closest_share', 'distance', 'markers', 'cells']
         """
         return unknown_groups(self._reader, version, min_size, n_markers, gene_key=gene_key)
 
@@ -659,6 +685,15 @@ class Atlas:
         -------
         IngestResult
             The new version's record, the new cells' predictions and embeddings, the training.
+
+        Examples
+        --------
+        >>> from atlasengine import example_atlas
+        >>> from atlasengine.datasets import pancreas
+        >>> atlas, data = example_atlas(getfixture("tmp_path") / "a.atlas"), pancreas()  # versions 1 and 2
+        >>> res = atlas.ingest(data[data.obs.tech == "smartseq2"].copy(), batch_key="tech")
+        >>> res.version.number, len(res.predictions), res.latent.shape
+        (3, 100, (100, 4))
         """
         self._check_writable("ingest")
         if strategy not in STRATEGIES:
@@ -704,6 +739,16 @@ class Atlas:
         -------
         VersionInfo
             The new version's record; ``.relabel`` says how many cells were renamed and from which labels.
+
+        Examples
+        --------
+        >>> from atlasengine import example_atlas
+        >>> from atlasengine.datasets import pancreas
+        >>> atlas, data = example_atlas(getfixture("tmp_path") / "a.atlas"), pancreas()  # versions 1 and 2
+        >>> obs = atlas.obs()
+        >>> info = atlas.relabel(obs.index[obs["label"] == "acinar"][:3], "acinar_like", note="an example")
+        >>> info.number, info.relabel.n_cells, info.relabel.from_labels
+        (3, 3, {'acinar': 3})
         """
         self._check_writable("relabel")
         done = relabel(self._reader.store, self.version, cells, label, note)
@@ -726,6 +771,15 @@ class Atlas:
         -------
         pandas.DataFrame
             The table's rows of the versions up to this one.
+
+        Examples
+        --------
+        >>> from atlasengine import example_atlas
+        >>> from atlasengine.datasets import pancreas
+        >>> atlas, data = example_atlas(getfixture("tmp_path") / "a.atlas"), pancreas()  # versions 1 and 2
+        >>> drift = atlas.drift()
+        >>> sorted(set(drift["version"])), list(drift.columns[:3])
+        ([1, 2], ['version', 'scope', 'n_cells'])
         """
         if by not in DRIFT_TABLES:
             raise InputError(f"by must be one of {list(DRIFT_TABLES)}, got {by!r}")
@@ -739,11 +793,24 @@ class Atlas:
         transfer_summary, and ``cells``: one row per cell, ``cell`` (its name, as in
         ``cell_drift``) and the columns of :meth:`obs`, the user's own obs columns included,
         e.g. ``select disease, count(*) from cells where is_unknown group by disease``.
+
+        Examples
+        --------
+        >>> from atlasengine import example_atlas
+        >>> from atlasengine.datasets import pancreas
+        >>> atlas, data = example_atlas(getfixture("tmp_path") / "a.atlas"), pancreas()  # versions 1 and 2
+        >>> atlas.sql("select version, count(*) as cells from cell_drift group by version order by version")
+           version  cells
+        0        1    247
+        1        2    247
         """
         return query_atlas(self._reader, query)
 
     def report(self, path: str | Path) -> Path:
-        """Write the drift audit report (one self-contained HTML file) to ``path``; returns its path."""
+        """Write the drift audit report (one self-contained HTML file, readable offline) to ``path``; return its path.
+
+        The same report as :meth:`audit`, which also returns its checks.
+        """
         return render_atlas_report(self._reader, path).path
 
     def audit(self, path: str | Path) -> Report:
@@ -751,5 +818,13 @@ class Atlas:
 
         ``Report.status`` is the worst of the version's checks (green, amber, red);
         ``Report.headline`` the lines the report's summary opens with.
+
+        Examples
+        --------
+        >>> from atlasengine import example_atlas
+        >>> atlas = example_atlas(getfixture("tmp_path") / "a.atlas")
+        >>> report = atlas.audit(getfixture("tmp_path") / "audit.html")
+        >>> report.path.name, report.status in {"green", "amber", "red", "grey"}
+        ('audit.html', True)
         """
         return render_atlas_report(self._reader, path)
