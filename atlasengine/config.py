@@ -93,8 +93,8 @@ class ContinualConfig(_Strict):
 
     The EWC penalty is ``ewc_lambda * (1 - r) * N / n_query * 1/2 * sum F (theta - theta*)^2``
     with ``F`` the per-cell-mean Fisher of the ``N`` cells the atlas represents, ``r`` the
-    replayed share of a minibatch and ``n_query`` the cells being folded in
-    (``penalty_scale="evidence"``; see :func:`atlasengine.continual.strategies.penalty_strength`).
+    replayed share of a minibatch and ``n_query`` the cells being folded in that train, the
+    validation share left out (``penalty_scale="evidence"``; see :func:`atlasengine.continual.strategies.penalty_strength`).
     ``ewc_lambda = 1`` is the Laplace weight: the reference counts as the cells it was estimated on.
 
     The defaults, ``ewc_lambda = 1`` with ``embedding_anchor = 1000``, hold the reference mostly in

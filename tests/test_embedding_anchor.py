@@ -147,6 +147,34 @@ def test_settings_under_which_no_training_process_replays_a_cell_are_refused():
         1 - 1 / 3)
 
 
+def test_the_evidence_scale_counts_the_query_cells_that_train_and_the_replay_share_the_sampler_draws():
+    # the Laplace weight: the reference's N cells against the query cells the loss sums over, which
+    # leave out the validation share; and the replayed share is what each minibatch holds
+    import scipy.sparse as sp
+
+    import atlasengine.continual.strategies as strategies
+    from atlasengine.config import ContinualConfig, RuntimeConfig, TrainingConfig
+    from atlasengine.continual.fisher import AccumulatedFisher
+    from atlasengine.training import CellData
+
+    asked, module = [], _module()
+    real = strategies.penalty_strength
+    params = {n: p.detach().clone() for n, p in module.named_parameters()}
+    cells = CellData(sp.csr_matrix(np.ones((100, 20))), np.zeros(100))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(strategies, "penalty_strength", lambda *a: asked.append(a[2]) or real(*a))
+        mp.setattr(strategies, "fit", lambda *a, **k: None)
+        strategies.fold_in(module, "ewc", cells, n_old_batches=2, training=TrainingConfig(validation_fraction=0.1),
+                           continual=ContinualConfig(replay_fraction=0.25),
+                           fisher=AccumulatedFisher({n: torch.ones_like(p) for n, p in params.items()}, 900.0),
+                           anchor=params, replay=cells, runtime=RuntimeConfig())
+    assert asked == [90]  # 10 of the 100 query cells validate and never enter the loss
+    # 2-cell minibatches at 0.75 replay hold 2 replayed cells and 1 query cell: a third of the loss
+    # is the query's, so the penalty keeps a third of its weight (it fell to 0, as if all were replayed)
+    third = strategies.penalty_strength(ContinualConfig(ewc_lambda=1.0, replay_fraction=0.75), 90, 90, True, 2)
+    assert third == pytest.approx(1 / 3)
+
+
 def test_a_create_whose_default_fold_in_could_not_run_is_refused(tmp_path, pancreas_ref):
     from conftest import TINY
 

@@ -21,7 +21,16 @@ from atlasengine.continual.ewc import EWCPenalty
 from atlasengine.continual.fisher import AccumulatedFisher, Tensors
 from atlasengine.errors import InputError
 from atlasengine.model import CVAE
-from atlasengine.training import CellData, CellSource, TrainResult, batch_per_process, fit, training_processes
+from atlasengine.training import (
+    CellData,
+    CellSource,
+    TrainResult,
+    batch_per_process,
+    fit,
+    minibatch_split,
+    trained_cells,
+    training_processes,
+)
 
 __all__ = ["STRATEGIES", "FoldInStrategy", "NewBatchRowsOnly", "PenaltySum", "check_settings", "fold_in",
            "surgery_mode"]
@@ -144,8 +153,8 @@ def fold_in(
     if strategy == "ewc":
         if fisher is None or anchor is None:
             raise InputError("the ewc strategy needs the current version's Fisher and anchor weights")
-        strength = penalty_strength(continual, fisher.cells, len(query), replay is not None and len(replay) > 0,
-                                    batch_per_process(training.batch_size, runtime))
+        strength = penalty_strength(continual, fisher.cells, trained_cells(len(query), training.validation_fraction),
+                                    replay is not None and len(replay) > 0, batch_per_process(training.batch_size, runtime))
         penalties = [EWCPenalty(module, fisher.mean, anchor, strength)] if strength > 0 else []
         if continual.embedding_anchor > 0:
             check_settings(strategy, training, continual, replayed=0 if replay is None else len(replay),
@@ -174,7 +183,7 @@ def check_settings(strategy: FoldInStrategy, training: TrainingConfig, continual
     if strategy != "ewc" or continual.embedding_anchor == 0:
         return
     per_process = batch_per_process(training.batch_size, runtime)
-    if continual.replay_max_cells == 0 or round(per_process * continual.replay_fraction) == 0 or replayed == 0:
+    if continual.replay_max_cells == 0 or minibatch_split(per_process, continual.replay_fraction)[1] == 0 or replayed == 0:
         processes = training_processes(runtime)
         where = (f" (each of the {processes} training processes takes {per_process} cells of every minibatch)"
                  if processes > 1 else "")
@@ -190,9 +199,11 @@ def penalty_strength(
     ``penalty_scale="evidence"``: the reference counts as the cells its Fisher was estimated on.
     In the Laplace reading of EWC the log-likelihood of ``N`` reference cells around the anchor
     has precision ``N * F`` (``F`` a per-cell mean); the minibatch loss is a mean over its cells,
-    of which a share ``1 - r`` are query cells when a share ``r`` is replayed, so the penalty
-    that keeps the two in proportion is ``lambda * (1 - r) * N / n_query``. ``ewc_lambda = 1``
-    is the Laplace weight. ``penalty_scale="fixed"``: ``lambda`` itself, whatever the sizes (the
+    of which a share ``1 - r`` are query cells when a share ``r`` is replayed (the sampler's
+    :func:`~atlasengine.training.minibatch_split` of ``batch_size``), so the penalty that keeps
+    the two in proportion is ``lambda * (1 - r) * N / n_query``, ``n_query`` the query cells
+    that train (the validation share left out: :func:`~atlasengine.training.trained_cells`).
+    ``ewc_lambda = 1`` is the Laplace weight. ``penalty_scale="fixed"``: ``lambda`` itself, whatever the sizes (the
     paper's form and this engine's before format 4).
 
     Example
@@ -205,5 +216,6 @@ def penalty_strength(
     """
     if config.penalty_scale == "fixed":
         return float(config.ewc_lambda)
-    replayed = round(batch_size * config.replay_fraction) / batch_size if replaying else 0.0
+    query_cells, replayed_cells = minibatch_split(batch_size, config.replay_fraction if replaying else 0.0)
+    replayed = replayed_cells / (query_cells + replayed_cells)
     return float(config.ewc_lambda * (1.0 - replayed) * represented_cells / max(n_query, 1))

@@ -174,9 +174,7 @@ class MixedBatchSampler(Sampler[np.ndarray | Draw]):
     def __init__(self, n_query: int, n_replay: int, batch_size: int, replay_fraction: float, seed: int,
                  block: int | None = None, chunk: int = SHUFFLE_CHUNK) -> None:
         self.n_query, self.n_replay = n_query, n_replay
-        r = replay_fraction if n_replay > 0 else 0.0
-        self.n_rep_per = int(round(batch_size * r))
-        self.n_q_per = max(1, batch_size - self.n_rep_per)
+        self.n_q_per, self.n_rep_per = minibatch_split(batch_size, replay_fraction if n_replay > 0 else 0.0)
         # at least 1,024 chunks per block (tiledbsoma-ml's defaults: 64-cell chunks, 65,536-cell blocks)
         self.block, self.chunk = block, max(1, min(chunk, (block or 0) // 1024))
         self.rng = np.random.default_rng(seed)
@@ -227,14 +225,32 @@ class MixedBatchSampler(Sampler[np.ndarray | Draw]):
             yield Draw(positions, tuple((key, cells) for key, cells, _ in blocks[first : last + 1]))
 
 
+def minibatch_split(batch_size: int, replay_fraction: float) -> tuple[int, int]:
+    """Return the query cells and the replayed cells of every minibatch: ``round(B * r)`` replayed, >= 1 query cell.
+
+    >>> minibatch_split(128, 0.25), minibatch_split(2, 0.75)
+    ((96, 32), (1, 2))
+    """
+    replayed = int(round(batch_size * replay_fraction))
+    return max(1, batch_size - replayed), replayed
+
+
+def trained_cells(n: int, fraction: float) -> int:
+    """Return how many of ``n`` cells train when ``fraction`` is held out (:func:`train_val_split`'s rule).
+
+    >>> trained_cells(1000, 0.1), trained_cells(15, 0.1)
+    (900, 15)
+    """
+    n_val = int(n * fraction)
+    return n if n_val < 2 or n - n_val < 2 else n - n_val
+
+
 def train_val_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Random held-out split; no validation set when it would hold fewer than 2 cells."""
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)
-    n_val = int(n * fraction)
-    if n_val < 2 or n - n_val < 2:
-        return perm, np.zeros(0, dtype=np.int64)
-    return perm[n_val:], perm[:n_val]
+    n_train = trained_cells(n, fraction)
+    return perm[n - n_train:], perm[:n - n_train]
 
 
 def make_loaders(
