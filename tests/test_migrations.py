@@ -361,14 +361,21 @@ def test_files_an_upgrade_replaced_are_deleted_by_the_next_writer_when_it_died_r
     assert atlas.sql("select count(*) from batch_drift where ilisi_first_version_mean is not null").iloc[0, 0] > 0
 
 
-def test_a_record_of_superseded_files_deletes_nothing_the_manifest_lists_or_outside_the_versions(tmp_path):
-    from atlasengine.store.atlas_store import SUPERSEDED, AtlasStore, listed_paths
+def _upgraded_format8(tmp_path):
+    """A copy of the format-8 fixture, opened once (so upgraded): its path, store and manifest."""
+    from atlasengine.store.atlas_store import AtlasStore
 
     path = tmp_path / "old8.atlas"
     shutil.copytree(FIXTURE.with_name("format8.atlas"), path)
-    Atlas.open(path)  # upgraded
+    Atlas.open(path)
     store = AtlasStore(path)
-    manifest = store.read_manifest()
+    return path, store, store.read_manifest()
+
+
+def test_a_record_of_superseded_files_deletes_nothing_the_manifest_lists_or_outside_the_versions(tmp_path):
+    from atlasengine.store.atlas_store import SUPERSEDED, listed_paths
+
+    path, store, manifest = _upgraded_format8(tmp_path)
     (tmp_path / "outside.txt").write_text("a user's file")
     kept = listed_paths(manifest) | {"../outside.txt", "manifest.json"}
     store.record_superseded(kept)  # e.g. an upgrade that died before its commit: the manifest still lists them
@@ -395,13 +402,7 @@ def test_a_manifest_that_claims_an_older_format_than_its_files_changes_no_commit
 
 
 def test_index_files_an_upgrade_wrote_beside_the_old_ones_are_the_ones_loaded(tmp_path):
-    from atlasengine.store.atlas_store import AtlasStore
-
-    path = tmp_path / "old8.atlas"
-    shutil.copytree(FIXTURE.with_name("format8.atlas"), path)
-    Atlas.open(path)  # upgraded
-    store = AtlasStore(path)
-    manifest = store.read_manifest()
+    path, store, manifest = _upgraded_format8(tmp_path)
     info = manifest.versions[-1]
     staged = store.stage()
     shutil.copytree(store.version_dir(info.number) / "index", staged / "index")
