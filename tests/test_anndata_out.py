@@ -55,6 +55,7 @@ def test_ingest_result_and_atlas_come_out_as_anndata_scanpy_reads(atlas_path, pa
     assert sorted(atlas.to_anndata(cells=mask).obs_names) == sorted(by_batch.index[mask])
     with pytest.raises(InputError, match="more than once"):
         atlas.to_anndata(cells=[query.obs_names[0], query.obs_names[0]])
+    assert atlas.to_anndata(cells=obs["label"] == "no such type").n_obs == 0 == atlas.to_anndata(cells=[]).n_obs
 
     from atlasengine.store.cells import CellStore
 

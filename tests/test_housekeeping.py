@@ -57,24 +57,28 @@ def test_a_removal_of_a_leftover_cut_short_is_finished_by_the_next_writer(atlas_
     (leftover / "index" / "neighbor_index.faiss").write_bytes(b"half an index")
     real_unlink = Path.unlink
 
-    def killed(self, *args, **kwargs):  # the writer dies at the first file it deletes
-        raise KeyboardInterrupt
+    def killed_at_the_marker(self, *args, **kwargs):  # the writer dies as it deletes the marker
+        if self.name == ".atlasengine-staged":
+            raise KeyboardInterrupt
+        return real_unlink(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "unlink", killed)
+    monkeypatch.setattr(Path, "unlink", killed_at_the_marker)
     with pytest.raises(KeyboardInterrupt):
         Atlas.open(atlas_path).ingest(_smartseq2(pancreas_query), batch_key="tech", strategy="surgery",
                                       training={"max_epochs": 1})
     monkeypatch.setattr(Path, "unlink", real_unlink)
-    assert (leftover / ".atlasengine-staged").is_file()  # the marker goes last: still the engine's
+    assert [p.name for p in leftover.iterdir()] == [".atlasengine-staged"]  # the marker goes last: still the engine's
     (atlas_path / ".staging").mkdir(exist_ok=True)
     empty_staged = atlas_path / ".staging" / ("0" * 32)  # made by a writer that died before marking it
     empty_staged.mkdir()
     half = atlas_path / ".manifest.json.tmp-4242"  # a commit killed between writing the manifest and renaming it
     half.write_text('{"format_version": 9, "versi')
+    half_record = atlas_path / "..superseded.json.tmp-4243"  # the same of an upgrade's record (atomic_write_text)
+    half_record.write_text('["versions/v0001/dri')
 
     res = Atlas.open(atlas_path).ingest(_smartseq2(pancreas_query), batch_key="tech", strategy="surgery",
                                         training={"max_epochs": 1})
-    assert res.version.number == 2 and not empty_staged.exists() and not half.exists()
+    assert res.version.number == 2 and not empty_staged.exists() and not half.exists() and not half_record.exists()
 
 
 def test_an_empty_version_folder_left_by_a_cut_short_removal_does_not_block_the_next_version(

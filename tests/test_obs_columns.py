@@ -166,7 +166,9 @@ def test_names_the_engine_uses_are_kept_under_a_prefix_and_unkeepable_columns_re
     ref.obs["Predicted_Label"] = "x"  # letter case aside, an engine column
     ref.obs["soma_thing"] = 1
     ref.obs["__index_level_0__"] = np.arange(80)  # TileDB reserves names starting with __
-    ref.obs["doublet_score"] = np.nan  # not computed yet: every value missing, a float column
+    ref.obs["doublet_score"] = pd.array([None] * 80, dtype="Float64")  # not computed yet, declared a float
+    ref.obs["disease_later"] = np.nan  # a plain placeholder: float NaN to pandas, whatever it will hold
+    ref.obs["grade"] = pd.Categorical([None] * 80, categories=[True, False])  # categories are text
     ref.obs["n_guides"] = pd.array([None] * 80, dtype="Int64")
     ref.obs["passed_qc"] = pd.array([None] * 80, dtype="boolean")
     ref.var["__gene_index__"] = np.arange(ref.n_vars)
@@ -185,12 +187,15 @@ def test_names_the_engine_uses_are_kept_under_a_prefix_and_unkeepable_columns_re
     kinds = atlas._reader.manifest.datasets[0].obs_columns  # noqa: SLF001
     assert kinds["user_batch"] == "text"
     assert (kinds["doublet_score"], kinds["n_guides"], kinds["passed_qc"]) == ("float", "int", "bool")
+    assert (kinds["disease_later"], kinds["grade"]) == ("text", "text")
     assert atlas.var()["user___gene_index__"].tolist() == list(range(300))
     later = pancreas[pancreas.obs["tech"] == "celseq"][:20, :300].copy()  # the scores computed since
     later.obs["doublet_score"] = np.linspace(0, 1, 20)
     later.obs["n_guides"] = pd.array(range(20), dtype="Int64")
     later.obs["passed_qc"] = np.arange(20) % 2 == 0
     later.obs["__index_level_0__"] = np.arange(20)
+    later.obs["disease_later"] = "T2D"
+    later.obs["grade"] = pd.Categorical([True, False] * 10)
     atlas.ingest(later, batch_key="tech", strategy="surgery")
     obs = atlas.obs()
     assert obs["doublet_score"].dropna().tolist() == pytest.approx(np.linspace(0, 1, 20).tolist())

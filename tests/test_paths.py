@@ -61,3 +61,13 @@ def test_a_create_on_a_link_is_refused_before_training(tmp_path, pancreas_ref):
         Atlas.create(tmp_path / "link.atlas", _small(pancreas_ref), batch_key="tech", label_key="celltype",
                      config=TINY)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.atlas", "real"] and not any((tmp_path / "real").iterdir())
+    with pytest.raises(InputError, match="must end in the name of the new folder"):
+        Atlas.create(tmp_path / "real" / "..", _small(pancreas_ref), batch_key="tech", label_key="celltype",
+                     config=TINY)
+
+
+def test_a_path_through_a_link_names_what_the_system_names(tmp_path, reference_atlas):
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    shutil.copytree(reference_atlas, tmp_path / "real" / "a.atlas")
+    (tmp_path / "lnk").symlink_to(tmp_path / "real" / "sub")
+    assert Atlas.open(tmp_path / "lnk" / ".." / "a.atlas").version == 1  # lnk/.. is real/, not tmp_path

@@ -213,6 +213,8 @@ def create(
         check_settings("ewc", config.query_training, config.continual)
     except InputError as exc:
         raise InputError(f"the atlas's continual settings would refuse every default (ewc) fold-in: {exc}") from exc
+    if root.name in ("", ".."):
+        raise InputError(f"the atlas path {root} must end in the name of the new folder (not '..')")
     if root.is_symlink():
         raise InputError(f"{root} is a link: an atlas is built beside its path and renamed into place, which would "
                          "replace the link; give the folder it points to, or a new path")

@@ -412,7 +412,19 @@ columns so named are kept as ``user_<name>``."""
 
 
 def _dtype_kind(dtype: object) -> str:
-    """Return the kind a column of ``dtype`` stores when none of its values says (every one missing)."""
+    """Return the kind a column of ``dtype`` stores when none of its values says (every one missing).
+
+    Only pandas' nullable dtypes say it (``Int64``, ``boolean``, ``Float64``): a plain float
+    column of NaN is what ``obs[name] = np.nan`` makes of any placeholder, so it stays text, as
+    object and categorical columns do.
+
+    >>> [_dtype_kind(d) for d in ("Int64", "boolean", "Float64", "float64", "object")]
+    ['int', 'bool', 'float', 'text', 'text']
+    """
+    if isinstance(dtype, str):
+        dtype = pd.api.types.pandas_dtype(dtype)
+    if not isinstance(dtype, pd.api.extensions.ExtensionDtype) or isinstance(dtype, pd.CategoricalDtype):
+        return "text"
     if pd.api.types.is_bool_dtype(dtype):
         return "bool"
     if pd.api.types.is_integer_dtype(dtype):
@@ -446,7 +458,7 @@ def _object_kind(values: list) -> str | None:
 def _column_values(series: pd.Series, name: str) -> tuple[str | None, list | np.ndarray]:
     """Return the kind of an obs column (None: every value missing, of no type) and its values to store."""
     dtype = series.dtype
-    if len(series) and series.isna().all():  # an empty column is float NaN to pandas: it takes the stored kind
+    if len(series) and series.isna().all():  # no value says the kind: the stored one, or the dtype's (_dtype_kind)
         return None, [None] * len(series)
     if isinstance(dtype, pd.CategoricalDtype):
         return "text", [None if _missing_value(v) else str(v) for v in series.astype(object).tolist()]
@@ -521,7 +533,8 @@ def prepare_metadata(obs: pd.DataFrame, stored: dict[str, str]) -> Metadata:
     Every column is kept. Names the engine uses itself (``dataset``, ``batch``, ``label``, ...,
     ``cell``, the prediction columns; letter case aside) and names starting with ``soma_`` or
     ``__`` (the cell store's own) are kept as ``user_<name>``. A column whose every value is
-    missing takes the stored column's kind, or its dtype's (``Int64``, ``boolean``, float). Refused with :class:`InputError`, before anything is written:
+    missing takes the stored column's kind, or its nullable dtype's (``Int64``, ``boolean``,
+    ``Float64``), else text. Refused with :class:`InputError`, before anything is written:
     names that are not text, empty, longer than 1,000 characters or with control characters;
     two columns whose names differ only in letter case (SQL could not tell them apart), also
     from a stored column; a column of another kind than the stored one (integers may join a

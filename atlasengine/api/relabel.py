@@ -102,6 +102,8 @@ def relabel(store: AtlasStore, seen: int, cells: CellSelection, label: str, note
             )
         obs = parent.cell_obs()
         rows = select_cells(obs, cells, parent.number)
+        if len(rows) == 0:
+            raise InputError("the selection holds no cell: nothing to relabel")
         manifest, started_from, parent = tidy(store, manifest, started_from, parent)
         number = parent.number + 1
         record = _record(obs["label"].iloc[rows], label, note)

@@ -30,16 +30,16 @@ def _aligned_mask(mask: pd.Series, obs: pd.DataFrame) -> pd.Series:
 
 
 def select_cells(obs: pd.DataFrame, cells: CellSelection, number: int, *, ordered: bool = False) -> np.ndarray:
-    """Return the sorted, distinct row positions in ``obs`` that ``cells`` selects.
+    """Return the row positions in ``obs`` that ``cells`` selects: sorted and distinct, or as ordered.
 
     ``ordered``: names keep the order given (a name given twice is refused); a mask gives
-    ``obs``'s row order either way.
+    ``obs``'s row order either way. The selection may be empty.
 
     ``cells``: cell names (``obs``'s index), or a boolean mask with one entry per ``obs`` row (a
     pandas Series is read by its index, so a mask built from a sorted ``obs()`` selects the cells
     it names; a list or array by position).
-    Unknown names, a mask of another length, integers (positions are not accepted), missing
-    mask values and an empty selection raise :class:`InputError`.
+    Unknown names, a mask of another length, integers (positions are not accepted) and missing
+    mask values raise :class:`InputError`.
 
     >>> obs = pd.DataFrame(index=["a", "b", "c"])
     >>> select_cells(obs, ["c", "a", "c"], 2), select_cells(obs, [False, True, False], 2)
@@ -79,6 +79,4 @@ def select_cells(obs: pd.DataFrame, cells: CellSelection, number: int, *, ordere
         elif len(np.unique(rows)) < len(rows):
             twice = names[pd.Index(rows).duplicated()].unique()
             raise InputError(f"cell name(s) given more than once: {', '.join(repr(m[:60]) for m in twice[:5])}")
-    if len(rows) == 0:
-        raise InputError("the selection holds no cell")
     return rows

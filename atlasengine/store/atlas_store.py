@@ -75,14 +75,14 @@ URI_CHARACTERS = ("?", "#")
 
 
 def local_path(path: str | Path) -> Path:
-    """Return ``path`` absolute, with ``~`` expanded and ``..`` resolved by name (links are kept as links).
+    """Return ``path`` absolute, with ``~`` expanded (``..`` and links are left for the system to follow).
 
     An open atlas keeps working after the process changes directory.
 
-    >>> local_path("a/../b.atlas") == Path.cwd() / "b.atlas"
+    >>> local_path("a/b.atlas") == Path.cwd() / "a" / "b.atlas"
     True
     """
-    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    return Path(os.path.expanduser(os.fspath(path))).absolute()
 
 
 def check_atlas_path(root: Path) -> None:
@@ -96,7 +96,7 @@ def check_atlas_path(root: Path) -> None:
 
 
 _STAGED_NAME = re.compile(r"^[0-9a-f]{32}$")
-_HALF_WRITTEN = re.compile(r"^\.(manifest|superseded)\.json\.tmp-\d+$")
+_HALF_WRITTEN = re.compile(r"^(\.manifest|\.\.superseded)\.json\.tmp-\d+$")
 """What :func:`~atlasengine.store.files.atomic_write_text` leaves of the manifest or the superseded record when killed."""
 
 
