@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -68,3 +69,21 @@ def test_plot_transfer_writes_pngs(tmp_path: Path) -> None:
     for path in paths.values():
         assert path.is_file() and path.stat().st_size > 1000
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_novelty_figure_and_the_reports_violins_draw_the_cut_that_called_unknown(tmp_path: Path, monkeypatch):
+    import atlasengine.transfer.plots as plots
+    from atlasengine.drift.plots import distributions_figure
+
+    pred, truth = _predictions()
+    pred["novelty_pvalue"] = [0.5, 0.01, 0.3, 0.8, 0.002, 0.2]
+    pred["novelty"] = -2 * np.log(pred["novelty_pvalue"].to_numpy())
+    pred.attrs.update(novelty_target=0.01, unknown_rule="novelty")
+    drawn = []
+    real = plots.plot_novelty_violin
+    monkeypatch.setattr(plots, "plot_novelty_violin", lambda *a: drawn.append(a[3]) or real(*a))
+    plots.plot_transfer(pred, truth, tmp_path / "figs")
+    assert drawn == [0.01]  # the atlas's target, not 5%
+    fig = distributions_figure(pred, None, 0.3, 9.2)
+    styles = {(shape.y0, shape.line.dash) for shape in fig.layout.shapes}
+    assert styles == {(0.3, "dot"), (9.2, "dash")} and "novelty cut-off that called Unknown" in fig.layout.title.text

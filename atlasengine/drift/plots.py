@@ -209,11 +209,14 @@ def heatmap(grid: pd.DataFrame, title: str, colour_title: str, xlabel: str, ylab
 
 def distributions_figure(predictions: pd.DataFrame, annotation: pd.Series | None, uncertainty_threshold: float,
                          novelty_threshold: float | None, max_points: int = 5000, seed: int = 0) -> go.Figure:
-    """Return violins of uncertainty and novelty per group of query cells, cut-offs dashed.
+    """Return violins of uncertainty and novelty per group of query cells, cut-offs drawn.
 
     Cells are grouped by the query's own annotation when it has one, else by the predicted
-    label; at most ``max_points`` cells are drawn (a seeded sample, said in the title).
+    label; at most ``max_points`` cells are drawn (a seeded sample, said in the title). The
+    cut-off of the rule that called Unknown (``predictions.attrs["unknown_rule"]``) is red
+    dashed, the other rule's grey dotted.
     """
+    rule = predictions.attrs.get("unknown_rule", "uncertainty")
     preds = predictions
     preds = preds.iloc[sorted_sample(len(preds), max_points, seed)]
     annotated = annotation is not None and annotation.reindex(preds.index).notna().any()
@@ -233,8 +236,12 @@ def distributions_figure(predictions: pd.DataFrame, annotation: pd.Series | None
                                     spanmode="hard", box=dict(visible=True), meanline=dict(visible=False),
                                     hoverinfo="y"), row=1, col=col)
         if cut is not None and np.isfinite(cut):
-            fig.add_hline(y=float(cut), line=dict(color="#c0392b", dash="dash", width=1), row=1, col=col)
+            used = column == rule
+            fig.add_hline(y=float(cut), row=1, col=col, line=dict(color="#c0392b" if used else "#7f8c8d",
+                                                                   dash="dash" if used else "dot", width=1))
     by = "the query's annotation" if annotated else "predicted label"
     drawn = f"; {len(preds):,} of {len(predictions):,} cells drawn" if len(preds) < len(predictions) else ""
     fig.update_xaxes(type="category", tickangle=-35)
-    return _layout(fig, f"Uncertainty and novelty by {by} (red dashed: the cut-off){drawn}", 440)
+    other = "; grey dotted: the other rule's" if len(panels) > 1 else ""
+    return _layout(fig, f"Uncertainty and novelty by {by} (red dashed: the {rule} cut-off that called Unknown"
+                        f"{other}){drawn}", 440)

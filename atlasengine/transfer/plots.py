@@ -144,13 +144,15 @@ def plot_transfer(
     true_labels: Iterable[str] | pd.Series,
     outdir: Path,
     novel_labels: set[str] | None = None,
-    novelty_target: float = 0.05,
+    novelty_target: float | None = None,
 ) -> dict[str, Path]:
     """Write the transfer figures as PNGs into ``outdir``; return their paths by name.
 
     The novelty figure is written only where the predictions carry ``novelty_pvalue``, read at
-    ``novelty_target``.
+    ``novelty_target`` (default: the target the predictions were called at, ``attrs["novelty_target"]``).
     """
+    if novelty_target is None:
+        novelty_target = float(predictions.attrs.get("novelty_target", TransferConfig().novelty_target))
     outdir = Path(outdir)
     truth = aligned_truth(predictions, true_labels)  # align once, reuse for every figure
     paths = {
