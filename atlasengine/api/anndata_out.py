@@ -23,13 +23,16 @@ from atlasengine.version import __version__
 EMBEDDING = "X_atlasengine"
 
 
-def _provenance(path: str, version: int) -> dict:
-    return {"atlas": path, "version": int(version), "engine_version": __version__, "embedding": EMBEDDING}
+def _provenance(path: str, version: int, embedding: bool = True) -> dict:
+    where = {"embedding": EMBEDDING} if embedding else {}
+    return {"atlas": path, "version": int(version), "engine_version": __version__, **where}
 
 
-def query_anndata(adata: ad.AnnData | SomaInput, predictions: pd.DataFrame, latent: np.ndarray, path: str,
+def query_anndata(adata: ad.AnnData | SomaInput, predictions: pd.DataFrame, latent: np.ndarray | None, path: str,
                   version: int) -> ad.AnnData:
     """Return a copy of the folded-in ``adata`` with its predictions in ``obs`` and its embedding in ``obsm``.
+
+    ``latent`` None (predictions of cells not folded in): no embedding.
 
     ``predictions`` and ``latent`` rows follow ``predictions.index`` (cell names); they are put
     in ``adata``'s order. The input's own obs columns of the same names are kept as ``user_<name>``
@@ -48,8 +51,9 @@ def query_anndata(adata: ad.AnnData | SomaInput, predictions: pd.DataFrame, late
     out.obs = keep_aside(out.obs, list(columns.values()))
     for col, name in columns.items():
         out.obs[name] = predictions[col].to_numpy()[rows]
-    out.obsm[EMBEDDING] = np.asarray(latent)[rows]
-    out.uns["atlasengine"] = _provenance(path, version)
+    if latent is not None:
+        out.obsm[EMBEDDING] = np.asarray(latent)[rows]
+    out.uns["atlasengine"] = _provenance(path, version, embedding=latent is not None)
     return out
 
 

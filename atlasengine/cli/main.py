@@ -103,7 +103,7 @@ def cmd_transfer(args) -> None:
     pred = atlas.transfer_labels(query, batch_key=args.batch_key, layer=args.layer,
                                  config={k: v for k, v in rule.items() if v is not None})
     try:
-        _write_predictions(pred, query, args.output, suffix)
+        _write_predictions(pred, query, args.output, suffix, atlas)
     except OSError as exc:
         raise AtlasError(f"cannot write the predictions to {args.output}: {exc.strerror or exc}") from exc
     low, high = pred.attrs["novel_share_interval"]
@@ -116,8 +116,8 @@ PREDICTION_FORMATS = {".csv": "CSV", ".tsv": "tab-separated", ".parquet": "Parqu
                       ".h5ad": "the input AnnData with the predictions in obs"}
 
 
-def _write_predictions(pred, query, path: str, suffix: str) -> None:
-    """Write ``pred`` (one row per cell of ``query``) in the format ``suffix`` names."""
+def _write_predictions(pred, query, path: str, suffix: str, atlas) -> None:
+    """Write ``pred`` (one row per cell of ``query``, from ``atlas``) in the format ``suffix`` names."""
     if suffix == ".csv":
         pred.to_csv(path)
     elif suffix == ".tsv":
@@ -125,12 +125,9 @@ def _write_predictions(pred, query, path: str, suffix: str) -> None:
     elif suffix == ".parquet":
         pred.to_parquet(path)
     else:
-        from atlasengine.api.anndata_out import h5ad_names, keep_aside
+        from atlasengine.api.anndata_out import query_anndata
 
-        pred = pred.rename(columns=h5ad_names(pred.columns))  # p_T/NK -> p_T_NK: h5ad cannot hold a "/"
-        out = query.copy()
-        out.obs = keep_aside(out.obs, list(pred.columns)).join(pred.reindex(out.obs_names))  # the input's own aside
-        out.write_h5ad(path)
+        query_anndata(query, pred, None, atlas.source, atlas.version).write_h5ad(path)  # the input's own columns aside
 
 
 def cmd_versions(args) -> None:
