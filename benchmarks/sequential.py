@@ -153,7 +153,7 @@ def main() -> None:
                     ["scenario", "strategy", "step", "added"], metrics)
     verdicts = checks(df)
     md = [
-        "# Sequential fold-ins" + (" (QUICK MODE: smoke run, numbers not meaningful)" if args.quick else ""),
+        "# Sequential fold-ins" + (" on held-out seeds" if C.held_out(args) else "") + (" (QUICK MODE: smoke run, numbers not meaningful)" if args.quick else ""),
         "",
         f"{C.seeds_said(args)}, mean ± sd; engine defaults ({C.continual_defaults()}); every row from this one run. "
         "Steps are blind (no labels given). accuracy_so_far: weighted-kNN predicted-label accuracy of every cell folded "

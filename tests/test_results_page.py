@@ -19,3 +19,15 @@ def test_the_results_page_splits_into_one_section_per_benchmark():
     # four scenarios, each with checks 1, 2, 2b and 2c (the two candidates of benchmarks.common.CANDIDATES)
     assert all(row.startswith("| mapping | ") for row in parts["mapping"]["checks"]) and len(parts["mapping"]["checks"]) == 16
     assert parts["speed"]["targets"].startswith("| target | measured |")
+
+
+def test_a_page_calls_seeds_held_out_only_where_no_default_was_chosen_on_them():
+    """Seeds 3-5 scored the rule that chose today's default, so only seeds from 6 on are held out."""
+    from argparse import Namespace
+
+    from benchmarks.common import held_out, seeds_said
+
+    chosen_on, fresh = Namespace(first_seed=3, seeds=3), Namespace(first_seed=6, seeds=3)
+    assert not held_out(chosen_on) and "held-out" not in seeds_said(chosen_on) and "3-5" in seeds_said(chosen_on)
+    assert held_out(fresh) and seeds_said(fresh).startswith("3 held-out seed(s) (6-8")
+    assert not held_out(Namespace(first_seed=5, seeds=2))  # one seed among them is enough
