@@ -128,7 +128,7 @@ def main() -> None:
     def seeds_at(size: int) -> int:
         return min(args.seeds, known.seeds_largest) if known.seeds_largest and size == max(sizes) else args.seeds
 
-    jobs = [(size, seed, args.quick, args.out) for size in sorted(sizes, reverse=True) for seed in range(seeds_at(size))]
+    jobs = [(size, seed, args.quick, args.out) for size in sorted(sizes, reverse=True) for seed in C.seeds_of(args)[: seeds_at(size)]]
     df = pd.DataFrame([r for part in C.run_jobs(job, jobs, args.jobs) for r in part])
     wall = time.perf_counter() - t_start
     order = {name: i for i, (name, _, _) in enumerate(settings(args.quick))}
@@ -142,7 +142,7 @@ def main() -> None:
         "",
         GENERATED,
         "",
-        f"{args.seeds} seed(s) ({seeds_at(max(sizes))} at {max(sizes):,} cells), mean ± sd; the query is real kang donor 1488 (2,030 cells, FCGR3A+ Monocytes novel); "
+        f"{C.seeds_said(args)} ({seeds_at(max(sizes))} at {max(sizes):,} cells), mean ± sd; the query is real kang donor 1488 (2,030 cells, FCGR3A+ Monocytes novel); "
         f"engine defaults ({C.continual_defaults()}); every row from this one run.",
         "",
         C.md_table(tab),
@@ -155,7 +155,7 @@ def main() -> None:
         "",
         "![evidence](evidence.png)",
     ]
-    C.write_outputs(args.out, "evidence", {"quick": args.quick, "seeds": args.seeds, "sizes": sizes,
+    C.write_outputs(args.out, "evidence", {"quick": args.quick, "seeds": args.seeds, "first_seed": args.first_seed, "sizes": sizes,
                                            "seeds_largest": seeds_at(max(sizes)),
                                            "records": df.to_dict("records"), "drift_grows": grows,
                                            "wall_seconds": wall}, "\n".join(md))
