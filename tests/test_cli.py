@@ -144,3 +144,30 @@ def test_the_demo_counts_each_rule_by_its_own_call():
     _, paper, novelty = query_summary(pred, truth)
     assert "75% of the 4 held-out ductal cells called Unknown, 17% of known cells" in paper
     assert "50% of the 4 held-out ductal cells called Unknown, 0% of known cells" in novelty
+
+
+def test_ctrl_c_during_training_exits_130_commits_nothing_and_gives_ctrl_c_back(atlas_path, tmp_path, pancreas_query,
+                                                                               monkeypatch, capsys):
+    """Lightning turns Ctrl-C in ``fit`` into ``exit(1)`` and ignores SIGINT from then on: the engine undoes both."""
+    import signal
+
+    from conftest import snapshot
+
+    from atlasengine.training.plan import TrainingPlan
+
+    q = tmp_path / "q.h5ad"
+    pancreas_query[:60].copy().write_h5ad(q)
+    before, handler = snapshot(atlas_path), signal.getsignal(signal.SIGINT)
+
+    def pressed(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainingPlan, "training_step", pressed)
+    assert main(["ingest", str(atlas_path), "-i", str(q), "--batch-key", "tech", "--epochs", "2"]) == 130
+    assert "atlasengine: interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is handler  # a second Ctrl-C still stops the program
+    after = snapshot(atlas_path)
+    assert after.pop("cells.high_water") >= before.pop("cells.high_water")  # staged cells stay unreferenced
+    assert after == before  # every committed file byte for byte, no staging left
+    reopened = Atlas.open(atlas_path)
+    assert reopened.version == 1 and len(reopened.obs()) == 300

@@ -15,6 +15,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -461,6 +462,8 @@ def fit(
             callbacks.append(_SpawnedProcess())
         if config.early_stopping and val is not None:
             callbacks.append(EarlyStopping(monitor="val_loss", patience=config.early_stopping_patience, mode="min"))
+        trainer: L.Trainer | None = None
+        sigint = signal.getsignal(signal.SIGINT)
         try:
             trainer = L.Trainer(
                 max_epochs=max_epochs,
@@ -482,6 +485,11 @@ def fit(
                 trainer.fit(plan, train_dataloaders=train, val_dataloaders=val)
         except TrainingError:
             raise
+        except SystemExit:
+            if trainer is not None and trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) and ignores SIGINT
+                _restore_sigint(sigint)
+                raise KeyboardInterrupt from None
+            raise
         except Exception as exc:
             raise TrainingError(f"training failed: {exc}") from exc
         history = plan.history or relayed or _history_from_workers(trainer)
@@ -495,6 +503,12 @@ def fit(
     module.cpu().eval()
     cells = epochs * len(train.sampler) * (train.sampler.n_q_per + train.sampler.n_rep_per)
     return TrainResult(epochs, seconds, cells / max(seconds, 1e-9), device, history)
+
+
+def _restore_sigint(handler: Any) -> None:
+    """Put back the Ctrl-C handler Lightning replaced (only the main thread may, and only a Python-set one)."""
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
 
 
 @contextmanager
