@@ -324,7 +324,7 @@ def test_an_old_atlas_being_written_by_another_process_is_refused_naming_what_ho
     shutil.copytree(FIXTURE.with_name("format8.atlas"), path)
     with WriteLock(path, task="an ingest"):  # e.g. an engine of format 8 folding a query in
         with pytest.raises(AtlasLockedError, match="upgraded in place before it opens.*an ingest is running"):
-            Atlas.open(path, read_only=True)
+            Atlas.open(path)
     assert json.loads((path / "manifest.json").read_text())["format_version"] == 8
     with WriteLock(path, task=f"an upgrade to format {FORMAT_VERSION}"):
         assert Atlas.lock_holder(path)["task"] == f"an upgrade to format {FORMAT_VERSION}"
@@ -412,3 +412,19 @@ def test_index_files_an_upgrade_wrote_beside_the_old_ones_are_the_ones_loaded(tm
     old.write_bytes(b"not the index the manifest lists")
     index = Atlas.open(path).neighbor_index()
     assert len(index.categories) > 0 and index.neighbor_codes(np.zeros((1, 1), dtype=np.int64)).shape == (1, 1)
+
+
+def test_an_old_atlas_opened_read_only_is_refused_and_left_as_it_was(tmp_path):
+    """read_only=True writes nothing, so an atlas that needs an upgrade says so instead of being rewritten."""
+    from conftest import snapshot
+
+    from atlasengine.errors import ReadOnlyError
+
+    path = tmp_path / "old8.atlas"
+    shutil.copytree(FIXTURE.with_name("format8.atlas"), path)
+    before = snapshot(path)
+    with pytest.raises(ReadOnlyError, match="format 8.*read_only=True.*open it once without read_only"):
+        Atlas.open(path, read_only=True)
+    assert snapshot(path) == before
+    assert Atlas.open(path).version == 3  # the default open upgrades it
+    assert Atlas.open(path, read_only=True).version == 3

@@ -81,7 +81,7 @@ def test_an_older_format_atlas_opened_by_a_user_who_cannot_write_says_it_needs_a
         with acting_as(NOBODY):
             with pytest.raises(ReadOnlyError, match=rf"atlas {path} is in format 7; this atlasengine writes format "
                                                     r"\d+: it is upgraded in place once, by a user who can write"):
-                Atlas.open(path, read_only=True)
+                Atlas.open(path)
         assert {p: p.read_bytes() for p in path.rglob("*") if p.is_file()} == before
         assert Atlas.open(path).version == 2  # its owner's open upgrades it
     finally:

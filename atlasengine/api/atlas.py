@@ -271,7 +271,9 @@ class Atlas:
         version
             A committed version number (default: the newest).
         read_only
-            Refuse writes even at the newest version.
+            Refuse writes even at the newest version. An atlas of an older format is upgraded
+            in place when opened (its files rewritten once); with ``read_only=True`` it is
+            refused instead, unchanged.
         storage_options
             For a URL: fsspec's options (``key``, ``secret``, ``endpoint_url``,
             ``client_kwargs``; the S3 ones are given to TileDB too) and ``tiledb_config``.
@@ -302,13 +304,17 @@ class Atlas:
             return atlas
         if storage_options:
             raise InputError(f"storage_options are for atlases at a URL (s3://...), not for the folder {path}")
-        return cls._open_store(AtlasStore(local_path(path)), version, read_only)
+        return cls._open_store(AtlasStore(local_path(path)), version, read_only, upgrade=read_only is not True)
 
     @classmethod
-    def _open_store(cls, store: AtlasStore, version: int | None, read_only: bool | None) -> Atlas:
+    def _open_store(cls, store: AtlasStore, version: int | None, read_only: bool | None, upgrade: bool = True) -> Atlas:
         try:
             manifest = store.read_manifest()
         except AtlasNeedsUpgrade as needs:
+            if not upgrade:
+                raise ReadOnlyError(f"{needs}; opened with read_only=True, and the upgrade rewrites it in place: open "
+                                    "it once without read_only (Atlas.open(path), or any atlasengine command) to "
+                                    "upgrade it") from needs
             try:
                 upgrade_atlas(store.root)
             except ReadOnlyError as exc:
