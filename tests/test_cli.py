@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import numpy as np
 
@@ -171,3 +172,41 @@ def test_ctrl_c_during_training_exits_130_commits_nothing_and_gives_ctrl_c_back(
     assert after == before  # every committed file byte for byte, no staging left
     reopened = Atlas.open(atlas_path)
     assert reopened.version == 1 and len(reopened.obs()) == 300
+
+
+def test_outputs_that_would_land_inside_the_atlas_or_nowhere_are_refused_before_any_work(two_version_atlas, tmp_path,
+                                                                                           pancreas_query, capsys):
+    from conftest import snapshot
+
+    q = tmp_path / "q.h5ad"
+    pancreas_query[:60].copy().write_h5ad(q)
+    before = snapshot(two_version_atlas)
+    for argv in (["export", str(two_version_atlas), "-o", str(two_version_atlas / "manifest.json")],
+                 ["export", str(two_version_atlas), "-o", str(two_version_atlas / "versions" / "v0001" / "x.h5ad")],
+                 ["transfer", str(two_version_atlas), "-i", str(q), "--batch-key", "tech", "-o",
+                  str(two_version_atlas / "predictions.csv")],
+                 ["report", str(two_version_atlas), "-o", str(two_version_atlas / "report" / "audit.html")]):
+        assert main(argv) == 2, argv
+        assert f"inside the atlas {two_version_atlas}" in capsys.readouterr().err
+    assert snapshot(two_version_atlas) == before
+    missing = tmp_path / "no" / "such" / "p.csv"
+    assert main(["transfer", str(two_version_atlas), "-i", str(q), "--batch-key", "tech", "-o", str(missing)]) == 2
+    assert f"the folder {missing.parent} does not exist" in capsys.readouterr().err
+
+
+def test_duplicate_names_in_a_file_give_one_line_with_the_right_advice(two_version_atlas, tmp_path, pancreas_query,
+                                                                         capsys):
+    genes = pancreas_query[:20].copy()
+    genes.var_names = [genes.var_names[0], *genes.var_names[:-1]]
+    cells = pancreas_query[:20].copy()
+    cells.obs_names = [cells.obs_names[0], *cells.obs_names[:-1]]
+    for name, adata, advice in (("genes", genes, "var_names_make_unique()"), ("cells", cells, "obs_names_make_unique()")):
+        path = tmp_path / f"{name}.h5ad"
+        adata.write_h5ad(path)
+        capsys.readouterr()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a library warning a user would see on the terminal
+            assert main(["transfer", str(two_version_atlas), "-i", str(path), "--batch-key", "tech", "-o",
+                         str(tmp_path / f"{name}.csv")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("atlasengine: error: duplicate") and advice in err and err.count("\n") == 1, err

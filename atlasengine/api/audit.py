@@ -33,10 +33,10 @@ from atlasengine.drift import (
     tables_named_in,
     umap_coordinates,
 )
-from atlasengine.errors import AtlasIntegrityError, InputError
+from atlasengine.errors import AtlasIntegrityError
 from atlasengine.numerics import sorted_sample
 from atlasengine.progress import Phase, phase
-from atlasengine.store.atlas_store import AtlasStore
+from atlasengine.store.atlas_store import AtlasStore, check_output_path
 from atlasengine.store.manifest import Manifest, VersionInfo
 from atlasengine.store.version import DRIFT_DIR, VersionReader
 from atlasengine.transfer import UNKNOWN
@@ -225,20 +225,10 @@ def render_atlas_report(reader: VersionReader, path: str | Path, max_umap_cells:
     At most ``max_umap_cells`` cells (a seeded sample) are drawn in the 2-d embedding; the
     report says so.
     """
-    _check_writable(Path(path))
+    check_output_path(path, "the report", make_parents=True)
     with phase("report", total=2, unit="steps", progress=progress) as p:
         report = _render(reader, path, max_umap_cells, seed, p)
     return report
-
-
-def _check_writable(path: Path) -> None:
-    """Refuse a report path that cannot be written before anything is computed."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot write the report to {path}: {exc.strerror or exc}") from exc
-    if path.is_dir():
-        raise InputError(f"cannot write the report to {path}: it is a folder")
 
 
 def _queries(reader: VersionReader, obs: pd.DataFrame) -> list[QueryView]:

@@ -259,7 +259,8 @@ def check_names(adata: ad.AnnData | InputData) -> tuple[list[str], list[str]]:
             raise InputError(f"{empty} {what} name(s) are empty")
         dup = pd.Index(names)[pd.Index(names).duplicated()].unique()
         if len(dup):
-            raise InputError(f"duplicate {what} names: {_examples(dup)}; make them unique (e.g. obs_names_make_unique())")
+            fix = "obs_names_make_unique()" if what == "cell" else "var_names_make_unique()"
+            raise InputError(f"duplicate {what} names: {_examples(dup)}; make them unique (e.g. {fix})")
         unwritable = [n for n in names if not _utf8(n)]
         if unwritable:  # lone surrogates, e.g. bytes decoded with errors="surrogateescape"
             raise InputError(f"{len(unwritable)} {what} name(s) are not valid Unicode text (e.g. "

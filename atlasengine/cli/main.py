@@ -33,7 +33,8 @@ def _read(path: str, backed: bool = False):
         raise AtlasError(f"input file {p} does not exist")
     try:
         with warnings.catch_warnings():  # the engine names duplicate cell names itself, as an error
-            warnings.filterwarnings("ignore", message=".*(obs|var)_names.*not unique", category=UserWarning)
+            warnings.filterwarnings("ignore", message="(Observation|Variable) names are not unique",
+                                    category=UserWarning)
             return ad.read_h5ad(p, backed="r" if backed else None)
     except Exception as exc:  # h5py/anndata raise many types for a bad file
         raise AtlasError(f"cannot read {p} as an .h5ad file: {exc}") from exc
@@ -99,6 +100,9 @@ def cmd_transfer(args) -> None:
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise AtlasError(f"-o {args.output} is the input file: the predictions would replace it; write them to "
                          "another file")
+    from atlasengine.store.atlas_store import check_output_path
+
+    check_output_path(args.output, "the predictions")  # before the labelling, not after it
     query = _read(args.input)
     pred = atlas.transfer_labels(query, batch_key=args.batch_key, layer=args.layer,
                                  config={k: v for k, v in rule.items() if v is not None})
@@ -151,7 +155,9 @@ def cmd_report(args) -> None:
 def cmd_export(args) -> None:
     """Write the atlas (metadata, predictions, embedding; counts with --counts) to an .h5ad file."""
     from atlasengine import Atlas
+    from atlasengine.store.atlas_store import check_output_path
 
+    check_output_path(args.output, "the export")
     adata = Atlas.open(args.path, version=args.version).to_anndata(counts=args.counts)
     try:
         adata.write_h5ad(args.output)
