@@ -175,7 +175,8 @@ def _soma_input(source: SomaInput) -> InputData:
         try:
             obs = exp.obs.read(value_filter=source.obs_filter).concat().to_pandas()
         except (tiledbsoma.SOMAError, ValueError) as exc:
-            raise InputError(f"the obs filter {source.obs_filter!r} cannot be applied to {source.uri!r}: {exc}") from exc
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # TileDB appends its C++ call stack
+            raise InputError(f"the obs filter {source.obs_filter!r} cannot be applied to {source.uri!r}: {why}") from exc
         var = ms.var.read().concat().to_pandas()
     if obs.empty:
         raise InputError(f"no cells of {source.uri!r} pass the obs filter {source.obs_filter!r}")
