@@ -102,7 +102,7 @@ class ContinualConfig(_Strict):
     them (:class:`atlasengine.continual.anchor.EmbeddingAnchor`), beside a weak EWC penalty at the
     Laplace weight. They replaced ``ewc_lambda = 100`` without the anchor (picked by
     ``python -m benchmarks.lambda_sweep``, 'EWC strength sweep' in ``benchmarks/RESULTS.md``) by a
-    rule written before the runs (commit 91c243c; the page's notes): on held-out mapping seeds and
+    rule written before the runs (commit 91c243c; the page's notes): on mapping seeds 3-5 and
     over the two sequences they meet every part of the method's checks the penalty alone met, and
     more (13 of 18 against 9); they name the README's new type on more seeds (5 of 5 against 3) and
     label more of kang's next donor's FCGR3A+ monocytes with their new name (54% against 14%). The
