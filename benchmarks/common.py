@@ -402,18 +402,26 @@ def held_out(args: argparse.Namespace) -> bool:
     return not any(s in SELECTION_SEEDS for s in seeds_of(args))
 
 
-def seeds_said(args: argparse.Namespace) -> str:
-    """Return how a page names the run's seeds: by number, and whether defaults were chosen on them."""
+def seeds_said(args: argparse.Namespace, chosen_on: bool = True) -> str:
+    """Return how a page names the run's seeds: by number, and whether defaults were chosen on them.
+
+    ``chosen_on=False`` for a benchmark whose seeds took no part in choosing (not the real-data
+    mapping, sequences, naming or novelty runs ``SELECTION_SEEDS`` speaks of).
+    """
     seeds = seeds_of(args)
     span = f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else f"{seeds[0]}"
+    if not chosen_on:
+        return f"{len(seeds)} seed(s) ({span})"
     if not held_out(args):
         return f"{len(seeds)} seed(s) ({span}, among the seeds {SELECTION_SEEDS[0]}-{SELECTION_SEEDS[-1]} the engine's defaults were chosen on)"
     return f"{len(seeds)} held-out seed(s) ({span}: no default was chosen on them)"
 
 
 def output_name(base: str, args: argparse.Namespace) -> str:
-    """Return the name a run's outputs take: ``base``, or ``<base>_heldout`` for held-out seeds (kept off the page's rows)."""
-    return base if args.first_seed == 0 else f"{base}_heldout"
+    """Return the name a run's outputs take: ``base`` from seed 0, ``<base>_heldout`` for held-out seeds, else ``<base>_seeds<first>``."""
+    if args.first_seed == 0:
+        return base
+    return f"{base}_heldout" if held_out(args) else f"{base}_seeds{args.first_seed}"
 
 
 def parse_args(description: str, default_seeds: int = 3) -> argparse.Namespace:

@@ -142,7 +142,7 @@ def main() -> None:
         "",
         GENERATED,
         "",
-        f"{C.seeds_said(args)} ({seeds_at(max(sizes))} at {max(sizes):,} cells), mean ± sd; the query is real kang donor 1488 (2,030 cells, FCGR3A+ Monocytes novel); "
+        f"{C.seeds_said(args, chosen_on=False)} ({seeds_at(max(sizes))} at {max(sizes):,} cells), mean ± sd; the query is real kang donor 1488 (2,030 cells, FCGR3A+ Monocytes novel); "
         f"engine defaults ({C.continual_defaults()}); every row from this one run.",
         "",
         C.md_table(tab),

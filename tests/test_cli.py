@@ -189,6 +189,10 @@ def test_outputs_that_would_land_inside_the_atlas_or_nowhere_are_refused_before_
         assert main(argv) == 2, argv
         assert f"inside the atlas {two_version_atlas}" in capsys.readouterr().err
     assert snapshot(two_version_atlas) == before
+    website = tmp_path / "site"  # a folder of another tool's manifest.json and versions/ is no atlas
+    (website / "versions").mkdir(parents=True)
+    (website / "manifest.json").write_text('{"name": "site"}')
+    assert main(["export", str(two_version_atlas), "-o", str(website / "atlas.h5ad")]) == 0
     missing = tmp_path / "no" / "such" / "p.csv"
     assert main(["transfer", str(two_version_atlas), "-i", str(q), "--batch-key", "tech", "-o", str(missing)]) == 2
     assert f"the folder {missing.parent} does not exist" in capsys.readouterr().err

@@ -423,8 +423,13 @@ def test_an_old_atlas_opened_read_only_is_refused_and_left_as_it_was(tmp_path):
     path = tmp_path / "old8.atlas"
     shutil.copytree(FIXTURE.with_name("format8.atlas"), path)
     before = snapshot(path)
-    with pytest.raises(ReadOnlyError, match="format 8.*read_only=True.*open it once without read_only"):
+    with pytest.raises(ReadOnlyError, match="format 8.*read_only=True.*who can write to it opens it once without read_only"):
         Atlas.open(path, read_only=True)
+    with pytest.raises(ReadOnlyError, match="read_only=True"):
+        Atlas.open(path, read_only=1)  # any true value
     assert snapshot(path) == before
+    from atlasengine.cli.demo import _refuse_unless_the_demos
+
+    _refuse_unless_the_demos(path)  # the demo's own atlas of an older release is still its to replace
     assert Atlas.open(path).version == 3  # the default open upgrades it
     assert Atlas.open(path, read_only=True).version == 3

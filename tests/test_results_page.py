@@ -25,9 +25,11 @@ def test_a_page_calls_seeds_held_out_only_where_no_default_was_chosen_on_them():
     """Seeds 3-5 scored the rule that chose today's default, so only seeds from 6 on are held out."""
     from argparse import Namespace
 
-    from benchmarks.common import held_out, seeds_said
+    from benchmarks.common import held_out, output_name, seeds_said
 
     chosen_on, fresh = Namespace(first_seed=3, seeds=3), Namespace(first_seed=6, seeds=3)
     assert not held_out(chosen_on) and "held-out" not in seeds_said(chosen_on) and "3-5" in seeds_said(chosen_on)
     assert held_out(fresh) and seeds_said(fresh).startswith("3 held-out seed(s) (6-8")
     assert not held_out(Namespace(first_seed=5, seeds=2))  # one seed among them is enough
+    assert output_name("mapping", fresh) == "mapping_heldout" and output_name("mapping", chosen_on) == "mapping_seeds3"
+    assert output_name("sequential", Namespace(first_seed=0, seeds=3)) == "sequential"

@@ -304,7 +304,7 @@ class Atlas:
             return atlas
         if storage_options:
             raise InputError(f"storage_options are for atlases at a URL (s3://...), not for the folder {path}")
-        return cls._open_store(AtlasStore(local_path(path)), version, read_only, upgrade=read_only is not True)
+        return cls._open_store(AtlasStore(local_path(path)), version, read_only, upgrade=not read_only)
 
     @classmethod
     def _open_store(cls, store: AtlasStore, version: int | None, read_only: bool | None, upgrade: bool = True) -> Atlas:
@@ -312,9 +312,9 @@ class Atlas:
             manifest = store.read_manifest()
         except AtlasNeedsUpgrade as needs:
             if not upgrade:
-                raise ReadOnlyError(f"{needs}; opened with read_only=True, and the upgrade rewrites it in place: open "
-                                    "it once without read_only (Atlas.open(path), or any atlasengine command) to "
-                                    "upgrade it") from needs
+                raise ReadOnlyError(f"{needs}; opened with read_only=True, and the upgrade rewrites it in place: a user "
+                                    "who can write to it opens it once without read_only (Atlas.open(path), or any "
+                                    "atlasengine command) to upgrade it") from needs
             try:
                 upgrade_atlas(store.root)
             except ReadOnlyError as exc:

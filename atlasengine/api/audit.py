@@ -225,7 +225,7 @@ def render_atlas_report(reader: VersionReader, path: str | Path, max_umap_cells:
     At most ``max_umap_cells`` cells (a seeded sample) are drawn in the 2-d embedding; the
     report says so.
     """
-    check_output_path(path, "the report", make_parents=True)
+    path = check_output_path(path, "the report", make_parents=True)
     with phase("report", total=2, unit="steps", progress=progress) as p:
         report = _render(reader, path, max_umap_cells, seed, p)
     return report

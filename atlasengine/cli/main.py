@@ -102,12 +102,12 @@ def cmd_transfer(args) -> None:
                          "another file")
     from atlasengine.store.atlas_store import check_output_path
 
-    check_output_path(args.output, "the predictions")  # before the labelling, not after it
+    output = check_output_path(args.output, "the predictions")  # before the labelling, not after it
     query = _read(args.input)
     pred = atlas.transfer_labels(query, batch_key=args.batch_key, layer=args.layer,
                                  config={k: v for k, v in rule.items() if v is not None})
     try:
-        _write_predictions(pred, query, args.output, suffix, atlas)
+        _write_predictions(pred, query, str(output), suffix, atlas)
     except OSError as exc:
         raise AtlasError(f"cannot write the predictions to {args.output}: {exc.strerror or exc}") from exc
     low, high = pred.attrs["novel_share_interval"]
@@ -157,10 +157,10 @@ def cmd_export(args) -> None:
     from atlasengine import Atlas
     from atlasengine.store.atlas_store import check_output_path
 
-    check_output_path(args.output, "the export")
+    output = check_output_path(args.output, "the export")
     adata = Atlas.open(args.path, version=args.version).to_anndata(counts=args.counts)
     try:
-        adata.write_h5ad(args.output)
+        adata.write_h5ad(output)
     except OSError as exc:
         raise AtlasError(f"cannot write {args.output}: {exc}") from exc
     print(f"wrote {args.output}: {adata.n_obs} cells, embedding in obsm['X_atlasengine']"

@@ -108,7 +108,7 @@ def check_output_path(path: str | Path, what: str, make_parents: bool = False) -
     out = local_path(path)
     real = out.resolve()
     for folder in real.parents:
-        if (folder / MANIFEST_NAME).is_file() and (folder / VERSIONS).is_dir():
+        if _is_atlas(folder):
             raise InputError(f"cannot write {what} to {out}: it is inside the atlas {folder}, whose own files it could "
                              "replace; write it outside the atlas folder")
     if out.is_dir():
@@ -120,9 +120,22 @@ def check_output_path(path: str | Path, what: str, make_parents: bool = False) -
             raise InputError(f"cannot write {what} to {out}: {exc.strerror or exc}") from exc
     if not out.parent.is_dir():
         raise InputError(f"cannot write {what} to {out}: the folder {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write {what} to {out}: the folder {out.parent} is not writable")
+    if not (os.access(out, os.W_OK) if out.is_file() else os.access(out.parent, os.W_OK | os.X_OK)):
+        raise InputError(f"cannot write {what} to {out}: "
+                         + ("the file is not writable" if out.is_file() else f"the folder {out.parent} is not writable"))
     return out
+
+
+def _is_atlas(folder: Path) -> bool:
+    """Whether ``folder`` holds an atlas: versions and a manifest that names its format."""
+    manifest = folder / MANIFEST_NAME
+    if not (manifest.is_file() and (folder / VERSIONS).is_dir()):
+        return False
+    try:
+        with open(manifest, encoding="utf-8", errors="replace") as f:
+            return '"format_version"' in f.read(1 << 16)
+    except OSError:
+        return False
 
 
 _STAGED_NAME = re.compile(r"^[0-9a-f]{32}$")
