@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from atlasengine.api.outputs import check_output_path
 from atlasengine.config import DriftConfig
 from atlasengine.drift import (
     VERSIONED_TABLES,
@@ -36,7 +37,7 @@ from atlasengine.drift import (
 from atlasengine.errors import AtlasIntegrityError
 from atlasengine.numerics import sorted_sample
 from atlasengine.progress import Phase, phase
-from atlasengine.store.atlas_store import AtlasStore, check_output_path
+from atlasengine.store.atlas_store import AtlasStore
 from atlasengine.store.manifest import Manifest, VersionInfo
 from atlasengine.store.version import DRIFT_DIR, VersionReader
 from atlasengine.transfer import UNKNOWN

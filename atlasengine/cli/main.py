@@ -100,7 +100,7 @@ def cmd_transfer(args) -> None:
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise AtlasError(f"-o {args.output} is the input file: the predictions would replace it; write them to "
                          "another file")
-    from atlasengine.store.atlas_store import check_output_path
+    from atlasengine.api.outputs import check_output_path
 
     output = check_output_path(args.output, "the predictions")  # before the labelling, not after it
     query = _read(args.input)
@@ -155,7 +155,7 @@ def cmd_report(args) -> None:
 def cmd_export(args) -> None:
     """Write the atlas (metadata, predictions, embedding; counts with --counts) to an .h5ad file."""
     from atlasengine import Atlas
-    from atlasengine.store.atlas_store import check_output_path
+    from atlasengine.api.outputs import check_output_path
 
     output = check_output_path(args.output, "the export")
     adata = Atlas.open(args.path, version=args.version).to_anndata(counts=args.counts)
