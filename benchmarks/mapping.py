@@ -36,6 +36,7 @@ SCIB = ["silhouette_label", "silhouette_batch", "bras", "graph_connectivity", "i
 TIMES = ["reference_epochs", "reference_seconds", "epochs", "fold_in_seconds"]
 ENGINE = ["surgery", "finetune", "ewc", *C.CANDIDATES]
 SCVI = ["scvi-tools surgery", "scvi-tools finetune", "CLCVAE (paper, scvi-tools)"]
+CLCVAE_REPLAY = "CLCVAE + replay (scvi-tools)"  # with --clcvae-replay: reference cells as a quarter of its training cells
 QUICK = {"reference_training": {"max_epochs": 8}, "query_training": {"max_epochs": 4}}
 
 
@@ -77,7 +78,7 @@ def engine_job(name: str, seed: int, quick: bool, out, scib: bool) -> list[dict]
     return rows
 
 
-def scvi_job(name: str, seed: int, quick: bool, scib: bool) -> list[dict]:
+def scvi_job(name: str, seed: int, quick: bool, scib: bool, replay: bool = False) -> list[dict]:
     from atlasengine.config import TransferConfig
     from atlasengine.transfer import NeighborIndex, transfer_labels
 
@@ -90,6 +91,11 @@ def scvi_job(name: str, seed: int, quick: bool, scib: bool) -> list[dict]:
     runs = {"scvi-tools surgery": lambda: S.surgery(model, query, seed, epochs[1]),
             "scvi-tools finetune": lambda: S.finetune(model, query, seed, epochs[1]),
             "CLCVAE (paper, scvi-tools)": lambda: S.clcvae(model, ref, query, seed, epochs[1])}
+    if replay:
+        from atlasengine.config import ContinualConfig
+
+        share = ContinualConfig().replay_fraction  # the engine's ewc replays this share of every minibatch
+        runs[CLCVAE_REPLAY] = lambda: S.clcvae(model, ref, query, seed, epochs[1], replay_fraction=share)
     rows = []
     for method, run in runs.items():
         q_model, wall, n_epochs = run()
@@ -109,8 +115,8 @@ def scvi_job(name: str, seed: int, quick: bool, scib: bool) -> list[dict]:
 
 def job(args: tuple) -> list[dict]:
     """One (part, scenario, seed): the engine's three strategies, or the three scvi-tools methods."""
-    part, name, seed, quick, out, scib = args
-    rows = engine_job(name, seed, quick, out, scib) if part == "engine" else scvi_job(name, seed, quick, scib)
+    part, name, seed, quick, out, scib, replay = args
+    rows = engine_job(name, seed, quick, out, scib) if part == "engine" else scvi_job(name, seed, quick, scib, replay)
     for r in rows:
         print(f"  {name} s{seed} {r['method']:28s} auroc={r['auroc_novel']:.3f} known={r['known_accuracy']:.3f} "
               f"drift={r['drift']:.3f} epochs={r['epochs']} {r['fold_in_seconds']:.0f}s", flush=True)
@@ -155,7 +161,7 @@ def plot(df: pd.DataFrame, path) -> None:
     plt = C.matplotlib_agg()
     panels = [("auroc_novel", "novel AUROC"), ("known_accuracy", "known accuracy"), ("drift", "reference drift")]
     scen = list(dict.fromkeys(df.scenario))
-    methods = [m for m in ENGINE + SCVI if m in set(df.method)]
+    methods = [m for m in ENGINE + SCVI + [CLCVAE_REPLAY] if m in set(df.method)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 2.8))
     w = 0.8 / len(methods)
     for ax, (col, title) in zip(np.atleast_1d(axes), panels):
@@ -177,6 +183,8 @@ def main() -> None:
 
     extra = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     extra.add_argument("--scib", action="store_true", help="also compute scIB metrics (scib-metrics)")
+    extra.add_argument("--clcvae-replay", action="store_true",
+                       help="also run the paper's CLCVAE with reference cells replayed (a row beside it)")
     known, rest = extra.parse_known_args()
     sys.argv = [sys.argv[0], *rest]
     args = C.parse_args(__doc__.splitlines()[0], default_seeds=3)
@@ -187,12 +195,12 @@ def main() -> None:
     t_start = time.perf_counter()
     parts = ["engine"] + (["scvi"] if have_scvi else [])
     # the longest jobs (kang) first, so that parallel workers finish together
-    jobs = [(part, name, seed, args.quick, args.out, known.scib) for name in sorted(scenarios, key=lambda n: n != "kang")
+    jobs = [(part, name, seed, args.quick, args.out, known.scib, known.clcvae_replay) for name in sorted(scenarios, key=lambda n: n != "kang")
             for seed in C.seeds_of(args) for part in parts]
     name = C.output_name("mapping", args)
     df = pd.DataFrame([r for part in C.run_jobs(job, jobs, args.jobs) for r in part])
     wall = time.perf_counter() - t_start
-    order = {m: i for i, m in enumerate(ENGINE + SCVI)}
+    order = {m: i for i, m in enumerate(ENGINE + SCVI + [CLCVAE_REPLAY])}
     df = df.sort_values(["scenario", "method", "seed"], key=lambda c: c.map(order) if c.name == "method" else c)
     summary = C.mean_sd(df, ["scenario", "method"], TRANSFER + FORGET + [m for m in SCIB if m in df] + TIMES)
     verdicts = checks(df) if have_scvi else pd.DataFrame()

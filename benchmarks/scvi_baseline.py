@@ -76,15 +76,25 @@ def finetune(model, query, seed: int, epochs: int = QUERY_EPOCHS):
     return _fit_query(_query_model(model, query, unfrozen=True), seed, epochs, {})
 
 
-def clcvae(model, ref, query, seed: int, epochs: int = QUERY_EPOCHS, ewc_lambda: float = CLCVAE_LAMBDA):
+def clcvae(model, ref, query, seed: int, epochs: int = QUERY_EPOCHS, ewc_lambda: float = CLCVAE_LAMBDA,
+           replay_fraction: float = 0.0):
     """Fold in with the paper's EWC penalty (CLCVAE); returns (query model, seconds, epochs run).
 
     The Fisher is computed with the reference model on reference cells before the query model
-    exists; its seconds are included.
+    exists; its seconds are included. ``replay_fraction`` r > 0: the query model also trains on
+    reference cells, a seeded sample of them making r of its training cells (the paper's text
+    speaks of "presenting the query model with examples from the reference"; its notebooks and
+    the default here do not), as the engine's ewc replays r of every minibatch.
     """
     t0 = time.perf_counter()
     fisher = minibatch_fisher(model, ref)
     anchor = {k: v.detach().clone() for k, v in model.module.named_parameters()}
+    if replay_fraction > 0:
+        import anndata as ad
+
+        n = min(ref.n_obs, round(query.n_obs * replay_fraction / (1 - replay_fraction)))
+        picked = np.sort(np.random.default_rng(seed).choice(ref.n_obs, size=n, replace=False))
+        query = ad.concat([query, ref[picked]], join="outer", merge="same")
     q = _query_model(model, query, unfrozen=True)
     setattr(q, "_training_plan_cls", _ewc_plan_class())  # the model's hook for its training plan
     params = dict(q.module.named_parameters())
