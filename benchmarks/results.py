@@ -76,7 +76,8 @@ NOTES = [
     "known accuracy (0.738 against 0.776), as on seeds 0-2. Nothing was chosen on these seeds before the run, and "
     "nothing was changed after it.",
     "Sequential fold-ins on held-out seeds 6-8 (2026-12-07, engine 97a3665; pancreas only: the kang sequence "
-    "trains a 12k-cell reference in each of its 15 jobs and did not fit this session's time; it was stopped after "
+    "trains a 4,600-cell reference and folds five donors into it in each of its 15 jobs, which did not fit this "
+    "session's time; it was stopped after "
     "2 jobs and none of its figures is used). Pancreas, four technologies folded into an indrop-only reference: "
     "check 3 is missed again by its accuracy part alone, by less than on seeds 0-2. After the last step the default "
     "labels 0.662 of the known-type cells folded in against finetune's 0.681 (bar 0.671) and surgery's 0.689; it "
