@@ -37,6 +37,7 @@ TIMES = ["reference_epochs", "reference_seconds", "epochs", "fold_in_seconds"]
 ENGINE = ["surgery", "finetune", "ewc", *C.CANDIDATES]
 SCVI = ["scvi-tools surgery", "scvi-tools finetune", "CLCVAE (paper, scvi-tools)"]
 CLCVAE_REPLAY = "CLCVAE + replay (scvi-tools)"  # with --clcvae-replay: reference cells as a quarter of its training cells
+METHODS = [*ENGINE, *SCVI, CLCVAE_REPLAY]  # every row a run can have, in the page's order
 QUICK = {"reference_training": {"max_epochs": 8}, "query_training": {"max_epochs": 4}}
 
 
@@ -161,7 +162,7 @@ def plot(df: pd.DataFrame, path) -> None:
     plt = C.matplotlib_agg()
     panels = [("auroc_novel", "novel AUROC"), ("known_accuracy", "known accuracy"), ("drift", "reference drift")]
     scen = list(dict.fromkeys(df.scenario))
-    methods = [m for m in ENGINE + SCVI + [CLCVAE_REPLAY] if m in set(df.method)]
+    methods = [m for m in METHODS if m in set(df.method)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 2.8))
     w = 0.8 / len(methods)
     for ax, (col, title) in zip(np.atleast_1d(axes), panels):
@@ -200,7 +201,7 @@ def main() -> None:
     name = C.output_name("mapping", args)
     df = pd.DataFrame([r for part in C.run_jobs(job, jobs, args.jobs) for r in part])
     wall = time.perf_counter() - t_start
-    order = {m: i for i, m in enumerate(ENGINE + SCVI + [CLCVAE_REPLAY])}
+    order = {m: i for i, m in enumerate(METHODS)}
     df = df.sort_values(["scenario", "method", "seed"], key=lambda c: c.map(order) if c.name == "method" else c)
     summary = C.mean_sd(df, ["scenario", "method"], TRANSFER + FORGET + [m for m in SCIB if m in df] + TIMES)
     verdicts = checks(df) if have_scvi else pd.DataFrame()
