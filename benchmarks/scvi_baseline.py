@@ -21,6 +21,7 @@ Without it :func:`available` says why and the benchmarks report the baselines as
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -50,6 +51,7 @@ def train_reference(ref, batch_key: str, seed: int, epochs: int | None = None):
     """Train the SCVI reference with scvi-tools' defaults; returns (model, seconds, epochs run)."""
     import scvi
 
+    scvi.settings.verbosity = logging.WARNING  # importing scvi sets its logger to INFO, a line per embedded AnnData
     scvi.settings.seed = seed
     ref = ref.copy()
     scvi.model.SCVI.setup_anndata(ref, batch_key=batch_key)
@@ -80,8 +82,9 @@ def clcvae(model, ref, query, seed: int, epochs: int = QUERY_EPOCHS, ewc_lambda:
            replay_fraction: float = 0.0):
     """Fold in with the paper's EWC penalty (CLCVAE); returns (query model, seconds, epochs run).
 
-    The Fisher is computed with the reference model on reference cells before the query model
-    exists; its seconds are included. ``replay_fraction`` r > 0: the query model also trains on
+    The Fisher is computed with ``model`` on the cells of ``ref`` before the query model exists
+    (in a sequence: the current model on every cell it was trained on so far, the atlas that
+    plays the reference); its seconds are included. ``replay_fraction`` r > 0: the query model also trains on
     reference cells, a seeded sample of them making r of its training cells (the paper's text
     speaks of "presenting the query model with examples from the reference"; its notebooks and
     the default here do not), as the engine's ewc replays r of every minibatch.
@@ -118,14 +121,15 @@ def _fit_query(q, seed: int, epochs: int, plan: dict):
 def minibatch_fisher(model, adata, batch_size: int = 128) -> dict[str, torch.Tensor]:
     """Compute the diagonal Fisher as the paper's notebooks do.
 
-    Squared gradients of the minibatch-mean loss (the ELBO, KL weight 1) over the reference
-    cells, averaged over minibatches.
+    Squared gradients of the minibatch-mean loss (the ELBO, KL weight 1) over the cells of
+    ``adata`` (the reference), in their order, averaged over minibatches.
     """
-    from scvi.dataloaders import AnnDataLoader
-
     module = model.module
     module.eval()
-    loader = AnnDataLoader(model.adata_manager, batch_size=batch_size, shuffle=False)
+    # the cells given, set up as the model's own (a query model's registry knows every batch so far); scvi-tools
+    # offers no public loader over other cells than the model's own, so its own two helpers do it
+    adata = model._validate_anndata(adata.copy())  # noqa: SLF001
+    loader = model._make_data_loader(adata=adata, batch_size=batch_size, shuffle=False)  # noqa: SLF001
     sums = {k: torch.zeros_like(p) for k, p in module.named_parameters()}
     n = 0
     for tensors in loader:
