@@ -1,0 +1,69 @@
+"""The benchmarks' scvi-tools baselines and the sequential checks: what the tables compare must be what they say."""
+
+from __future__ import annotations
+
+import warnings
+
+import pandas as pd
+import scvi  # a test dependency (the "test" extra): missing means failing, not skipping
+import torch
+
+from benchmarks import scvi_baseline as S
+from benchmarks import sequential
+
+
+def _tiny_model(adata):
+    adata = adata.copy()
+    scvi.model.SCVI.setup_anndata(adata, batch_key="tech")
+    scvi.settings.seed = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = scvi.model.SCVI(adata, **{**S.ARCH, "n_latent": 4, "n_hidden": 16})
+        model.train(max_epochs=2, enable_progress_bar=False, accelerator="cpu")
+    return model
+
+
+def test_the_paper_fisher_is_taken_over_the_cells_given_in_their_batches(pancreas):
+    a = pancreas[pancreas.obs["tech"].isin(["celseq", "indrop"])][:, :200].copy()
+    a.obs["tech"] = a.obs["tech"].astype(str)
+    model = _tiny_model(a)
+    torch.manual_seed(0)  # the ELBO samples z, so the Fisher is drawn: the same draws by hand below
+    whole = S.minibatch_fisher(model, a, batch_size=64)
+    # by hand: squared gradients of each minibatch's mean loss, averaged over minibatches
+    torch.manual_seed(0)
+    module, sums, n = model.module, None, 0
+    tensors_of = model._make_data_loader(adata=model._validate_anndata(a.copy()), batch_size=64)  # noqa: SLF001
+    for tensors in tensors_of:
+        module.zero_grad()
+        module(tensors, loss_kwargs={"kl_weight": 1.0})[2].loss.backward()
+        g = {k: p.grad.detach() ** 2 for k, p in module.named_parameters() if p.grad is not None}
+        sums = g if sums is None else {k: sums[k] + g[k] for k in g}
+        n += 1
+    for k, v in sums.items():
+        torch.testing.assert_close(whole[k], v / n)
+    # the cells given count, not the model's own: a sequence's CLCVAE takes the Fisher over every cell seen so far
+    part = S.minibatch_fisher(model, a[a.obs["tech"] == "celseq"], batch_size=64)
+    assert not torch.allclose(part["z_encoder.encoder.fc_layers.Layer 0.0.weight"],
+                              whole["z_encoder.encoder.fc_layers.Layer 0.0.weight"])
+
+
+def _last_step(strategy: str, accuracy: float, loo_change: float, drift: float) -> list[dict]:
+    return [{"scenario": "pancreas", "strategy": strategy, "seed": s, "step": 4, "accuracy_so_far": accuracy,
+             "ref_loo_change": loo_change, "drift": drift} for s in (6, 7)]
+
+
+def test_sequential_checks_hold_each_method_to_its_own_libraries_finetune():
+    df = pd.DataFrame([*_last_step("ewc", 0.70, 0.0, 0.10), *_last_step("finetune", 0.72, 0.0, 0.60),
+                       *_last_step("scvi-tools finetune", 0.80, 0.0, 0.90),
+                       *_last_step("CLCVAE (paper, scvi-tools)", 0.795, -0.02, 0.20)])
+    checks = sequential.checks(df).set_index("check")
+    ewc = checks.loc["3. after the last step"]
+    assert (ewc.loo_met, ewc.accuracy_met, ewc.drift_met, ewc.met) == (True, False, True, False)  # 0.70 < 0.72 - 0.01
+    assert "vs finetune 0.720" in ewc.measured and "0.17 of finetune's" in ewc.measured
+    paper = checks.loc[[c for c in checks.index if c.startswith("3p.")][0]]
+    assert (paper.loo_met, paper.accuracy_met, paper.drift_met) == (False, True, True)
+    assert "vs scvi-tools finetune 0.800" in paper.measured
+    assert "0.22 of scvi-tools finetune's" in paper.measured
+    # without scvi-tools' rows the engine's check stands alone
+    alone = sequential.checks(df[~df.strategy.isin(sequential.SCVI)])
+    assert list(alone.check) == ["3. after the last step"]
