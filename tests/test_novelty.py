@@ -349,12 +349,26 @@ def test_a_reference_batch_too_small_to_average_within_is_merged_as_a_query_batc
     cal = N.reference_calibration(index, ref, k=10, k_transfer=50, groups=groups, smoothing=10,
                                   cells=np.arange(590, 600))
     # a query with these batches would be averaged as one group (the small ones together are still
-    # under 10 cells, so every cell's 10 neighbours are searched among all): so is the calibration
-    np.testing.assert_array_equal(N.merge_small_groups(groups, 10, len(ref)), np.zeros(len(ref)))
+    # under 10 cells, so they join the largest batch, here every other cell): so is the calibration
+    np.testing.assert_array_equal(N.merge_small_groups(groups, 10, len(ref)), np.full(len(ref), "big"))
     one = N.reference_calibration(index, ref, k=10, k_transfer=50, groups=np.zeros(len(ref)), smoothing=10,
                                   cells=np.arange(590, 600))
     np.testing.assert_allclose(cal.distance, one.distance)
     np.testing.assert_allclose(cal.uncertainty, one.uncertainty)
+
+
+def test_a_few_stray_cells_join_the_largest_batch_and_leave_the_others_apart():
+    # two batches of a query, each averaged within itself, and 3 cells of a third: those 3 once made
+    # every cell one group, averaging each cell over both batches
+    groups = np.array(["lane1"] * 60 + ["lane2"] * 40 + ["stray"] * 3)
+    merged = N.merge_small_groups(groups, 10, len(groups))
+    assert merged[:60].tolist() == ["lane1"] * 60 and merged[60:100].tolist() == ["lane2"] * 40
+    assert merged[100:].tolist() == ["lane1"] * 3
+    # small batches that together reach m are pooled as one group of their own
+    pooled = N.merge_small_groups(np.array(["lane1"] * 60 + ["x"] * 6 + ["y"] * 6), 10, 72)
+    assert len(set(pooled[60:])) == 1 and pooled[60] != "lane1" and set(pooled[:60]) == {"lane1"}
+    # no batch of m cells: one group
+    np.testing.assert_array_equal(N.merge_small_groups(np.array(["x"] * 4 + ["y"] * 4), 10, 8), np.zeros(8))
 
 
 def test_small_queries_of_known_cells_are_not_called_novel_above_the_target():

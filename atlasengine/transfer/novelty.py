@@ -288,8 +288,13 @@ def merge_small_groups(groups: np.ndarray | None, m: int, n: int) -> np.ndarray:
     """Group labels (as text) with every group of fewer than ``m`` cells merged into one.
 
     A cell is averaged over ``m`` cells of its batch; a batch too small for that joins the
-    other small batches, and if those are still fewer than ``m`` cells, every cell's
-    neighbourhood is searched among all of them. ``n``: the number of cells (for ``groups=None``).
+    other small batches, and if those are still fewer than ``m`` cells, they join the largest
+    batch (the other batches stay apart); if no batch has ``m`` cells, all are one group.
+    ``n``: the number of cells (for ``groups=None``).
+
+    >>> import numpy as np
+    >>> merge_small_groups(np.array(["a"] * 5 + ["b"] * 4 + ["c"]), 3, 10).tolist()
+    ['a', 'a', 'a', 'a', 'a', 'b', 'b', 'b', 'b', 'a']
     """
     g = np.zeros(n, dtype=object) if groups is None else np.asarray(groups).astype(str).astype(object)
     if len(g) != n:
@@ -298,10 +303,13 @@ def merge_small_groups(groups: np.ndarray | None, m: int, n: int) -> np.ndarray:
     small = set(values[counts < m])
     if not small:
         return g
-    merged = np.where(np.isin(g.astype(str), list(small)), "\x00small batches", g.astype(str)).astype(object)
-    if (merged == "\x00small batches").sum() < m:
+    pooled = np.isin(g.astype(str), list(small))
+    if pooled.sum() >= m:
+        return np.where(pooled, "\x00small batches", g.astype(str)).astype(object)
+    if len(small) == len(values):
         return np.zeros(n, dtype=object)
-    return merged
+    largest = values[np.argmax(np.where(counts >= m, counts, -1))]
+    return np.where(pooled, largest, g.astype(str)).astype(object)
 
 
 def novel_share(called: np.ndarray, target_rate: float, confidence: float = 0.9) -> tuple[float, float, float]:
