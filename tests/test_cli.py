@@ -214,3 +214,28 @@ def test_duplicate_names_in_a_file_give_one_line_with_the_right_advice(two_versi
                          str(tmp_path / f"{name}.csv")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("atlasengine: error: duplicate") and advice in err and err.count("\n") == 1, err
+
+
+def test_errors_name_the_command_lines_options_not_the_apis_keywords(two_version_atlas, tmp_path, pancreas_query,
+                                                                      capsys):
+    q = tmp_path / "q.h5ad"
+    pancreas_query[:40].write_h5ad(q)
+    logged = pancreas_query[:40].copy()
+    logged.X = np.log1p(logged.X)
+    logged.write_h5ad(tmp_path / "logged.h5ad")
+    from conftest import snapshot
+
+    before = snapshot(two_version_atlas)
+    runs = [
+        (["ingest", str(two_version_atlas), "-i", str(q), "--batch-key", "tech", "--dataset", "reference"],
+         "pass --dataset <new name>", "dataset="),
+        (["transfer", str(two_version_atlas), "-i", str(tmp_path / "logged.h5ad"), "--batch-key", "tech", "-o",
+          str(tmp_path / "p.csv")], "the layer that holds them with --layer", "layer="),
+        (["create", str(two_version_atlas), "-i", str(q), "--batch-key", "tech", "--label-key", "celltype"],
+         "fold data into it with `atlasengine ingest`", "Atlas.open"),
+    ]
+    for argv, said, not_said in runs:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert said in err and not_said not in err, err
+    assert snapshot(two_version_atlas) == before

@@ -328,6 +328,22 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+CLI_WORDS = (
+    ("pass dataset=<new name>", "pass --dataset <new name>"),
+    ("the layer that holds them with layer=", "the layer that holds them with --layer"),
+    ("open it with Atlas.open", "fold data into it with `atlasengine ingest`"),
+    ("opened with read_only=True", "opened read-only"),
+)
+"""The API's words in the engine's messages that mean an option on the command line: (API, CLI)."""
+
+
+def _cli_words(message: str) -> str:
+    """Say an engine message in the command line's terms (``--layer``, not ``layer=``)."""
+    for api, cli in CLI_WORDS:
+        message = message.replace(api, cli)
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line on ``argv``; return the exit status.
 
@@ -340,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
         return 0
     except AtlasError as exc:
-        error, status, line = exc, 2, f"atlasengine: error: {_one_line(exc)}"
+        error, status, line = exc, 2, f"atlasengine: error: {_cli_words(_one_line(exc))}"
     except KeyboardInterrupt as exc:
         error, status, line = exc, 130, "atlasengine: interrupted; nothing was committed unless the command said so"
     except Exception as exc:  # a bug or a library failure: still one line, the traceback with -v
