@@ -2,6 +2,8 @@
 
     python -m benchmarks.naming_pancreas [--quick] [--out DIR] [--seeds N] [--first-seed S] [--jobs N]
 
+``--first-seed 6`` writes ``naming_pancreas_heldout.*`` (seeds 0-4 took part in choosing the default fold-in).
+
 The README's "Use" section names a type the reference lacks: a reference of fluidigmc1, indrop
 and celseq2 without ductal cells; celseq folded in; ``unknown_groups()``; the first group named
 "ductal" with ``relabel``; smartseq2 folded in and its ductal cells checked for the name. The
@@ -143,9 +145,10 @@ def main() -> None:
              "n_next", "next_named", "next_labelled", "next_others_labelled", "named_as_readme_says"]
     md = [
         "# Naming a new type, the README's example: pancreas ductal cells over seeds and fold-ins"
+        + (" (held-out seeds)" if C.held_out(args) else "")
         + (" (QUICK MODE: smoke run, numbers not meaningful)" if args.quick else ""),
         "",
-        f"Seeds {seeds[0]}-{seeds[-1]}. The README's lines as written, at the engine's defaults (epochs included), from a "
+        f"{C.seeds_said(args)}. The README's lines as written, at the engine's defaults (epochs included), from a "
         f"reference of {', '.join(REFERENCE_TECHS)} without {NOVEL} cells: {QUERY} folded in with each method from the "
         f"same reference, the first group of `unknown_groups()` named `{NOVEL}` (no true label picks it), then "
         f"{NEXT} folded in with the same method. `novel_called` / `known_called`: share of {QUERY}'s {NOVEL} / other "
@@ -169,7 +172,8 @@ def main() -> None:
         "",
         f"Total wall time {wall / 60:.1f} min.",
     ]
-    C.write_outputs(args.out, "naming_pancreas", {"quick": args.quick, "seeds": seeds,
+    C.write_outputs(args.out, C.output_name("naming_pancreas", args), {"quick": args.quick, "seeds": seeds,
+                                                  "first_seed": args.first_seed,
                                                   "records": df.to_dict("records"),
                                                   "summary": summary.to_dict("records"),
                                                   "known_type": known.to_dict("records"), "wall_seconds": wall},
