@@ -222,7 +222,8 @@ def main() -> None:
         f"next donor {g.next_labelled.mean():.0%} labelled (mean)" for s, g in df.groupby("strategy", sort=False)
         if s != STRATEGIES[0])
     md = [
-        "# Naming a new type: kang's FCGR3A+ monocytes" + (" (QUICK MODE: smoke run, numbers not meaningful)"
+        "# Naming a new type: kang's FCGR3A+ monocytes" + (" (held-out seeds)" if C.held_out(args) else "")
+        + (" (QUICK MODE: smoke run, numbers not meaningful)"
                                                           if args.quick else ""),
         "",
         f"{C.seeds_said(args)}. Reference: donors 1015 + 1256 without {NOVEL}, {cfg['ref_epochs']} epochs; donor "
