@@ -79,7 +79,7 @@ NOTES = [
     "Sequential fold-ins on held-out seeds 6-8 (2026-12-07, engine 4a1a1a0; both sequences, 71.8 min, with "
     "scvi-tools' surgery, fine-tuning and the paper's CLCVAE run through the same sequences for the first time). "
     "The engine's pancreas rows repeat those of the first held-out run (engine 97a3665, pancreas only) to the "
-    "digit. Kang, five donors: check 3 is met, by the default (0.924 of the known-type cells folded in labelled "
+    "digit, apart from timings. Kang, five donors: check 3 is met, by the default (0.924 of the known-type cells folded in labelled "
     "against finetune's 0.908, leave-one-out accuracy unchanged, drift 0.18 of finetune's) and by both other ewc "
     "settings, as on seeds 0-2. Pancreas, four technologies into an indrop-only reference: missed by the accuracy "
     "part alone (0.662 against finetune's 0.681, bar 0.671; surgery 0.689; drift 0.09 of finetune's; "

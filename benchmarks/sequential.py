@@ -181,8 +181,8 @@ def checks(df: pd.DataFrame) -> pd.DataFrame:
                          "measured": (f"{method} reference LOO accuracy {100 * e.ref_loo_change:+.1f} pt vs version 1; "
                                       f"accuracy {e.accuracy_so_far:.3f} vs {rival} {f.accuracy_so_far:.3f}; drift "
                                       f"{ratio:.2f} of {rival}'s"),
-                         "target": "LOO within 1 pt of version 1; accuracy >= finetune - 1 pt; drift <= 1/3 of "
-                                   "finetune's",
+                         "target": f"LOO within 1 pt of version 1; accuracy >= {rival} - 1 pt; drift <= 1/3 of "
+                                   f"{rival}'s",
                          "met": all(parts.values()), **parts})
     return pd.DataFrame(rows)
 

@@ -332,7 +332,6 @@ CLI_WORDS = (
     ("pass dataset=<new name>", "pass --dataset <new name>"),
     ("the layer that holds them with layer=", "the layer that holds them with --layer"),
     ("open it with Atlas.open", "fold data into it with `atlasengine ingest`"),
-    ("opened with read_only=True", "opened read-only"),
 )
 """The API's words in the engine's messages that mean an option on the command line: (API, CLI)."""
 

@@ -289,7 +289,8 @@ def merge_small_groups(groups: np.ndarray | None, m: int, n: int) -> np.ndarray:
 
     A cell is averaged over ``m`` cells of its batch; a batch too small for that joins the
     other small batches, and if those are still fewer than ``m`` cells, they join the largest
-    batch (the other batches stay apart); if no batch has ``m`` cells, all are one group.
+    batch (of equal ones, the first by name; the other batches stay apart); if no batch has
+    ``m`` cells, all are one group.
     ``n``: the number of cells (for ``groups=None``).
 
     >>> import numpy as np
