@@ -35,7 +35,7 @@ FORGET = ["drift", "ref_loo_before", "ref_loo_after", "forgetting"]
 SCIB = ["silhouette_label", "silhouette_batch", "bras", "graph_connectivity", "ilisi", "isolated_labels"]
 TIMES = ["reference_epochs", "reference_seconds", "epochs", "fold_in_seconds"]
 ENGINE = ["surgery", "finetune", "ewc", *C.CANDIDATES]
-SCVI = ["scvi-tools surgery", "scvi-tools finetune", "CLCVAE (paper, scvi-tools)"]
+SCVI = list(S.METHODS)
 CLCVAE_REPLAY = "CLCVAE + replay (scvi-tools)"  # with --clcvae-replay: reference cells as a quarter of its training cells
 METHODS = [*ENGINE, *SCVI, CLCVAE_REPLAY]  # every row a run can have, in the page's order
 QUICK = {"reference_training": {"max_epochs": 8}, "query_training": {"max_epochs": 4}}
@@ -89,9 +89,7 @@ def scvi_job(name: str, seed: int, quick: bool, scib: bool, replay: bool = False
     model, ref_secs, ref_epochs = S.train_reference(ref, sc.batch_key, seed, epochs[0])
     z_v1 = S.latent(model, ref)
     labels = ref.obs[sc.label_key].astype(str).to_numpy()
-    runs = {"scvi-tools surgery": lambda: S.surgery(model, query, seed, epochs[1]),
-            "scvi-tools finetune": lambda: S.finetune(model, query, seed, epochs[1]),
-            "CLCVAE (paper, scvi-tools)": lambda: S.clcvae(model, ref, query, seed, epochs[1])}
+    runs = {m: (lambda m=m: S.fold_in(m, model, ref, query, seed, epochs[1])) for m in S.METHODS}
     if replay:
         from atlasengine.config import ContinualConfig
 
@@ -131,8 +129,8 @@ def checks(df: pd.DataFrame) -> pd.DataFrame:
     for scen in dict.fromkeys(df.scenario):
         g = m.loc[scen]
         get = lambda meth, col: float(g.loc[meth, col]) if meth in g.index else np.nan  # noqa: E731
-        d_auc = get("surgery", "auroc_novel") - get("scvi-tools surgery", "auroc_novel")
-        d_acc = get("surgery", "known_accuracy") - get("scvi-tools surgery", "known_accuracy")
+        d_auc = get("surgery", "auroc_novel") - get(S.SURGERY, "auroc_novel")
+        d_acc = get("surgery", "known_accuracy") - get(S.SURGERY, "known_accuracy")
         rows.append({"scenario": scen, "check": "1. parity: engine surgery vs scvi-tools surgery",
                      "measured": f"AUROC {d_auc:+.3f}, known accuracy {100 * d_acc:+.2f} pt",
                      "target": "AUROC within 0.02 (or above), known accuracy within 1 pt (or above)",
@@ -146,12 +144,12 @@ def checks(df: pd.DataFrame) -> pd.DataFrame:
 def check2(get, method: str) -> dict:
     """Check 2 of 'Prove the method' for one engine method: measured, target, met and its three parts."""
     own = {c: get(method, c) for c in ("auroc_novel", "known_accuracy", "drift")}
-    rivals = {k: get(k, "auroc_novel") for k in ("surgery", "finetune", "CLCVAE (paper, scvi-tools)")}
+    rivals = {k: get(k, "auroc_novel") for k in ("surgery", "finetune", S.CLCVAE)}
     ratio = own["drift"] / get("finetune", "drift")
     parts = C.check2_parts(own["auroc_novel"], list(rivals.values()), own["known_accuracy"],
                            get("surgery", "known_accuracy"), ratio)
     return {"measured": (f"AUROC {own['auroc_novel']:.3f} vs surgery {rivals['surgery']:.3f}, finetune "
-                         f"{rivals['finetune']:.3f}, CLCVAE {rivals['CLCVAE (paper, scvi-tools)']:.3f}; known "
+                         f"{rivals['finetune']:.3f}, CLCVAE {rivals[S.CLCVAE]:.3f}; known "
                          f"accuracy {100 * (own['known_accuracy'] - get('surgery', 'known_accuracy')):+.1f} pt "
                          f"vs surgery; drift {ratio:.2f} of finetune's"),
             "target": "AUROC >= each; known accuracy >= surgery - 1 pt; drift <= 1/3 of finetune's",

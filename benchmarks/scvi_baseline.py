@@ -33,6 +33,9 @@ ARCH = dict(n_latent=10, n_hidden=128, n_layers=2, dropout_rate=0.2, gene_likeli
             use_layer_norm="both", use_batch_norm="none", encode_covariates=True)
 QUERY_EPOCHS = 200
 CLCVAE_LAMBDA = 1e4
+SURGERY, FINETUNE, CLCVAE = "scvi-tools surgery", "scvi-tools finetune", "CLCVAE (paper, scvi-tools)"
+METHODS = (SURGERY, FINETUNE, CLCVAE)
+"""The scvi-tools fold-ins by the names the benchmarks' tables give them."""
 
 
 def available() -> tuple[bool, str]:
@@ -106,6 +109,20 @@ def clcvae(model, ref, query, seed: int, epochs: int = QUERY_EPOCHS, ewc_lambda:
             "ewc_lambda": ewc_lambda}
     q, _, n = _fit_query(q, seed, epochs, plan)
     return q, time.perf_counter() - t0, n
+
+
+def fold_in(method: str, model, ref, query, seed: int, epochs: int = QUERY_EPOCHS):
+    """Fold ``query`` into ``model`` by one of :data:`METHODS`; returns (query model, seconds, epochs run).
+
+    ``ref``: the cells ``model`` was trained on, which only CLCVAE reads (its Fisher).
+    """
+    if method == SURGERY:
+        return surgery(model, query, seed, epochs)
+    if method == FINETUNE:
+        return finetune(model, query, seed, epochs)
+    if method == CLCVAE:
+        return clcvae(model, ref, query, seed, epochs)
+    raise ValueError(f"unknown scvi-tools method {method!r}; one of {METHODS}")
 
 
 def _fit_query(q, seed: int, epochs: int, plan: dict):

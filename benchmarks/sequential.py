@@ -37,7 +37,7 @@ from benchmarks import common as C
 from benchmarks import scvi_baseline as S
 
 ENGINE = ("ewc", *C.CANDIDATES, "finetune", "surgery")
-SCVI = ("scvi-tools surgery", "scvi-tools finetune", "CLCVAE (paper, scvi-tools)")
+SCVI = S.METHODS
 STRATEGIES = (*ENGINE, *SCVI)  # every row a run can have, in the page's order
 
 
@@ -136,17 +136,15 @@ def scvi_job(name: str, seed: int, quick: bool) -> list[dict]:
     model, _, _ = S.train_reference(ref, sc.batch_key, seed, epochs[0])
     z_v1, labels_v1 = S.latent(model, ref), ref.obs[sc.label_key].to_numpy()
     loo_v1 = C.loo_knn_accuracy(z_v1, labels_v1)
-    fold = {"scvi-tools surgery": lambda m, seen, q: S.surgery(m, q, seed, epochs[1]),
-            "scvi-tools finetune": lambda m, seen, q: S.finetune(m, q, seed, epochs[1]),
-            "CLCVAE (paper, scvi-tools)": lambda m, seen, q: S.clcvae(m, seen, q, seed, epochs[1])}
     rows = []
-    for method, run in fold.items():
+    for method in S.METHODS:
         rows.append({"scenario": name, "strategy": method, "seed": seed, "step": 0, "added": "+".join(seq.reference),
                      "ref_loo": loo_v1, "ref_loo_change": 0.0, "drift": 0.0})
         current, seen = model, [ref]
         for step, group in enumerate(steps, start=1):
             q = data[(batch == group).to_numpy()].copy()
-            current, wall, n_epochs = run(current, ad.concat(seen, merge="same"), q)
+            trained_on = ad.concat(seen, merge="same") if method == S.CLCVAE else None  # only CLCVAE's Fisher reads it
+            current, wall, n_epochs = S.fold_in(method, current, trained_on, q, seed, epochs[1])
             seen.append(q)
             folded = ad.concat(seen[1:], merge="same")
             z_ref = S.latent(current, ref)
@@ -167,8 +165,8 @@ def checks(df: pd.DataFrame) -> pd.DataFrame:
         last = d[d.step == d.step.max()].groupby("strategy")[["accuracy_so_far", "ref_loo_change", "drift"]].mean()
         pairs = [("ewc", "3. after the last step", "finetune"),
                  *((m, lab, "finetune") for m, lab in C.candidate_checks(3, "after the last step, ")),
-                 (SCVI[2], "3p. the paper's CLCVAE by the same bar, against scvi-tools finetune (for comparison, "
-                           "not an engine check)", SCVI[1])]
+                 (S.CLCVAE, "3p. the paper's CLCVAE by the same bar, against scvi-tools finetune (for comparison, "
+                            "not an engine check)", S.FINETUNE)]
         for method, label, rival in pairs:
             if method not in last.index or rival not in last.index:
                 continue
