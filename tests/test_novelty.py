@@ -345,16 +345,23 @@ def test_a_reference_batch_too_small_to_average_within_is_merged_as_a_query_batc
     ref = rng.normal(size=(600, 5)).astype(np.float32)
     labels = np.array(list("ab"))[rng.integers(0, 2, len(ref))]
     index = NeighborIndex.build(ref, labels, TransferConfig())
-    groups = np.array(["big"] * 594 + ["tiny"] * 3 + ["tinier"] * 3)  # together 6 cells: fewer than 10
-    cal = N.reference_calibration(index, ref, k=10, k_transfer=50, groups=groups, smoothing=10,
-                                  cells=np.arange(590, 600))
-    # a query with these batches would be averaged as one group (the small ones together are still
-    # under 10 cells, so they join the largest batch, here every other cell): so is the calibration
-    np.testing.assert_array_equal(N.merge_small_groups(groups, 10, len(ref)), np.full(len(ref), "big"))
+    # a 20-cell batch is more than `smoothing` (10) but fewer than a query batch needs to be
+    # averaged within itself (AVERAGED_MIN_CELLS * 10 = 40); with the two tiny ones it is still
+    # under 40 cells, so all three join the largest batch, here every other cell
+    groups = np.array(["big"] * 574 + ["mid"] * 20 + ["tiny"] * 3 + ["tinier"] * 3)
+    m = N.AVERAGED_MIN_CELLS * 10
+    np.testing.assert_array_equal(N.merge_small_groups(groups, m, len(ref)), np.full(len(ref), "big"))
+    small = np.arange(574, 600)
+    cal = N.reference_calibration(index, ref, k=10, k_transfer=50, groups=groups, smoothing=10, cells=small)
     one = N.reference_calibration(index, ref, k=10, k_transfer=50, groups=np.zeros(len(ref)), smoothing=10,
-                                  cells=np.arange(590, 600))
+                                  cells=small)
     np.testing.assert_allclose(cal.distance, one.distance)
     np.testing.assert_allclose(cal.uncertainty, one.uncertainty)
+    # and a query of the same cells in the same batches is averaged the same way
+    d, _ = index.search(ref, 50)
+    scores = N.signal_pvalues(one, d, np.zeros(len(ref)), embeddings=ref, groups=groups)
+    apart = N.signal_pvalues(one, d, np.zeros(len(ref)), embeddings=ref, groups=np.zeros(len(ref)))
+    np.testing.assert_allclose(scores["distance"][0], apart["distance"][0])
 
 
 def test_a_few_stray_cells_join_the_largest_batch_and_leave_the_others_apart():

@@ -501,8 +501,8 @@ def reference_calibration(
     and ``kernel`` must match the label transfer (``TransferConfig.k`` / ``.kernel``).
     ``cells``: which indexed cells calibrate (default: a seeded sample of ``max_cells``).
     ``elbo_gain`` / ``gain_groups``: the calibration cells' ELBO gain and batch, if any.
-    ``groups``: every indexed cell's batch (index order; batches of fewer than ``smoothing``
-    cells are merged, as the query's are); ``smoothing``: over how many cells
+    ``groups``: every indexed cell's batch (index order; batches of fewer than
+    ``AVERAGED_MIN_CELLS * smoothing`` cells are merged, as the query's are); ``smoothing``: over how many cells
     each score is averaged (1: none): the calibration cell and its nearest indexed cells of the
     same batch, all of them, not only the sampled ones, so a sampled calibration averages at
     the reference's density. The unaveraged scores are kept too, for queries too small to
@@ -528,7 +528,9 @@ def reference_calibration(
         return NoveltyCalibration(k, k_transfer, kernel, cells, dist, unc, gz, predicted, 1)
     if groups is not None and len(groups) != index.n:
         raise InputError(f"groups has {len(groups)} entries for {index.n} indexed cells")
-    groups = merge_small_groups(groups, smoothing, index.n)  # as query cells' batches are (signal_pvalues)
+    # the same rule as a query's batches (signal_pvalues): a batch of fewer than AVERAGED_MIN_CELLS *
+    # smoothing cells is averaged together with the other small ones, not within itself
+    groups = merge_small_groups(groups, AVERAGED_MIN_CELLS * smoothing, index.n)
     near = batch_neighbours(as_matrix(embeddings, "embeddings", dtype=np.float32), groups, cells, smoothing)
     union = np.unique(near[near >= 0])
     d_u, u_u, _ = loo_scores(union)
