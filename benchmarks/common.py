@@ -601,32 +601,36 @@ def generate_cells(atlas, n: int, seed: int, prefix: str = "gen", chunk: int = 2
     import scipy.sparse as sp
     import torch
 
-    model = atlas.model()
-    obs = atlas.obs()
-    z_all = atlas.latent()
-    pool = np.flatnonzero(obs["batch"].isin(techs).to_numpy()) if techs is not None else np.arange(len(obs))
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    src = rng.choice(pool, size=n)
-    real = real if real is not None else read_data(SCENARIOS["pancreas"].file)
-    lib_real = pd.Series(np.asarray(real.X.sum(1)).ravel(), index=real.obs_names.astype(str)).loc[obs.index].to_numpy()
-    batch_idx = pd.Index(atlas.batches).get_indexer(obs["batch"].to_numpy()[src])
-    parts = []
-    with torch.no_grad():
-        for s in range(0, n, chunk):
-            rows = src[s : s + chunk]
-            z = torch.from_numpy(z_all[rows] + rng.normal(0, 0.25, size=(len(rows), z_all.shape[1])).astype(np.float32))
-            lib = torch.from_numpy((depth * lib_real[rows] * rng.lognormal(0, 0.2, size=len(rows))).astype(np.float32))[:, None]
-            rate, theta, _ = model.decode(z, torch.from_numpy(batch_idx[s : s + chunk]), lib)
-            gamma = torch.distributions.Gamma(theta.expand_as(rate), theta / rate.clamp(min=1e-8)).sample()
-            x = torch.poisson(gamma, generator=gen)
-            parts.append(sp.csr_matrix(x.numpy()))
-    X = sp.vstack(parts).tocsr().astype(np.float32)
-    cell_obs = pd.DataFrame(
-        {keys[0]: [f"{prefix}_{t}" for t in obs["batch"].to_numpy()[src]], keys[1]: obs["label"].to_numpy()[src]},
-        index=[f"{prefix}{i}" for i in range(n)],
-    )
-    return ad.AnnData(X=X, obs=cell_obs, var=pd.DataFrame(index=atlas.genes))
+    # the Gamma draws take torch's global generator (Distribution.sample has no generator argument):
+    # seeded inside a fork, so the same seed gives the same cells whatever ran before in the process
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = atlas.model()
+        obs = atlas.obs()
+        z_all = atlas.latent()
+        pool = np.flatnonzero(obs["batch"].isin(techs).to_numpy()) if techs is not None else np.arange(len(obs))
+        rng = np.random.default_rng(seed)
+        gen = torch.Generator().manual_seed(seed)
+        src = rng.choice(pool, size=n)
+        real = real if real is not None else read_data(SCENARIOS["pancreas"].file)
+        lib_real = pd.Series(np.asarray(real.X.sum(1)).ravel(), index=real.obs_names.astype(str)).loc[obs.index].to_numpy()
+        batch_idx = pd.Index(atlas.batches).get_indexer(obs["batch"].to_numpy()[src])
+        parts = []
+        with torch.no_grad():
+            for s in range(0, n, chunk):
+                rows = src[s : s + chunk]
+                z = torch.from_numpy(z_all[rows] + rng.normal(0, 0.25, size=(len(rows), z_all.shape[1])).astype(np.float32))
+                lib = torch.from_numpy((depth * lib_real[rows] * rng.lognormal(0, 0.2, size=len(rows))).astype(np.float32))[:, None]
+                rate, theta, _ = model.decode(z, torch.from_numpy(batch_idx[s : s + chunk]), lib)
+                gamma = torch.distributions.Gamma(theta.expand_as(rate), theta / rate.clamp(min=1e-8)).sample()
+                x = torch.poisson(gamma, generator=gen)
+                parts.append(sp.csr_matrix(x.numpy()))
+        X = sp.vstack(parts).tocsr().astype(np.float32)
+        cell_obs = pd.DataFrame(
+            {keys[0]: [f"{prefix}_{t}" for t in obs["batch"].to_numpy()[src]], keys[1]: obs["label"].to_numpy()[src]},
+            index=[f"{prefix}{i}" for i in range(n)],
+        )
+        return ad.AnnData(X=X, obs=cell_obs, var=pd.DataFrame(index=atlas.genes))
 
 
 def tile_cells(adata, copies: int, prefix: str):
