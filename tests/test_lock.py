@@ -109,3 +109,31 @@ def test_asking_about_the_lock_of_something_that_is_no_atlas_says_so(tmp_path):
         Atlas.break_lock(tmp_path / "folder")
     with pytest.raises(InputError, match="is a URL"):
         Atlas.lock_holder("s3://bucket/pancreas.atlas")
+
+
+def test_a_lock_whose_details_cannot_be_written_is_released(atlas_path, monkeypatch):
+    # disk full while writing the holder's details: the lock must not stay held for the process's life
+    import errno
+
+    from atlasengine.errors import AtlasWriteError
+    from atlasengine.store import lock as L
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(L.os, "pwrite", full)
+    with pytest.raises(AtlasWriteError, match="cannot write the holder's details"):
+        WriteLock(atlas_path).__enter__()
+    monkeypatch.undo()
+    assert Atlas.lock_holder(atlas_path) is None
+    with WriteLock(atlas_path):  # the next writer in this process, and in any other, takes it
+        pass
+
+
+def test_an_atlas_is_not_created_at_a_url(pancreas_ref, tmp_path, monkeypatch):
+    from atlasengine.errors import InputError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="is a URL: an atlas is written in a folder on a file system"):
+        Atlas.create("s3://bucket/pancreas.atlas", pancreas_ref, batch_key="tech", label_key="celltype")
+    assert list(tmp_path.iterdir()) == []  # not a local folder named s3:

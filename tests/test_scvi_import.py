@@ -152,3 +152,14 @@ def test_a_model_of_one_batch_without_batch_key_is_imported(small, tmp_path):
                             runtime={"progress": False})
     np.testing.assert_allclose(atlas.latent(), model.get_latent_representation(one), atol=1e-4)
     assert atlas.batches == ["0"]
+
+
+def test_a_checkpoint_missing_a_weight_is_refused_by_its_name(small, tmp_path):
+    from atlasengine.api.scvi_import import read_scvi, to_module
+    from atlasengine.errors import AtlasFormatError
+
+    _train(small, tmp_path / "scvi")
+    ref = read_scvi(tmp_path / "scvi")
+    del ref.state["decoder.px_decoder.fc_layers.Layer 1.0.bias"]
+    with pytest.raises(AtlasFormatError, match="no weight 'decoder.px_decoder.fc_layers.Layer 1.0.bias'"):
+        to_module(ref)

@@ -127,6 +127,14 @@ def _local_atlas(path: str | Path) -> Path:
     return local_path(path)
 
 
+def _new_atlas_path(path: str | Path) -> Path:
+    """Return ``path`` as a local folder to create an atlas in; a URL of object storage is refused."""
+    if is_remote(str(path)):
+        raise InputError(f"{path} is a URL: an atlas is written in a folder on a file system and published to object "
+                         "storage afterwards by copying the folder (aws s3 sync pancreas.atlas s3://bucket/pancreas.atlas)")
+    return local_path(path)
+
+
 class Atlas:
     """A versioned single-cell reference atlas on disk.
 
@@ -184,7 +192,7 @@ class Atlas:
             cfg = config if isinstance(config, AtlasConfig) else AtlasConfig.model_validate(config or {})
         except ValidationError as exc:
             raise InputError(f"invalid atlas config: {validation_problems(exc, 'AtlasConfig')}") from exc
-        committed = foldin.create(local_path(path), adata, batch_key=batch_key, label_key=label_key, dataset=dataset,
+        committed = foldin.create(_new_atlas_path(path), adata, batch_key=batch_key, label_key=label_key, dataset=dataset,
                                   layer=layer, config=cfg, runtime=merged(RuntimeConfig(), runtime))
         return cls(committed.reader(), read_only=False)
 
@@ -251,7 +259,7 @@ class Atlas:
         except ValidationError as exc:
             raise InputError(f"invalid atlas config: {validation_problems(exc, 'AtlasConfig')}") from exc
         committed = foldin.create(
-            local_path(path), adata, batch_key=ref.batch_key, label_key=label_key, dataset=dataset, layer=layer, config=cfg,
+            _new_atlas_path(path), adata, batch_key=ref.batch_key, label_key=label_key, dataset=dataset, layer=layer, config=cfg,
             runtime=merged(RuntimeConfig(), runtime),
             pretrained=foldin.Pretrained(module, ref.genes, ref.batches, origin(ref, model_dir)),
         )

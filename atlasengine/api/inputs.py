@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
@@ -50,7 +50,6 @@ class PreparedInput:
     genes_matched: int
     genes_padded: int
     genes_dropped: int
-    extra: dict = field(default_factory=dict)
     metadata: Metadata | None = None
     gene_annotations: pa.Table | None = None
     """The reference's own gene columns (create only; :func:`prepare_gene_columns`)."""

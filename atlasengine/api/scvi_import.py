@@ -212,10 +212,17 @@ def to_module(ref: ScviReference) -> CVAE:
     n_genes, n_batches = len(ref.genes), len(ref.batches)
     module = CVAE(n_genes, n_batches, cfg)
     shapes = {k: v.shape for k, v in module.state_dict().items()}
+
+    def weight(name: str) -> torch.Tensor:
+        if name not in ref.state:
+            raise AtlasFormatError(f"the scvi-tools checkpoint has no weight {name!r}: not a model the engine can "
+                                   "import (SCVI with the scArches settings)")
+        return ref.state[name]
+
     target: dict[str, torch.Tensor] = {}
     for part, prefix in (("encoder", "z_encoder.encoder"), ("decoder", "decoder.px_decoder")):
         for i in range(cfg.n_layers):
-            w = ref.state[f"{prefix}.fc_layers.Layer {i}.0.weight"]
+            w = weight(f"{prefix}.fc_layers.Layer {i}.0.weight")
             n_in = shapes[f"{part}.layers.{i}.linear.weight"][1]
             if w.shape[1] == n_in and n_batches == 1:
                 target[f"{part}.layers.{i}.linear.weight"] = w
@@ -227,14 +234,14 @@ def to_module(ref: ScviReference) -> CVAE:
                 raise AtlasFormatError(f"the scvi-tools weight {prefix}.fc_layers.Layer {i}.0.weight has {w.shape[1]} "
                                        f"inputs; the model's settings and {n_batches} batch(es) give {n_in} + "
                                        f"{n_batches}")
-            target[f"{part}.layers.{i}.linear.bias"] = ref.state[f"{prefix}.fc_layers.Layer {i}.0.bias"]
+            target[f"{part}.layers.{i}.linear.bias"] = weight(f"{prefix}.fc_layers.Layer {i}.0.bias")
     pairs = {"z_mean": "z_encoder.mean_encoder", "z_var": "z_encoder.var_encoder", "px_scale": "decoder.px_scale_decoder.0"}
     if cfg.likelihood == "zinb":
         pairs["px_dropout"] = "decoder.px_dropout_decoder"
     for ours, theirs in pairs.items():
-        target[f"{ours}.weight"] = ref.state[f"{theirs}.weight"]
-        target[f"{ours}.bias"] = ref.state[f"{theirs}.bias"]
-    target["px_r"] = ref.state["px_r"]
+        target[f"{ours}.weight"] = weight(f"{theirs}.weight")
+        target[f"{ours}.bias"] = weight(f"{theirs}.bias")
+    target["px_r"] = weight("px_r")
     expected = set(module.state_dict())
     if set(target) != expected:
         raise AtlasFormatError(f"cannot map the scvi-tools weights: missing {sorted(expected - set(target))}")

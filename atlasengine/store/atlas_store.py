@@ -381,8 +381,10 @@ class AtlasStore:
             paths = json.loads(record.read_text())
         except FileNotFoundError:
             return []
-        except (OSError, ValueError):
+        except ValueError:  # a damaged record names nothing that can be trusted: dropped below
             paths = []
+        except OSError:  # unreadable now (permissions, I/O): kept, so the files are removed another time
+            return []
         listed = listed_paths(manifest)
         versions, removed = (self.root / VERSIONS).resolve(), []
         for path in sorted(p for p in paths if isinstance(p, str) and p not in listed) if isinstance(paths, list) else []:

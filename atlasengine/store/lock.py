@@ -28,7 +28,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from atlasengine.errors import AtlasFormatError, AtlasLockedError, ReadOnlyError
+from atlasengine.errors import AtlasFormatError, AtlasLockedError, AtlasWriteError, ReadOnlyError
 
 _HELD: set[int] = set()
 """Descriptors of the locks this process holds (closed in forked children: see ``_forget_in_child``)."""
@@ -165,8 +165,13 @@ class WriteLock:
             raise
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(timezone.utc).isoformat(),
                 "task": self.task}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+        except OSError as exc:  # disk full, quota: release the lock rather than hold it for the process's life
+            self.__exit__()
+            raise AtlasWriteError(f"cannot write the holder's details into the write lock {self.path}: {exc}; nothing "
+                                  "was changed") from exc
         return self
 
     def check_held(self) -> None:

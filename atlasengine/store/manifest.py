@@ -26,7 +26,8 @@ checksums of the cells it added in its directory; 6: every obs column of the use
 dataset in the cell store, its columns in the dataset's record) and checksummed with the cells; a
 ``relabel`` version carries ``labels.parquet`` (label overrides; absent from every other version, so older
 format-6 atlases need no step); 7: novelty signals averaged over neighbouring cells, the genes' own columns
-kept; 8: the continual settings hold ``embedding_anchor``. Each step up has a migration in
+kept; 8: the continual settings hold ``embedding_anchor``; 9: ``batch_drift`` holds ``ilisi_first_version_mean`` (batch
+mixing among version 1's cells). Each step up has a migration in
 ``migrations/layout/``."""
 MANIFEST_NAME = "manifest.json"
 

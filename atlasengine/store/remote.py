@@ -84,13 +84,13 @@ def _filesystem(uri: str, storage_options: dict[str, Any]):
     return fs, root.rstrip("/")
 
 
-def fetch(uri: str, storage_options: dict[str, Any] | None = None, version: int | None = None,
-          folder: Path | None = None) -> tuple[Path, str, dict[str, str]]:
-    """Fetch the manifest and the version files an atlas's ``version`` reads into a local folder.
+def fetch(uri: str, storage_options: dict[str, Any] | None = None,
+          version: int | None = None) -> tuple[Path, str, dict[str, str]]:
+    """Fetch the manifest and the version files an atlas's ``version`` reads into a new temporary folder.
 
     Returns (the local folder, named like the atlas; the URI of its cells; TileDB settings). The
-    files of versions after ``version`` are not fetched. ``folder``: where (default: a new
-    temporary folder). Raises :class:`AtlasFormatError` when ``uri`` holds no atlas manifest.
+    files of versions after ``version`` are not fetched. Raises :class:`AtlasFormatError` when
+    ``uri`` holds no atlas manifest.
     """
     options = dict(storage_options or {})
     fs, root = _filesystem(uri, options)
@@ -101,12 +101,12 @@ def fetch(uri: str, storage_options: dict[str, Any] | None = None, version: int 
     except OSError as exc:
         raise AtlasFormatError(f"cannot read {uri}/{MANIFEST_NAME}: {exc}") from exc
     name = Path(urlparse(uri).path.rstrip("/")).name or "atlas"
-    local = Path(tempfile.mkdtemp(prefix="atlasengine-remote-")) / name if folder is None else Path(folder) / name
-    local.mkdir(parents=True, exist_ok=True)
+    local = Path(tempfile.mkdtemp(prefix="atlasengine-remote-")) / name  # a folder of its own: removed on failure
+    local.mkdir()
     try:
         return _fetch_into(local, fs, root, uri, text, options, version)
     except BaseException:
-        shutil.rmtree(local.parent if folder is None else local, ignore_errors=True)
+        shutil.rmtree(local.parent, ignore_errors=True)
         raise
 
 
