@@ -383,6 +383,28 @@ def test_a_record_of_superseded_files_deletes_nothing_the_manifest_lists_or_outs
     assert all((path / p).is_file() for p in kept)
 
 
+def test_a_record_of_superseded_files_that_cannot_be_read_now_is_kept_for_another_time(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from atlasengine.store.atlas_store import SUPERSEDED
+
+    path, store, manifest = _upgraded_format8(tmp_path)
+    stale = path / "versions" / "v0001" / "stale.bin"
+    stale.write_bytes(b"no longer listed")
+    store.record_superseded({"versions/v0001/stale.bin"})
+    real = Path.read_text
+
+    def unreadable(self, *a, **k):
+        if self.name == SUPERSEDED:
+            raise PermissionError(13, "Permission denied")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    assert store.remove_superseded(manifest) == [] and (path / SUPERSEDED).exists() and stale.exists()
+    monkeypatch.undo()
+    assert store.remove_superseded(manifest) == ["versions/v0001/stale.bin"] and not stale.exists()
+
+
 @pytest.mark.parametrize("claimed", [True, 0, 4])
 def test_a_manifest_that_claims_an_older_format_than_its_files_changes_no_committed_file(tmp_path, claimed):
     from atlasengine.errors import AtlasFormatError, AtlasIntegrityError
