@@ -177,8 +177,9 @@ class TransferConfig(_Strict):
     )
     novelty_smoothing: int = Field(
         10, ge=1,
-        description="each novelty signal is averaged over the cell's this many nearest cells of its own batch "
-        "(query cells among query cells, calibration cells among calibration cells) before its p-value; 1 = no "
+        description="the novelty distance and uncertainty are averaged over the cell's this many nearest cells of "
+        "its own batch (query cells among the query's cells, calibration cells among all reference cells; batches "
+        "under 4 times this many cells pooled) before their p-values; 1 = no "
         "averaging (atlases upgraded from format 6 keep 1). See atlasengine.transfer.novelty.DEFAULT_SMOOTHING",
     )
     novelty_calibration: Literal["query", "reference"] = Field(

@@ -398,3 +398,24 @@ def test_small_queries_of_known_cells_are_not_called_novel_above_the_target():
         called = np.concatenate([predict(index, cal, draw(n)[0], cfg, [f"q{i}" for i in range(n)])["is_novel"]
                                  for _ in range(20)])
         assert called.mean() <= 0.05 + binomial_tolerance(0.05, len(called)), (n, called.mean())
+
+
+def test_an_empty_query_is_scored_as_an_empty_frame_by_an_averaged_calibration():
+    rng = np.random.default_rng(5)
+    ref = rng.normal(size=(300, 4)).astype(np.float32)
+    index = NeighborIndex.build(ref, np.array(list("ab"))[rng.integers(0, 2, len(ref))], TransferConfig())
+    cal = N.reference_calibration(index, ref, k=10, k_transfer=50, smoothing=10)
+    out = N.novelty_scores(np.zeros((0, 50)), np.zeros(0), cal, embeddings=np.zeros((0, 4), np.float32))
+    assert len(out) == 0 and "is_novel" in out.columns
+
+
+def test_neighbourhood_mean_pools_small_batches_as_the_query_scores_are():
+    # the public helper is the engine's averaging: a 15-cell batch (under 4 x 10 cells) is not
+    # averaged within itself but with the largest batch, as signal_pvalues scores a query
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=(60, 3)).astype(np.float32)
+    v = rng.normal(size=60)
+    groups = np.array(["A"] * 45 + ["B"] * 15)
+    np.testing.assert_allclose(N.neighbourhood_mean(z, v, groups, 10), N.neighbourhood_mean(z, v, None, 10))
+    both = N.neighbourhood_mean(z, np.column_stack([v, 2 * v]), groups, 10)
+    np.testing.assert_allclose(both[:, 1], 2 * both[:, 0])

@@ -27,3 +27,13 @@ def test_batches_mix_query_and_replay_and_the_length_is_exact(n_query, n_replay,
             assert len(replay) == sampler.n_rep_per and (replay < n_query + n_replay).all()
             if n_replay:
                 assert 0 < len(b) - len(replay)  # never a batch of replayed cells only
+
+
+def test_the_cells_an_epoch_counts_are_the_cells_it_yields():
+    # the throughput a training reports divides these by its seconds: a short last batch, and a
+    # 1-cell tail that is skipped, must not count as full batches
+    from atlasengine.training.data import MixedBatchSampler
+
+    for n_query, n_replay, fraction in [(250, 1000, 0.25), (97, 500, 0.25), (129, 0, 0.0), (1, 0, 0.0), (960, 40, 0.25)]:
+        sampler = MixedBatchSampler(n_query, n_replay, 128, fraction, seed=0)
+        assert sampler.cells_per_epoch() == sum(len(b) for b in sampler), (n_query, n_replay)

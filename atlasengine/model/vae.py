@@ -189,6 +189,8 @@ class CVAE(nn.Module):
         """Posterior means (the embedding); dropout off."""
         was = self.training
         self.eval()
-        mean, _ = self.encode(x, batch)
-        self.train(was)
+        try:
+            mean, _ = self.encode(x, batch)
+        finally:
+            self.train(was)
         return mean

@@ -208,6 +208,16 @@ class MixedBatchSampler(Sampler[np.ndarray | Draw]):
         full, rest = divmod(self.n_query, self.n_q_per)
         return full + int(rest >= 2 or (rest == 1 and self.n_query < 2))  # as __iter__: a 1-cell tail is dropped
 
+    def cells_per_epoch(self) -> int:
+        """Return the cells an epoch trains on: every query cell (less a dropped 1-cell tail) and the replayed ones.
+
+        >>> MixedBatchSampler(n_query=250, n_replay=1000, batch_size=128, replay_fraction=0.25, seed=0).cells_per_epoch()
+        346
+        """
+        tail = self.n_query % self.n_q_per
+        query = self.n_query - int(tail == 1 and self.n_query >= 2)
+        return query + self.n_rep_per * len(self)
+
     def __iter__(self):
         """Yield one epoch of index batches: shuffled query cells, each batch with its share of replay cells."""
         blocks = self._blocks() if self.blockwise else []

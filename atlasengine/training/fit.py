@@ -417,7 +417,7 @@ def fit(
     module
         The torch model; trained in place, returned to the CPU in eval mode.
     query
-        The cells to fit (a 10% validation split is held out for early stopping): in memory, or
+        The cells to fit (``config.validation_fraction`` of them held out for early stopping): in memory, or
         read from the cell store in shuffled blocks of ``runtime.block_cells``.
     config
         Epochs, batch size, learning rate, KL warm-up, early stopping, seed.
@@ -501,7 +501,7 @@ def fit(
     if trainer.world_size > 1:  # the training ran in the forked processes
         device = f"{trainer.strategy.root_device.type} x {trainer.world_size}"
     module.cpu().eval()
-    cells = epochs * len(train.sampler) * (train.sampler.n_q_per + train.sampler.n_rep_per)
+    cells = epochs * train.sampler.cells_per_epoch()
     return TrainResult(epochs, seconds, cells / max(seconds, 1e-9), device, history)
 
 

@@ -113,7 +113,9 @@ def rank_markers(group: sp.csr_matrix, other: sp.csr_matrix, genes: Sequence[str
     """Rank genes up in ``group`` against ``other`` (log-normalised rows) by the Wilcoxon rank-sum z-score.
 
     Returns the ``n_top`` genes with the highest z-scores: ``gene``, ``score`` (z), ``log_fold_change``
-    (of the mean log-normalised expressions, natural log) and ``pct_group`` / ``pct_other``
+    (natural log of the ratio of the mean normalised expressions, ``expm1`` of the rows: a log of
+    mean expression, where scanpy's ``rank_genes_groups`` takes ``expm1`` of the mean log) and
+    ``pct_group`` / ``pct_other``
     (share of cells expressing the gene).
     """
     a, b = group.toarray(), other.toarray()

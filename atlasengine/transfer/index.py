@@ -98,7 +98,8 @@ class NeighborIndex:
 
         Missing neighbours (possible with approximate indices) have index -1 and distance inf.
         ``exclude``: for query rows that are indexed cells themselves, their index position
-        (-1 for the others); such a row is answered without itself.
+        (-1 for the others); such a row is answered without itself, so where ``k >= n`` its last
+        column is missing (-1, inf).
         """
         if exclude is not None:
             return self._search_excluding(query, k, np.asarray(exclude, dtype=np.int64), chunk_size)

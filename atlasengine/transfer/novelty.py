@@ -21,9 +21,11 @@ signals, each turned into a conformal p-value against reference cells, then comb
    within its batch (median / MAD; labels never used) and calibrated against the reference
    cells' within-batch z-scores of their own gain.
 
-Each signal is averaged over the cell's ``smoothing`` nearest cells of its own batch (itself
-included: :func:`neighbourhood_mean`) before its p-value, query cells among query cells of their
-batch and calibration cells among calibration cells of theirs, so both sides are treated alike.
+The distance and the uncertainty (not the ELBO gain) are averaged over the cell's ``smoothing``
+nearest cells of its own batch (itself included; a batch too small for that is pooled with the
+other small ones: :func:`neighbourhood_mean`) before their p-values: query cells among the query's
+cells of their batch, calibration cells among all indexed reference cells of theirs, by the same
+rule, so both sides are treated alike.
 A cell of a new type sits among cells of its type, whose scores are high too, while a known cell
 that happens to sit far from the reference is pulled back by known neighbours: the averaging
 roughly doubled the share of new cells caught at the same false-alarm target
@@ -251,8 +253,11 @@ def neighbourhood_mean(
 ) -> np.ndarray:
     """Mean of ``values`` over each cell's ``m`` nearest cells of the same group, itself included.
 
-    ``embeddings`` (cells, d); ``groups`` (e.g. batch; None = one group); a group of fewer than
-    ``m`` cells averages over all of them. ``m = 1`` returns the values unchanged.
+    The engine's averaging of a query's novelty signals. ``embeddings`` (cells, d); ``values``
+    (cells,) or (cells, signals), each column averaged over the same neighbours; ``groups``
+    (e.g. batch; None = one group): a group of fewer than ``AVERAGED_MIN_CELLS * m`` cells is
+    pooled with the other small ones (:func:`merge_small_groups`), and a group still under ``m``
+    cells averages over all of them. ``m = 1`` returns the values unchanged.
 
     >>> import numpy as np
     >>> z = np.array([[0.0], [0.1], [5.0], [5.1]])
@@ -269,7 +274,8 @@ def neighbourhood_mean(
         raise InputError(f"groups has {len(groups)} entries for {len(v)} values")
     if m == 1 or len(v) == 0:
         return v.copy()
-    return _mean_of(v, batch_neighbours(emb, groups, np.arange(len(v)), m))
+    near = batch_neighbours(emb, merge_small_groups(groups, AVERAGED_MIN_CELLS * m, len(v)), np.arange(len(v)), m)
+    return _mean_of(v, near) if v.ndim == 1 else np.column_stack([_mean_of(col, near) for col in v.T])
 
 
 def _mean_of(values: np.ndarray, nearest: np.ndarray) -> np.ndarray:
@@ -387,7 +393,7 @@ class NoveltyCalibration:
     """Leave-one-out scores of reference (calibration) cells, aligned per cell.
 
     ``distance`` and ``uncertainty`` always, each averaged over ``smoothing`` neighbouring
-    calibration cells of the same batch (:func:`neighbourhood_mean`); ``predicted`` (each cell's leave-one-out predicted
+    indexed cells of the same batch (:func:`reference_calibration`); ``predicted`` (each cell's leave-one-out predicted
     label, for :func:`query_shift`) in calibrations written since it exists; ``elbo_gain_z``
     (within-batch robust z of the reference cells' ELBO gain) only where a fold-in computed it.
     Save with :meth:`save`.
@@ -587,12 +593,8 @@ def signal_pvalues(
             raise InputError(f"{len(dist)} query cells are too few to average over {calibration.smoothing} "
                              f"(at least {AVERAGED_MIN_CELLS * calibration.smoothing}): score them with "
                              "calibration.unaveraged()")
-        emb = as_matrix(embeddings, "embeddings", dtype=np.float32)
-        if len(emb) != len(dist):
-            raise InputError(f"embeddings has {len(emb)} rows for {len(dist)} cells")
-        merged = merge_small_groups(groups, AVERAGED_MIN_CELLS * calibration.smoothing, len(dist))
-        near = batch_neighbours(emb, merged, np.arange(len(dist)), calibration.smoothing)  # one search, both signals
-        dist, unc = _mean_of(dist, near), _mean_of(unc, near)
+        both = neighbourhood_mean(embeddings, np.column_stack([dist, unc]), groups, calibration.smoothing)
+        dist, unc = both[:, 0], both[:, 1]  # one search, both signals
     out = {
         "distance": (dist, conformal_pvalues(calibration.distance, dist)),
         "uncertainty": (unc, conformal_pvalues(calibration.uncertainty, unc)),
@@ -656,7 +658,7 @@ def novelty_scores(
     bad = [s for s in sig if s not in SIGNALS]
     if bad or not sig:
         raise InputError(f"signals must be a non-empty subset of {SIGNALS}, got {list(sig)}")
-    if 0 < len(distances) < AVERAGED_MIN_CELLS * calibration.smoothing:  # too few cells to average
+    if len(distances) < AVERAGED_MIN_CELLS * calibration.smoothing:  # too few cells to average (or none)
         calibration = calibration.unaveraged()
     per = signal_pvalues(calibration, distances, uncertainty, elbo_gain, gain_groups, embeddings, groups)
     stat, cal = combine({k: v[1] for k, v in per.items()}, calibration, sig)
