@@ -149,3 +149,10 @@ def test_ewc_penalty_gradient_equals_autograd_of_its_formula():
     assert float(value.detach()) == pytest.approx(float(naive.detach()), rel=1e-5)
     for k, v in m.named_parameters():
         torch.testing.assert_close(fast[k], v.grad)
+
+
+def test_latent_leaves_the_model_in_train_mode_when_encoding_fails():
+    model = CVAE(20, 2, ModelConfig(n_latent=3, n_hidden=8)).train()
+    with pytest.raises(RuntimeError):
+        model.latent(torch.zeros(4, 7), torch.zeros(4, dtype=torch.long))  # 7 genes for a 20-gene model
+    assert model.training
