@@ -19,6 +19,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from typing import Any
 
 from atlasengine.cli.output import configure_logging, versions_table
 from atlasengine.config import STRATEGIES
@@ -40,7 +41,7 @@ def _read(path: str, backed: bool = False):
         raise AtlasError(f"cannot read {p} as an .h5ad file: {exc}") from exc
 
 
-def _source(args):
+def _source(args: argparse.Namespace) -> tuple[Any, str | None]:
     """Return the input of create / ingest: an .h5ad file (in memory, or backed with --backed) or a SOMA experiment.
 
     Returns the data and the layer argument for the call (a SOMA experiment's layer goes into its SomaInput).
@@ -54,7 +55,7 @@ def _source(args):
     return _read(args.input, backed=args.backed), args.layer
 
 
-def cmd_create(args) -> None:
+def cmd_create(args: argparse.Namespace) -> None:
     """Train a reference on ``args.input`` and write version 1 of a new atlas at ``args.path``."""
     from atlasengine import Atlas
 
@@ -65,7 +66,7 @@ def cmd_create(args) -> None:
     print(f"created {atlas}")
 
 
-def cmd_ingest(args) -> None:
+def cmd_ingest(args: argparse.Namespace) -> None:
     """Fold ``args.input`` into the atlas as a new version and print a summary of the fold-in."""
     from atlasengine import Atlas
 
@@ -86,7 +87,7 @@ def cmd_ingest(args) -> None:
           f"{args.path} -o out.h5ad")
 
 
-def cmd_transfer(args) -> None:
+def cmd_transfer(args: argparse.Namespace) -> None:
     """Label the cells of ``args.input`` without folding them in; write the predictions as the output's suffix names."""
     from atlasengine import Atlas
 
@@ -134,14 +135,14 @@ def _write_predictions(pred, query, path: str, suffix: str, atlas) -> None:
         query_anndata(query, pred, None, atlas.source, atlas.version).write_h5ad(path)  # the input's own columns aside
 
 
-def cmd_versions(args) -> None:
+def cmd_versions(args: argparse.Namespace) -> None:
     """Print the committed versions of the atlas as a table."""
     from atlasengine import Atlas
 
     print(versions_table(Atlas.open(args.path)))
 
 
-def cmd_report(args) -> None:
+def cmd_report(args: argparse.Namespace) -> None:
     """Write the drift audit report (HTML) of the atlas to ``args.output``."""
     from atlasengine import Atlas
 
@@ -152,7 +153,7 @@ def cmd_report(args) -> None:
         print(f"  {line}")
 
 
-def cmd_export(args) -> None:
+def cmd_export(args: argparse.Namespace) -> None:
     """Write the atlas (metadata, predictions, embedding; counts with --counts) to an .h5ad file."""
     from atlasengine import Atlas
     from atlasengine.api.outputs import check_output_path
@@ -178,7 +179,7 @@ def _cell_names(path: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def cmd_relabel(args) -> None:
+def cmd_relabel(args: argparse.Namespace) -> None:
     """Give the cells named in ``args.cells`` (one a line) the label ``args.label`` in a new version."""
     from atlasengine import Atlas
 
@@ -189,7 +190,7 @@ def cmd_relabel(args) -> None:
     print(f"version {info.number} (relabel): {r.n_cells} cells labelled {r.label!r} (before: {', '.join(before)})")
 
 
-def cmd_unlock(args) -> None:
+def cmd_unlock(args: argparse.Namespace) -> None:
     """Say whether the atlas's write lock is held; a lock a live process holds is never broken (``--force`` too)."""
     from atlasengine import Atlas
 
@@ -197,14 +198,14 @@ def cmd_unlock(args) -> None:
         print("the atlas is not locked (a writer that died holds no lock: the next ingest just runs)")
 
 
-def cmd_demo(args) -> None:
+def cmd_demo(args: argparse.Namespace) -> None:
     """Run the demo: build an atlas from real data in ``args.out`` and fold in two queries."""
     from atlasengine.cli.demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick)
 
 
-def _runtime(args) -> dict:
+def _runtime(args: argparse.Namespace) -> dict:
     """Return the machine settings of create / ingest: accelerator and training processes."""
     devices = args.devices.strip()
     return {"accelerator": args.accelerator, "devices": int(devices) if devices.isdigit() else devices}

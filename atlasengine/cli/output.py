@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 from atlasengine.api import Atlas
 
@@ -26,7 +27,7 @@ class _CurrentStderr(logging.StreamHandler):
     """A handler that writes to whatever ``sys.stderr`` is when a line is logged (it may be replaced later)."""
 
     @property
-    def stream(self):  # noqa: D102 - the attribute logging.StreamHandler reads
+    def stream(self) -> TextIO:  # noqa: D102 - the attribute logging.StreamHandler reads
         return sys.stderr
 
     @stream.setter

@@ -31,6 +31,7 @@ from atlasengine.training import (
     trained_cells,
     training_processes,
 )
+from atlasengine.training.plan import Penalty
 
 __all__ = ["STRATEGIES", "FoldInStrategy", "NewBatchRowsOnly", "PenaltySum", "check_settings", "fold_in",
            "surgery_mode"]
@@ -39,7 +40,7 @@ __all__ = ["STRATEGIES", "FoldInStrategy", "NewBatchRowsOnly", "PenaltySum", "ch
 class PenaltySum:
     """Several penalties as one: ``sum(p(module, x, batch) for p in penalties)`` (picklable, for spawned processes)."""
 
-    def __init__(self, *penalties) -> None:
+    def __init__(self, *penalties: Penalty) -> None:
         self.penalties = penalties
 
     def __call__(self, module: torch.nn.Module, x: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
@@ -47,7 +48,7 @@ class PenaltySum:
         return sum((p(module, x, batch) for p in self.penalties[1:]), self.penalties[0](module, x, batch))
 
     @classmethod
-    def of(cls, penalties: list):
+    def of(cls, penalties: list[Penalty]) -> Penalty | None:
         """Return one penalty for ``penalties``: None for none, the penalty itself for one, else their sum."""
         if len(penalties) < 2:
             return penalties[0] if penalties else None

@@ -18,7 +18,7 @@ from atlasengine.model.vae import CVAE
 
 
 @torch.no_grad()
-def negative_elbo(model: CVAE, counts, batch_index: np.ndarray, chunk: int = 2048) -> np.ndarray:
+def negative_elbo(model: CVAE, counts: sp.spmatrix | np.ndarray, batch_index: np.ndarray, chunk: int = 2048) -> np.ndarray:
     """Per-cell negative ELBO at the posterior mean (eval mode, no sampling noise: deterministic)."""
     m = sp.csr_matrix(counts, dtype=np.float32)
     b = np.asarray(batch_index, dtype=np.int64)

@@ -53,7 +53,7 @@ class TrainingPlan(L.LightningModule):
             warm = self.trainer.max_epochs if self._trainer is not None else 0
         return 1.0 if warm == 0 else min(1.0, self.current_epoch / warm)
 
-    def training_step(self, batch, batch_idx):
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Return the minibatch's negative ELBO plus the penalty; raise :class:`TrainingError` if not finite."""
         x, b = batch
         out = self.module.loss(x, b, kl_weight=self.kl_weight)
@@ -77,7 +77,7 @@ class TrainingPlan(L.LightningModule):
         if self.gradient_filter is not None:
             self.gradient_filter(self.module)
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """Log the minibatch's negative ELBO (full KL weight) as ``val_loss``."""
         x, b = batch
         out = self.module.loss(x, b, kl_weight=1.0)
@@ -104,7 +104,7 @@ class TrainingPlan(L.LightningModule):
             self.log("penalty", row["penalty"], sync_dist=sync)
         self.log("epochs_run", float(self.current_epoch + 1), sync_dist=sync)  # the same in every process
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
         """Return Adam over the trainable parameters of the module (fused kernel on CPU and CUDA)."""
         params = [p for p in self.module.parameters() if p.requires_grad]
         # the fused kernel (CPU and CUDA) updates all weights in one pass: ~2 ms of a ~12 ms CPU step saved
