@@ -292,6 +292,25 @@ def test_format8_atlas_gets_batch_mixing_among_version_1s_cells_and_keeps_every_
     assert v4.loc[["indrop", "celseq"], "ilisi_first_version_mean"].notna().all()
 
 
+def test_drift_rebuilt_after_the_format9_upgrade_leaves_no_file_the_manifest_does_not_list(tmp_path, pancreas):
+    # the upgrade recorded version 1's batch mixing under drift/format9/; a damaged part makes the
+    # next writer rebuild that version's drift at its own path: the old part must not stay behind
+    path = tmp_path / "old8.atlas"
+    shutil.copytree(FIXTURE.with_name("format8.atlas"), path)
+    atlas = Atlas.open(path)
+    old_part = path / "versions" / "v0001" / "drift" / "format9" / "batch_drift.parquet"
+    assert old_part.is_file()
+    (path / "versions" / "v0001" / "drift" / "version_drift.parquet").write_bytes(b"PAR1 damaged")
+    atlas.ingest(pancreas[pancreas.obs["tech"] == "smartseq2"][:15, atlas.genes].copy(), batch_key="tech",
+                 strategy="surgery", training={"max_epochs": 1})
+    listed = {rec["path"] for v in json.loads((path / "manifest.json").read_text())["versions"]
+              for rec in v["files"].values()}
+    on_disk = {str(p.relative_to(path)) for p in (path / "versions").rglob("*")
+               if p.is_file() and p.name != ".atlasengine-staged"}  # the engine's marker in every version folder
+    assert not old_part.exists() and on_disk == listed
+    assert set(Atlas.open(path).sql("select version from batch_drift")["version"]) == {1, 2, 3, 4}
+
+
 def test_an_upgrade_that_meets_a_damaged_file_says_so_and_the_version_keeps_its_old_rows(tmp_path, caplog):
     path = tmp_path / "old8.atlas"
     shutil.copytree(FIXTURE.with_name("format8.atlas"), path)

@@ -46,7 +46,7 @@ from atlasengine.faults import fault_point
 from atlasengine.model import CVAE
 from atlasengine.numerics import sorted_sample
 from atlasengine.progress import phase
-from atlasengine.store.atlas_store import AtlasStore, check_atlas_path
+from atlasengine.store.atlas_store import AtlasStore, check_atlas_path, listed_paths
 from atlasengine.store.cells import CellChecks, CellStore, cell_checksums, counts_checksums, joinids_of
 from atlasengine.store.files import fsync_dir
 from atlasengine.store.lock import LOCK_NAME, WriteLock, lock_holder
@@ -420,7 +420,11 @@ def tidy(store: AtlasStore, manifest: Manifest, started_from: str,
     repaired = rebuild_drift(store, parent)
     if repaired is None:
         return manifest, started_from, parent
+    # a part recorded elsewhere (an upgrade's drift/format9/) is rebuilt at the version's own path: the
+    # old file is recorded before the commit and deleted after it, as an upgrade's replaced files are
+    store.record_superseded(listed_paths(manifest) - listed_paths(repaired))
     store.commit(repaired, expected=started_from)
+    store.remove_superseded(repaired)
     return repaired, store.manifest_digest(), VersionReader(store, repaired)
 
 
