@@ -83,8 +83,7 @@ def job(args: tuple) -> list[dict]:
 
 def scvi_job(size: int, seed: int, quick: bool, out) -> list[dict]:
     """scvi-tools' reference on the generated cells, then its surgery, finetune and the paper's CLCVAE."""
-    from atlasengine.config import TransferConfig
-    from atlasengine.transfer import NeighborIndex, evaluate_transfer, transfer_labels
+    from atlasengine.transfer import evaluate_transfer
 
     sc, ref, query = reference_and_query(size, seed, quick, out)
     epochs = (5, 3) if quick else (None, S.QUERY_EPOCHS)
@@ -95,9 +94,7 @@ def scvi_job(size: int, seed: int, quick: bool, out) -> list[dict]:
     rows = []
     for method in S.METHODS:
         q_model, wall, _ = S.fold_in(method, model, ref, query, seed, epochs[1])
-        z_ref, z_q = S.latent(q_model, ref), S.latent(q_model, query)
-        index = NeighborIndex.build(z_ref, labels, TransferConfig(index="exact"))
-        preds = transfer_labels(index, z_q, TransferConfig(), obs_names=[str(c) for c in query.obs_names])
+        z_ref, _, preds = S.label_query(q_model, ref, query, labels)
         row = {"size": size, "seed": seed, "setting": method, "reference_seconds": ref_secs, "ref_loo_before": loo_v1,
                "ref_loo_after": C.loo_knn_accuracy(z_ref, labels), "drift": C.procrustes_displacement(z_v1, z_ref),
                "fold_in_seconds": wall}

@@ -80,8 +80,6 @@ def engine_job(name: str, seed: int, quick: bool, out, scib: bool) -> list[dict]
 
 
 def scvi_job(name: str, seed: int, quick: bool, scib: bool, replay: bool = False) -> list[dict]:
-    from atlasengine.config import TransferConfig
-    from atlasengine.transfer import NeighborIndex, transfer_labels
 
     sc = C.SCENARIOS[name]
     ref, query = C.load_scenario(name)
@@ -98,9 +96,7 @@ def scvi_job(name: str, seed: int, quick: bool, scib: bool, replay: bool = False
     rows = []
     for method, run in runs.items():
         q_model, wall, n_epochs = run()
-        z_ref, z_q = S.latent(q_model, ref), S.latent(q_model, query)
-        index = NeighborIndex.build(z_ref, labels, TransferConfig(index="exact"))
-        preds = transfer_labels(index, z_q, TransferConfig(), obs_names=[str(c) for c in query.obs_names])
+        z_ref, z_q, preds = S.label_query(q_model, ref, query, labels)
         row = {"method": method, "reference_seconds": ref_secs, "reference_epochs": ref_epochs, "epochs": n_epochs,
                "fold_in_seconds": wall}
         row.update(_score(sc, query, preds, z_v1, z_ref, labels))

@@ -196,3 +196,18 @@ def _ewc_plan_class():
 
 def latent(model, adata) -> np.ndarray:
     return np.asarray(model.get_latent_representation(adata.copy()), dtype=np.float32)
+
+
+def label_query(model, ref, query, labels: np.ndarray):
+    """Embed ``ref`` and ``query`` with ``model``; label the query by the engine's kNN over the reference cells.
+
+    The same transfer as the engine's rows (scArches weighted kNN, k = 50, Unknown above 0.3),
+    over an exact index. Returns (reference embedding, query embedding, predictions).
+    """
+    from atlasengine.config import TransferConfig
+    from atlasengine.transfer import NeighborIndex, transfer_labels
+
+    z_ref, z_q = latent(model, ref), latent(model, query)
+    index = NeighborIndex.build(z_ref, labels, TransferConfig(index="exact"))
+    preds = transfer_labels(index, z_q, TransferConfig(), obs_names=[str(c) for c in query.obs_names])
+    return z_ref, z_q, preds

@@ -126,8 +126,6 @@ def scvi_job(name: str, seed: int, quick: bool) -> list[dict]:
     """One sequence and seed through scvi-tools' surgery, fine-tuning and the paper's CLCVAE, from one reference."""
     import anndata as ad
 
-    from atlasengine.config import TransferConfig
-    from atlasengine.transfer import NeighborIndex, transfer_labels
 
     seq, data, ref, steps = _sequence_data(name, quick)
     sc = seq.scenario
@@ -147,10 +145,7 @@ def scvi_job(name: str, seed: int, quick: bool) -> list[dict]:
             current, wall, n_epochs = S.fold_in(method, current, trained_on, q, seed, epochs[1])
             seen.append(q)
             folded = ad.concat(seen[1:], merge="same")
-            z_ref = S.latent(current, ref)
-            index = NeighborIndex.build(z_ref, labels_v1, TransferConfig(index="exact"))
-            preds = transfer_labels(index, S.latent(current, folded), TransferConfig(),
-                                    obs_names=[str(c) for c in folded.obs_names])
+            z_ref, _, preds = S.label_query(current, ref, folded, labels_v1)
             rows.append({"scenario": name, "strategy": method, "seed": seed, "step": step, "added": group,
                          **_step_measures(seq, preds, truth, z_v1, z_ref, labels_v1, loo_v1),
                          "epochs": n_epochs, "fold_in_seconds": wall})
