@@ -138,6 +138,8 @@ def test_calibrated_threshold_hits_target_on_reference_cells(pbmc, embedding):
         assert abs(np.mean(r) - target) < 0.02, (signal, target, np.round(r, 3))
     with pytest.raises(InputError):
         N.novelty_scores(d, unc, cal, signals=["elbo_gain"])  # no gain in this calibration
+    with pytest.raises(InputError, match=f"at least k={cal.k}"):
+        N.novelty_scores(d[:, : cal.k - 1], unc, cal)  # fewer neighbours than the calibration's mean
 
 
 # ------------------------------------------------------------------ pbmc with a small model

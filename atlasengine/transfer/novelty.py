@@ -581,6 +581,10 @@ def signal_pvalues(
     uncertainty are averaged the same way over the query cells' ``embeddings`` within their
     ``groups`` (batches) first, and those averages are the scores returned.
     """
+    if np.ndim(distances) == 2 and np.shape(distances)[1] < calibration.k:
+        # a mean over fewer neighbours than the calibration's is smaller: new cells would pass as known
+        raise InputError(f"distances has {np.shape(distances)[1]} neighbours per cell; this calibration scores the mean "
+                         f"distance to {calibration.k}: search the index for at least k={calibration.k}")
     dist = knn_distance(distances, calibration.k)
     unc = np.asarray(uncertainty, dtype=np.float64)
     if len(unc) != len(dist):
