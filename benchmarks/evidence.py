@@ -189,14 +189,15 @@ def main() -> None:
                "reference_seconds"]
     tab = C.mean_sd(df, ["setting", "size"], (["represented_cells"] if library == "engine" else []) + metrics)
     quick = " (QUICK MODE: smoke run, numbers not meaningful)" if args.quick else ""
+    held = " (held-out seeds)" if C.held_out(args) else ""  # and outputs named apart, so seeds 0-2's stay
     seeds = (f"{C.seeds_said(args, chosen_on=False)} ({seeds_at(max(sizes))} at {max(sizes):,} cells), mean ± sd; the "
              "query is real kang donor 1488 (2,030 cells, FCGR3A+ Monocytes novel); ")
     payload = {"library": library, "quick": args.quick, "seeds": args.seeds, "first_seed": args.first_seed,
                "sizes": sizes, "seeds_largest": seeds_at(max(sizes)), "records": df.to_dict("records"),
                "wall_seconds": wall}
     if library == "scvi":
-        name = "evidence_scvi"
-        md = [f"# EWC against atlas size: scvi-tools and the paper's CLCVAE{quick}", "", GENERATED, "",
+        name = C.output_name("evidence_scvi", args)
+        md = [f"# EWC against atlas size: scvi-tools and the paper's CLCVAE{held}{quick}", "", GENERATED, "",
               seeds + "scvi-tools at its own defaults (reference epochs min(400, 400 x 20000 / cells); queries "
               f"{S.QUERY_EPOCHS} epochs), the paper's CLCVAE at lambda {S.CLCVAE_LAMBDA:g} on the Fisher of minibatch "
               "gradients over every reference cell (`benchmarks/scvi_baseline.py`); every row from this one run. The "
@@ -210,11 +211,11 @@ def main() -> None:
               f"Total wall time {wall / 60:.1f} min ({args.jobs} parallel job(s)).", "",
               f"![{name}]({name}.png)"]
     else:
-        name = "evidence"
+        name = C.output_name("evidence", args)
         ewc = df[df.setting.str.startswith("ewc evidence")].groupby("size")["drift"].mean()
         grows = bool((ewc.diff().dropna() > 0).any())
         payload["drift_grows"] = grows
-        md = [f"# EWC against atlas size{quick}", "", GENERATED, "",
+        md = [f"# EWC against atlas size{held}{quick}", "", GENERATED, "",
               seeds + f"engine defaults ({C.continual_defaults()}); every row from this one run.", "",
               C.md_table(tab), "",
               "Check (issue 'Prove the method'): with the evidence-scaled penalty the drift does not grow with atlas "

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from benchmarks import common as C
 
-ORDER = ("mapping", "mapping_heldout", "lambda_sweep", "replay_sweep", "schedule_sweep", "anchor_sweep", "sequential", "sequential_heldout", "evidence", "evidence_scvi", "speed", "scale",
+ORDER = ("mapping", "mapping_heldout", "lambda_sweep", "replay_sweep", "schedule_sweep", "anchor_sweep", "sequential", "sequential_heldout", "evidence", "evidence_scvi",
+         "evidence_heldout", "evidence_scvi_heldout", "speed", "scale",
          "novelty", "novelty_finetune", "novelty_surgery", "novelty_anchor", "naming", "naming_heldout", "naming_pancreas",
          "naming_pancreas_heldout", "distributed",
          "streaming")
