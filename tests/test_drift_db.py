@@ -149,6 +149,10 @@ def test_sql_is_read_only_and_version_filtered(tmp_path: Path, monkeypatch: pyte
         "SELECT 1; DROP TABLE versions",
         "COPY versions TO 'leak.csv'",
         "SET enable_external_access = true",
+        "EXPLAIN ANALYZE DELETE FROM version_drift",  # EXPLAIN ANALYZE runs what it explains
+        "explain analyse create table memory.main.x as select 1",
+        "SELECT version FROM memory.main.versions",  # a schema would read past the version filter
+        "SELECT * FROM main.version_drift",
     ):
         with pytest.raises(ReadOnlyError):
             store.sql(query, max_version=2)
@@ -157,6 +161,9 @@ def test_sql_is_read_only_and_version_filtered(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(InputError):
         store.sql("SELEKT nonsense", max_version=2)
     assert list(store.read("versions", max_version=None)["version"]) == [1, 2]
+    assert len(store.sql("EXPLAIN SELECT * FROM versions", max_version=1)) > 0  # a plan alone is fine
+    assert list(store.sql("SELECT version FROM temp.versions", max_version=1)["version"]) == [1]
+    assert list(store.sql("SELECT version FROM memory.main.versions", max_version=None)["version"]) == [1, 2]
     assert not (tmp_path / "leak.csv").exists()
     assert tables_named_in("select * from Version_Drift join versions using (version)") == [
         "versions", "version_drift"]

@@ -89,6 +89,12 @@ def part_name(table: str) -> str:
     return f"{table}{PART_SUFFIX}"
 
 
+def _runs_its_statement(statement: str) -> bool:
+    """Whether an EXPLAIN statement also executes the statement it explains (EXPLAIN ANALYZE)."""
+    m = re.match(r"\s*explain\s*(\([^)]*\)|analy[sz]e\b)", statement, re.IGNORECASE)
+    return bool(m) and "analy" in m.group(1).lower()
+
+
 def tables_named_in(query: str) -> list[str]:
     """Drift tables whose names occur in ``query`` (the ones a query over them may read)."""
     text = query.lower()
@@ -328,8 +334,20 @@ class DriftStore:
             if not kinds:
                 raise InputError("empty drift query")
             refused = [k for k in kinds if k not in _QUERY_TYPES]
+            refused += ["EXPLAIN ANALYZE" for s in cur.extract_statements(query) if _runs_its_statement(s.query)]
             if refused:
                 raise ReadOnlyError(f"sql() runs read-only queries only; got {', '.join(refused)}")
+            if max_version is not None:
+                try:
+                    named = duckdb.get_table_names(query, qualified=True)
+                except duckdb.Error as e:
+                    raise InputError(f"drift query failed: {e}") from e
+                # the version filter is a TEMP view by the table's plain name; a name with its
+                # schema ("memory.main.versions") would read past it
+                qualified = sorted(n for n in named if "." in n and not n.replace('"', "").lower().startswith("temp."))
+                if qualified:
+                    raise ReadOnlyError(f"name the drift tables without a schema in sql() ({', '.join(qualified)}): "
+                                        f"this reader sees versions up to {int(max_version)} only")
             for table in VERSIONED_TABLES:
                 where = "" if max_version is None else f" WHERE version <= {int(max_version)}"
                 cur.execute(f"CREATE TEMP VIEW {table} AS SELECT * FROM memory.main.{table}{where}")
