@@ -172,6 +172,26 @@ def test_format5_atlas_reads_as_before_and_takes_datasets_with_their_own_obs_col
     assert "disease" not in Atlas.open(path, version=2).obs().columns
 
 
+def test_format5_checksums_saved_with_another_numpy_header_are_not_damage(tmp_path):
+    """The upgrade takes a two-column checksum file by its own recorded hash, not by how today's numpy saves it."""
+    import hashlib
+
+    path = tmp_path / "old5.atlas"
+    shutil.copytree(FIXTURE.with_name("format5.atlas"), path)
+    file = path / "versions" / "v0001" / "cell_checksums.npy"
+    values = np.load(file)
+    with open(file, "wb") as f:  # the same array, written with another .npy header (format 2.0)
+        np.lib.format.write_array(f, values, version=(2, 0), allow_pickle=False)
+    raw = json.loads((path / "manifest.json").read_text())
+    record = raw["versions"][0]["files"]["cell_checksums.npy"]
+    record.update(sha256=hashlib.sha256(file.read_bytes()).hexdigest(), size=file.stat().st_size)
+    (path / "manifest.json").write_text(json.dumps(raw))
+    atlas = Atlas.open(path)
+    padded = np.load(path / "versions" / "v0001" / "format6" / "cell_checksums.npy")
+    np.testing.assert_array_equal(padded[:, :2], values)
+    assert atlas.counts().shape == (60, 200)
+
+
 def test_format6_atlas_keeps_its_unaveraged_novelty_and_can_switch_to_averaging(tmp_path, pancreas):
     path = tmp_path / "old6.atlas"
     shutil.copytree(FIXTURE.with_name("format6.atlas"), path)

@@ -6,7 +6,7 @@ CREATE TABLE versions (
     created_at           TIMESTAMP,
     strategy             VARCHAR,
     parameters           VARCHAR,   -- JSON object
-    datasets             VARCHAR,   -- JSON list of dataset names added in this version
+    datasets             VARCHAR,   -- JSON list of the datasets in the atlas at this version (cumulative)
     n_cells              BIGINT,
     n_new_cells          BIGINT,
     train_seconds        DOUBLE,
@@ -81,7 +81,7 @@ CREATE TABLE drift_flags (
 CREATE TABLE transfer_summary (
     version         INTEGER NOT NULL,
     dataset         VARCHAR NOT NULL,
-    query_cell_type VARCHAR,       -- the query's own annotation (NULL when it had none)
+    query_cell_type VARCHAR,       -- the query's own annotation ('(unlabelled)' for cells without one)
     assigned_label  VARCHAR,       -- label transferred from the reference ('Unknown' allowed)
     n_cells         BIGINT,
     share           DOUBLE         -- share of the query cell type's cells given assigned_label
