@@ -107,6 +107,17 @@ def test_loo_accuracy_on_separated_clusters_and_missing_labels() -> None:
     assert np.nanmean(loo_knn_correct(x, swapped, k=15)) == 1.0
 
 
+def test_loo_vote_ties_go_to_the_label_whose_voters_are_nearer_on_the_whole() -> None:
+    # cell 0's neighbours at 1..5: labels a, b, b, c, a tie a and b 2-2; b's ranks (2, 3) sum less than a's (1, 5)
+    x = np.array([[0.0], [1.0], [2.0], [3.0], [4.0], [5.0]])
+    labels = np.array(["b", "a", "b", "b", "c", "a"], dtype=object)
+    assert loo_knn_correct(x, labels, k=5)[0] == 1.0
+    labels[0] = "a"
+    assert loo_knn_correct(x, labels, k=5)[0] == 0.0
+    labels[1:] = ["a", "b", "a", "b", "c"]  # a (ranks 1, 3) against b (2, 4): a
+    assert loo_knn_correct(x, labels, k=5)[0] == 1.0
+
+
 def test_input_errors() -> None:
     with pytest.raises(InputError):
         displacement(np.zeros((5, 2)), np.zeros((4, 2)), aligned=False)

@@ -203,6 +203,7 @@ def test_elbo_gain_of_a_model_against_itself_is_zero(pbmc_fold_in):
     m = atlas.model()
     b = np.full(50, len(atlas.batches) - 1)
     assert np.allclose(elbo_gain(m, m, counts, b, b), 0.0)
+    assert np.allclose(elbo_gain(m, m, counts, b.tolist(), b), 0.0)  # a plain list of indices is one candidate
     # several candidate batch inputs: the best (smallest) old nELBO is used
     cands = [np.full(50, j) for j in range(len(prev.batches))]
     best = np.min([negative_elbo(prev.model(), counts, c) for c in cands], axis=0)

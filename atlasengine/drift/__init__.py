@@ -1,7 +1,8 @@
 """Drift tracking: how far reference cells move between model versions.
 
 The measures are stored as Parquet parts, queried with DuckDB in memory, and summarised in an HTML audit report. Depends only on
-numpy/pandas/faiss/duckdb/plotly and ``atlasengine.config`` / ``atlasengine.errors``.
+numpy/pandas/faiss/duckdb/plotly and the core modules ``atlasengine.config``, ``.errors``,
+``.numerics`` and ``.faults``.
 """
 
 from atlasengine.drift.db import VERSIONED_TABLES, DriftStore, migrations, migrations_dir, part_name, tables_named_in

@@ -78,7 +78,11 @@ def missing_labels(labels: np.ndarray | pd.Series) -> np.ndarray:
 
 
 def _vote_correct(neighbours: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Whether the majority label of each row's neighbours equals its own (nearest wins ties)."""
+    """Whether the majority label of each row's neighbours equals its own.
+
+    Equal counts go to the label whose voters are nearer on the whole (the smaller sum of
+    ranks), not to the single nearest neighbour's: the figures of stored versions were made so.
+    """
     n, k = neighbours.shape
     if k == 0:
         return np.zeros(n, dtype=bool)

@@ -26,13 +26,14 @@ def negative_elbo(model: CVAE, counts: sp.spmatrix | np.ndarray, batch_index: np
         raise InputError(f"batch_index has {len(b)} entries for {m.shape[0]} cells")
     was = model.training
     model.eval()
+    device = next(model.parameters()).device  # the cells go where the model is
     out = np.empty(m.shape[0])
     try:
         for s in range(0, m.shape[0], chunk):
-            x = torch.from_numpy(m[s : s + chunk].toarray())
-            bt = torch.from_numpy(b[s : s + chunk])
-            zero = torch.zeros(len(x), model.config.n_latent, dtype=x.dtype)  # the posterior mean, no noise
-            out[s : s + chunk] = model.loss(x, bt, eps=zero).per_cell.double().numpy()
+            x = torch.from_numpy(m[s : s + chunk].toarray()).to(device)
+            bt = torch.from_numpy(b[s : s + chunk]).to(device)
+            zero = torch.zeros(len(x), model.config.n_latent, dtype=x.dtype, device=device)  # posterior mean, no noise
+            out[s : s + chunk] = model.loss(x, bt, eps=zero).per_cell.double().cpu().numpy()
     finally:
         model.train(was)
     return out
@@ -54,7 +55,8 @@ def elbo_gain(
     cells' batch indices in the new model. The log ratio is scale-free (per-cell nELBO grows
     with library size), so gains are comparable across cells.
     """
-    cands = [batch_idx_old] if isinstance(batch_idx_old, np.ndarray) else list(batch_idx_old)
+    # one array (or list) of indices, or several candidate arrays
+    cands = [np.asarray(batch_idx_old)] if np.ndim(batch_idx_old) == 1 else list(batch_idx_old)
     if not cands:
         raise InputError("batch_idx_old: give at least one batch-index array")
     old = np.min([negative_elbo(old_model, counts, c, chunk) for c in cands], axis=0)

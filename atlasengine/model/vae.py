@@ -49,7 +49,9 @@ class CovariateLinear(nn.Module):
         """Append ``n_new`` batch rows; existing rows are kept bit for bit."""
         old = self.batch_weight.data
         bound = 1.0 / (self.linear.in_features + old.shape[0] + n_new) ** 0.5
+        # drawn on the CPU (where a seeded generator lives), then placed beside the existing rows
         new = torch.empty(n_new, old.shape[1], dtype=old.dtype).uniform_(-bound, bound, generator=generator)
+        new = new.to(old.device)
         self.batch_weight = nn.Parameter(torch.cat([old, new], dim=0))
 
 
