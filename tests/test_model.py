@@ -51,6 +51,14 @@ def test_add_batches_keeps_weights_and_outputs():
     torch.testing.assert_close(m.latent(x, b), z_before, rtol=0, atol=0)
 
 
+def test_new_batch_rows_go_where_the_model_is():
+    # the meta device stands in for a GPU: a model away from the CPU gains rows on its own device
+    m = CVAE(30, 2, ModelConfig(n_hidden=16, n_latent=4)).to("meta")
+    m.add_batches(2, seed=0)
+    assert m.n_batches == 4
+    assert {p.device.type for p in m.parameters()} == {"meta"}
+
+
 def test_unknown_batch_means_zero_batch_input():
     m = CVAE(20, 2, ModelConfig(n_hidden=8, n_latent=3))
     x = torch.poisson(torch.full((4, 20), 2.0))
