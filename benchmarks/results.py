@@ -294,7 +294,13 @@ NOTES = [
     "(0.746) and 0.873 on pancreas (0.878); no known accuracy or AUROC moves by 2 points, so the engine keeps its "
     "schedule. And ifnb's reference has one batch, which scvi-tools leaves out of its model (a one-level covariate "
     "is ignored), so its query model gains two random batch columns and encodes the reference through the "
-    "untrained one.",
+    "untrained one. A third difference is in the measure, not the models (found by a review of the benchmarks): "
+    "both libraries' rows label through one transfer (scArches' kernel, k = 50, Unknown above 0.3), whose weights "
+    "exp(-d sigma^2 / 4) are not free of the latent's scale (a latent c times larger raises the exponent c^3-fold), "
+    "so the same neighbours give another uncertainty in a latent of another scale (the two latents' scales were not "
+    "compared here; finetune's drift, in each library's own units, is 0.97-1.11 times the engine's in the mapping "
+    "run). So a cross-library AUROC comparison (parity, and ewc against CLCVAE in check 2) carries the kernel's scale as "
+    "well as the models; a comparison within one library does not.",
     "Sequential (check 3; rerun 2026-12-06 after the default changed, at commit 9d78012; every row repeats the "
     "run before it to the digit, where today's default was the row 'ewc (anchor + lambda 1)' and 'ewc' the penalty "
     "alone at lambda 100): met on kang, missed on pancreas by its accuracy part. After four technologies folded "
