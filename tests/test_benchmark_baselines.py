@@ -87,3 +87,16 @@ def test_generated_cells_depend_on_the_seed_alone_not_on_torch_s_global_state(re
     state = torch.get_rng_state()
     C.generate_cells(atlas, 50, seed=7, real=pancreas)
     assert torch.equal(torch.get_rng_state(), state)  # and the caller's draws are left as they were
+
+
+def test_check_2_says_when_the_papers_method_was_not_measured():
+    from benchmarks import mapping
+
+    values = {("ewc", "auroc_novel"): 0.8, ("ewc", "known_accuracy"): 0.9, ("ewc", "drift"): 0.1,
+              ("surgery", "auroc_novel"): 0.7, ("surgery", "known_accuracy"): 0.9, ("finetune", "auroc_novel"): 0.75,
+              ("finetune", "drift"): 1.0, (S.CLCVAE, "auroc_novel"): float("nan")}
+    check = mapping.check2(lambda method, column: values[(method, column)], "ewc")
+    assert f"{S.CLCVAE} not measured" in check["measured"]
+    values[(S.CLCVAE, "auroc_novel")] = 0.85
+    check = mapping.check2(lambda method, column: values[(method, column)], "ewc")
+    assert "not measured" not in check["measured"] and not check["auroc_met"] and not check["met"]
