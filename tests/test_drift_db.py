@@ -153,6 +153,7 @@ def test_sql_is_read_only_and_version_filtered(tmp_path: Path, monkeypatch: pyte
         "explain analyse create table memory.main.x as select 1",
         "SELECT version FROM memory.main.versions",  # a schema would read past the version filter
         "SELECT * FROM main.version_drift",
+        'SELECT * FROM "memory"."main".versions v JOIN version_drift d USING (version)',
     ):
         with pytest.raises(ReadOnlyError):
             store.sql(query, max_version=2)
@@ -163,6 +164,9 @@ def test_sql_is_read_only_and_version_filtered(tmp_path: Path, monkeypatch: pyte
     assert list(store.read("versions", max_version=None)["version"]) == [1, 2]
     assert len(store.sql("EXPLAIN SELECT * FROM versions", max_version=1)) > 0  # a plan alone is fine
     assert list(store.sql("SELECT version FROM temp.versions", max_version=1)["version"]) == [1]
+    assert list(store.sql("SELECT version FROM temp.main.versions", max_version=1)["version"]) == [1]
+    joined = store.sql("SELECT count(*) AS n FROM versions JOIN version_drift USING (version)", max_version=1)
+    assert joined["n"].item() == 1  # a join USING a column (which duckdb.get_table_names cannot bind)
     assert list(store.sql("SELECT version FROM memory.main.versions", max_version=None)["version"]) == [1, 2]
     assert not (tmp_path / "leak.csv").exists()
     assert tables_named_in("select * from Version_Drift join versions using (version)") == [

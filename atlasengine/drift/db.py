@@ -89,6 +89,10 @@ def part_name(table: str) -> str:
     return f"{table}{PART_SUFFIX}"
 
 
+_BASE_TABLE_NAME = re.compile(r'(?:\bmemory\b|"memory")\s*\.|(?<![\w."])(?:\bmain\b|"main")\s*\.', re.IGNORECASE)
+"""A name through the database's own catalog or schema (``temp.main.`` is the filtered views' own)."""
+
+
 def _runs_its_statement(statement: str) -> bool:
     """Whether an EXPLAIN statement also executes the statement it explains (EXPLAIN ANALYZE)."""
     m = re.match(r"\s*explain\s*(\([^)]*\)|analy[sz]e\b)", statement, re.IGNORECASE)
@@ -337,17 +341,13 @@ class DriftStore:
             refused += ["EXPLAIN ANALYZE" for s in cur.extract_statements(query) if _runs_its_statement(s.query)]
             if refused:
                 raise ReadOnlyError(f"sql() runs read-only queries only; got {', '.join(refused)}")
-            if max_version is not None:
-                try:
-                    named = duckdb.get_table_names(query, qualified=True)
-                except duckdb.Error as e:
-                    raise InputError(f"drift query failed: {e}") from e
-                # the version filter is a TEMP view by the table's plain name; a name with its
-                # schema ("memory.main.versions") would read past it
-                qualified = sorted(n for n in named if "." in n and not n.replace('"', "").lower().startswith("temp."))
-                if qualified:
-                    raise ReadOnlyError(f"name the drift tables without a schema in sql() ({', '.join(qualified)}): "
-                                        f"this reader sees versions up to {int(max_version)} only")
+            # the version filter is a TEMP view by the table's plain name; a name with its catalog
+            # or schema ("memory.main.versions", "main.versions") would read past it. (A text check:
+            # duckdb.get_table_names binds, and fails on joins USING a column.)
+            qualified = _BASE_TABLE_NAME.search(query)
+            if max_version is not None and qualified:
+                raise ReadOnlyError(f"name the drift tables without a schema in sql() (got {qualified.group(0)!r}): "
+                                    f"this reader sees versions up to {int(max_version)} only")
             for table in VERSIONED_TABLES:
                 where = "" if max_version is None else f" WHERE version <= {int(max_version)}"
                 cur.execute(f"CREATE TEMP VIEW {table} AS SELECT * FROM memory.main.{table}{where}")
