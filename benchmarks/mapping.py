@@ -80,7 +80,6 @@ def engine_job(name: str, seed: int, quick: bool, out, scib: bool) -> list[dict]
 
 
 def scvi_job(name: str, seed: int, quick: bool, scib: bool, replay: bool = False) -> list[dict]:
-
     sc = C.SCENARIOS[name]
     ref, query = C.load_scenario(name)
     epochs = (8, 4) if quick else (None, S.QUERY_EPOCHS)

@@ -126,7 +126,6 @@ def scvi_job(name: str, seed: int, quick: bool) -> list[dict]:
     """One sequence and seed through scvi-tools' surgery, fine-tuning and the paper's CLCVAE, from one reference."""
     import anndata as ad
 
-
     seq, data, ref, steps = _sequence_data(name, quick)
     sc = seq.scenario
     truth, batch = data.obs[sc.label_key], data.obs[sc.batch_key]

@@ -332,20 +332,20 @@ class DriftStore:
         cur = self.con.cursor()
         try:
             try:
-                kinds = [str(s.type).rsplit(".", 1)[-1] for s in cur.extract_statements(query)]
+                statements = cur.extract_statements(query)
             except duckdb.Error as e:
                 raise InputError(f"drift query failed: {e}") from e
-            if not kinds:
+            if not statements:
                 raise InputError("empty drift query")
-            refused = [k for k in kinds if k not in _QUERY_TYPES]
-            refused += ["EXPLAIN ANALYZE" for s in cur.extract_statements(query) if _runs_its_statement(s.query)]
+            refused = [k for k in (str(s.type).rsplit(".", 1)[-1] for s in statements) if k not in _QUERY_TYPES]
+            refused += ["EXPLAIN ANALYZE" for s in statements if _runs_its_statement(s.query)]
             if refused:
                 raise ReadOnlyError(f"sql() runs read-only queries only; got {', '.join(refused)}")
             # the version filter is a TEMP view by the table's plain name; a name with its catalog
             # or schema ("memory.main.versions", "main.versions") would read past it. (A text check:
             # duckdb.get_table_names binds, and fails on joins USING a column.)
-            qualified = _BASE_TABLE_NAME.search(query)
-            if max_version is not None and qualified:
+            qualified = None if max_version is None else _BASE_TABLE_NAME.search(query)
+            if qualified:
                 raise ReadOnlyError(f"name the drift tables without a schema in sql() (got {qualified.group(0)!r}): "
                                     f"this reader sees versions up to {int(max_version)} only")
             for table in VERSIONED_TABLES:
