@@ -164,3 +164,19 @@ def test_transfer_without_folding_in(reference_atlas, pancreas_query):
     assert {"label", "uncertainty", "is_unknown"} <= set(pred.columns)
     assert {f"p_{label}" for label in atlas.labels} <= set(pred.columns)
     assert atlas.version == 1 and len(atlas.obs()) == 300  # nothing folded in
+
+
+def test_whole_transcriptome_genes_past_one_store_tile(tmp_path):
+    # pbmc_ifnb_stim as it comes: 6,998 genes, more than the 2,048 of one tile of the cell store
+    # (written row by row, TileDB refused such counts: every create of a full gene set failed).
+    from conftest import read_data
+
+    data = read_data("pbmc_ifnb_stim.h5ad")
+    assert data.n_vars > 2 * 2048
+    ref, query = (data[data.obs["condition"] == c].copy() for c in ("control", "stimulated"))
+    tiny = {**TINY, "reference_training": {"max_epochs": 2}, "query_training": {"max_epochs": 1}}
+    atlas = Atlas.create(tmp_path / "ifnb.atlas", ref, batch_key="condition", label_key="cell_type", config=tiny)
+    atlas.ingest(query, batch_key="condition", strategy="surgery")
+    back = Atlas.open(tmp_path / "ifnb.atlas").to_anndata(counts=True)
+    assert back.n_vars == data.n_vars
+    assert (back[data.obs_names].X != data.X).nnz == 0

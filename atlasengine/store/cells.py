@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -188,6 +189,31 @@ WRITE_CHUNK_NNZ = 4_000_000
 GLOBAL_ORDER = tiledbsoma.TileDBWriteOptions(sort_coords=False)
 
 
+def tile_extents(array: tiledbsoma.SparseNDArray) -> tuple[int, int]:
+    """The (cells, genes) tile extents of a stored count matrix (tiledbsoma's default: 2,048 each)."""
+    dims = json.loads(array.schema_config_options().dims)
+    return int(dims["soma_dim_0"]["tile"]), int(dims["soma_dim_1"]["tile"])
+
+
+def global_order(rows: np.ndarray, cols: np.ndarray, tiles: tuple[int, int]) -> np.ndarray | None:
+    """The permutation that puts coordinates sorted by row, then column, in TileDB's global order.
+
+    TileDB's global order goes tile by tile (row-major over tiles), then row-major within a
+    tile: with more genes than one tile holds, a row's genes past the first tile come after
+    the following rows' genes of that tile. Returns None where the input is in that order
+    already (every gene in the first column tile).
+
+    >>> global_order(np.array([0, 0, 1, 1]), np.array([0, 3, 1, 2]), (4, 2)).tolist()
+    [0, 2, 1, 3]
+    """
+    rows_tile, cols_tile = tiles
+    if cols.size == 0 or int(cols.max()) < cols_tile:
+        return None
+    n_col_tiles = int(cols.max()) // cols_tile + 1
+    key = (rows // rows_tile) * n_col_tiles + cols // cols_tile
+    return np.argsort(key, kind="stable")  # stable: row-major order within a tile stays
+
+
 def row_chunks(indptr: np.ndarray, max_nnz: int) -> Iterator[tuple[int, int]]:
     """Yield ``(start, stop)`` row ranges of a CSR matrix holding at most ``max_nnz`` non-zeros each.
 
@@ -329,6 +355,8 @@ class CellStore:
         with tiledbsoma.Experiment.open(self.uri, "w") as exp:
             # X first, obs second: a cell is only listed once its counts are on disk.
             offset = 0
+            X = exp.ms[MEASUREMENT].X[X_LAYER]
+            tiles = tile_extents(X)
             for part in parts:
                 part = sp.csr_matrix(part)
                 if not part.has_sorted_indices:
@@ -339,15 +367,13 @@ class CellStore:
                     coo = part[a:b].tocoo()
                     if not coo.nnz:  # rows without counts: nothing to write
                         continue
-                    exp.ms[MEASUREMENT].X[X_LAYER].write(
-                        pa.table(
-                            {
-                                "soma_dim_0": joinids[offset + a + coo.row],
-                                "soma_dim_1": coo.col.astype(np.int64),
-                                "soma_data": coo.data.astype(np.float32),
-                            }
-                        ),
-                        # rows ascending, genes ascending within a row: TileDB's global order, so it need not
+                    rows, cols, data = joinids[offset + a + coo.row], coo.col.astype(np.int64), coo.data
+                    order = global_order(rows, cols, tiles)
+                    if order is not None:
+                        rows, cols, data = rows[order], cols[order], data[order]
+                    X.write(
+                        pa.table({"soma_dim_0": rows, "soma_dim_1": cols, "soma_data": data.astype(np.float32)}),
+                        # given in TileDB's global order (tile by tile, row-major within), so it need not
                         # sort (4x faster; TileDB refuses a write out of that order, and reads are checked)
                         platform_config=GLOBAL_ORDER,
                     )
