@@ -165,3 +165,13 @@ def ingest_in_subprocess(path: Path, fault: str | None = None, wait: bool = True
     if wait:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def soma_cells(path: Path) -> tuple[list[str], set[int]]:
+    """The cell store read as any SOMA reader would, past the engine: obs names, and joinids with counts in X."""
+    import tiledbsoma
+
+    with tiledbsoma.Experiment.open(str(path / "cells")) as exp:
+        obs = exp.obs.read(column_names=["soma_joinid", "obs_id"]).concat().to_pandas()
+        x = exp.ms["RNA"].X["counts"].read().tables().concat()
+    return obs.sort_values("soma_joinid")["obs_id"].tolist(), set(x.column("soma_dim_0").to_numpy().tolist())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, soma_cells
 
 from atlasengine import Atlas, AtlasFormatError, ReadOnlyError
 from atlasengine.continual.fisher import pad_rows
@@ -140,11 +140,15 @@ def test_failure_mid_ingest_leaves_previous_version_and_retry_succeeds(atlas_pat
         np.testing.assert_array_equal(reopened.latent(), z1)
         assert len(reopened.obs()) == 300
         assert Atlas.lock_holder(atlas_path) is None
+        names, with_counts = soma_cells(atlas_path)  # as a SOMA reader sees it: the failed write's cells went
+        assert names == list(reopened.obs().index) and len(with_counts) == 300, point
     monkeypatch.delenv("ATLASENGINE_FAULT")
     res = atlas.ingest(pancreas_query, batch_key="tech", strategy="surgery", training={"max_epochs": 2})
     assert res.version.number == 2
     assert len(atlas.obs()) == 500
     assert list(atlas.obs().index[300:]) == list(pancreas_query.obs_names)
+    names, with_counts = soma_cells(atlas_path)
+    assert names == list(atlas.obs().index) and len(with_counts) == 500  # each cell once
     np.testing.assert_allclose(atlas.latent()[:300], z1, rtol=0, atol=1e-5)  # surgery: float rounding only
 
 

@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import ingest_in_subprocess
+from conftest import ingest_in_subprocess, soma_cells
 
 from atlasengine import Atlas, AtlasFormatError, AtlasIntegrityError, TrainingError
 
@@ -44,6 +44,11 @@ def test_a_sigkilled_ingest_just_runs_again(reference_atlas, tmp_path, pancreas_
     np.testing.assert_array_equal(Atlas.open(atlas_path, version=1).latent(), z1)
     assert sorted(p.name for p in (atlas_path / "versions").iterdir()) == ["v0001", "v0002"]
     assert not any((atlas_path / ".staging").glob("*"))
+    # read as SOMA readers do, past the engine: the killed write's cells went, each cell is there once
+    names, with_counts = soma_cells(atlas_path)
+    assert names == list(atlas.obs().index) and len(with_counts) == 400
+    tables = sorted(p.name for p in (atlas_path / "cells" / "obs_columns").iterdir() if p.name.startswith("joinids_"))
+    assert len(tables) == 2, tables  # the reference's own columns and smartseq2's
 
 
 CREATE = """

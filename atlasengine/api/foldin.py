@@ -24,6 +24,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -367,30 +368,54 @@ def ingest(
         batches = [*parent.info.batches, *prep.batches]
         prep.obs["version_added"] = number
         lock.check_held()  # a writer whose lock file was deleted must not write cells beside the next one
-        start, stop = store.cells.append(prep.obs, _checksummed(prep), prep.metadata.table, prep.metadata.columns)
-        fault_point("after_cells")
-        record = DatasetRecord(
-            name=dataset, version=number, joinid_start=start, joinid_stop=stop, batch_key=batch_key,
-            label_key=label_key, batches=prep.batches, genes_matched=prep.genes_matched, genes_padded=prep.genes_padded,
-            obs_columns=prep.metadata.columns,
-        )
-        run_config = {"training": training.model_dump(), "continual": continual.model_dump(), "strategy": strategy}
-        plan = _Plan(store, manifest.model_copy(update={"datasets": [*manifest.datasets, record]}), number, parent,
-                     record, prep, batches, manifest.config, continual, run_config, runtime, lock, started_from)
-        ck = parent.checkpoint()
-        module = CVAE(manifest.n_genes, len(parent.info.batches), manifest.config.model)
-        module.load_state_dict(ck.weights)
-        module.add_batches(len(prep.batches), seed=training.seed)
-        replay = None
-        if strategy == "ewc":
-            replay = _replay_sample(plan.stored_cells(), continual.replay_max_cells, training.seed)
-        log.debug("folding in %d cells with %s", prep.n_cells, strategy)
-        fault_point("training")
-        previous = AccumulatedFisher(ck.fisher, ck.fisher_cells)
-        result = fold_in(module, strategy, plan.new_cells(), n_old_batches=len(parent.info.batches),
-                         training=training, continual=continual, fisher=previous, anchor=ck.anchor, replay=replay,
-                         runtime=runtime)
-        return _build_and_commit(plan, module, strategy, result, previous_fisher=previous)
+        with cells_removed_on_failure(store):
+            start, stop = store.cells.append(prep.obs, _checksummed(prep), prep.metadata.table, prep.metadata.columns)
+            fault_point("after_cells")
+            record = DatasetRecord(
+                name=dataset, version=number, joinid_start=start, joinid_stop=stop, batch_key=batch_key,
+                label_key=label_key, batches=prep.batches, genes_matched=prep.genes_matched, genes_padded=prep.genes_padded,
+                obs_columns=prep.metadata.columns,
+            )
+            run_config = {"training": training.model_dump(), "continual": continual.model_dump(), "strategy": strategy}
+            plan = _Plan(store, manifest.model_copy(update={"datasets": [*manifest.datasets, record]}), number, parent,
+                         record, prep, batches, manifest.config, continual, run_config, runtime, lock, started_from)
+            ck = parent.checkpoint()
+            module = CVAE(manifest.n_genes, len(parent.info.batches), manifest.config.model)
+            module.load_state_dict(ck.weights)
+            module.add_batches(len(prep.batches), seed=training.seed)
+            replay = None
+            if strategy == "ewc":
+                replay = _replay_sample(plan.stored_cells(), continual.replay_max_cells, training.seed)
+            log.debug("folding in %d cells with %s", prep.n_cells, strategy)
+            fault_point("training")
+            previous = AccumulatedFisher(ck.fisher, ck.fisher_cells)
+            result = fold_in(module, strategy, plan.new_cells(), n_old_batches=len(parent.info.batches),
+                             training=training, continual=continual, fisher=previous, anchor=ck.anchor, replay=replay,
+                             runtime=runtime)
+            return _build_and_commit(plan, module, strategy, result, previous_fisher=previous)
+
+
+@contextmanager
+def cells_removed_on_failure(store: AtlasStore) -> Iterator[None]:
+    """Under the write lock: if the block fails, delete the cells it wrote that no committed manifest lists.
+
+    The committed manifest is read again from disk, so cells a commit that did happen lists
+    stay. A write killed outright (no cleanup runs) leaves them to the next writer's :func:`tidy`.
+    A failure of the cleanup itself is logged; the block's own error is what propagates.
+    """
+    try:
+        yield
+    except BaseException:
+        try:
+            store.cells.remove_uncommitted(committed_stop(store.read_manifest()))
+        except Exception as exc:  # noqa: BLE001 - the original error matters more; the next writer tries again
+            log.warning("could not delete the cells of the failed write (the next write will): %s", exc)
+        raise
+
+
+def committed_stop(manifest: Manifest) -> int:
+    """One past the last joinid a committed dataset holds (0 for none)."""
+    return max((d.joinid_stop for d in manifest.datasets), default=0)
 
 
 def start_writing(store: AtlasStore) -> tuple[Manifest, str, VersionReader]:
@@ -408,13 +433,14 @@ def tidy(store: AtlasStore, manifest: Manifest, started_from: str,
          parent: VersionReader) -> tuple[Manifest, str, VersionReader]:
     """Under the write lock, once the input is accepted: remove leftovers, check the layout, rebuild damaged drift.
 
-    Leftovers are what failed writes staged and the files a committed upgrade replaced but did
-    not get to delete.
+    Leftovers are what failed writes staged, the cells they wrote to the cell store, and the
+    files a committed upgrade replaced but did not get to delete.
 
     A refused input leaves the atlas byte for byte as it was, leftovers included. Returns the
     manifest, digest and reader to go on from (new ones if a drift part was rebuilt).
     """
     store.remove_uncommitted(manifest)
+    store.cells.remove_uncommitted(committed_stop(manifest))
     store.remove_superseded(manifest)
     store.check_writable_layout(manifest.current + 1)
     repaired = rebuild_drift(store, parent)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import atexit
 import functools
 import json
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -190,13 +192,13 @@ GLOBAL_ORDER = tiledbsoma.TileDBWriteOptions(sort_coords=False)
 
 
 def tile_extents(array: tiledbsoma.SparseNDArray) -> tuple[int, int]:
-    """The (cells, genes) tile extents of a stored count matrix (tiledbsoma's default: 2,048 each)."""
+    """Return the (cells, genes) tile extents of a stored count matrix (tiledbsoma's default: 2,048 each)."""
     dims = json.loads(array.schema_config_options().dims)
     return int(dims["soma_dim_0"]["tile"]), int(dims["soma_dim_1"]["tile"])
 
 
 def global_order(rows: np.ndarray, cols: np.ndarray, tiles: tuple[int, int]) -> np.ndarray | None:
-    """The permutation that puts coordinates sorted by row, then column, in TileDB's global order.
+    """Return the permutation that puts coordinates sorted by row, then column, in TileDB's global order.
 
     TileDB's global order goes tile by tile (row-major over tiles), then row-major within a
     tile: with more genes than one tile holds, a row's genes past the first tile come after
@@ -325,6 +327,47 @@ class CellStore:
             if COLLECTION in exp:
                 top = max([top, *(r[1] - 1 for r in map(key_range, exp[COLLECTION].keys()) if r is not None)])
         return top + 1
+
+    def uncommitted(self, committed_stop: int) -> tuple[bool, list[str], list[Path]]:
+        """Find what a write that failed or was killed left from joinid ``committed_stop`` on (no manifest lists it).
+
+        Returns whether obs or X hold such cells, the names of their metadata tables in the
+        store's collection, and (for a store in a local folder) the tables' folders, listed or
+        not: a process killed before it closed the store leaves a table its collection never lists.
+        """
+        tail = (slice(committed_stop, None),)
+        with self._reading() as exp:
+            rows = any(t.num_rows for t in exp.obs.read(tail, column_names=["soma_joinid"]))
+            rows = rows or any(t.num_rows for t in exp.ms[MEASUREMENT].X[X_LAYER].read(tail).tables())
+            keys = [k for k in exp[COLLECTION].keys() if (key_range(k) or (-1, -1))[0] >= committed_stop] \
+                if COLLECTION in exp else []
+        folder = Path(self.uri) / COLLECTION
+        folders = [] if "://" in self.uri or not folder.is_dir() else [
+            d for d in sorted(folder.iterdir())
+            if (key_range(d.name) or (-1, -1))[0] >= committed_stop and d.is_dir() and not d.is_symlink()]
+        return rows, keys, folders
+
+    def remove_uncommitted(self, committed_stop: int) -> bool:
+        """Delete the cells from joinid ``committed_stop`` on, with their metadata tables; return whether any were.
+
+        The engine reads committed ranges only, so these cells are invisible to it; they are deleted
+        for readers of the SOMA experiment itself (who would see them twice after a retry) and for
+        the disk. Their joinids are not given out again (:meth:`high_water` counts them). Called
+        under the write lock only.
+        """
+        rows, keys, folders = self.uncommitted(committed_stop)
+        if not (rows or keys or folders):
+            return False
+        tail = (slice(committed_stop, None),)
+        with tiledbsoma.Experiment.open(self.uri, "d") as exp:
+            if rows:
+                exp.obs.delete_cells(tail)  # obs first: a cell is listed only while its counts are there
+                exp.ms[MEASUREMENT].X[X_LAYER].delete_cells(tail)
+            for key in keys:
+                del exp[COLLECTION][key]
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        return True
 
     def append(self, obs: pd.DataFrame, counts: sp.csr_matrix | Iterable[sp.csr_matrix],
                metadata: pa.Table | None = None, columns: dict[str, str] | None = None) -> tuple[int, int]:
