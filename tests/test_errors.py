@@ -69,6 +69,20 @@ def test_an_invalid_config_in_create_names_the_setting_and_writes_nothing(tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_reference_without_enough_labelled_cells_is_refused_before_training(tmp_path, pancreas_ref, monkeypatch):
+    # 10 labelled cells: the novelty calibration scores each against its 10 nearest other labelled cells, so
+    # it had too few, and every later ingest and transfer failed after its training with a message about k
+    ref = pancreas_ref.copy()
+    labels = ref.obs["celltype"].astype(object).to_numpy()
+    labels[10:] = None
+    ref.obs["celltype"] = labels
+    monkeypatch.setattr("atlasengine.api.foldin._build_reference", lambda *a, **k: pytest.fail("it trained"))
+    with pytest.raises(InputError, match="the reference has 10 labelled cell.s.; label transfer needs at least 11"):
+        Atlas.create(tmp_path / "a.atlas", ref, batch_key="tech", label_key="celltype", config=TINY)
+    with pytest.raises(InputError, match="label_key must name the obs column"):
+        Atlas.create(tmp_path / "a.atlas", pancreas_ref, batch_key="tech", label_key=None, config=TINY)
+    assert list(tmp_path.iterdir()) == []
+
 @pytest.mark.parametrize("version", ["x", True, 1.9, None])
 def test_open_takes_a_version_number_only(reference_atlas, version):
     if version is None:

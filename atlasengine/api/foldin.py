@@ -55,7 +55,7 @@ from atlasengine.store.manifest import DatasetRecord, Manifest, VersionInfo
 from atlasengine.store.version import DRIFT_DIR, Checkpoint, VersionFiles, VersionReader, write_version_files
 from atlasengine.training import CellData, TrainResult, check_runtime, embed_cells, fit
 from atlasengine.transfer import NeighborIndex
-from atlasengine.transfer.predict import calibrate, predict
+from atlasengine.transfer.predict import calibrate, check_labelled_cells, predict
 
 log = logging.getLogger("atlasengine")
 
@@ -221,10 +221,14 @@ def create(
                          "replace the link; give the folder it points to, or a new path")
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise InputError(f"{root} already exists; choose a new path or open it with Atlas.open")
+    if not isinstance(label_key, str):
+        raise InputError(f"label_key must name the obs column of the reference's cell types (got {label_key!r}): "
+                         "the atlas labels every query from it")
     genes = pretrained.genes if pretrained else None
     source = as_input(adata)
     prep = prepare_input(source, batch_key=batch_key, label_key=label_key, layer=layer, dataset=dataset,
                          atlas_genes=genes, min_gene_overlap=1.0 if pretrained else config.continual.min_gene_overlap)
+    check_labelled_cells(int(prep.obs["label"].notna().sum()), config.transfer)  # before any training
     prep.metadata = prepare_metadata(source.obs, {})
     genes = genes or [str(g) for g in source.var_names]
     prep.gene_annotations = prepare_gene_columns(source.var, genes)

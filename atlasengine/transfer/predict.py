@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from atlasengine.config import TransferConfig
+from atlasengine.errors import InputError
 from atlasengine.transfer.index import NeighborIndex
 from atlasengine.transfer.knn import UNKNOWN, label_probabilities, prediction_table
 from atlasengine.transfer.novelty import NoveltyCalibration, calibration_note, novelty_scores, reference_calibration
@@ -30,6 +31,19 @@ from atlasengine.transfer.novelty import NoveltyCalibration, calibration_note, n
 log = logging.getLogger("atlasengine")
 
 CALIBRATION_MAX_CELLS = 5000
+
+
+def check_labelled_cells(n_labelled: int, config: TransferConfig) -> None:
+    """Refuse fewer labelled cells than the novelty calibration needs: ``novelty_k`` + 1.
+
+    Each labelled cell is scored against its ``novelty_k`` nearest other labelled cells; with
+    fewer, no query could be scored against that calibration.
+    """
+    if n_labelled <= config.novelty_k:
+        raise InputError(f"the reference has {n_labelled} labelled cell(s); label transfer needs at least "
+                         f"{config.novelty_k + 1}: each cell's novelty is its mean distance to its {config.novelty_k} "
+                         "nearest labelled cells (transfer.novelty_k), calibrated on the labelled cells themselves, "
+                         "each left out. Label more cells (label_key), or set a smaller transfer.novelty_k")
 
 
 def calibrate(index: NeighborIndex, labelled_latent: np.ndarray, config: TransferConfig,
@@ -40,6 +54,7 @@ def calibrate(index: NeighborIndex, labelled_latent: np.ndarray, config: Transfe
     their batches (scores are averaged within a batch; None = one batch). At most 5,000 cells
     calibrate (a seeded sample).
     """
+    check_labelled_cells(index.n, config)
     return reference_calibration(index, labelled_latent, k=config.novelty_k, k_transfer=config.k, kernel=config.kernel,
                                  max_cells=CALIBRATION_MAX_CELLS, seed=0, groups=batches,
                                  smoothing=config.novelty_smoothing)
