@@ -115,4 +115,20 @@ def test_genes_present_only_in_another_letter_case_are_named(atlas_path, pancrea
     q.var_names = names
     with caplog.at_level(logging.WARNING, logger="atlasengine"):
         Atlas.open(atlas_path).transfer_labels(q, batch_key="tech")
-    assert "300 of the atlas's 2000 genes are in the data only with other letter case" in caplog.text
+    assert "300 of the atlas's 2000 genes (15%) are not in the data and count as zero counts" in caplog.text
+    assert "300 of them are in the data spelled otherwise (letter case or a version suffix" in caplog.text
+
+
+def test_absent_genes_and_version_suffixes_are_said(atlas_path, pancreas_query, caplog):
+    # 350 genes carrying an Ensembl-style version suffix, 100 more absent: both were zero-filled without a word
+    q = pancreas_query[pancreas_query.obs["tech"] == "smartseq2"].copy()
+    names = q.var_names.to_numpy().copy()
+    plain = np.flatnonzero(["." not in g for g in names])  # genes whose own names carry no suffix-like dot
+    names[plain[:350]] = [f"{g}.2" for g in names[plain[:350]]]
+    keep = np.setdiff1d(np.arange(len(names)), plain[:100])  # 100 of them absent altogether
+    q = q[:, keep].copy()
+    q.var_names = names[keep]
+    with caplog.at_level(logging.WARNING, logger="atlasengine"):
+        Atlas.open(atlas_path).transfer_labels(q, batch_key="tech")
+    assert "350 of the atlas's 2000 genes (18%) are not in the data and count as zero counts" in caplog.text
+    assert "250 of them are in the data spelled otherwise (letter case or a version suffix, e.g. " in caplog.text

@@ -7,6 +7,7 @@ atlas is touched.
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -276,16 +277,28 @@ def _utf8(text: str) -> bool:
     return True
 
 
-def _warn_of_letter_case(genes: Sequence[str], atlas_genes: Sequence[str], present: np.ndarray) -> None:
-    """Warn when atlas genes missing from the data are there under another letter case (padded with zeros)."""
-    by_lower = {g.lower(): g for g in genes}
-    differ = [(a, by_lower[a.lower()]) for a, p in zip(atlas_genes, present) if not p and a.lower() in by_lower]
+def gene_spelling(name: str) -> str:
+    """Return a gene name without letter case and an Ensembl version suffix ('ENSG00000141510.16' -> 'ensg00000141510')."""
+    return re.sub(r"\.\d+$", "", name).lower()
+
+
+def _warn_of_absent_genes(genes: Sequence[str], atlas_genes: Sequence[str], present: np.ndarray) -> None:
+    """Warn that atlas genes missing from the data are taken as zero counts; name those spelled otherwise there.
+
+    Another spelling is another letter case or an Ensembl version suffix (``.2``).
+    """
+    absent = [a for a, p in zip(atlas_genes, present) if not p]
+    if not absent:
+        return
+    by_spelling = {gene_spelling(g): g for g in genes}
+    differ = [(a, by_spelling[gene_spelling(a)]) for a in absent if gene_spelling(a) in by_spelling]
+    said = ""
     if differ:
-        log.warning(
-            "%d of the atlas's %d genes are in the data only with other letter case (e.g. %s) and count as absent "
-            "(zero counts); rename them to the atlas's spelling if they are the same genes", len(differ),
-            len(atlas_genes), ", ".join(f"{data!r} for {atlas!r}" for atlas, data in differ[:3]),
-        )
+        said = (f"; {len(differ)} of them are in the data spelled otherwise (letter case or a version suffix, e.g. "
+                + ", ".join(f"{data!r} for {atlas!r}" for atlas, data in differ[:3])
+                + "): rename them to the atlas's spelling if they are the same genes")
+    log.warning("%d of the atlas's %d genes (%.0f%%) are not in the data and count as zero counts (e.g. %s)%s",
+                len(absent), len(atlas_genes), 100 * len(absent) / len(atlas_genes), _examples(absent), said)
 
 
 @dataclass(frozen=True)
@@ -317,9 +330,9 @@ def gene_alignment(genes: Sequence[str], atlas_genes: Sequence[str] | None, min_
         raise InputError(
             f"only {present.sum()} of the atlas's {len(atlas_genes)} genes ({share:.0%}) are in the data, "
             f"below the required {min_overlap:.0%}; missing e.g. {_examples(missing)}. Are the gene names "
-            "of the same kind (symbols vs Ensembl ids)?"
+            "of the same kind (symbols vs Ensembl ids, Ensembl ids with or without version suffixes)?"
         )
-    _warn_of_letter_case(genes, atlas_genes, present)
+    _warn_of_absent_genes(genes, atlas_genes, present)
     cols = np.flatnonzero(present)
     select = sp.csr_matrix(
         (np.ones(len(cols), dtype=np.float32), (pos[present], cols)), shape=(len(genes), len(atlas_genes))
