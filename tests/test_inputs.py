@@ -120,6 +120,10 @@ def test_the_callers_matrix_is_never_changed_and_large_inputs_are_checked_in_par
     bad = sp.csr_matrix(np.array([[0.5, 1, 1.5], [2, 2.5, 0]], dtype=np.float32))
     with pytest.raises(InputError, match="3 non-integer value"):
         inputs.count_matrix(ad.AnnData(bad), None)
+    logged = ad.AnnData(bad)
+    logged.raw = ad.AnnData(sp.csr_matrix(np.ones((2, 3), dtype=np.float32)))  # scanpy's habit: counts kept in raw
+    with pytest.raises(InputError, match=r"non-integer value.*adata.raw is not read: .*layer='counts'"):
+        inputs.count_matrix(logged, None)
 
 
 def test_a_settings_object_changes_only_the_fields_it_was_given():

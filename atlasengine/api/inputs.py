@@ -186,7 +186,13 @@ def count_matrix(adata: ad.AnnData | InputData, layer: str | None) -> sp.csr_mat
     """Return the raw counts (``X`` or ``layers[layer]``) as float32 CSR, checked to be counts."""
     source = as_input(adata)
     where = _counts_where(source, layer)
-    parts = [_as_counts(part, where) for part in source.count_parts(layer)]
+    try:
+        parts = [_as_counts(part, where) for part in source.count_parts(layer)]
+    except InputError as exc:
+        if layer is None and getattr(adata, "raw", None) is not None:  # scanpy keeps the counts there
+            raise InputError(f"{exc}. adata.raw is not read: put its counts in a layer, "
+                             "adata.layers['counts'] = adata.raw[:, adata.var_names].X, and pass layer='counts'") from exc
+        raise
     if not parts:
         raise InputError(f"{where} is empty (None); raw counts are needed")
     return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
