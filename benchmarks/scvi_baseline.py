@@ -1,7 +1,9 @@
 """The scvi-tools baselines: scArches surgery, fine-tuning and the seed paper's CLCVAE, optional.
 
 All use scvi-tools' own defaults unless said: ``SCVI`` with the scArches settings (layer norm,
-no batch norm, encoded covariates, dropout 0.2, 2 layers of 128, 10 latent dimensions, NB),
+no batch norm, encoded covariates, dropout 0.2, 2 layers of 128, 10 latent dimensions) and a
+negative binomial likelihood, where scvi-tools' default is ZINB: NB is the engine's default,
+so both libraries fit the same model and the parity check compares training, not likelihoods;
 reference trained with ``model.train()`` as it comes (epochs min(400, 400 x 20000 / cells), no
 early stopping, KL warm-up over 400 epochs, weight decay 1e-6); the query trained for 200
 epochs with weight decay 0 (the scArches tutorial's setting, without which frozen batch

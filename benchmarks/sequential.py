@@ -156,7 +156,8 @@ def checks(df: pd.DataFrame) -> pd.DataFrame:
     """Check the issue's targets after the last step (means over seeds)."""
     rows = []
     for name, d in df.groupby("scenario", sort=False):
-        last = d[d.step == d.step.max()].groupby("strategy")[["accuracy_so_far", "ref_loo_change", "drift"]].mean()
+        last = d[d.step == d.step.max()].groupby("strategy")[
+            ["accuracy_so_far", "accuracy_so_far_all", "ref_loo_change", "drift"]].mean()
         pairs = [("ewc", "3. after the last step", "finetune"),
                  *((m, lab, "finetune") for m, lab in C.candidate_checks(3, "after the last step, ")),
                  (S.CLCVAE, "3p. the paper's CLCVAE by the same bar, against scvi-tools finetune (for comparison, "
@@ -171,10 +172,14 @@ def checks(df: pd.DataFrame) -> pd.DataFrame:
                      "drift_met": bool(ratio <= 1 / 3)}
             rows.append({"scenario": name, "check": label,
                          "measured": (f"{method} reference LOO accuracy {100 * e.ref_loo_change:+.1f} pt vs version 1; "
-                                      f"accuracy {e.accuracy_so_far:.3f} vs {rival} {f.accuracy_so_far:.3f}; drift "
+                                      f"accuracy {e.accuracy_so_far:.3f} vs {rival} {f.accuracy_so_far:.3f} (all "
+                                      f"cells {e.accuracy_so_far_all:.3f} vs {f.accuracy_so_far_all:.3f}); drift "
                                       f"{ratio:.2f} of {rival}'s"),
-                         "target": f"LOO within 1 pt of version 1; accuracy >= {rival} - 1 pt; drift <= 1/3 of "
-                                   f"{rival}'s",
+                         # judged on the cells of known types: a type the reference lacks is wrong under every
+                         # method, so over all cells the gap is the same times the known share (the bar's
+                         # reading, more lenient; both are shown)
+                         "target": f"LOO within 1 pt of version 1; accuracy (known types) >= {rival} - 1 pt; drift "
+                                   f"<= 1/3 of {rival}'s",
                          "met": all(parts.values()), **parts})
     return pd.DataFrame(rows)
 

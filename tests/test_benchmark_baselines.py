@@ -51,6 +51,7 @@ def test_the_paper_fisher_is_taken_over_the_cells_given_in_their_batches(pancrea
 
 def _last_step(strategy: str, accuracy: float, loo_change: float, drift: float) -> list[dict]:
     return [{"scenario": "pancreas", "strategy": strategy, "seed": s, "step": 4, "accuracy_so_far": accuracy,
+             "accuracy_so_far_all": accuracy,
              "ref_loo_change": loo_change, "drift": drift} for s in (6, 7)]
 
 
@@ -100,3 +101,33 @@ def test_check_2_says_when_the_papers_method_was_not_measured():
     values[(S.CLCVAE, "auroc_novel")] = 0.85
     check = mapping.check2(lambda method, column: values[(method, column)], "ewc")
     assert "not measured" not in check["measured"] and not check["auroc_met"] and not check["met"]
+
+
+def test_check_4_judges_the_default_as_well_as_the_penalty_alone():
+    # both run on the evidence scale: a default whose drift grows with the atlas must read MISSED,
+    # even where the penalty alone's falls (found by a review: only the penalty alone was judged)
+    from benchmarks import evidence
+
+    drift = {"ewc evidence lambda=100": [0.17, 0.06, 0.02], "ewc default (lambda=1 anchor=1000)": [0.07, 0.10, 0.05],
+             "ewc fixed lambda=1": [0.43, 0.33, 0.34], "finetune": [0.9, 0.6, 0.6]}
+    df = pd.DataFrame([{"setting": s, "size": size, "seed": seed, "drift": v + 0.001 * seed}
+                       for s, vs in drift.items() for size, v in zip((1000, 10000, 100000), vs) for seed in (0, 1)])
+    growth = {c["setting"]: c for c in evidence.drift_growth(df)}
+    assert set(growth) == {"ewc evidence lambda=100", "ewc default (lambda=1 anchor=1000)"}
+    assert growth["ewc evidence lambda=100"]["met"] and not growth["ewc default (lambda=1 anchor=1000)"]["met"]
+    assert "10,000: 0.101" in growth["ewc default (lambda=1 anchor=1000)"]["measured"]
+
+
+def test_the_sweeps_drift_part_is_the_ratio_of_mean_drifts_as_in_check_2():
+    # seed drifts 0.1 / 1.0 and 0.5 / 0.5: the mean of the ratios is 0.55, the ratio of the means 0.4;
+    # seeds 0.05 / 1.0 and 0.35 / 0.2: mean of ratios 0.90, ratio of means 0.33 (met)
+    from benchmarks import lambda_sweep
+
+    rows = []
+    for seed, (ewc, ft) in enumerate(((0.05, 1.0), (0.35, 0.2))):
+        for strategy, drift in (("surgery", 0.0), ("finetune", ft), ("ewc", ewc)):
+            rows.append({"scenario": "kang", "setting": strategy if strategy != "ewc" else "anchor", "strategy": strategy,
+                         "seed": seed, "auroc_novel": 0.9 if strategy == "ewc" else 0.8, "known_accuracy": 0.9,
+                         "drift": drift, "drift_ratio": drift / ft})
+    check = lambda_sweep.anchor_checks(pd.DataFrame(rows)).iloc[0]
+    assert abs(check.drift_ratio - 0.4 / 1.2) < 1e-12 and check.check_2 == "met"
