@@ -13,8 +13,11 @@ array([2, 4, 5, 7])
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import faiss
 import numpy as np
+import pandas as pd
 
 from atlasengine.errors import InputError
 
@@ -71,6 +74,29 @@ def sorted_sample(n: int, max_n: int, seed: int) -> np.ndarray:
     if n <= max_n:
         return np.arange(n, dtype=np.int64)
     return np.sort(np.random.default_rng(seed).choice(n, size=max_n, replace=False)).astype(np.int64)
+
+
+def nested_sample(names: Sequence[str] | np.ndarray | pd.Index, max_n: int, seed: int) -> np.ndarray:
+    """Sorted positions of a sample of at most ``max_n`` rows, chosen by each row's name.
+
+    Each name gets a fixed pseudo-random key (a seeded hash of the name) and the ``max_n``
+    smallest keys are kept, so the sample does not depend on the rows' order, and when cells
+    join, the old cells still sampled are among those sampled before (only cells with smaller
+    keys push some out): figures of two versions compare mostly the same cells, where a fresh
+    draw would share few. All positions when ``len(names) <= max_n``.
+
+    Example
+    -------
+    >>> names = [f"cell{i}" for i in range(200)]
+    >>> before, after = nested_sample(names[:100], 10, seed=0), nested_sample(names, 10, seed=0)
+    >>> set(after[after < 100]) <= set(before)
+    True
+    """
+    names = pd.Index(names).astype(str)
+    if len(names) <= max_n:
+        return np.arange(len(names), dtype=np.int64)
+    keys = pd.util.hash_array(names.to_numpy(dtype=object), hash_key=f"{seed:016d}"[-16:])
+    return np.sort(np.argsort(keys, kind="stable")[:max_n]).astype(np.int64)
 
 
 def drop_self(

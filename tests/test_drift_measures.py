@@ -229,3 +229,55 @@ def test_batch_mixing_among_version_1s_cells_does_not_change_when_only_later_cel
     assert 1.1 < before.min() < 1.9
     np.testing.assert_allclose(now[["a", "b"]], before[["a", "b"]])
     assert np.isnan(now["c"]) and t3.batch_drift.set_index("batch").loc["a", "n_cells_knn"] < 150  # the thinned sample
+
+
+def test_drift_against_version_1_compares_version_1s_cells_in_version_1s_frame() -> None:
+    # found by a review: version 2 an exact rotation of version 1, version 3 equal to version 2.
+    # Each cell's first embedding is in the frame of the version that added it; one Procrustes fit
+    # over cells of both versions read the rotation between the frames as drift (1.8 at version 3)
+    x, cluster = _clusters(60, 3, d=6, seed=3)
+    n = len(x)
+    labels = np.array([f"t{c}" for c in cluster], dtype=object)
+    added = np.where(np.arange(n) < n // 2, 1, 2)
+    obs = _obs(n, np.where(added == 1, "b0", "b1"), labels).assign(version_added=added)
+    cfg = DriftConfig(k=10, max_cells=1000)
+    v2 = x @ _rotation(6, 5) + 2.0
+    first = np.where((added == 1)[:, None], x, v2)  # each cell as the version that added it placed it
+    tables = compute_version_drift(3, v2, first, v2, obs, cfg)
+    vd = tables.version_drift.set_index("scope")
+    assert vd.loc["vs_first", "displacement_mean_aligned"] < 1e-6
+    assert vd.loc["vs_first", "knn_preservation_mean"] > 0.999
+    assert vd.loc["vs_first", "n_cells"] == n // 2 and vd.loc["vs_previous", "n_cells"] == n
+    cell = tables.cell_drift.set_index("cell")["displacement_aligned_vs_first"]
+    assert cell.iloc[n // 2:].isna().all() and (cell.iloc[: n // 2] < 1e-6).all()
+    assert flags(tables, cfg).empty
+
+
+def test_the_knn_sample_keeps_the_same_cells_as_the_atlas_grows() -> None:
+    # a fresh draw per version shared 19 of 100 cells between 347 and 447 cells, so flags came and
+    # went with no change in the embedding
+    from atlasengine.numerics import nested_sample
+
+    names = [f"cell{i}" for i in range(447)]
+    before, after = nested_sample(names[:347], 100, seed=0), nested_sample(names, 100, seed=0)
+    assert len(np.intersect1d(before, after)) >= 70  # on average 100 * 347 / 447 = 78 of them
+    assert set(after[after < 347]) <= set(before)
+    shuffled = np.random.default_rng(0).permutation(447)
+    again = nested_sample(np.asarray(names)[shuffled], 100, seed=0)
+    assert set(np.asarray(names)[shuffled][again]) == set(np.asarray(names)[after])  # order does not matter
+
+
+def test_version_2_flags_once_and_few_sampled_cells_flag_no_type() -> None:
+    x, cluster = _clusters(80, 3, d=6, seed=9)
+    n = len(x)
+    labels = np.array([f"t{c}" for c in cluster], dtype=object)
+    labels[:3] = "rare"  # three cells of a type: a flag on them would be one cell's noise
+    obs = _obs(n, np.where(np.arange(n) % 2 == 0, "b0", "b1"), labels)
+    cfg = DriftConfig(k=10, max_cells=1000)
+    scrambled = x[np.random.default_rng(11).permutation(n)]
+    fl = flags(compute_version_drift(2, x, x, scrambled, obs, cfg), cfg)
+    assert not fl.empty and set(fl["scope"]) == {"vs_first"}  # vs_previous is the same comparison at version 2
+    rare = fl[fl["cell_type"] == "rare"]  # its displacement is a mean over its cells; neighbourhoods need 20
+    assert set(rare["measure"]) == {"displacement_mean_aligned"}
+    assert {"knn_preservation_mean", "label_accuracy_drop"} <= set(fl[fl["cell_type"] == "t0"]["measure"])
+    assert not fl.duplicated(["cell_type", "measure"]).any()

@@ -14,7 +14,7 @@ import pandas as pd
 
 from atlasengine.config import DriftConfig
 from atlasengine.errors import InputError
-from atlasengine.numerics import as_matrix, same_shape, self_excluding_knn, sorted_sample
+from atlasengine.numerics import as_matrix, nested_sample, same_shape, self_excluding_knn
 
 SCOPES = ("vs_previous", "vs_first")
 
@@ -242,7 +242,7 @@ def _cells(version: int, n: int, obs: pd.DataFrame, config: DriftConfig, seed: i
     batches, labels, cells = _obs_columns(obs, n)
     missing = missing_labels(labels)
     label_str = np.where(missing, None, pd.Series(labels).astype(str).to_numpy(dtype=object))
-    sub = sorted_sample(n, config.max_cells, seed)
+    sub = nested_sample(cells, config.max_cells, seed)  # by name: mostly the same cells at every version
     codes, _ = pd.factorize(pd.Series(label_str[sub]).fillna(""))
     type_codes, type_names = pd.factorize(pd.Series(label_str, dtype=object), sort=True)  # -1: unlabelled
     return _Cells(version, batches, cells, sub, codes, ~missing[sub], type_codes, np.asarray(type_names, dtype=object))
@@ -309,7 +309,7 @@ def first_version_mixing(current: np.ndarray, obs: pd.DataFrame, config: DriftCo
     if len(obs) != current.shape[0] or "batch" not in obs.columns:
         raise InputError("obs needs a 'batch' column and one row per embedding row")
     rows = np.flatnonzero(_added_by_version_1(obs))
-    rows = rows[sorted_sample(len(rows), config.max_cells, seed)]
+    rows = rows[nested_sample(obs.index[rows], config.max_cells, seed)]
     if len(rows) < 2:
         return pd.Series(dtype=float, name="ilisi_first_version_mean")
     batches = obs["batch"].astype(str).to_numpy(dtype=object)[rows]
@@ -337,6 +337,35 @@ def _batch_table(c: _Cells, ilisi: tuple[np.ndarray, ...], first_mixing: pd.Seri
     return batch
 
 
+def _first_version_rows(obs: pd.DataFrame) -> np.ndarray | None:
+    """Positions of version 1's cells where later cells sit beside them (None: every cell is version 1's)."""
+    first = _added_by_version_1(obs)
+    return None if first.all() else np.flatnonzero(first)
+
+
+def _first_version_scope(
+    version: int, current: np.ndarray, first: np.ndarray, obs: pd.DataFrame, rows: np.ndarray,
+    config: DriftConfig, seed: int,
+) -> tuple[dict, pd.DataFrame, np.ndarray]:
+    """Compute the ``vs_first`` comparison on version 1's cells alone.
+
+    A later cell's first embedding is in the frame of the version that added it, so one
+    Procrustes fit (or one neighbour search) over cells of several versions would take a
+    rotation between those frames for drift. Version 1's cells share version 1's frame: the
+    scope is "the reference as version 1 embedded it", what its name says.
+    """
+    if len(rows) < 2:
+        raise InputError("drift against version 1 needs at least 2 of version 1's cells")
+    sub_obs = obs.iloc[rows]
+    c = _cells(version, len(rows), sub_obs, config, seed)
+    now, then = current[rows], first[rows]
+    cur = _knn_figures(now[c.sub], c.codes, c.labelled, config.k)
+    bcodes, buniq = pd.factorize(pd.Series(c.batches[c.sub]))
+    ilisi = _ilisi(cur.neighbours, bcodes, len(buniq))
+    cmp = _knn_figures(then[c.sub], c.codes, c.labelled, config.k)
+    return _scope_rows(c, "vs_first", now, then, cur, cmp, ilisi)
+
+
 def _tables(
     version: int,
     current: np.ndarray,
@@ -359,9 +388,15 @@ def _tables(
         done.append((other, _knn_figures(other[c.sub], c.codes, c.labelled, config.k)))
         return done[-1][1]
 
+    first_rows = _first_version_rows(obs)
     vrows, crows, aligned = [], [], {}
     for scope, other in compared.items():
-        row, types, aligned[scope] = _scope_rows(c, scope, current, other, cur, figures(other), ilisi)
+        if scope == "vs_first" and first_rows is not None:
+            row, types, part = _first_version_scope(int(version), current, other, obs, first_rows, config, seed)
+            aligned[scope] = np.full(c.n, np.nan)
+            aligned[scope][first_rows] = part
+        else:
+            row, types, aligned[scope] = _scope_rows(c, scope, current, other, cur, figures(other), ilisi)
         vrows.append(row)
         crows.append(types)
     nan = np.full(c.n, np.nan)
@@ -407,9 +442,13 @@ def compute_version_drift(
 
     ``previous``, ``first`` and ``current`` embed the same cells (rows aligned with ``obs``:
     columns ``batch``, optional ``label`` and ``version_added``; index = cell names) under the
-    previous version, version 1 and ``version``. Displacements use every cell; kNN-based measures
-    (preservation, leave-one-out label accuracy, iLISI) use at most ``config.max_cells`` cells
-    sampled with ``seed``. The batch table's ``ilisi_first_version_mean`` is the iLISI of version
+    previous version, the version that added each cell, and ``version``. ``vs_previous`` compares
+    every cell; ``vs_first`` compares version 1's cells alone (``version_added == 1``), each as
+    version 1 embedded it, since one alignment over cells first embedded by different models
+    would count the rotation between their frames as drift (later cells get NaN there).
+    Displacements use every cell of a scope; kNN-based measures (preservation, leave-one-out
+    label accuracy, iLISI) use at most ``config.max_cells`` of them, chosen by name
+    (:func:`atlasengine.numerics.nested_sample`), so successive versions sample mostly the same cells. The batch table's ``ilisi_first_version_mean`` is the iLISI of version
     1's cells among themselves (:func:`first_version_mixing`); without ``version_added`` it is
     missing (NaN) from version 3 on, where the cells need not all be version 1's.
     """
@@ -449,6 +488,9 @@ def compute_initial_drift(
 # --------------------------------------------------------------------------- flags
 
 FLAG_COLUMNS = ("version", "scope", "cell_type", "measure", "value", "threshold")
+FLAG_MIN_CELLS_KNN = 20
+"""A cell type's neighbourhood measures are flagged only from this many sampled cells: with 20, one
+cell (1/20 = 0.05) cannot alone cross the default label-accuracy-drop threshold of 0.05."""
 
 
 def _flag_rows(df: pd.DataFrame, config: DriftConfig, per_type: bool) -> list[dict]:
@@ -456,13 +498,15 @@ def _flag_rows(df: pd.DataFrame, config: DriftConfig, per_type: bool) -> list[di
         return []
     df = df.reset_index(drop=True)
     drop = df["label_accuracy_compared"] - df["label_accuracy_current"]
+    enough = df["n_cells_knn"] >= FLAG_MIN_CELLS_KNN if per_type else pd.Series(True, index=df.index)
     checks = [
         ("displacement_mean_aligned", df["displacement_mean_aligned"],
          config.flag_mean_displacement_aligned,
          (df["scope"] == "vs_first") & (df["displacement_mean_aligned"] > config.flag_mean_displacement_aligned)),
         ("knn_preservation_mean", df["knn_preservation_mean"], config.flag_knn_preservation_min,
-         df["knn_preservation_mean"] < config.flag_knn_preservation_min),
-        ("label_accuracy_drop", drop, config.flag_label_accuracy_drop, drop > config.flag_label_accuracy_drop),
+         enough & (df["knn_preservation_mean"] < config.flag_knn_preservation_min)),
+        ("label_accuracy_drop", drop, config.flag_label_accuracy_drop,
+         enough & (drop > config.flag_label_accuracy_drop)),
     ]
     rows = []
     for measure, values, threshold, hit in checks:
@@ -485,8 +529,12 @@ def flags(tables: DriftTables, config: DriftConfig) -> pd.DataFrame:
     Measures: ``displacement_mean_aligned`` (vs_first only) above
     ``flag_mean_displacement_aligned``; ``knn_preservation_mean`` below
     ``flag_knn_preservation_min``; ``label_accuracy_drop`` (accuracy under the compared embedding
-    minus under the current one) above ``flag_label_accuracy_drop``.
+    minus under the current one) above ``flag_label_accuracy_drop``. A cell type's two
+    neighbourhood measures need :data:`FLAG_MIN_CELLS_KNN` sampled cells. Where ``vs_previous``
+    is the same comparison as ``vs_first`` (version 2, whose previous version is version 1) its
+    flags are listed once, under ``vs_first``.
     """
     rows = _flag_rows(tables.version_drift, config, False) + _flag_rows(tables.celltype_drift, config, True)
+    rows = [r for r in rows if not (r["scope"] == "vs_previous" and r["version"] == 2)]
     out = pd.DataFrame(rows, columns=list(FLAG_COLUMNS))
     return out.astype({"version": "int64", "value": "float64", "threshold": "float64"})

@@ -352,7 +352,7 @@ _VD_NAMES = {
 }
 _CD_NAMES = {
     "version": "version", "scope": "compared with", "cell_type": "cell type", "n_cells": "cells",
-    "displacement_mean_aligned": "displacement (mean, aligned)", "centroid_shift_aligned": "centroid shift (aligned)",
+    "n_cells_knn": "cells in kNN sample", "displacement_mean_aligned": "displacement (mean, aligned)", "centroid_shift_aligned": "centroid shift (aligned)",
     "knn_preservation_mean": "kNN preservation", "label_accuracy_current": "label accuracy now",
     "label_accuracy_compared": "label accuracy then",
 }
@@ -362,7 +362,7 @@ _BD_NAMES = {
     "displacement_aligned_vs_previous_mean": "displacement vs previous",
     "displacement_aligned_vs_first_mean": "displacement vs version 1",
 }
-_SCOPE = {"vs_first": "version 1", "vs_previous": "previous version"}
+_SCOPE = {"vs_first": "version 1 (its cells)", "vs_previous": "previous version"}
 
 
 def _flag_list(fl: pd.DataFrame | None) -> str:

@@ -158,7 +158,7 @@ def version_checks(
     disp = _value(first, "displacement_mean_aligned")
     types = _flagged_types(flags, version, "displacement_mean_aligned")
     note = ("version 1 is the baseline" if baseline
-            else f"mean aligned displacement of the cells already in the atlas from where they were first placed "
+            else f"mean aligned displacement of version 1's cells from where version 1 placed them "
                  f"(from the previous version: {_value(prev, 'displacement_mean_aligned'):.3g})")
     checks.append(Check("Reference drift", "displacement_mean_aligned",
                         _status(disp, config.flag_mean_displacement_aligned, True, bool(types)), disp,
