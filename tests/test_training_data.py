@@ -24,9 +24,20 @@ def test_batches_mix_query_and_replay_and_the_length_is_exact(n_query, n_replay,
         assert len(query) >= n_query - 1  # only a 1-cell tail may be skipped
         for b in batches:
             replay = b[b >= n_query]
-            assert len(replay) == sampler.n_rep_per and (replay < n_query + n_replay).all()
+            assert len(replay) == sampler.replayed_beside(len(b) - len(replay)) and (replay < n_query + n_replay).all()
             if n_replay:
                 assert 0 < len(b) - len(replay)  # never a batch of replayed cells only
+
+
+def test_a_short_batch_replays_cells_in_the_same_proportion():
+    # found by a review: a 27-cell query got 32 replayed cells (54% replayed where the EWC strength
+    # assumes 25%), and every epoch's last batch the same
+    sampler = MixedBatchSampler(27, 5000, 128, 0.25, seed=0)
+    (batch,) = list(sampler)
+    assert (batch < 27).sum() == 27 and (batch >= 27).sum() == 9  # 27 * 32 / 96
+    tail = list(MixedBatchSampler(900, 5000, 128, 0.25, seed=0))[-1]
+    assert (tail < 900).sum() == 36 and (tail >= 900).sum() == 12
+    assert len(list(MixedBatchSampler(2, 50, 128, 0.25, seed=0))[0]) == 3  # at least one replayed cell
 
 
 def test_the_cells_an_epoch_counts_are_the_cells_it_yields():

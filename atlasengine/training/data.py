@@ -161,6 +161,9 @@ class MixedBatchSampler(Sampler[np.ndarray | Draw]):
 
     One epoch is one pass over the query cells; each batch holds ``replay_fraction`` of
     replayed cells, drawn without replacement from the replay pool (reshuffled when used up).
+    A short batch (the epoch's last, or a query smaller than one batch) gets replayed cells in
+    the same proportion to its query cells (at least one), so the replayed share, and the EWC
+    strength that assumes it, hold for every step.
 
     With ``block`` (query cells read from the store), an epoch is shuffled as tiledbsoma-ml
     does: the query positions are cut into chunks of ``chunk`` consecutive cells, the chunks
@@ -208,15 +211,27 @@ class MixedBatchSampler(Sampler[np.ndarray | Draw]):
         full, rest = divmod(self.n_query, self.n_q_per)
         return full + int(rest >= 2 or (rest == 1 and self.n_query < 2))  # as __iter__: a 1-cell tail is dropped
 
+    def replayed_beside(self, n_query_cells: int) -> int:
+        """Return how many replayed cells a minibatch of ``n_query_cells`` query cells holds.
+
+        >>> s = MixedBatchSampler(n_query=250, n_replay=1000, batch_size=128, replay_fraction=0.25, seed=0)
+        >>> s.replayed_beside(96), s.replayed_beside(58), s.replayed_beside(2)
+        (32, 19, 1)
+        """
+        if self.n_rep_per == 0 or n_query_cells >= self.n_q_per:
+            return self.n_rep_per
+        return max(1, int(round(n_query_cells * self.n_rep_per / self.n_q_per)))
+
     def cells_per_epoch(self) -> int:
         """Return the cells an epoch trains on: every query cell (less a dropped 1-cell tail) and the replayed ones.
 
         >>> MixedBatchSampler(n_query=250, n_replay=1000, batch_size=128, replay_fraction=0.25, seed=0).cells_per_epoch()
-        346
+        333
         """
-        tail = self.n_query % self.n_q_per
+        full, tail = divmod(self.n_query, self.n_q_per)
+        tail_trains = tail >= 2 or (tail == 1 and self.n_query < 2)
         query = self.n_query - int(tail == 1 and self.n_query >= 2)
-        return query + self.n_rep_per * len(self)
+        return query + self.n_rep_per * full + (self.replayed_beside(tail) if tail_trains else 0)
 
     def __iter__(self):
         """Yield one epoch of index batches: shuffled query cells, each batch with its share of replay cells."""
@@ -227,7 +242,7 @@ class MixedBatchSampler(Sampler[np.ndarray | Draw]):
             q = order[s : s + self.n_q_per]
             if len(q) == 1 < self.n_q_per and self.n_query >= 2:  # a 1-cell tail gives a noisy step: skip it
                 continue
-            positions = np.concatenate([q, self._replay(self.n_rep_per)]) if self.n_rep_per else q
+            positions = np.concatenate([q, self._replay(self.replayed_beside(len(q)))]) if self.n_rep_per else q
             if not blocks:
                 yield positions
                 continue
