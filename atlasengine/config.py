@@ -228,17 +228,21 @@ class AtlasConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _sections_override_defaults(cls, data: Any) -> Any:
-        """Fill the sections given as dicts with the atlas's own defaults for the keys they do not name.
+        """Fill the sections given as dicts or models with the atlas's own defaults for the keys they do not name.
 
-        A section given as a dict changes only the keys it names: the atlas's own defaults for
-        that section (e.g. no KL warm-up in ``query_training``) stay.
+        A section given as a dict, or as a model (``TrainingConfig(max_epochs=2)``), changes only
+        the keys it names: the atlas's own defaults for that section (e.g. no KL warm-up and at
+        most 200 epochs in ``query_training``) stay, as :func:`merged` does for an ingest's settings.
         """
         if not isinstance(data, dict):
             return data
         data = dict(data)
         for name, field in cls.model_fields.items():
-            if isinstance(data.get(name), dict) and isinstance(field.default, BaseModel):
-                data[name] = {**field.default.model_dump(), **data[name]}
+            given = data.get(name)
+            if isinstance(given, BaseModel) and isinstance(field.default, type(given)):
+                given = given.model_dump(exclude_unset=True)
+            if isinstance(given, dict) and isinstance(field.default, BaseModel):
+                data[name] = {**field.default.model_dump(), **given}
         return data
 
 

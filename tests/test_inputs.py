@@ -137,3 +137,14 @@ def test_a_settings_object_changes_only_the_fields_it_was_given():
     assert merged(atlas, TrainingConfig(max_epochs=2, batch_size=128)).batch_size == 128  # set, even to the default
     assert merged(atlas, {"max_epochs": 2}) == run
     assert merged(RuntimeConfig(), RuntimeConfig(progress=False)).progress is False
+
+
+def test_a_section_given_as_a_model_keeps_the_atlas_defaults_it_does_not_name():
+    # found by a review: AtlasConfig(query_training=TrainingConfig(max_epochs=2)) stored a KL warm-up
+    # over the whole fold-in and a 400-epoch cap, where the dict form keeps the query's 0 and 200
+    from atlasengine.config import AtlasConfig, TrainingConfig
+
+    as_model = AtlasConfig(query_training=TrainingConfig(max_epochs=2)).query_training
+    as_dict = AtlasConfig(query_training={"max_epochs": 2}).query_training
+    assert as_model == as_dict and (as_model.kl_warmup_epochs, as_model.epochs_cap, as_model.max_epochs) == (0, 200, 2)
+    assert AtlasConfig.model_validate({"query_training": TrainingConfig(lr=0.01)}).query_training.epochs_cap == 200
