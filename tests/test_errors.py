@@ -77,8 +77,20 @@ def test_a_reference_without_enough_labelled_cells_is_refused_before_training(tm
     labels[10:] = None
     ref.obs["celltype"] = labels
     monkeypatch.setattr("atlasengine.api.foldin._build_reference", lambda *a, **k: pytest.fail("it trained"))
-    with pytest.raises(InputError, match="the reference has 10 labelled cell.s.; label transfer needs at least 11"):
+    with pytest.raises(InputError, match="the reference has 10 labelled cell.s.; label transfer needs at least 19"):
         Atlas.create(tmp_path / "a.atlas", ref, batch_key="tech", label_key="celltype", config=TINY)
+    # 18: enough neighbours, but the cut that calls 5% of known cells novel is a rank among 19 or more
+    # (found by a review: with 15-18 the cut was infinite, so no cell could be called novel)
+    labels = ref.obs["celltype"].astype(object).to_numpy()
+    labels[:18] = pancreas_ref.obs["celltype"].astype(object).to_numpy()[:18]
+    ref.obs["celltype"] = labels
+    with pytest.raises(InputError, match="needs at least 19.*transfer.novelty_target"):
+        Atlas.create(tmp_path / "a.atlas", ref, batch_key="tech", label_key="celltype", config=TINY)
+    uncertainty = {**TINY, "transfer": {"unknown_rule": "uncertainty"}}
+    labels[10:] = None
+    ref.obs["celltype"] = labels
+    with pytest.raises(InputError, match="needs at least 11"):  # the paper's rule has no conformal cut
+        Atlas.create(tmp_path / "a.atlas", ref, batch_key="tech", label_key="celltype", config=uncertainty)
     with pytest.raises(InputError, match="label_key must name the obs column"):
         Atlas.create(tmp_path / "a.atlas", pancreas_ref, batch_key="tech", label_key=None, config=TINY)
     assert list(tmp_path.iterdir()) == []
@@ -152,3 +164,15 @@ def test_a_manifest_edited_to_point_at_a_latent_of_the_wrong_size_is_caught(two_
     with pytest.raises(AtlasIntegrityError, match="versions/v0001/latent.npy of version 2 holds 300 rows; the manifest "
                                                   "records 500 cells"):
         Atlas.open(path).latent()
+
+
+def test_transfer_labels_refuses_index_settings_it_cannot_apply(two_version_atlas, pancreas_query):
+    # found by a review: config={"index": "exact"} searched the stored (possibly approximate) index and
+    # returned its answer under the name of exact search
+    atlas = Atlas.open(two_version_atlas)
+    query = pancreas_query[:20].copy()
+    with pytest.raises(InputError, match=r"cannot change per call: index='exact' \(the index has 'auto'\)"):
+        atlas.transfer_labels(query, batch_key="tech", config={"index": "exact"})
+    with pytest.raises(InputError, match="ivf_nprobe=1"):
+        atlas.transfer_labels(query, batch_key="tech", config={"ivf_nprobe": 1})
+    assert len(atlas.transfer_labels(query, batch_key="tech", config={"k": 20})) == 20  # other settings apply

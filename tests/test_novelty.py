@@ -422,3 +422,38 @@ def test_neighbourhood_mean_pools_small_batches_as_the_query_scores_are():
     np.testing.assert_allclose(N.neighbourhood_mean(z, v, groups, 10), N.neighbourhood_mean(z, v, None, 10))
     both = N.neighbourhood_mean(z, np.column_stack([v, 2 * v]), groups, 10)
     np.testing.assert_allclose(both[:, 1], 2 * both[:, 0])
+
+
+def test_the_novel_share_interval_holds_0_when_nothing_is_new_and_not_when_a_fifth_is():
+    # found by a review: the interval counted every averaged cell as an independent call and the
+    # target as the exact false-alarm rate, so with known cells only its low end passed 0 in 5 of
+    # 16 simulated queries (a nominal one-sided 5%)
+    import faiss
+
+    from atlasengine.config import TransferConfig
+    from atlasengine.transfer import NeighborIndex
+    from atlasengine.transfer.predict import calibrate, predict
+
+    faiss.omp_set_num_threads(1)
+    rng = np.random.default_rng(2)
+    lows = []
+    for rep in range(6):
+        centres = rng.normal(scale=3.0, size=(4, 6))
+
+        def draw(n):
+            lab = rng.integers(0, 4, n)
+            return (centres[lab] + rng.normal(size=(n, 6))).astype(np.float32), lab.astype(str)
+
+        x, lab = draw(1500)
+        q, _ = draw(1500)
+        cfg = TransferConfig(k=30)
+        index = NeighborIndex.build(x, lab, cfg)
+        cal = calibrate(index, x, cfg)
+        names = [str(i) for i in range(len(q))]
+        lows.append(predict(index, cal, q, cfg, names).attrs["novel_share_interval"][0])
+        if rep == 0:  # a fifth of the query from a place no reference cell sits
+            q[:300] += 12.0
+            p = predict(index, cal, q, cfg, names)
+            low, high = p.attrs["novel_share_interval"]
+            assert 0.1 < low <= p.attrs["novel_share"] <= high and low <= 0.2 <= high + 0.02
+    assert max(lows) == 0.0

@@ -66,7 +66,7 @@ from atlasengine.store.version import VersionReader
 from atlasengine.training import CellData, embed
 from atlasengine.transfer import NeighborIndex
 from atlasengine.transfer.novelty import NoveltyCalibration
-from atlasengine.transfer.predict import calibrate, matches, predict
+from atlasengine.transfer.predict import calibrate, matches, predict, refuse_index_changes
 
 DRIFT_TABLES = {None: "version_drift", "cell_type": "celltype_drift", "batch": "batch_drift", "flags": "drift_flags",
                 "cell": "cell_drift", "versions": "versions"}
@@ -586,7 +586,9 @@ class Atlas:
         config
             Changes to the atlas's transfer settings (e.g. ``{"unknown_rule": "novelty"}``); a
             change of ``k``, ``kernel``, ``novelty_k`` or ``novelty_smoothing`` gets its own
-            calibration, computed once per opened version.
+            calibration, computed once per opened version. The neighbour index settings
+            (``index``, ``approximate_above``, ``hnsw_*``, ``ivf_*``) are those the version's
+            stored index was built with; a change is refused (an :class:`InputError`).
 
         Returns
         -------
@@ -594,7 +596,7 @@ class Atlas:
             Index: cell name. ``label`` (or "Unknown"), ``predicted_label``, ``uncertainty``,
             ``is_unknown``, ``nearest_type``, ``novelty``, ``novelty_pvalue``, ``is_novel``, one
             ``p_<label>`` per reference label; ``attrs["novel_share"]`` and
-            ``attrs["novel_share_interval"]`` estimate the share of new cells (90% interval).
+            ``attrs["novel_share_interval"]`` estimate the share of new cells (an approximate 90% interval).
 
         Examples
         --------
@@ -606,6 +608,7 @@ class Atlas:
         (100, ['label', 'predicted_label', 'uncertainty', 'is_unknown'])
         """
         tcfg = merged(self.config.transfer, config)
+        refuse_index_changes(self.config.transfer, tcfg)
         z = self.embed(adata, batch_key, layer)
         calibration = self.novelty_calibration()
         if not matches(calibration, tcfg):

@@ -319,22 +319,34 @@ def merge_small_groups(groups: np.ndarray | None, m: int, n: int) -> np.ndarray:
     return np.where(pooled, largest, g.astype(str)).astype(object)
 
 
-def novel_share(called: np.ndarray, target_rate: float, confidence: float = 0.9) -> tuple[float, float, float]:
+def novel_share(called: np.ndarray, target_rate: float, confidence: float = 0.9, effective_n: float | None = None,
+                n_calibration: int | None = None) -> tuple[float, float, float]:
     """Share of new cells among the scored cells that the rule finds, with an interval.
 
     (c - a) / (1 - a), clipped to [0, 1], where c is the share of cells called novel and a the
     false-alarm target (known cells called novel at rate a): the share of new cells the rule
-    catches, so a lower bound of the share of new cells wherever the rule misses some. The
-    interval maps the Wilson score interval of c the same way. Returns (share, low, high).
+    catches, so a lower bound of the share of new cells wherever the rule misses some.
+
+    The interval maps the Wilson score interval of c the same way, widened for what makes the
+    calls vary beyond independent draws: calls of cells whose scores were averaged over their
+    neighbours move together, so the interval counts ``effective_n`` cells (the cells over the
+    averaging's neighbours; default all cells); and a cut set at rank ``target * (n + 1)`` among
+    ``n_calibration`` cells calls known cells at a rate around the target (its own Wilson
+    interval), so the low end is mapped with that rate's upper bound and the high end with its
+    lower bound. It is approximate: the query-shift correction, fitted on the same cells, is not
+    counted. Returns (share, low, high).
 
     Storey's estimate from the p-values was measured too and is not used: it assumes the known
     cells' p-values are uniform, and a query whose known cells sit closer to the reference than
     its own cells do (pancreas) makes it 0 whatever the new cells (``benchmarks/RESULTS.md``).
 
     >>> import numpy as np
-    >>> share, low, high = novel_share(np.r_[np.ones(240, bool), np.zeros(760, bool)], 0.05)
+    >>> calls = np.r_[np.ones(240, bool), np.zeros(760, bool)]
+    >>> share, low, high = novel_share(calls, 0.05)
     >>> round(share, 3), low < share < high
     (0.2, True)
+    >>> novel_share(calls, 0.05, effective_n=100, n_calibration=500)[1] < low  # fewer independent calls: wider
+    True
     """
     from scipy.stats import norm
 
@@ -344,14 +356,22 @@ def novel_share(called: np.ndarray, target_rate: float, confidence: float = 0.9)
     n = len(c)
     if n == 0:
         return 0.0, 0.0, 0.0
-    phat, z = float(c.mean()), float(norm.ppf(0.5 + confidence / 2))
-    centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    z = float(norm.ppf(0.5 + confidence / 2))
 
-    def found(x: float) -> float:
-        return float(np.clip((x - target_rate) / (1 - target_rate), 0.0, 1.0))
+    def wilson(p: float, m: float) -> tuple[float, float]:
+        centre = (p + z * z / (2 * m)) / (1 + z * z / m)
+        half = z * np.sqrt(p * (1 - p) / m + z * z / (4 * m * m)) / (1 + z * z / m)
+        return centre - half, centre + half
 
-    return found(phat), found(centre - half), found(centre + half)
+    phat = float(c.mean())
+    c_low, c_high = wilson(phat, max(1.0, min(float(effective_n), n)) if effective_n is not None else n)
+    a_low, a_high = wilson(target_rate, n_calibration) if n_calibration else (target_rate, target_rate)
+
+    def found(x: float, a: float) -> float:
+        a = min(max(a, 0.0), 1.0 - 1e-9)
+        return float(np.clip((x - a) / (1 - a), 0.0, 1.0))
+
+    return found(phat, target_rate), found(c_low, a_high), found(c_high, a_low)
 
 
 # --------------------------------------------------------------------------- signals
@@ -694,7 +714,8 @@ def novelty_scores(
     rank = int(np.floor(target_rate * (len(srt) + 1)))  # novel iff fewer than `rank` calibration cells >= T
     reference_called = unknown if shift == 0.0 else conformal_pvalues(cal, stat) <= target_rate
     reference_share = float(reference_called.mean()) if len(stat) else 0.0
-    share = novel_share(unknown, target_rate)
+    share = novel_share(unknown, target_rate, effective_n=len(stat) / max(1, calibration.smoothing),
+                        n_calibration=len(cal))
     df.attrs.update(novel_share=share[0], novel_share_interval=[share[1], share[2]], smoothing=calibration.smoothing)
     df.attrs.update(signals=list(sig), target_rate=float(target_rate), n_calibration=int(len(cal)), query_shift=shift,
                     calibration=used, calibration_fallback=fallback, reference_share_novel=reference_share,

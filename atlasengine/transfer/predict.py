@@ -17,6 +17,7 @@ Example
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,17 +34,55 @@ log = logging.getLogger("atlasengine")
 CALIBRATION_MAX_CELLS = 5000
 
 
-def check_labelled_cells(n_labelled: int, config: TransferConfig) -> None:
-    """Refuse fewer labelled cells than the novelty calibration needs: ``novelty_k`` + 1.
+INDEX_SETTINGS = ("index", "approximate_above", "hnsw_m", "hnsw_ef_search", "ivf_nlist", "ivf_nprobe")
+"""Transfer settings the version's stored neighbour index was built with."""
 
-    Each labelled cell is scored against its ``novelty_k`` nearest other labelled cells; with
-    fewer, no query could be scored against that calibration.
+
+def refuse_index_changes(stored: TransferConfig, asked: TransferConfig) -> None:
+    """Refuse a change of the neighbour index's settings where the stored index is searched.
+
+    A version's index is built once, with the atlas's settings: a call asking for another
+    (``index="exact"`` to check an approximate one) would otherwise get the stored index's
+    answer under the name of the one it asked for.
     """
-    if n_labelled <= config.novelty_k:
+    changed = [f"{k}={getattr(asked, k)!r} (the index has {getattr(stored, k)!r})" for k in INDEX_SETTINGS
+               if getattr(asked, k) != getattr(stored, k)]
+    if changed:
+        raise InputError("the version's neighbour index was built with the atlas's settings and is searched as "
+                         f"stored; these cannot change per call: {', '.join(changed)}")
+
+
+def labelled_cells_needed(config: TransferConfig) -> int:
+    """Return the fewest labelled cells label transfer works with under ``config``.
+
+    ``novelty_k + 1`` (each cell's novelty is its distance to its ``novelty_k`` nearest other
+    labelled cells) and, under the novelty rule, ``ceil(1 / novelty_target) - 1``: the conformal
+    cut at the target needs ``target * (cells + 1) >= 1``, or nothing could ever be called novel.
+
+    >>> labelled_cells_needed(TransferConfig())  # novelty_k 10, target 0.05
+    19
+    """
+    need = config.novelty_k + 1
+    if config.unknown_rule == "novelty":
+        need = max(need, math.ceil(1 / config.novelty_target - 1e-9) - 1)
+    return need
+
+
+def check_labelled_cells(n_labelled: int, config: TransferConfig) -> None:
+    """Refuse fewer labelled cells than the novelty calibration needs (:func:`labelled_cells_needed`).
+
+    Each labelled cell is scored against its ``novelty_k`` nearest other labelled cells, each
+    left out, and the cut at ``novelty_target`` is a rank among them.
+    """
+    need = labelled_cells_needed(config)
+    if n_labelled < need:
         raise InputError(f"the reference has {n_labelled} labelled cell(s); label transfer needs at least "
-                         f"{config.novelty_k + 1}: each cell's novelty is its mean distance to its {config.novelty_k} "
+                         f"{need}: each cell's novelty is its mean distance to its {config.novelty_k} "
                          "nearest labelled cells (transfer.novelty_k), calibrated on the labelled cells themselves, "
-                         "each left out. Label more cells (label_key), or set a smaller transfer.novelty_k")
+                         f"each left out, and the cut that calls {config.novelty_target:.0%} of known cells novel "
+                         f"(transfer.novelty_target) needs {math.ceil(1 / config.novelty_target - 1e-9) - 1} of "
+                         "them. Label more cells (label_key), or set a smaller transfer.novelty_k or a larger "
+                         "transfer.novelty_target")
 
 
 def calibrate(index: NeighborIndex, labelled_latent: np.ndarray, config: TransferConfig,
