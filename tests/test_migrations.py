@@ -14,6 +14,7 @@ import torch
 
 from atlasengine import Atlas
 from atlasengine.drift import VERSIONED_TABLES
+from atlasengine.errors import AtlasWriteError
 from atlasengine.store.manifest import FORMAT_VERSION
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format1.atlas"
@@ -141,7 +142,7 @@ def test_format5_atlas_reads_as_before_and_takes_datasets_with_their_own_obs_col
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(AtlasStore, "commit", lambda self, manifest: (_ for _ in ()).throw(OSError("disk gone")))
-        with pytest.raises(OSError, match="disk gone"):
+        with pytest.raises(AtlasWriteError, match="stays in format 5: disk gone"):
             Atlas.open(path)
     assert json.loads((path / "manifest.json").read_text())["format_version"] == 5
     assert all(p.read_bytes() == data for p, data in before.items())
@@ -263,18 +264,18 @@ def test_format8_atlas_gets_batch_mixing_among_version_1s_cells_and_keeps_every_
     assert len(old_rows) == 3 and all("ilisi_first_version_mean" not in df for df in old_rows.values())
     new_parts = {k.parent / "format9" / "batch_drift.parquet" for k in old_rows}
 
-    # an upgrade that dies before its manifest is committed: the atlas stays format 8 with every
-    # file it lists as it was (the new parts lie beside the old, unlisted); the next open upgrades it
+    # an upgrade that fails before its manifest is committed: the atlas stays format 8 with every
+    # file it lists as it was, and the new parts it wrote beside the old are deleted; the next open upgrades it
     real_commit = AtlasStore.commit
 
     def dies(self, manifest):
         raise OSError("disk gone")
 
     monkeypatch.setattr(AtlasStore, "commit", dies)
-    with pytest.raises(OSError, match="disk gone"):
+    with pytest.raises(AtlasWriteError, match="stays in format 8: disk gone"):
         Atlas.open(path)
     assert json.loads((path / "manifest.json").read_text())["format_version"] == 8
-    assert {k: v for k, v in files().items() if k in before} == before and files().keys() - before.keys() == new_parts
+    assert files() == before
     monkeypatch.setattr(AtlasStore, "commit", real_commit)
 
     atlas = Atlas.open(path)
@@ -494,3 +495,32 @@ def test_an_old_atlas_opened_read_only_is_refused_and_left_as_it_was(tmp_path):
     _refuse_unless_the_demos(path)  # the demo's own atlas of an older release is still its to replace
     assert Atlas.open(path).version == 3  # the default open upgrades it
     assert Atlas.open(path, read_only=True).version == 3
+
+
+def test_an_upgrade_that_cannot_write_a_version_folder_says_so_and_leaves_the_atlas_as_it_was(tmp_path, monkeypatch):
+    # found by a review: a group-shared atlas whose version folders this user may not write got a raw
+    # PermissionError (exit 1 from the CLI), and each try left staged copies and an unlisted drift/format9/
+    import os
+
+    from atlasengine.errors import AtlasWriteError
+    from atlasengine.store import atlas_store
+
+    path = tmp_path / "old8.atlas"
+    shutil.copytree(FIXTURE.with_name("format8.atlas"), path)
+    before = {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    real_replace = os.replace
+
+    def refuse_v0002(src, dst, *args, **kwargs):
+        if "v0002" in str(dst):
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(atlas_store.os, "replace", refuse_v0002)
+    with pytest.raises(AtlasWriteError, match="stays in format 8: .*Permission denied.*run it as a user who may"):
+        Atlas.open(path)
+    after = {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    after.pop(".write.lock", None), before.pop(".write.lock", None)
+    assert after == before  # v0001's drift/format9 part went too
+    assert not [p for p in path.rglob("*") if p.is_dir() and "format9" in p.name]
+    monkeypatch.setattr(atlas_store.os, "replace", real_replace)
+    assert Atlas.open(path).version == 3  # the same command simply runs again

@@ -25,9 +25,9 @@ from pathlib import Path
 from types import ModuleType
 
 from atlasengine.errors import AtlasFormatError, AtlasIntegrityError, AtlasWriteError
-from atlasengine.store.atlas_store import AtlasStore, listed_paths
+from atlasengine.store.atlas_store import SUPERSEDED, AtlasStore, listed_paths
 from atlasengine.store.lock import WriteLock
-from atlasengine.store.manifest import FORMAT_VERSION, parse_manifest, read_raw_manifest
+from atlasengine.store.manifest import FORMAT_VERSION, Manifest, parse_manifest, read_raw_manifest
 from atlasengine.store.version import VersionReader
 
 log = logging.getLogger("atlasengine")
@@ -55,6 +55,30 @@ def _steps() -> dict[int, ModuleType]:
     return steps
 
 
+def _version_files(root: Path) -> set[Path]:
+    """Every file and folder under ``root/versions`` (links not followed)."""
+    folder = root / "versions"
+    return set(folder.rglob("*")) if folder.is_dir() else set()
+
+
+def _remove_written(store: AtlasStore, before: Manifest, existed: set[Path]) -> None:
+    """Delete what a failed upgrade wrote: what appeared under ``versions/`` since it began, and staging folders.
+
+    A file the committed manifest lists is never deleted.
+    """
+    listed = {store.root / rel for rel in listed_paths(before)}
+    for path in sorted(_version_files(store.root) - existed, key=lambda p: len(p.parts), reverse=True):
+        if path in listed:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
+    store.remove_uncommitted(before)
+    (store.root / SUPERSEDED).unlink(missing_ok=True)
+
+
 def upgrade_atlas(root: Path) -> int:
     """Bring the atlas at ``root`` to the current format; returns the format it had."""
     with WriteLock(root, task=f"an upgrade to format {FORMAT_VERSION}"):
@@ -71,7 +95,8 @@ def upgrade_atlas(root: Path) -> int:
             raw = {**raw, "format_version": step.TO_VERSION}
             steps.append(step)
         store = AtlasStore(root)
-        manifest = parse_manifest(root, raw)
+        manifest = before = parse_manifest(root, raw)
+        existed = _version_files(root)
         superseded: set[str] = set()
         try:
             if manifest.versions:
@@ -82,7 +107,13 @@ def upgrade_atlas(root: Path) -> int:
                         manifest = upgraded
             store.record_superseded(superseded - listed_paths(manifest))
             store.commit(manifest)
-        except (AtlasFormatError, AtlasIntegrityError, AtlasWriteError) as exc:
+        except (AtlasFormatError, AtlasIntegrityError, AtlasWriteError, OSError) as exc:
+            if read_raw_manifest(root)["format_version"] == found:  # not committed: undo what it wrote
+                _remove_written(store, before, existed)
+            if isinstance(exc, OSError):  # e.g. a version folder this user may not write to
+                raise AtlasWriteError(f"upgrading atlas {root} from format {found} to {FORMAT_VERSION} failed, and "
+                                      f"it stays in format {found}: {exc} (an upgrade writes into every version's "
+                                      "folder: run it as a user who may)") from exc
             raise type(exc)(f"upgrading atlas {root} from format {found} to {FORMAT_VERSION} failed, and it "
                             f"stays in format {found}: {exc}") from exc
         for step in steps:
