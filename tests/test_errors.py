@@ -176,3 +176,43 @@ def test_transfer_labels_refuses_index_settings_it_cannot_apply(two_version_atla
     with pytest.raises(InputError, match="ivf_nprobe=1"):
         atlas.transfer_labels(query, batch_key="tech", config={"ivf_nprobe": 1})
     assert len(atlas.transfer_labels(query, batch_key="tech", config={"k": 20})) == 20  # other settings apply
+
+
+@pytest.mark.parametrize(("where", "edit", "message"), [
+    ("a version's number", lambda m: m["versions"][1].update(number=1), "versions are numbered \\[1, 1\\]"),
+    ("a parent", lambda m: m["versions"][1].update(parent=3), "version 2 names version 3 as its parent"),
+    ("a joinid range", lambda m: m["datasets"][1].update(joinid_start=m["datasets"][0]["joinid_stop"] - 4),
+     "holds joinids"),
+    ("a cell count", lambda m: m["versions"][0].update(n_cells=m["versions"][0]["n_cells"] + 2), "records .* cells"),
+])
+def test_a_manifest_whose_records_contradict_each_other_is_refused(two_version_atlas, tmp_path, where, edit, message):
+    # found by a review: single flipped digits in manifest.json opened silently (version 2 vanished when
+    # its number read 1); records that must agree now refuse to open, naming the file
+    import json
+    import shutil
+
+    from atlasengine import AtlasFormatError
+
+    path = tmp_path / "copy.atlas"
+    shutil.copytree(two_version_atlas, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AtlasFormatError, match=f"manifest.json is corrupt.*{message}"):
+        Atlas.open(path)
+
+
+def test_a_gene_count_the_cell_store_does_not_hold_is_refused_before_any_model_runs(two_version_atlas, tmp_path,
+                                                                                    pancreas_query):
+    import json
+    import shutil
+
+    from atlasengine import AtlasIntegrityError
+
+    path = tmp_path / "copy.atlas"
+    shutil.copytree(two_version_atlas, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["n_genes"] += 1000
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AtlasIntegrityError, match="the cell store holds .* genes where the manifest records"):
+        Atlas.open(path).transfer_labels(pancreas_query[:10].copy(), batch_key="tech")

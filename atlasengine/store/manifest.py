@@ -11,9 +11,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from atlasengine.config import AtlasConfig, FoldInStrategy
+from atlasengine.config import AtlasConfig, FoldInStrategy, validation_problems
 from atlasengine.errors import AtlasFormatError
 from atlasengine.store.files import atomic_write_text
 from atlasengine.store.metadata import Kind
@@ -117,6 +117,34 @@ class Manifest(_Record):
     datasets: list[DatasetRecord] = Field(default_factory=list)
     versions: list[VersionInfo] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        """Refuse a manifest whose records contradict each other (a damaged file read as valid JSON).
+
+        Versions are numbered 1, 2, ... in order, each the child of the one before; datasets hold
+        joinid ranges in increasing order that do not overlap (a failed write's joinids are never
+        given out again, so gaps are allowed), each added by a listed version; a version holds
+        the cells of the datasets added up to it.
+        """
+        numbers = [v.number for v in self.versions]
+        if numbers != list(range(1, len(numbers) + 1)):
+            raise ValueError(f"versions are numbered {numbers}, not 1 to {len(numbers)} in order")
+        for v in self.versions:
+            if v.parent != (v.number - 1 if v.number > 1 else None):
+                raise ValueError(f"version {v.number} names version {v.parent} as its parent")
+        stop = 0
+        for d in self.datasets:
+            if d.joinid_start < stop or d.joinid_stop < d.joinid_start:
+                raise ValueError(f"dataset {d.name!r} holds joinids [{d.joinid_start}, {d.joinid_stop}) after {stop}")
+            if numbers and not 1 <= d.version <= numbers[-1]:
+                raise ValueError(f"dataset {d.name!r} was added by version {d.version}, which is not listed")
+            stop = d.joinid_stop
+        for v in self.versions:
+            held = sum(d.n_cells for d in self.datasets if d.version <= v.number)
+            if v.n_cells != held:
+                raise ValueError(f"version {v.number} records {v.n_cells} cells, its datasets hold {held}")
+        return self
+
     @property
     def current(self) -> int:
         """Number of the newest committed version."""
@@ -188,7 +216,7 @@ def parse_manifest(root: Path, raw: dict[str, Any]) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise AtlasFormatError(f"{root / MANIFEST_NAME} is corrupt: {exc}") from exc
+        raise AtlasFormatError(f"{root / MANIFEST_NAME} is corrupt: {validation_problems(exc, 'manifest')}") from exc
 
 
 def read_manifest(root: Path) -> Manifest:

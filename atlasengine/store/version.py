@@ -30,7 +30,7 @@ from atlasengine.store.cells import CellChecks, joinids_of
 from atlasengine.store.checkpoint import load_checkpoint, save_checkpoint
 from atlasengine.store.files import sha256_file
 from atlasengine.store.labels import LABELS, empty_overrides, read_label_overrides, write_label_overrides
-from atlasengine.store.manifest import Manifest, VersionInfo
+from atlasengine.store.manifest import MANIFEST_NAME, Manifest, VersionInfo
 from atlasengine.store.metadata import metadata_frame
 from atlasengine.transfer.index import NeighborIndex
 from atlasengine.transfer.novelty import CALIBRATION_FILE, NoveltyCalibration
@@ -206,8 +206,15 @@ class VersionReader:
 
     # ------------------------------------------------------------------ cells
     def genes(self) -> list[str]:
-        """Return the atlas's genes, in the order of the model's input (a copy)."""
-        return list(self._cached("genes", self.store.cells.genes))
+        """Return the atlas's genes, in the order of the model's input (a copy).
+
+        Their number is checked against the manifest's ``n_genes`` (:class:`AtlasIntegrityError`).
+        """
+        genes = self._cached("genes", self.store.cells.genes)
+        if len(genes) != self.manifest.n_genes:
+            raise AtlasIntegrityError(f"the cell store holds {len(genes)} genes where the manifest records "
+                                      f"{self.manifest.n_genes}: the cell store or {MANIFEST_NAME} is damaged")
+        return list(genes)
 
     def gene_annotations(self) -> pd.DataFrame:
         """Return the reference's own gene columns (e.g. ``gene_symbol``), indexed by the atlas's genes."""
