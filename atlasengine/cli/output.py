@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from atlasengine.api import Atlas
+if TYPE_CHECKING:
+    from atlasengine.api import Atlas
 
 
 def versions_table(atlas: Atlas) -> str:
