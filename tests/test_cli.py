@@ -239,3 +239,44 @@ def test_errors_name_the_command_lines_options_not_the_apis_keywords(two_version
         err = capsys.readouterr().err
         assert said in err and not_said not in err, err
     assert snapshot(two_version_atlas) == before
+
+
+def test_outputs_are_written_in_the_format_their_names_say_and_cell_lists_may_carry_a_bom(two_version_atlas, tmp_path,
+                                                                                          capsys):
+    # found by a review: export -o q.csv wrote HDF5, report -o audit.pdf wrote HTML, report made missing
+    # folders, and a cell list saved by Excel (UTF-8 with a byte-order mark) missed its first name
+    from conftest import snapshot
+
+    before = snapshot(two_version_atlas)
+    for argv, said in ((["export", str(two_version_atlas), "-o", str(tmp_path / "q.csv")], "is written as .h5ad"),
+                       (["report", str(two_version_atlas), "-o", str(tmp_path / "audit.pdf")], "is written as .html"),
+                       (["report", str(two_version_atlas), "-o", str(tmp_path / "no" / "audit.html")],
+                        "does not exist")):
+        assert main(argv) == 2, argv
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "q.csv").exists() and not (tmp_path / "no").exists()
+    names = Atlas.open(two_version_atlas).obs().index[:2]
+    cells = tmp_path / "cells.txt"
+    cells.write_bytes(("\n".join(names) + "\n").encode("utf-8-sig"))
+    assert snapshot(two_version_atlas) == before
+    copy = tmp_path / "copy.atlas"
+    import shutil
+
+    shutil.copytree(two_version_atlas, copy)
+    assert main(["relabel", str(copy), "--cells", str(cells), "--label", "named"]) == 0
+    assert set(Atlas.open(copy).obs().loc[list(names), "label"]) == {"named"}
+
+
+def test_an_h5ad_brought_back_keeps_its_old_embedding_aside(two_version_atlas, tmp_path, pancreas_query):
+    # found by a review: transfer -o x.h5ad on an earlier export kept the other atlas's embedding under
+    # obsm["X_atlasengine"], which scanpy would then use as this atlas's
+    q = pancreas_query[:40].copy()
+    q.obsm["X_atlasengine"] = np.full((q.n_obs, 3), 7.0)
+    path = tmp_path / "q.h5ad"
+    q.write_h5ad(path)
+    out = tmp_path / "pred.h5ad"
+    assert main(["transfer", str(two_version_atlas), "-i", str(path), "--batch-key", "tech", "-o", str(out)]) == 0
+    import anndata as ad
+
+    back = ad.read_h5ad(out)
+    assert "X_atlasengine" not in back.obsm and (back.obsm["user_X_atlasengine"] == 7.0).all()

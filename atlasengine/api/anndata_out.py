@@ -36,7 +36,8 @@ def query_anndata(adata: ad.AnnData | SomaInput, predictions: pd.DataFrame, late
 
     ``predictions`` and ``latent`` rows follow ``predictions.index`` (cell names); they are put
     in ``adata``'s order. The input's own obs columns of the same names are kept as ``user_<name>``
-    (as the atlas keeps them). A ``/`` in a column name (``p_<label>`` of a type such as "T/NK")
+    (as the atlas keeps them), and an ``obsm["X_atlasengine"]`` it brings (an earlier export) as
+    ``obsm["user_X_atlasengine"]``. A ``/`` in a column name (``p_<label>`` of a type such as "T/NK")
     becomes ``_``, which h5ad files can hold (:func:`h5ad_names`). A streamed input
     (backed AnnData, :class:`SomaInput`) comes back with its obs and var only, without ``X``
     (its counts are in the atlas: ``Atlas.to_anndata(counts=True, cells=...)``).
@@ -51,6 +52,8 @@ def query_anndata(adata: ad.AnnData | SomaInput, predictions: pd.DataFrame, late
     out.obs = keep_aside(out.obs, list(columns.values()))
     for col, name in columns.items():
         out.obs[name] = predictions[col].to_numpy()[rows]
+    if EMBEDDING in out.obsm:  # another atlas's (or version's) embedding: kept aside, never taken for this one's
+        out.obsm[PREFIX + EMBEDDING] = out.obsm.pop(EMBEDDING)
     if latent is not None:
         out.obsm[EMBEDDING] = np.asarray(latent)[rows]
     out.uns["atlasengine"] = _provenance(path, version, embedding=latent is not None)

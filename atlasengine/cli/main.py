@@ -15,6 +15,7 @@ atlasengine unlock PATH [--force]
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import traceback
 import warnings
@@ -84,7 +85,7 @@ def cmd_ingest(args: argparse.Namespace) -> None:
           f"{float(p['is_unknown'].mean()):.1%} called Unknown (rule: {p.attrs['unknown_rule']}; it finds "
           f"{p.attrs['novel_share']:.1%} of the cells new to the atlas, 90% interval {low:.1%}-{high:.1%}); "
           f"{res.training['epochs']} epochs in {res.training['seconds']:.1f} s. Predictions: atlasengine export "
-          f"{args.path} -o out.h5ad")
+          f"{shlex.quote(str(args.path))} -o out.h5ad")
 
 
 def cmd_transfer(args: argparse.Namespace) -> None:
@@ -145,7 +146,10 @@ def cmd_versions(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     """Write the drift audit report (HTML) of the atlas to ``args.output``."""
     from atlasengine import Atlas
+    from atlasengine.api.outputs import check_output_path
 
+    check_output_path(args.output, "the report")  # a folder that does not exist is refused, as everywhere here
+    _refuse_suffix(args.output, (".html", ".htm"), "the report (HTML)")
     report = Atlas.open(args.path, version=args.version).audit(args.output)
     path = report.path.resolve()
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); open {path.as_uri()} in a browser")
@@ -159,6 +163,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from atlasengine.api.outputs import check_output_path
 
     output = check_output_path(args.output, "the export")
+    _refuse_suffix(args.output, (".h5ad",), "the export (an AnnData file)")
     adata = Atlas.open(args.path, version=args.version).to_anndata(counts=args.counts)
     try:
         adata.write_h5ad(output)
@@ -168,12 +173,18 @@ def cmd_export(args: argparse.Namespace) -> None:
           + (", counts in X" if args.counts else ""))
 
 
+def _refuse_suffix(output: str, suffixes: tuple[str, ...], what: str) -> None:
+    """Refuse an output whose extension names another format than the one written."""
+    if Path(output).suffix.lower() not in suffixes:
+        raise AtlasError(f"{what} is written as {' or '.join(suffixes)}; {output} names another format")
+
+
 def _cell_names(path: str) -> list[str]:
     p = Path(path)
     if not p.exists():
         raise AtlasError(f"cell list {p} does not exist")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel, Notepad) is not part of a name
     except (OSError, UnicodeDecodeError) as exc:
         raise AtlasError(f"cannot read the cell list {p}: {exc}") from exc
     return [line.strip() for line in text.splitlines() if line.strip()]
