@@ -240,6 +240,8 @@ class AtlasConfig(_Strict):
         for name, field in cls.model_fields.items():
             given = data.get(name)
             if isinstance(given, BaseModel) and isinstance(field.default, type(given)):
+                if field.default == type(given)():  # the atlas's default is the model's own: keep the object as given
+                    continue
                 given = given.model_dump(exclude_unset=True)
             if isinstance(given, dict) and isinstance(field.default, BaseModel):
                 data[name] = {**field.default.model_dump(), **given}
