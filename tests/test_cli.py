@@ -280,3 +280,8 @@ def test_an_h5ad_brought_back_keeps_its_old_embedding_aside(two_version_atlas, t
 
     back = ad.read_h5ad(out)
     assert "X_atlasengine" not in back.obsm and (back.obsm["user_X_atlasengine"] == 7.0).all()
+    back.obsm["X_atlasengine"] = np.full((back.n_obs, 3), 9.0)  # a second round keeps both earlier ones
+    back.write_h5ad(path)
+    assert main(["transfer", str(two_version_atlas), "-i", str(path), "--batch-key", "tech", "-o", str(out)]) == 0
+    again = ad.read_h5ad(out)
+    assert (again.obsm["user_X_atlasengine"] == 7.0).all() and (again.obsm["user_user_X_atlasengine"] == 9.0).all()

@@ -457,3 +457,25 @@ def test_the_novel_share_interval_holds_0_when_nothing_is_new_and_not_when_a_fif
             low, high = p.attrs["novel_share_interval"]
             assert 0.1 < low <= p.attrs["novel_share"] <= high and low <= 0.2 <= high + 0.02
     assert max(lows) == 0.0
+
+
+def test_an_atlas_with_too_few_labelled_cells_for_the_cut_still_calibrates_and_says_nothing_can_be_novel(caplog):
+    # create refuses fewer than 19 labelled cells at the 5% target; an atlas made before that rule
+    # (or a call asking for a 1% target) still calibrates and labels, and says no cell can be novel
+    import logging
+
+    from atlasengine.config import TransferConfig
+    from atlasengine.transfer import NeighborIndex
+    from atlasengine.transfer.predict import calibrate, predict
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(15, 4)).astype(np.float32)
+    labels = np.array(["a", "b", "c"] * 5)
+    cfg = TransferConfig(k=5)
+    index = NeighborIndex.build(x, labels, cfg)
+    cal = calibrate(index, x, cfg)  # no refusal: 15 >= novelty_k + 1
+    far = (x[:4] + 100.0).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="atlasengine"):
+        p = predict(index, cal, far, cfg, ["q0", "q1", "q2", "q3"])
+    assert not p["is_novel"].any() and "is infinite, so no cell can be called novel" in p.attrs["novelty_note"]
+    assert "is infinite" in caplog.text

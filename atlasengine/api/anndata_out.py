@@ -37,7 +37,7 @@ def query_anndata(adata: ad.AnnData | SomaInput, predictions: pd.DataFrame, late
     ``predictions`` and ``latent`` rows follow ``predictions.index`` (cell names); they are put
     in ``adata``'s order. The input's own obs columns of the same names are kept as ``user_<name>``
     (as the atlas keeps them), and an ``obsm["X_atlasengine"]`` it brings (an earlier export) as
-    ``obsm["user_X_atlasengine"]``. A ``/`` in a column name (``p_<label>`` of a type such as "T/NK")
+    ``obsm["user_X_atlasengine"]`` (the prefix again where that is taken). A ``/`` in a column name (``p_<label>`` of a type such as "T/NK")
     becomes ``_``, which h5ad files can hold (:func:`h5ad_names`). A streamed input
     (backed AnnData, :class:`SomaInput`) comes back with its obs and var only, without ``X``
     (its counts are in the atlas: ``Atlas.to_anndata(counts=True, cells=...)``).
@@ -53,7 +53,10 @@ def query_anndata(adata: ad.AnnData | SomaInput, predictions: pd.DataFrame, late
     for col, name in columns.items():
         out.obs[name] = predictions[col].to_numpy()[rows]
     if EMBEDDING in out.obsm:  # another atlas's (or version's) embedding: kept aside, never taken for this one's
-        out.obsm[PREFIX + EMBEDDING] = out.obsm.pop(EMBEDDING)
+        aside = PREFIX + EMBEDDING
+        while aside in out.obsm:  # one kept aside before: the prefix again, as obs columns get it
+            aside = PREFIX + aside
+        out.obsm[aside] = out.obsm.pop(EMBEDDING)
     if latent is not None:
         out.obsm[EMBEDDING] = np.asarray(latent)[rows]
     out.uns["atlasengine"] = _provenance(path, version, embedding=latent is not None)

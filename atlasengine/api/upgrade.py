@@ -108,12 +108,17 @@ def upgrade_atlas(root: Path) -> int:
             store.record_superseded(superseded - listed_paths(manifest))
             store.commit(manifest)
         except (AtlasFormatError, AtlasIntegrityError, AtlasWriteError, OSError) as exc:
-            if read_raw_manifest(root)["format_version"] == found:  # not committed: undo what it wrote
-                _remove_written(store, before, existed)
-            if isinstance(exc, OSError):  # e.g. a version folder this user may not write to
+            try:
+                if read_raw_manifest(root)["format_version"] == found:  # not committed: undo what it wrote
+                    _remove_written(store, before, existed)
+            except (OSError, AtlasFormatError) as cleanup:  # the error to report is the upgrade's own
+                log.warning("could not remove what the failed upgrade of %s wrote (%s); the next writer will", root,
+                            cleanup)
+            if isinstance(exc, OSError):
+                advice = (" (an upgrade writes into every version's folder: run it as a user who may)"
+                          if isinstance(exc, PermissionError) else "")
                 raise AtlasWriteError(f"upgrading atlas {root} from format {found} to {FORMAT_VERSION} failed, and "
-                                      f"it stays in format {found}: {exc} (an upgrade writes into every version's "
-                                      "folder: run it as a user who may)") from exc
+                                      f"it stays in format {found}: {exc}{advice}") from exc
             raise type(exc)(f"upgrading atlas {root} from format {found} to {FORMAT_VERSION} failed, and it "
                             f"stays in format {found}: {exc}") from exc
         for step in steps:

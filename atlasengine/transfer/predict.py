@@ -52,37 +52,42 @@ def refuse_index_changes(stored: TransferConfig, asked: TransferConfig) -> None:
                          f"stored; these cannot change per call: {', '.join(changed)}")
 
 
-def labelled_cells_needed(config: TransferConfig) -> int:
+def labelled_cells_needed(config: TransferConfig, cut: bool = True) -> int:
     """Return the fewest labelled cells label transfer works with under ``config``.
 
     ``novelty_k + 1`` (each cell's novelty is its distance to its ``novelty_k`` nearest other
-    labelled cells) and, under the novelty rule, ``ceil(1 / novelty_target) - 1``: the conformal
-    cut at the target needs ``target * (cells + 1) >= 1``, or nothing could ever be called novel.
+    labelled cells) and, with ``cut`` under the novelty rule, ``ceil(1 / novelty_target) - 1``:
+    the conformal cut at the target needs ``target * (cells + 1) >= 1``, or nothing could ever be
+    called novel.
 
-    >>> labelled_cells_needed(TransferConfig())  # novelty_k 10, target 0.05
-    19
+    >>> labelled_cells_needed(TransferConfig()), labelled_cells_needed(TransferConfig(), cut=False)
+    (19, 11)
     """
     need = config.novelty_k + 1
-    if config.unknown_rule == "novelty":
+    if cut and config.unknown_rule == "novelty":
         need = max(need, math.ceil(1 / config.novelty_target - 1e-9) - 1)
     return need
 
 
-def check_labelled_cells(n_labelled: int, config: TransferConfig) -> None:
-    """Refuse fewer labelled cells than the novelty calibration needs (:func:`labelled_cells_needed`).
+def check_labelled_cells(n_labelled: int, config: TransferConfig, cut: bool = True) -> None:
+    """Refuse fewer labelled cells than label transfer needs (:func:`labelled_cells_needed`).
 
     Each labelled cell is scored against its ``novelty_k`` nearest other labelled cells, each
-    left out, and the cut at ``novelty_target`` is a rank among them.
+    left out, and (``cut``, at create) the cut at ``novelty_target`` is a rank among them. An
+    atlas made before the cut was checked keeps working (``cut=False`` when it calibrates); its
+    predictions then warn that nothing can be called novel.
     """
-    need = labelled_cells_needed(config)
+    need = labelled_cells_needed(config, cut)
     if n_labelled < need:
-        raise InputError(f"the reference has {n_labelled} labelled cell(s); label transfer needs at least "
-                         f"{need}: each cell's novelty is its mean distance to its {config.novelty_k} "
-                         "nearest labelled cells (transfer.novelty_k), calibrated on the labelled cells themselves, "
-                         f"each left out, and the cut that calls {config.novelty_target:.0%} of known cells novel "
-                         f"(transfer.novelty_target) needs {math.ceil(1 / config.novelty_target - 1e-9) - 1} of "
-                         "them. Label more cells (label_key), or set a smaller transfer.novelty_k or a larger "
-                         "transfer.novelty_target")
+        why = (f"each cell's novelty is its mean distance to its {config.novelty_k} nearest labelled cells "
+               "(transfer.novelty_k), calibrated on the labelled cells themselves, each left out")
+        fix = "Label more cells (label_key), or set a smaller transfer.novelty_k"
+        if need > config.novelty_k + 1:
+            why += (f", and the cut that calls {config.novelty_target:.0%} of known cells novel "
+                    f"(transfer.novelty_target) is a rank among {need} of them or more")
+            fix += " or a larger transfer.novelty_target"
+        raise InputError(f"the reference has {n_labelled} labelled cell(s); label transfer needs at least {need}: "
+                         f"{why}. {fix}")
 
 
 def calibrate(index: NeighborIndex, labelled_latent: np.ndarray, config: TransferConfig,
@@ -93,7 +98,7 @@ def calibrate(index: NeighborIndex, labelled_latent: np.ndarray, config: Transfe
     their batches (scores are averaged within a batch; None = one batch). At most 5,000 cells
     calibrate (a seeded sample).
     """
-    check_labelled_cells(index.n, config)
+    check_labelled_cells(index.n, config, cut=False)
     return reference_calibration(index, labelled_latent, k=config.novelty_k, k_transfer=config.k, kernel=config.kernel,
                                  max_cells=CALIBRATION_MAX_CELLS, seed=0, groups=batches,
                                  smoothing=config.novelty_smoothing)
@@ -165,6 +170,11 @@ def predict(
                        novelty_calibration=nov.attrs["calibration"], novelty_query_shift=nov.attrs["query_shift"])
     if config.unknown_rule == "novelty":
         note = calibration_note(nov)
+        if not np.isfinite(nov.attrs["novelty_threshold"]):  # too few calibration cells for a rank at the target
+            note = (f"with {calibration.n} labelled reference cells the cut at novelty_target {config.novelty_target:g} "
+                    f"is infinite, so no cell can be called novel (it needs at least "
+                    f"{math.ceil(1 / config.novelty_target - 1e-9) - 1}): label more cells or raise the target"
+                    + (f"; {note}" if note else ""))
         if note:
             log.warning(note)
             preds.attrs["novelty_note"] = note
