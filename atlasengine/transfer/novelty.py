@@ -59,6 +59,7 @@ Example
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,18 @@ def fisher_statistic(pvalues: Sequence[np.ndarray]) -> np.ndarray:
     if (p <= 0).any() or (p > 1).any():
         raise InputError("p-values must lie in (0, 1]")
     return -2.0 * np.log(p).sum(axis=0)
+
+
+def cut_cells_needed(target_rate: float) -> int:
+    """Return the fewest calibration cells whose conformal cut at ``target_rate`` is finite.
+
+    The cut is the ``floor(target * (n + 1))``-th largest calibration score, so it needs
+    ``target * (n + 1) >= 1``: ``ceil(1 / target) - 1`` cells.
+
+    >>> cut_cells_needed(0.05), cut_cells_needed(0.01)
+    (19, 99)
+    """
+    return math.ceil(1 / target_rate - 1e-9) - 1
 
 
 def calibrated_unknown(

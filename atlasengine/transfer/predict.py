@@ -17,7 +17,6 @@ Example
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,7 +26,13 @@ from atlasengine.config import TransferConfig
 from atlasengine.errors import InputError
 from atlasengine.transfer.index import NeighborIndex
 from atlasengine.transfer.knn import UNKNOWN, label_probabilities, prediction_table
-from atlasengine.transfer.novelty import NoveltyCalibration, calibration_note, novelty_scores, reference_calibration
+from atlasengine.transfer.novelty import (
+    NoveltyCalibration,
+    calibration_note,
+    cut_cells_needed,
+    novelty_scores,
+    reference_calibration,
+)
 
 log = logging.getLogger("atlasengine")
 
@@ -65,7 +70,7 @@ def labelled_cells_needed(config: TransferConfig, cut: bool = True) -> int:
     """
     need = config.novelty_k + 1
     if cut and config.unknown_rule == "novelty":
-        need = max(need, math.ceil(1 / config.novelty_target - 1e-9) - 1)
+        need = max(need, cut_cells_needed(config.novelty_target))
     return need
 
 
@@ -173,7 +178,7 @@ def predict(
         if not np.isfinite(nov.attrs["novelty_threshold"]):  # too few calibration cells for a rank at the target
             note = (f"with {calibration.n} labelled reference cells the cut at novelty_target {config.novelty_target:g} "
                     f"is infinite, so no cell can be called novel (it needs at least "
-                    f"{math.ceil(1 / config.novelty_target - 1e-9) - 1}): label more cells or raise the target"
+                    f"{cut_cells_needed(config.novelty_target)}): label more cells or raise the target"
                     + (f"; {note}" if note else ""))
         if note:
             log.warning(note)
